@@ -1,0 +1,123 @@
+"""Activities that change root disk files: prepare the new one, restore the old one, drop the backup.
+
+The invariant these keep: at every instant the root disk path holds either the old disk or the new
+one. The old disk is kept as a hard link (a second name for the same file, made in constant time), and
+the new disk replaces the path by an atomic rename; nothing is ever copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from temporalio import activity
+
+from activities import libvirt_domain as ld
+from activities import qemu_img
+from activities.checkpoints import Checkpoints
+from activities.errors import DiskMissing, HostOutOfSpace, InstanceNotStopped
+from activities.state import StateDir, backup_path, fsync_dir, new_disk_path
+from workflows.models import (
+    PreparedRootDisk,
+    PrepareRootDiskInput,
+    RemoveBackupInput,
+    RestoreRootDiskInput,
+)
+
+
+class DiskActivities:
+    def __init__(
+        self, libvirt_conn: ld.Libvirt, state: StateDir, checkpoints: Checkpoints | None = None
+    ) -> None:
+        self.libvirt = libvirt_conn
+        self.state = state
+        self.checkpoints = checkpoints or Checkpoints()
+
+    async def _stopped_root_disk(self, instance: str) -> tuple[ET.Element, ld.RootDisk]:
+        def read(domain: Any) -> tuple[ET.Element, ld.RootDisk]:
+            if ld.is_active(domain):
+                raise InstanceNotStopped(f"instance {instance!r} is running; its disk stays")
+            xml = ld.inactive_xml(domain)
+            return xml, ld.root_disk(xml, instance)
+
+        return await asyncio.to_thread(self.libvirt.with_domain, instance, read)
+
+    async def _set_format(self, instance: str, xml: ET.Element, disk: ld.RootDisk, fmt: str) -> None:
+        if disk.format != fmt:
+            definition = ld.with_root_disk_format(xml, disk.target, fmt)
+            await asyncio.to_thread(self.libvirt.define, instance, definition)
+
+    @activity.defn
+    async def prepare_root_disk(self, request: PrepareRootDiskInput) -> PreparedRootDisk:
+        """Keep the old disk as a backup, put a qcow2 overlay on the cached image in its place."""
+        xml, disk = await self._stopped_root_disk(request.instance)
+        backup = backup_path(disk.path, request.rebuild_id)
+        fresh = new_disk_path(disk.path, request.rebuild_id)
+        directory = Path(disk.path).parent
+        if not backup.exists():
+            if not Path(disk.path).exists():
+                raise DiskMissing(f"root disk {disk.path} of {request.instance!r} does not exist")
+            await asyncio.to_thread(_keep_as_backup, disk.path, backup)
+        await self.checkpoints.reach("prepare.after-backup")
+        old = await qemu_img.image_info(str(backup), request.original_format)
+        size = max(int(old["virtual-size"]), request.image_virtual_size)
+        fresh.unlink(missing_ok=True)
+        base = self.state.image_path(request.image_sha256)
+        try:
+            await qemu_img.create_overlay(str(fresh), str(base), request.image_format, size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise HostOutOfSpace(f"no space for the new root disk in {directory}") from None
+            raise
+        _copy_ownership(backup, fresh)
+        await self.checkpoints.reach("prepare.before-swap")
+        os.replace(fresh, disk.path)
+        await asyncio.to_thread(fsync_dir, directory)
+        await self._set_format(request.instance, xml, disk, "qcow2")
+        await self.checkpoints.reach("prepare.after-new-disk")
+        return PreparedRootDisk(disk_path=disk.path, backup_path=str(backup), virtual_size=size)
+
+    @activity.defn
+    async def restore_root_disk(self, request: RestoreRootDiskInput) -> None:
+        """Put the backup back. A disk already restored, or never replaced, is a success."""
+        xml, disk = await self._stopped_root_disk(request.instance)
+        backup = backup_path(disk.path, request.rebuild_id)
+        if backup.exists():
+            if Path(disk.path).exists() and os.path.samefile(backup, disk.path):
+                backup.unlink()
+            else:
+                os.replace(backup, disk.path)
+            await asyncio.to_thread(fsync_dir, Path(disk.path).parent)
+        new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+        await self._set_format(request.instance, xml, disk, request.original_format)
+
+    @activity.defn
+    async def remove_backup(self, request: RemoveBackupInput) -> None:
+        def find(domain: Any) -> ld.RootDisk:
+            return ld.root_disk(ld.inactive_xml(domain), request.instance)
+
+        disk = await asyncio.to_thread(self.libvirt.with_domain, request.instance, find)
+        backup_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+        new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+
+
+def _keep_as_backup(disk: str, backup: Path) -> None:
+    """A hard link keeps the old disk without a moment where the disk path is empty."""
+    try:
+        os.link(disk, backup)
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EMLINK):
+            raise
+        # A filesystem without hard links: a rename still never loses the old disk.
+        os.rename(disk, backup)
+    fsync_dir(backup.parent)
+
+
+def _copy_ownership(reference: Path, target: Path) -> None:
+    stat = reference.stat()
+    os.chown(target, stat.st_uid, stat.st_gid)
+    os.chmod(target, stat.st_mode & 0o7777)

@@ -1,0 +1,121 @@
+"""What an image really is, read from its own bytes before any tool is allowed to open it.
+
+qemu-img follows whatever an image names: a backing file, a VMDK extent, a qcow2 external data file
+can point at any path on the host. So the header is parsed here first; only formats we accept, without
+any such reference, are then handed to ``qemu-img info`` with an explicit ``-f``.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+from activities.errors import UnsafeImage
+
+ACCEPTED_FORMATS = ("raw", "qcow2")
+HEADER_BYTES = 64 * 1024
+
+QCOW2_MAGIC = b"QFI\xfb"
+# Incompatible feature bits: dirty, corrupt, external data file, compression type, extended L2.
+QCOW2_DIRTY, QCOW2_CORRUPT, QCOW2_DATA_FILE = 1 << 0, 1 << 1, 1 << 2
+QCOW2_KNOWN_INCOMPATIBLE = 0b11111
+QCOW2_EXT_END = 0x00000000
+QCOW2_EXT_BACKING_FORMAT = 0xE2792ACA
+QCOW2_EXT_DATA_FILE = 0x44415441
+
+_REFUSED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"conectix", "vpc"),
+    (0, b"QED\x00", "qed"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0x40, struct.pack("<I", 0xBEDA107F), "vdi"),
+    (0x8001, b"CD001", "iso"),
+)
+
+
+def detect_format(header: bytes) -> str:
+    if header.startswith(QCOW2_MAGIC):
+        return "qcow2"
+    for offset, signature, name in _REFUSED_SIGNATURES:
+        if header[offset : offset + len(signature)] == signature:
+            return name
+    return "raw"
+
+
+def inspect_header(path: Path) -> str:
+    """The image's format, or UnsafeImage naming why it is refused."""
+    with open(path, "rb") as image:
+        header = image.read(HEADER_BYTES)
+        image.seek(0, 2)
+        size = image.tell()
+        if size >= 512:
+            image.seek(size - 512)
+            footer = image.read(512)
+        else:
+            footer = b""
+    fmt = detect_format(header)
+    if fmt == "raw" and footer.startswith(b"conectix"):
+        fmt = "vpc"
+    if fmt not in ACCEPTED_FORMATS:
+        raise UnsafeImage(f"format {fmt} is not accepted (only {', '.join(ACCEPTED_FORMATS)})")
+    if fmt == "qcow2":
+        _check_qcow2_header(header, size)
+    return fmt
+
+
+def _check_qcow2_header(header: bytes, file_size: int) -> None:
+    if len(header) < 72:
+        raise UnsafeImage("qcow2 header is truncated")
+    version, backing_offset, backing_size, cluster_bits = struct.unpack_from(">IQII", header, 4)
+    if version not in (2, 3):
+        raise UnsafeImage(f"qcow2 version {version} is unknown")
+    if backing_offset or backing_size:
+        raise UnsafeImage("qcow2 image names a backing file")
+    if not 9 <= cluster_bits <= 21:
+        raise UnsafeImage(f"qcow2 cluster_bits {cluster_bits} is out of range")
+    if version == 2:
+        return
+    if len(header) < 104:
+        raise UnsafeImage("qcow2 v3 header is truncated")
+    (incompatible,) = struct.unpack_from(">Q", header, 72)
+    if incompatible & QCOW2_DATA_FILE:
+        raise UnsafeImage("qcow2 image uses an external data file")
+    if incompatible & QCOW2_CORRUPT:
+        raise UnsafeImage("qcow2 image is marked corrupt")
+    if incompatible & ~QCOW2_KNOWN_INCOMPATIBLE:
+        raise UnsafeImage(f"qcow2 image has unknown incompatible features {incompatible:#x}")
+    (header_length,) = struct.unpack_from(">I", header, 100)
+    if header_length < 104 or header_length > min(len(header), file_size):
+        raise UnsafeImage(f"qcow2 header length {header_length} is inconsistent with the file")
+    _check_qcow2_extensions(header, header_length)
+
+
+def _check_qcow2_extensions(header: bytes, position: int) -> None:
+    while position + 8 <= len(header):
+        kind, length = struct.unpack_from(">II", header, position)
+        if kind == QCOW2_EXT_END:
+            return
+        if kind == QCOW2_EXT_BACKING_FORMAT:
+            raise UnsafeImage("qcow2 image names a backing format")
+        if kind == QCOW2_EXT_DATA_FILE:
+            raise UnsafeImage("qcow2 image names an external data file")
+        position += 8 + (length + 7) // 8 * 8
+    raise UnsafeImage("qcow2 header extensions run past the header")
+
+
+def check_info(info: dict[str, Any], fmt: str) -> None:
+    """What qemu-img itself reports must agree with the header and reach nothing outside."""
+    if info.get("format") != fmt:
+        raise UnsafeImage(f"qemu-img reads the image as {info.get('format')}, header says {fmt}")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise UnsafeImage("image names a backing file")
+    specific = info.get("format-specific", {}).get("data", {})
+    if specific.get("data-file"):
+        raise UnsafeImage("image names an external data file")
+    if specific.get("corrupt"):
+        raise UnsafeImage("image is marked corrupt")
+    if int(info.get("virtual-size", -1)) < 0:
+        raise UnsafeImage("image reports no virtual size")

@@ -1,0 +1,246 @@
+"""Activities for images: download into the host cache, and check what was downloaded.
+
+The cache holds each image once, under its SHA-256, and a file appears there only by an atomic rename
+after its digest was computed (and matched, when the request named one). Downloads resume from the
+partial file's real size; heartbeat details are only progress to show, since they lag after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from temporalio import activity
+
+from activities import image_format, qemu_img
+from activities.checkpoints import Checkpoints
+from activities.errors import (
+    ChecksumMismatch,
+    DiskToolFailed,
+    HostOutOfSpace,
+    ImageDownloadError,
+    ImageNotFound,
+    ImageTooLarge,
+    UnsafeImage,
+)
+from activities.state import StateDir, fsync_dir
+from workflows.models import CachedImage, CheckedImage, CheckImageInput, FetchImageInput, FetchProgress
+
+CHUNK_BYTES = 1 << 20
+HEARTBEAT_EVERY_SECONDS = 1.0
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class ImageActivities:
+    def __init__(
+        self,
+        state: StateDir,
+        checkpoints: Checkpoints | None = None,
+        read_timeout_seconds: float = 60.0,
+    ) -> None:
+        self.state = state
+        self.checkpoints = checkpoints or Checkpoints()
+        # No total timeout: a large image over a slow link is fine as long as bytes keep coming.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout_seconds)
+
+    @activity.defn
+    async def fetch_image(self, request: FetchImageInput) -> CachedImage:
+        self.state.create()
+        if request.sha256 and self.state.image_path(request.sha256).exists():
+            return _cache_hit(self.state.image_path(request.sha256), request.sha256)
+        key = request.sha256 or hashlib.sha256(request.url.encode()).hexdigest()
+        async with _exclusive(self.state.partial / f"{key}.lock"):
+            # Whoever held the lock before us may have finished the same image.
+            if request.sha256 and self.state.image_path(request.sha256).exists():
+                return _cache_hit(self.state.image_path(request.sha256), request.sha256)
+            return await self._download(request, self.state.partial / f"{key}.part")
+
+    async def _download(self, request: FetchImageInput, partial: Path) -> CachedImage:
+        offset = partial.stat().st_size if partial.exists() else 0
+        digest = await asyncio.to_thread(_hash_prefix, partial, offset)
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        received = 0
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=self.timeout) as session,
+                session.get(request.url, headers=headers) as response,
+            ):
+                start, total = _resume_point(response, offset, request.url)
+                if start == 0 and offset:
+                    # The server ignored our Range: start again from the first byte.
+                    digest = hashlib.sha256()
+                    offset = 0
+                    os.truncate(partial, 0)
+                if total is not None and total > request.max_bytes:
+                    raise ImageTooLarge(
+                        f"image at {request.url} is {total} bytes, over the limit of {request.max_bytes}"
+                    )
+                if total is not None:
+                    _require_space(partial.parent, total - offset)
+                if response.status != 416:
+                    received = await self._stream(response, partial, digest, offset, total, request)
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as err:
+            raise ImageDownloadError(
+                f"download of {request.url} interrupted after {partial.stat().st_size} bytes: "
+                f"{type(err).__name__}: {err}"
+            ) from None
+        size = partial.stat().st_size
+        if total is not None and size != total:
+            raise ImageDownloadError(
+                f"download of {request.url} ended at {size} of {total} bytes; will resume"
+            )
+        sha256 = digest.hexdigest()
+        if request.sha256 and sha256 != request.sha256:
+            partial.unlink(missing_ok=True)
+            raise ChecksumMismatch(f"image at {request.url} has SHA-256 {sha256}, expected {request.sha256}")
+        target = self.state.image_path(sha256)
+        os.replace(partial, target)
+        await asyncio.to_thread(fsync_dir, target.parent)
+        return CachedImage(sha256=sha256, size=size, downloaded_bytes=received, cache_hit=False)
+
+    async def _stream(
+        self,
+        response: aiohttp.ClientResponse,
+        partial: Path,
+        digest: hashlib._Hash,
+        offset: int,
+        total: int | None,
+        request: FetchImageInput,
+    ) -> int:
+        received = 0
+        last_beat = 0.0
+        halfway_seen = False
+        with open(partial, "ab") as out:
+            try:
+                async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    position = offset + received
+                    if position > request.max_bytes:
+                        raise ImageTooLarge(
+                            f"image at {request.url} is larger than the limit of {request.max_bytes} bytes"
+                        )
+                    now = time.monotonic()
+                    if now - last_beat >= HEARTBEAT_EVERY_SECONDS:
+                        activity.heartbeat(FetchProgress(offset=position, total=total))
+                        last_beat = now
+                    if not halfway_seen and total and position * 2 >= total:
+                        halfway_seen = True
+                        out.flush()
+                        await self.checkpoints.reach("fetch.halfway")
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    partial.unlink(missing_ok=True)
+                    raise HostOutOfSpace(
+                        f"host ran out of space in {partial.parent} while downloading"
+                    ) from None
+                raise
+            finally:
+                with contextlib.suppress(OSError):
+                    out.flush()
+                    os.fsync(out.fileno())
+        activity.heartbeat(FetchProgress(offset=offset + received, total=total))
+        return received
+
+    @activity.defn
+    async def check_image(self, request: CheckImageInput) -> CheckedImage:
+        """Decide from the file's own header what it is, refuse what could reach outside it."""
+        path = self.state.image_path(request.sha256)
+        if not path.exists():
+            raise ImageNotFound(f"image {request.sha256} is not in this host's cache")
+        try:
+            fmt = await asyncio.to_thread(image_format.inspect_header, path)
+            info = await qemu_img.image_info(str(path), fmt)
+        except (UnsafeImage, DiskToolFailed) as err:
+            path.unlink(missing_ok=True)
+            raise UnsafeImage(f"image {request.sha256} refused: {err.message}") from None
+        try:
+            image_format.check_info(info, fmt)
+        except UnsafeImage:
+            path.unlink(missing_ok=True)
+            raise
+        virtual_size = int(info["virtual-size"])
+        if virtual_size > request.max_virtual_size_bytes:
+            path.unlink(missing_ok=True)
+            raise ImageTooLarge(
+                f"image {request.sha256} has a virtual size of {virtual_size} bytes, over the "
+                f"limit of {request.max_virtual_size_bytes}"
+            )
+        return CheckedImage(sha256=request.sha256, format=fmt, virtual_size=virtual_size)
+
+
+def _cache_hit(path: Path, sha256: str) -> CachedImage:
+    os.utime(path)  # the cache's "last used"
+    return CachedImage(sha256=sha256, size=path.stat().st_size, downloaded_bytes=0, cache_hit=True)
+
+
+def _hash_prefix(partial: Path, length: int) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    if length:
+        with open(partial, "rb") as existing:
+            while block := existing.read(CHUNK_BYTES):
+                digest.update(block)
+    return digest
+
+
+def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tuple[int, int | None]:
+    """Where the body starts and the image's total size, from the status and headers."""
+    status = response.status
+    if status == 416 and offset:
+        # Our partial file already holds every byte: the hash decides whether it is right.
+        return offset, offset
+    if status in (404, 410):
+        raise ImageNotFound(f"image server answered {status} for {url}")
+    if status >= 500 or status in (408, 429):
+        raise ImageDownloadError(f"image server answered {status} for {url}; will retry")
+    if status == 200:
+        length = response.content_length
+        return 0, length
+    if status == 206:
+        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != offset:
+            raise ImageDownloadError(
+                f"image server sent range {response.headers.get('Content-Range')!r}, "
+                f"asked for bytes {offset}-; will retry"
+            )
+        total = None if match.group(3) == "*" else int(match.group(3))
+        return offset, total
+    raise ImageNotFound(f"image server answered {status} {response.reason} for {url}")
+
+
+def _require_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise HostOutOfSpace(f"image needs {needed} more bytes in {directory}, only {free} are free")
+
+
+@contextlib.asynccontextmanager
+async def _exclusive(lock_path: Path) -> AsyncIterator[None]:
+    """One download per image per host, across activities and worker restarts.
+
+    The lock is an flock: the kernel drops it when its holder dies, so a killed worker never leaves
+    a stale lock behind. Waiting heartbeats, or the heartbeat timeout would kill the waiter.
+    """
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                activity.heartbeat("waiting for another download of this image")
+                await asyncio.sleep(0.5)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,55 @@
+"""Running qemu-img safely: no shell, an explicit format, and hard resource limits.
+
+A crafted image can make qemu-img allocate or compute without end, so every call runs under ``prlimit``
+(address space and CPU time) and a wall-clock timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from activities.errors import DiskToolFailed
+
+ADDRESS_SPACE_LIMIT = 1 << 30
+CPU_SECONDS_LIMIT = 30
+WALL_SECONDS_LIMIT = 60.0
+
+
+async def run_qemu_img(*args: str) -> str:
+    command = [
+        "prlimit",
+        f"--as={ADDRESS_SPACE_LIMIT}",
+        f"--cpu={CPU_SECONDS_LIMIT}",
+        "--",
+        "qemu-img",
+        *args,
+    ]
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), WALL_SECONDS_LIMIT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise DiskToolFailed(f"qemu-img {args[0]} took longer than {WALL_SECONDS_LIMIT:g} s") from None
+    if process.returncode != 0:
+        detail = err.decode(errors="replace").strip() or f"exit code {process.returncode}"
+        raise DiskToolFailed(f"qemu-img {args[0]} failed: {detail}")
+    return out.decode()
+
+
+async def image_info(path: str, fmt: str) -> dict[str, Any]:
+    """``qemu-img info`` that neither probes the format nor waits for a running guest's lock."""
+    out = await run_qemu_img("info", "-U", "-f", fmt, "--output=json", path)
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+async def create_overlay(path: str, backing: str, backing_fmt: str, size: int) -> None:
+    await run_qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path, str(size))

@@ -1,0 +1,50 @@
+"""Where a worker keeps its files. Paths are derived here, never remembered or taken from a request."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        """Cached base images, each named by its SHA-256 and never changed after its rename."""
+        return self.root / "images"
+
+    @property
+    def partial(self) -> Path:
+        """Downloads in progress and their lock files."""
+        return self.images / "partial"
+
+    def image_path(self, sha256: str) -> Path:
+        return self.images / sha256
+
+    def create(self) -> None:
+        self.partial.mkdir(parents=True, exist_ok=True)
+
+
+def backup_path(disk_path: str, rebuild_id: str) -> Path:
+    """The old root disk's name while a rebuild runs: next to it, derived from the rebuild."""
+    return Path(f"{disk_path}.rebuild-{_SAFE_ID.sub('_', rebuild_id)}.backup")
+
+
+def new_disk_path(disk_path: str, rebuild_id: str) -> Path:
+    """Where the new root disk is written before an atomic rename puts it in place."""
+    return Path(f"{disk_path}.rebuild-{_SAFE_ID.sub('_', rebuild_id)}.new")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` survive a power cut."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,326 @@
+"""``rebuild``: the operator's command line.
+
+Exit codes: 0 rebuilt, 1 failed (and rolled back, or nothing changed), 2 bad input (unknown instance,
+malformed URL or hash, a rebuild already running), 3 Temporal unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import Coroutine
+from typing import Annotated, Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from starter.connection import TemporalUnavailable, connect
+from workflows import search_attributes as sa
+from workflows.models import (
+    WORKFLOW_TASK_QUEUE,
+    RebuildRequest,
+    RebuildResult,
+    RebuildStatus,
+    rebuild_workflow_id,
+)
+from workflows.rebuild import RebuildInstance
+
+THIS_HOST = socket.gethostname()
+EXIT_REBUILT, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3
+# Failures that mean the request itself was wrong, not that the rebuild broke.
+BAD_INPUT_TYPES = {"InstanceNotFound", "UnsupportedInstance", "InvalidRequest"}
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Rebuild KVM/libvirt instances durably: a fresh root disk from a new image, or the old one back.",
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+HostOption = Annotated[
+    str, typer.Option(help="Hypervisor host of the instance (its worker polls rebuild-host-HOST).")
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Temporal address; default from TEMPORAL_ADDRESS / envconfig, else localhost:7233."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+class CliExit(Exception):
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _finish(code: int) -> NoReturn:
+    """Leave without interpreter finalisation: the Temporal client can crash it (sdk-python#300)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
+    try:
+        code = asyncio.run(coro)
+    except CliExit as exc:
+        if exc.message:
+            err.print(f"rebuild: {exc.message}", markup=False)
+        code = exc.code
+    except TemporalUnavailable as exc:
+        err.print(f"rebuild: {exc}", markup=False)
+        code = EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        code = 130
+    _finish(code)
+
+
+@app.command()
+def start(
+    instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
+    image: Annotated[str, typer.Option(help="http(s) URL of the new image (raw or qcow2).")],
+    sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the image, hex.")] = None,
+    host: HostOption = THIS_HOST,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and show progress.")] = False,
+    start_after: Annotated[
+        bool | None,
+        typer.Option(
+            "--start/--no-start", help="Start the instance afterwards (default: if it was running)."
+        ),
+    ] = None,
+    stop_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a graceful (ACPI) shutdown before forcing it off.")
+    ] = 60.0,
+    boot_marker: Annotated[
+        str | None,
+        typer.Option(help="Text the new image must print on the serial console, or it is rolled back."),
+    ] = None,
+    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for --boot-marker.")] = 120.0,
+    requested_by: Annotated[str, typer.Option(help="Who asked, shown in the Web UI.")] = os.environ.get(
+        "USER", "unknown"
+    ),
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a rebuild of INSTANCE from --image.
+
+    Example: rebuild start web-1 --image https://images.example/noble.qcow2 --sha256 HEX --wait
+    """
+    try:
+        request = RebuildRequest(
+            instance=instance,
+            host=host,
+            image_url=image,
+            sha256=sha256,
+            start_after=start_after,
+            stop_timeout_seconds=stop_timeout,
+            boot_marker=boot_marker,
+            boot_timeout_seconds=boot_timeout,
+            requested_by=requested_by,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        err.print(f"rebuild: invalid request: {problems}", markup=False)
+        _finish(EXIT_BAD_INPUT)
+    _run(_start(request, wait, address, as_json))
+
+
+async def _start(request: RebuildRequest, wait: bool, address: str | None, as_json: bool) -> int:
+    client = await connect(address)
+    workflow_id = rebuild_workflow_id(request.host, request.instance)
+    try:
+        handle = await client.start_workflow(
+            RebuildInstance.run,
+            request,
+            id=workflow_id,
+            task_queue=WORKFLOW_TASK_QUEUE,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(sa.INSTANCE_ID, request.instance),
+                    SearchAttributePair(sa.HYPERVISOR_HOST, request.host),
+                    SearchAttributePair(sa.IMAGE_ID, request.sha256 or request.image_url),
+                    SearchAttributePair(sa.REBUILD_PHASE, "pending"),
+                ]
+            ),
+            static_summary=f"Rebuild {request.instance} on {request.host}",
+            static_details=(
+                f"instance: {request.instance}\n\nhost: {request.host}\n\n"
+                f"image: {request.image_url}\n\nsha256: {request.sha256 or '(computed)'}\n\n"
+                f"requested by: {request.requested_by}"
+            ),
+        )
+    except WorkflowAlreadyStartedError:
+        raise CliExit(
+            EXIT_BAD_INPUT,
+            f"a rebuild of {request.instance} on {request.host} is already running "
+            f"(workflow {workflow_id}); see: rebuild status {request.instance} --host {request.host}",
+        ) from None
+    if not wait:
+        if as_json:
+            print(json.dumps({"workflow_id": handle.id, "run_id": handle.result_run_id}))
+        else:
+            out.print(f"started rebuild of {request.instance} on {request.host}: workflow {handle.id}")
+        return EXIT_REBUILT
+    return await _wait(handle, as_json)
+
+
+async def _wait(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
+    watcher = asyncio.create_task(_show_phases(handle, quiet=as_json))
+    try:
+        result = await handle.result()
+    except WorkflowFailureError as failure:
+        outcome = _failure_result(failure)
+        watcher.cancel()
+        if as_json:
+            print(outcome.model_dump_json() if outcome else json.dumps({"error": str(failure.cause)}))
+        elif outcome:
+            err.print(f"rebuild: {outcome.outcome.value}: {outcome.error}", markup=False)
+        else:
+            err.print(f"rebuild: failed: {failure.cause}", markup=False)
+        if outcome and outcome.error_type in BAD_INPUT_TYPES:
+            return EXIT_BAD_INPUT
+        return EXIT_FAILED
+    watcher.cancel()
+    rebuilt = RebuildResult.model_validate(result)
+    if as_json:
+        print(rebuilt.model_dump_json())
+    else:
+        _print_result(rebuilt)
+    return EXIT_REBUILT
+
+
+def _failure_result(failure: WorkflowFailureError) -> RebuildResult | None:
+    cause = failure.cause
+    if isinstance(cause, ApplicationError) and cause.details:
+        try:
+            return RebuildResult.model_validate(cause.details[0])
+        except ValidationError:
+            return None
+    return None
+
+
+async def _show_phases(handle: WorkflowHandle[Any, Any], quiet: bool) -> None:
+    seen = None
+    while True:
+        try:
+            status = await handle.query(RebuildInstance.status)
+            if status.phase != seen and not quiet:
+                err.print(f"  phase: {status.phase.value}", markup=False)
+                seen = status.phase
+        except RPCError:
+            pass
+        await asyncio.sleep(0.3)
+
+
+def _print_result(result: RebuildResult) -> None:
+    out.print(f"rebuilt {result.instance} on {result.host}: image sha256 {result.image_sha256}")
+    timings = ", ".join(f"{step} {seconds:.2f}s" for step, seconds in result.step_seconds.items())
+    out.print(f"  steps: {timings}")
+    if result.downtime_seconds is not None:
+        forced = " (forced off after the graceful timeout)" if result.forced_stop else ""
+        out.print(f"  downtime: {result.downtime_seconds:.2f}s{forced}")
+
+
+@app.command()
+def status(
+    instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
+    host: HostOption = THIS_HOST,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the latest rebuild of INSTANCE: phase, step timings, attempts and last error.
+
+    Example: rebuild status web-1 --host kvm-07
+    """
+    _run(_status(instance, host, address, as_json))
+
+
+async def _status(instance: str, host: str, address: str | None, as_json: bool) -> int:
+    client = await connect(address)
+    handle = client.get_workflow_handle(rebuild_workflow_id(host, instance))
+    try:
+        description = await handle.describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise CliExit(EXIT_BAD_INPUT, f"no rebuild of {instance} on {host} is known") from None
+        raise
+    state = await _query_status(client, handle)
+    pending = [
+        {
+            "activity": p.activity_type.name,
+            "attempt": p.attempt,
+            "last_error": p.last_failure.message if p.HasField("last_failure") else None,
+        }
+        for p in description.raw_description.pending_activities
+    ]
+    workflow_status = description.status.name if description.status else "UNKNOWN"
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "workflow_id": handle.id,
+                    "workflow_status": workflow_status,
+                    "status": state.model_dump(mode="json") if state else None,
+                    "pending_activities": pending,
+                }
+            )
+        )
+        return EXIT_REBUILT
+    out.print(f"{handle.id}: {workflow_status}")
+    if state:
+        out.print(f"  phase: {state.phase.value}")
+        out.print(f"  image: {state.image_url}")
+        if state.step_seconds:
+            timings = ", ".join(f"{k} {v:.2f}s" for k, v in state.step_seconds.items())
+            out.print(f"  steps: {timings}")
+        if state.last_error:
+            out.print(f"  last error: {state.last_error}", markup=False)
+    for p in pending:
+        line = f"  running {p['activity']}, attempt {p['attempt']}"
+        if p["last_error"]:
+            line += f", last error: {p['last_error']}"
+        out.print(line, markup=False)
+    if description.status == WorkflowExecutionStatus.FAILED:
+        return EXIT_FAILED
+    return EXIT_REBUILT
+
+
+async def _query_status(client: Client, handle: WorkflowHandle[Any, Any]) -> RebuildStatus | None:
+    try:
+        return await asyncio.wait_for(handle.query(RebuildInstance.status), 5)
+    except (RPCError, TimeoutError):
+        return None
+
+
+@app.callback()
+def _root() -> None:
+    """Rebuild KVM/libvirt instances durably through Temporal."""
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as exc:
+        _finish(exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT)

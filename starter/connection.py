@@ -1,0 +1,27 @@
+"""How every client and worker reaches Temporal: one place, one data converter."""
+
+from __future__ import annotations
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.envconfig import ClientConfig
+
+DEFAULT_ADDRESS = "localhost:7233"
+
+
+class TemporalUnavailable(Exception):
+    """The Temporal server could not be reached at the configured address."""
+
+
+async def connect(address: str | None = None, namespace: str | None = None) -> Client:
+    """Connect using ``temporalio.envconfig`` (``TEMPORAL_ADDRESS``, profiles), then overrides."""
+    config = ClientConfig.load_client_connect_config()
+    config.setdefault("target_host", DEFAULT_ADDRESS)
+    if address:
+        config["target_host"] = address
+    if namespace:
+        config["namespace"] = namespace
+    try:
+        return await Client.connect(**config, data_converter=pydantic_data_converter)
+    except RuntimeError as err:
+        raise TemporalUnavailable(f"cannot reach Temporal at {config['target_host']}: {err}") from None

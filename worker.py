@@ -1,0 +1,128 @@
+"""The process that runs on each hypervisor host.
+
+It polls the shared workflow queue and its own host queue: every activity of a rebuild is sent to the
+queue of the instance's host, so disk work always runs where the disk is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.checkpoints import Checkpoints
+from activities.disks import DiskActivities
+from activities.hypervisor import HypervisorActivities
+from activities.images import ImageActivities
+from activities.libvirt_domain import Libvirt
+from activities.state import StateDir
+from starter.connection import TemporalUnavailable, connect
+from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
+from workflows.rebuild import RebuildInstance
+
+app = typer.Typer(add_completion=False)
+THIS_HOST = socket.gethostname()
+
+
+def host_activities(
+    libvirt_uri: str, state_dir: Path, pause_dir: Path | None = None
+) -> list[Callable[..., Any]]:
+    """Every activity a host runs, wired to that host's libvirt and state directory."""
+    conn = Libvirt(libvirt_uri)
+    state = StateDir(state_dir)
+    state.create()
+    checkpoints = Checkpoints(pause_dir)
+    hypervisor = HypervisorActivities(conn, checkpoints)
+    images = ImageActivities(state, checkpoints)
+    disks = DiskActivities(conn, state, checkpoints)
+    return [
+        hypervisor.inspect_instance,
+        hypervisor.stop_instance,
+        hypervisor.start_instance,
+        hypervisor.verify_instance,
+        hypervisor.record_image,
+        images.fetch_image,
+        images.check_image,
+        disks.prepare_root_disk,
+        disks.restore_root_disk,
+        disks.remove_backup,
+    ]
+
+
+def build_workers(
+    client: Client, host: str, libvirt_uri: str, state_dir: Path, pause_dir: Path | None
+) -> list[Worker]:
+    return [
+        Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance]),
+        Worker(
+            client,
+            task_queue=host_task_queue(host),
+            activities=host_activities(libvirt_uri, state_dir, pause_dir),
+            max_concurrent_activities=200,
+        ),
+    ]
+
+
+async def serve(
+    host: str, libvirt_uri: str, state_dir: Path, pause_dir: Path | None, address: str | None
+) -> None:
+    client = await connect(address)
+    workers = build_workers(client, host, libvirt_uri, state_dir, pause_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with workers[0], workers[1]:
+        print(
+            f"worker ready: host={host} queues={WORKFLOW_TASK_QUEUE},{host_task_queue(host)} "
+            f"libvirt={libvirt_uri} state={state_dir}",
+            flush=True,
+        )
+        await stop.wait()
+
+
+@app.command()
+def run(
+    host: Annotated[
+        str, typer.Option(help="This hypervisor's name; the worker polls rebuild-host-NAME.")
+    ] = THIS_HOST,
+    libvirt_uri: Annotated[str, typer.Option(help="libvirt connection URI.")] = "qemu:///system",
+    state_dir: Annotated[Path, typer.Option(help="Image cache and state.")] = Path(
+        "/var/lib/durable-rebuild"
+    ),
+    address: Annotated[
+        str | None, typer.Option(help="Temporal address (default: envconfig, localhost:7233).")
+    ] = None,
+    pause_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
+    ] = None,
+) -> None:
+    """Run the rebuild worker for this hypervisor host."""
+    if not HOST_NAME.match(host):
+        print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
+        raise typer.Exit(2)
+    try:
+        asyncio.run(serve(host, libvirt_uri, state_dir, pause_dir, address))
+    except TemporalUnavailable as err:
+        print(f"rebuild-worker: {err}", file=sys.stderr, flush=True)
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

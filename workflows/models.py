@@ -1,0 +1,248 @@
+"""Everything that crosses the Temporal boundary: workflow and activity inputs and outputs.
+
+The workflow owns these models. Each workflow and activity takes one model and returns one, so a field
+can be added later without breaking a rebuild that is already running.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+WORKFLOW_TASK_QUEUE = "rebuild"
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# libvirt accepts almost anything as a domain name; we refuse what cannot be part of a workflow ID
+# or a file name without quoting.
+INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,199}$")
+HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def host_task_queue(host: str) -> str:
+    """The queue polled only by the worker on ``host``: host activities must run where the disk is."""
+    return f"rebuild-host-{host}"
+
+
+def rebuild_workflow_id(host: str, instance: str) -> str:
+    """One rebuild per instance at a time: the ID is the lock."""
+    return f"rebuild-{host}-{instance}"
+
+
+class Phase(StrEnum):
+    """A phase has one name everywhere: status query, search attribute, CLI output."""
+
+    PENDING = "pending"
+    INSPECT = "inspect"
+    FETCH = "fetch"
+    CHECK = "check"
+    STOP = "stop"
+    PREPARE = "prepare"
+    START = "start"
+    VERIFY = "verify"
+    CLEANUP = "cleanup"
+    ROLLBACK = "rollback"
+    DONE = "done"
+    ROLLED_BACK = "rolled-back"
+    FAILED = "failed"
+
+
+class Outcome(StrEnum):
+    REBUILT = "rebuilt"
+    ROLLED_BACK = "rolled-back"
+    UNCHANGED = "unchanged"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RebuildRequest(_Model):
+    """What an operator asks for. Nothing here names a disk path: those come from libvirt."""
+
+    instance: str
+    host: str
+    image_url: str
+    sha256: str | None = None
+    # None: start the instance again only when it was running before the rebuild.
+    start_after: bool | None = None
+    stop_timeout_seconds: float = Field(default=60.0, ge=0, le=3600)
+    boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
+    boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
+    requested_by: str = "unknown"
+
+    @field_validator("instance")
+    @classmethod
+    def _instance_name(cls, value: str) -> str:
+        if not INSTANCE_NAME.match(value):
+            raise ValueError(f"not a usable instance name: {value!r}")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _host_name(cls, value: str) -> str:
+        if not HOST_NAME.match(value):
+            raise ValueError(f"not a usable host name: {value!r}")
+        return value
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"image URL must be http:// or https:// with a host: {value!r}")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        lowered = value.lower()
+        if not SHA256_HEX.match(lowered):
+            raise ValueError("sha256 must be 64 hexadecimal characters")
+        return lowered
+
+
+class InspectInstanceInput(_Model):
+    instance: str
+
+
+class InstanceInfo(_Model):
+    """What the rebuild needs to know about the instance, read from its libvirt definition."""
+
+    name: str
+    uuid: str
+    was_running: bool
+    root_disk_path: str
+    root_disk_format: str
+    root_disk_target: str
+    current_image_sha256: str | None = None
+
+
+class FetchImageInput(_Model):
+    url: str
+    sha256: str | None = None
+    # A server that sends more than this is refused, so it cannot fill the host's disk.
+    max_bytes: int
+
+
+class FetchProgress(_Model):
+    """Heartbeat details of the fetch activity: a hint where to resume, and progress to show."""
+
+    offset: int
+    total: int | None = None
+
+
+class CachedImage(_Model):
+    sha256: str
+    size: int
+    downloaded_bytes: int
+    cache_hit: bool
+
+
+class CheckImageInput(_Model):
+    sha256: str
+    max_virtual_size_bytes: int
+
+
+class CheckedImage(_Model):
+    sha256: str
+    format: str
+    virtual_size: int
+
+
+class StopInstanceInput(_Model):
+    instance: str
+    timeout_seconds: float
+
+
+class StopResult(_Model):
+    was_running: bool
+    forced: bool
+    stopped_at: datetime
+    # Where the serial log ends while the instance is off: the boot check reads only what follows.
+    console_offset: int = 0
+
+
+class PrepareRootDiskInput(_Model):
+    instance: str
+    image_sha256: str
+    image_format: str
+    image_virtual_size: int
+    # A retry after the definition changed must still know what the backup is.
+    original_format: str
+    # The backup file name is derived from this, so a retried prepare finds what the first began.
+    rebuild_id: str
+
+
+class PreparedRootDisk(_Model):
+    disk_path: str
+    backup_path: str
+    virtual_size: int
+
+
+class RestoreRootDiskInput(_Model):
+    instance: str
+    rebuild_id: str
+    original_format: str
+
+
+class StartInstanceInput(_Model):
+    instance: str
+
+
+class StartResult(_Model):
+    started_at: datetime
+    already_running: bool = False
+
+
+class VerifyInstanceInput(_Model):
+    instance: str
+    boot_marker: str | None = None
+    boot_timeout_seconds: float = 120.0
+    console_offset: int = 0
+
+
+class RemoveBackupInput(_Model):
+    instance: str
+    rebuild_id: str
+
+
+class RecordImageInput(_Model):
+    instance: str
+    image_sha256: str
+    image_url: str
+    rebuilt_at: datetime
+
+
+class RebuildStatus(_Model):
+    instance: str
+    host: str
+    phase: Phase
+    image_url: str
+    image_sha256: str | None = None
+    step_seconds: dict[str, float] = Field(default_factory=dict)
+    undo_stack: list[str] = Field(default_factory=list)
+    last_error: str | None = None
+    started_at: datetime | None = None
+
+
+class RebuildResult(_Model):
+    instance: str
+    host: str
+    outcome: Outcome
+    image_sha256: str | None = None
+    image_format: str | None = None
+    failed_step: Phase | None = None
+    error: str | None = None
+    # The ApplicationError type of the failure (for example "InstanceNotFound"), for scripts.
+    error_type: str | None = None
+    step_seconds: dict[str, float] = Field(default_factory=dict)
+    # Stop returned "off" to start returned "running", measured on the host itself.
+    downtime_seconds: float | None = None
+    forced_stop: bool = False
+    undone: list[str] = Field(default_factory=list)

@@ -1,0 +1,358 @@
+"""The RebuildInstance workflow: orchestration only, every side effect is an activity on the host.
+
+Order: inspect -> fetch -> check (while the instance still runs) -> stop -> prepare -> start -> verify
+-> cleanup. Unlike Nova, the download happens before the stop, so the instance is down only for the
+few activities that must run while it is off. Every step that changes the host pushes its undo before
+it acts; a step that fails for good, or a cancellation, runs the undos in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.disks import DiskActivities
+    from activities.hypervisor import HypervisorActivities
+    from activities.images import ImageActivities
+    from workflows import search_attributes as sa
+    from workflows.models import (
+        CheckImageInput,
+        FetchImageInput,
+        InspectInstanceInput,
+        Outcome,
+        Phase,
+        PrepareRootDiskInput,
+        RebuildRequest,
+        RebuildResult,
+        RebuildStatus,
+        RecordImageInput,
+        RemoveBackupInput,
+        RestoreRootDiskInput,
+        StartInstanceInput,
+        StopInstanceInput,
+        VerifyInstanceInput,
+        host_task_queue,
+    )
+
+T = TypeVar("T")
+
+# Qcow2 metadata can make a file a little larger than its virtual size; allow that much more.
+DOWNLOAD_SLACK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    start_to_close: timedelta
+    heartbeat: timedelta | None = None
+    maximum_attempts: int = 10
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            initial_interval=timedelta(seconds=1),
+            backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=30),
+            maximum_attempts=self.maximum_attempts,
+        )
+
+
+INSPECT = StepOptions(start_to_close=timedelta(seconds=30), maximum_attempts=5)
+FETCH = StepOptions(start_to_close=timedelta(hours=6), heartbeat=timedelta(seconds=10), maximum_attempts=20)
+CHECK = StepOptions(start_to_close=timedelta(minutes=3), maximum_attempts=3)
+PREPARE = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10))
+START = StepOptions(start_to_close=timedelta(minutes=1), heartbeat=timedelta(seconds=10))
+CLEANUP = StepOptions(start_to_close=timedelta(minutes=1))
+# Compensation must finish whatever happens: it retries without a limit, visibly.
+UNDO = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10), maximum_attempts=0)
+
+
+class _Undo:
+    def __init__(self, name: str, action: Callable[[], Awaitable[Any]]) -> None:
+        self.name = name
+        self.action = action
+
+
+@workflow.defn
+class RebuildInstance:
+    @workflow.init
+    def __init__(self, request: RebuildRequest) -> None:
+        self._request = request
+        self._queue = host_task_queue(request.host)
+        self._phase = Phase.PENDING
+        self._step_seconds: dict[str, float] = {}
+        self._undo: list[_Undo] = []
+        self._undone: list[str] = []
+        self._last_error: str | None = None
+        self._last_error_type: str | None = None
+        self._image_sha256: str | None = request.sha256
+
+    @workflow.query
+    def status(self) -> RebuildStatus:
+        return RebuildStatus(
+            instance=self._request.instance,
+            host=self._request.host,
+            phase=self._phase,
+            image_url=self._request.image_url,
+            image_sha256=self._image_sha256,
+            step_seconds=dict(self._step_seconds),
+            undo_stack=[undo.name for undo in self._undo],
+            last_error=self._last_error,
+            started_at=workflow.info().start_time,
+        )
+
+    @workflow.run
+    async def run(self, request: RebuildRequest) -> RebuildResult:
+        rebuild_id = workflow.info().run_id
+        instance = request.instance
+        try:
+            info = await self._step(
+                Phase.INSPECT,
+                HypervisorActivities.inspect_instance,
+                InspectInstanceInput(instance=instance),
+                INSPECT,
+            )
+            cached = await self._step(
+                Phase.FETCH,
+                ImageActivities.fetch_image,
+                FetchImageInput(
+                    url=request.image_url,
+                    sha256=request.sha256,
+                    max_bytes=request.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
+                ),
+                FETCH,
+            )
+            self._image_sha256 = cached.sha256
+            image = await self._step(
+                Phase.CHECK,
+                ImageActivities.check_image,
+                CheckImageInput(sha256=cached.sha256, max_virtual_size_bytes=request.max_virtual_size_bytes),
+                CHECK,
+            )
+
+            if info.was_running:
+                self._push("start instance again", self._undo_stop)
+            stopped = await self._step(
+                Phase.STOP,
+                HypervisorActivities.stop_instance,
+                StopInstanceInput(instance=instance, timeout_seconds=request.stop_timeout_seconds),
+                StepOptions(
+                    start_to_close=timedelta(seconds=request.stop_timeout_seconds + 60),
+                    heartbeat=timedelta(seconds=10),
+                ),
+            )
+
+            restore = RestoreRootDiskInput(
+                instance=instance, rebuild_id=rebuild_id, original_format=info.root_disk_format
+            )
+            self._push("restore old root disk", lambda: self._undo_prepare(restore))
+            await self._step(
+                Phase.PREPARE,
+                DiskActivities.prepare_root_disk,
+                PrepareRootDiskInput(
+                    instance=instance,
+                    image_sha256=image.sha256,
+                    image_format=image.format,
+                    image_virtual_size=image.virtual_size,
+                    original_format=info.root_disk_format,
+                    rebuild_id=rebuild_id,
+                ),
+                PREPARE,
+            )
+
+            downtime: float | None = None
+            should_start = info.was_running if request.start_after is None else request.start_after
+            if should_start:
+                self._push("stop instance on new disk", self._undo_start)
+                started = await self._step(
+                    Phase.START,
+                    HypervisorActivities.start_instance,
+                    StartInstanceInput(instance=instance),
+                    START,
+                )
+                if info.was_running:
+                    downtime = (started.started_at - stopped.stopped_at).total_seconds()
+                await self._step(
+                    Phase.VERIFY,
+                    HypervisorActivities.verify_instance,
+                    VerifyInstanceInput(
+                        instance=instance,
+                        boot_marker=request.boot_marker,
+                        boot_timeout_seconds=request.boot_timeout_seconds,
+                        console_offset=stopped.console_offset,
+                    ),
+                    StepOptions(
+                        start_to_close=timedelta(seconds=request.boot_timeout_seconds + 30),
+                        heartbeat=timedelta(seconds=10),
+                        maximum_attempts=3,
+                    ),
+                )
+        except (ActivityError, CancelledError, asyncio.CancelledError) as err:
+            await self._fail(err)
+            raise AssertionError("unreachable") from None
+
+        # The new disk is in place and verified: from here on nothing is undone.
+        self._undo.clear()
+        await self._step(
+            Phase.CLEANUP,
+            DiskActivities.remove_backup,
+            RemoveBackupInput(instance=instance, rebuild_id=rebuild_id),
+            CLEANUP,
+        )
+        await self._step(
+            Phase.CLEANUP,
+            HypervisorActivities.record_image,
+            RecordImageInput(
+                instance=instance,
+                image_sha256=image.sha256,
+                image_url=request.image_url,
+                rebuilt_at=workflow.now(),
+            ),
+            CLEANUP,
+        )
+        self._enter(Phase.DONE)
+        return RebuildResult(
+            instance=instance,
+            host=request.host,
+            outcome=Outcome.REBUILT,
+            image_sha256=image.sha256,
+            image_format=image.format,
+            step_seconds=dict(self._step_seconds),
+            downtime_seconds=downtime,
+            forced_stop=stopped.forced,
+        )
+
+    async def _step(
+        self,
+        phase: Phase,
+        activity: Callable[[Any, Any], Awaitable[T]],
+        argument: Any,
+        options: StepOptions,
+    ) -> T:
+        self._enter(phase)
+        began = workflow.now()
+        try:
+            return await workflow.execute_activity_method(
+                activity,
+                argument,
+                task_queue=self._queue,
+                start_to_close_timeout=options.start_to_close,
+                heartbeat_timeout=options.heartbeat,
+                retry_policy=options.retry_policy(),
+                summary=f"{phase.value}: {self._request.instance}",
+            )
+        finally:
+            elapsed = (workflow.now() - began).total_seconds()
+            self._step_seconds[phase.value] = self._step_seconds.get(phase.value, 0.0) + elapsed
+
+    def _push(self, name: str, action: Callable[[], Awaitable[Any]]) -> None:
+        """Register an undo before the step it undoes acts: a crash mid-step still gets undone."""
+        self._undo.append(_Undo(name, action))
+
+    def _enter(self, phase: Phase) -> None:
+        self._phase = phase
+        workflow.upsert_search_attributes([sa.REBUILD_PHASE.value_set(phase.value)])
+        workflow.set_current_details(self._details())
+
+    def _details(self) -> str:
+        lines = [
+            f"**{self._request.instance}** on `{self._request.host}`: phase **{self._phase.value}**",
+            f"image: {self._request.image_url}",
+        ]
+        if self._step_seconds:
+            timings = ", ".join(f"{k} {v:.2f}s" for k, v in self._step_seconds.items())
+            lines.append(f"steps: {timings}")
+        if self._last_error:
+            lines.append(f"error: {self._last_error}")
+        return "\n\n".join(lines)
+
+    async def _fail(self, err: BaseException) -> None:
+        """Run the undos in reverse, then fail with what failed and what state the instance is in."""
+        failed_step = self._phase
+        self._last_error, self._last_error_type = describe(err)
+        if not self._undo:
+            self._enter(Phase.FAILED)
+            raise ApplicationError(
+                f"rebuild of {self._request.instance} failed at {failed_step.value}: "
+                f"{self._last_error}; nothing was changed",
+                self._result(Outcome.UNCHANGED, failed_step),
+                type="RebuildFailed",
+                non_retryable=True,
+            ) from None
+        self._enter(Phase.ROLLBACK)
+        while self._undo:
+            undo = self._undo.pop()
+            began = workflow.now()
+            await undo.action()
+            self._undone.append(undo.name)
+            elapsed = (workflow.now() - began).total_seconds()
+            key = Phase.ROLLBACK.value
+            self._step_seconds[key] = self._step_seconds.get(key, 0.0) + elapsed
+        self._enter(Phase.ROLLED_BACK)
+        raise ApplicationError(
+            f"rebuild of {self._request.instance} failed at {failed_step.value}: "
+            f"{self._last_error}; the instance was rolled back to its old root disk",
+            self._result(Outcome.ROLLED_BACK, failed_step),
+            type="RebuildRolledBack",
+            non_retryable=True,
+        ) from None
+
+    def _result(self, outcome: Outcome, failed_step: Phase) -> RebuildResult:
+        return RebuildResult(
+            instance=self._request.instance,
+            host=self._request.host,
+            outcome=outcome,
+            image_sha256=self._image_sha256,
+            failed_step=failed_step,
+            error=self._last_error,
+            error_type=self._last_error_type,
+            step_seconds=dict(self._step_seconds),
+            undone=list(self._undone),
+        )
+
+    async def _undo_activity(self, activity: Callable[[Any, Any], Awaitable[Any]], arg: Any) -> None:
+        await workflow.execute_activity_method(
+            activity,
+            arg,
+            task_queue=self._queue,
+            start_to_close_timeout=UNDO.start_to_close,
+            heartbeat_timeout=UNDO.heartbeat,
+            retry_policy=UNDO.retry_policy(),
+            summary=f"rollback: {self._request.instance}",
+        )
+
+    async def _undo_stop(self) -> None:
+        await self._undo_activity(
+            HypervisorActivities.start_instance, StartInstanceInput(instance=self._request.instance)
+        )
+
+    async def _undo_prepare(self, restore: RestoreRootDiskInput) -> None:
+        await self._undo_activity(DiskActivities.restore_root_disk, restore)
+
+    async def _undo_start(self) -> None:
+        # Forced off at once: the new disk is about to be replaced, nothing on it is worth a wait.
+        await self._undo_activity(
+            HypervisorActivities.stop_instance,
+            StopInstanceInput(instance=self._request.instance, timeout_seconds=0),
+        )
+
+
+def describe(err: BaseException) -> tuple[str, str]:
+    """The innermost message and type worth showing: the activity's own error, not its wrapper."""
+    message, kind = str(err), type(err).__name__
+    current: BaseException | None = err
+    while current is not None:
+        if isinstance(current, ApplicationError):
+            message, kind = current.message, current.type or kind
+        elif isinstance(current, TimeoutError):
+            message, kind = f"{current.message} ({current.type.name if current.type else ''})", "Timeout"
+        elif isinstance(current, CancelledError | asyncio.CancelledError):
+            message, kind = "cancelled", "Cancelled"
+        current = current.__cause__
+    return message or kind, kind

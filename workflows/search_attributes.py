@@ -1,0 +1,14 @@
+"""Custom search attributes, so the Web UI finds rebuilds by instance, host, image or phase.
+
+The dev server is started with these registered (``--search-attribute NAME=Keyword``), and so is the
+compose stack; :data:`ALL` lists them for both.
+"""
+
+from temporalio.common import SearchAttributeKey
+
+INSTANCE_ID = SearchAttributeKey.for_keyword("InstanceId")
+HYPERVISOR_HOST = SearchAttributeKey.for_keyword("HypervisorHost")
+IMAGE_ID = SearchAttributeKey.for_keyword("ImageId")
+REBUILD_PHASE = SearchAttributeKey.for_keyword("RebuildPhase")
+
+ALL = (INSTANCE_ID, HYPERVISOR_HOST, IMAGE_ID, REBUILD_PHASE)
