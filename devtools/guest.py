@@ -26,8 +26,7 @@ _CODE = bytes.fromhex(
     "ee"  # out dx, al
     "ebf8"  # jmp next
     "f4"  # done: hlt
-    "ebfd"  # jmp done
-    .replace("{msg}", "0000")
+    "ebfd".replace("{msg}", "0000")  # jmp done
 )
 
 
@@ -50,9 +49,7 @@ def write_image(path: Path, marker: str, fmt: str = "raw", size: int = 1 << 20) 
         disk.write(boot_sector(marker))
         disk.truncate(size)
     if fmt != "raw":
-        subprocess.run(
-            ["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(raw), str(path)], check=True
-        )
+        subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, str(raw), str(path)], check=True)
         raw.unlink()
     return path
 

@@ -53,8 +53,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Rebuild KVM/libvirt instances durably: a fresh root disk from a new image, or the old one back.",
 )
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 HostOption = Annotated[
     str, typer.Option(help="Hypervisor host of the instance (its worker polls rebuild-host-HOST).")
