@@ -7,6 +7,7 @@ any such reference, are then handed to ``qemu-img info`` with an explicit ``-f``
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -24,25 +25,54 @@ QCOW2_EXT_END = 0x00000000
 QCOW2_EXT_BACKING_FORMAT = 0xE2792ACA
 QCOW2_EXT_DATA_FILE = 0x44415441
 
+# Every signature qemu's format probes recognise (qemu-img info without -f would believe them), plus ISO.
 _REFUSED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"KDMV", "vmdk"),
+    (0, b"COWD", "vmdk"),
     (0, b"# Disk DescriptorFile", "vmdk"),
     (0, b"vhdxfile", "vhdx"),
     (0, b"conectix", "vpc"),
     (0, b"QED\x00", "qed"),
     (0, b"LUKS\xba\xbe", "luks"),
     (0x40, struct.pack("<I", 0xBEDA107F), "vdi"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image\x00", "bochs"),
+    (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n", "cloop"),
     (0x8001, b"CD001", "iso"),
 )
+_VMDK_DESCRIPTOR_VERSION = re.compile(rb"version=[0-9]")
 
 
 def detect_format(header: bytes) -> str:
     if header.startswith(QCOW2_MAGIC):
-        return "qcow2"
+        # qemu probes version 1 as the old qcow format, any later one as qcow2.
+        return "qcow" if header[4:8] == b"\x00\x00\x00\x01" else "qcow2"
     for offset, signature, name in _REFUSED_SIGNATURES:
         if header[offset : offset + len(signature)] == signature:
             return name
+    if _is_vmdk_descriptor(header):
+        return "vmdk"
     return "raw"
+
+
+def _is_vmdk_descriptor(header: bytes) -> bool:
+    """A VMDK text descriptor as qemu probes it: comment and blank lines, then ``version=N``.
+
+    No fixed magic: ``version=1`` on the first line is enough for qemu to open the extents the
+    descriptor names, wherever they point. Blank lines are skipped more freely than qemu does.
+    """
+    position = 0
+    while position < len(header):
+        end = header.find(b"\n", position)
+        line = header[position:] if end < 0 else header[position:end]
+        if line.startswith(b"#") or not line.strip(b" \t\r"):
+            if end < 0:
+                return False
+            position = end + 1
+            continue
+        return _VMDK_DESCRIPTOR_VERSION.match(line) is not None
+    return False
 
 
 def inspect_header(path: Path) -> str:
@@ -70,12 +100,16 @@ def _check_qcow2_header(header: bytes, file_size: int) -> None:
     if len(header) < 72:
         raise UnsafeImage("qcow2 header is truncated")
     version, backing_offset, backing_size, cluster_bits = struct.unpack_from(">IQII", header, 4)
+    (crypt_method,) = struct.unpack_from(">I", header, 32)
     if version not in (2, 3):
         raise UnsafeImage(f"qcow2 version {version} is unknown")
     if backing_offset or backing_size:
         raise UnsafeImage("qcow2 image names a backing file")
     if not 9 <= cluster_bits <= 21:
         raise UnsafeImage(f"qcow2 cluster_bits {cluster_bits} is out of range")
+    if crypt_method:
+        # qemu-img info reads it without a key, but no instance could boot it without one.
+        raise UnsafeImage(f"qcow2 image is encrypted (crypt_method {crypt_method})")
     if version == 2:
         return
     if len(header) < 104:

@@ -16,8 +16,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 from temporalio import activity
@@ -38,7 +39,9 @@ from workflows.models import CachedImage, CheckedImage, CheckImageInput, FetchIm
 
 CHUNK_BYTES = 1 << 20
 HEARTBEAT_EVERY_SECONDS = 1.0
+T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
 
 
 class ImageActivities:
@@ -67,7 +70,10 @@ class ImageActivities:
 
     async def _download(self, request: FetchImageInput, partial: Path) -> CachedImage:
         offset = partial.stat().st_size if partial.exists() else 0
-        digest = await asyncio.to_thread(_hash_prefix, partial, offset)
+        # Hashing a partial of many GiB takes longer than the heartbeat timeout: beat while it runs.
+        digest = await _heartbeating(
+            asyncio.to_thread(_hash_prefix, partial, offset), FetchProgress(offset=offset)
+        )
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         received = 0
         try:
@@ -76,12 +82,20 @@ class ImageActivities:
                 session.get(request.url, headers=headers) as response,
             ):
                 start, total = _resume_point(response, offset, request.url)
+                if response.status == 416 and total != offset:
+                    # Our partial is longer than the image (it changed on the server): start again.
+                    partial.unlink(missing_ok=True)
+                    raise ImageDownloadError(
+                        f"partial download of {request.url} holds {offset} bytes, the image has {total}; "
+                        "starting again"
+                    )
                 if start == 0 and offset:
                     # The server ignored our Range: start again from the first byte.
                     digest = hashlib.sha256()
                     offset = 0
                     os.truncate(partial, 0)
                 if total is not None and total > request.max_bytes:
+                    partial.unlink(missing_ok=True)
                     raise ImageTooLarge(
                         f"image at {request.url} is {total} bytes, over the limit of {request.max_bytes}"
                     )
@@ -90,9 +104,10 @@ class ImageActivities:
                 if response.status != 416:
                     received = await self._stream(response, partial, digest, offset, total, request)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as err:
+            # A refused connection fails before the partial file exists.
+            kept = partial.stat().st_size if partial.exists() else 0
             raise ImageDownloadError(
-                f"download of {request.url} interrupted after {partial.stat().st_size} bytes: "
-                f"{type(err).__name__}: {err}"
+                f"download of {request.url} interrupted after {kept} bytes: {type(err).__name__}: {err}"
             ) from None
         size = partial.stat().st_size
         if total is not None and size != total:
@@ -128,6 +143,7 @@ class ImageActivities:
                     received += len(chunk)
                     position = offset + received
                     if position > request.max_bytes:
+                        partial.unlink(missing_ok=True)
                         raise ImageTooLarge(
                             f"image at {request.url} is larger than the limit of {request.max_bytes} bytes"
                         )
@@ -198,8 +214,10 @@ def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tu
     """Where the body starts and the image's total size, from the status and headers."""
     status = response.status
     if status == 416 and offset:
-        # Our partial file already holds every byte: the hash decides whether it is right.
-        return offset, offset
+        # Our partial file already holds every byte (the hash decides whether they are right), unless
+        # the server says the image has another size.
+        match = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
+        return offset, int(match.group(1)) if match else offset
     if status in (404, 410):
         raise ImageNotFound(f"image server answered {status} for {url}")
     if status >= 500 or status in (408, 429):
@@ -217,6 +235,19 @@ def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tu
         total = None if match.group(3) == "*" else int(match.group(3))
         return offset, total
     raise ImageNotFound(f"image server answered {status} {response.reason} for {url}")
+
+
+async def _heartbeating(work: Awaitable[T], details: FetchProgress) -> T:
+    """Await ``work``, heartbeating meanwhile so a long wait is not taken for a dead worker."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            activity.heartbeat(details)
+            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_SECONDS)
+            if done:
+                return task.result()
+    finally:
+        task.cancel()
 
 
 def _require_space(directory: Path, needed: int) -> None:

@@ -33,6 +33,17 @@ class Fault:
     stall_at_fraction: float | None = None
     times: int = 1
 
+    @property
+    def shapes_body(self) -> bool:
+        """Whether a body is still to be served wrong once the injected statuses are used up."""
+        return (
+            self.drop_at_fraction is not None
+            or self.ignore_range
+            or self.truncate_at_fraction is not None
+            or bool(self.seconds_per_chunk)
+            or self.stall_at_fraction is not None
+        )
+
 
 @dataclass
 class RequestLog:
@@ -90,7 +101,7 @@ class ImageServer:
         fault = self._fault(name)
         if fault and fault.statuses:
             log.status = fault.statuses.pop(0)
-            if not fault.statuses and fault.drop_at_fraction is None and not fault.ignore_range:
+            if not fault.statuses and not fault.shapes_body:
                 fault.times -= 1
             return web.Response(status=log.status, text="injected fault\n")
         size = path.stat().st_size

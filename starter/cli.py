@@ -195,10 +195,9 @@ async def _wait(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
         watcher.cancel()
         if as_json:
             print(outcome.model_dump_json() if outcome else json.dumps({"error": str(failure.cause)}))
-        elif outcome:
-            err.print(f"rebuild: {outcome.outcome.value}: {outcome.error}", markup=False)
         else:
-            err.print(f"rebuild: failed: {failure.cause}", markup=False)
+            message = failure.cause.message if isinstance(failure.cause, ApplicationError) else failure.cause
+            err.print(f"rebuild: {message}", markup=False)
         if outcome and outcome.error_type in BAD_INPUT_TYPES:
             return EXIT_BAD_INPUT
         return EXIT_FAILED

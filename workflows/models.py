@@ -53,6 +53,7 @@ class Outcome(StrEnum):
     REBUILT = "rebuilt"
     ROLLED_BACK = "rolled-back"
     UNCHANGED = "unchanged"
+    ROLLBACK_FAILED = "rollback-failed"
 
 
 class _Model(BaseModel):

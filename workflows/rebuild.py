@@ -289,7 +289,22 @@ class RebuildInstance:
         while self._undo:
             undo = self._undo.pop()
             began = workflow.now()
-            await undo.action()
+            try:
+                await undo.action()
+            except ActivityError as undo_err:
+                # Only a non-retryable error gets here (undos retry without limit): stop, because
+                # the next undo may assume this one worked; a person has to look.
+                reason, _ = describe(undo_err)
+                self._last_error = f"{self._last_error}; rollback step '{undo.name}' failed: {reason}"
+                self._enter(Phase.FAILED)
+                raise ApplicationError(
+                    f"rebuild of {self._request.instance} failed at {failed_step.value} and its "
+                    f"rollback failed at '{undo.name}': {reason}; the old root disk is kept as a "
+                    "backup next to the disk; manual attention needed",
+                    self._result(Outcome.ROLLBACK_FAILED, failed_step),
+                    type="RollbackFailed",
+                    non_retryable=True,
+                ) from None
             self._undone.append(undo.name)
             elapsed = (workflow.now() - began).total_seconds()
             key = Phase.ROLLBACK.value

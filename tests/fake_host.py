@@ -1,0 +1,172 @@
+"""Fake host activities for workflow tests: the same names as the real ones, recording every call.
+
+Temporal's own docs test workflows this way; each real activity is tested against real things in its
+own module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from workflows.models import (
+    CachedImage,
+    CheckedImage,
+    CheckImageInput,
+    FetchImageInput,
+    InspectInstanceInput,
+    InstanceInfo,
+    PreparedRootDisk,
+    PrepareRootDiskInput,
+    RebuildRequest,
+    RecordImageInput,
+    RemoveBackupInput,
+    RestoreRootDiskInput,
+    StartInstanceInput,
+    StartResult,
+    StopInstanceInput,
+    StopResult,
+    VerifyInstanceInput,
+    host_task_queue,
+)
+from workflows.rebuild import RebuildInstance
+
+SHA = "ab" * 32
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class FakeHost:
+    """One instance on one fake host. ``fail_at`` names an activity that fails non-retryably."""
+
+    def __init__(
+        self,
+        fail_at: str | None = None,
+        was_running: bool = True,
+        error_type: str = "InjectedFailure",
+    ) -> None:
+        self.fail_at = fail_at
+        self.was_running = was_running
+        self.error_type = error_type
+        self.calls: list[str] = []
+        self.gates: dict[str, asyncio.Event] = {}
+        self.reached: dict[str, asyncio.Event] = {}
+
+    def hold(self, name: str) -> None:
+        """Make activity ``name`` wait until :meth:`release` (the first time it runs)."""
+        self.gates[name] = asyncio.Event()
+        self.reached[name] = asyncio.Event()
+
+    def release(self, name: str) -> None:
+        self.gates.pop(name).set()
+
+    async def _enter(self, name: str) -> None:
+        self.calls.append(name)
+        if name in self.gates:
+            self.reached[name].set()
+            gate = self.gates[name]
+            while not gate.is_set():
+                activity.heartbeat()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(gate.wait(), 0.2)
+        if self.fail_at == name and self.calls.count(name) == 1:
+            raise ApplicationError(f"{name} failed on purpose", type=self.error_type, non_retryable=True)
+
+    def activities(self) -> list[Callable[..., Any]]:
+        @activity.defn(name="inspect_instance")
+        async def inspect_instance(request: InspectInstanceInput) -> InstanceInfo:
+            await self._enter("inspect_instance")
+            return InstanceInfo(
+                name=request.instance,
+                uuid=str(uuid.UUID(int=1)),
+                was_running=self.was_running,
+                root_disk_path="/fake/disk.img",
+                root_disk_format="raw",
+                root_disk_target="vda",
+            )
+
+        @activity.defn(name="fetch_image")
+        async def fetch_image(request: FetchImageInput) -> CachedImage:
+            await self._enter("fetch_image")
+            return CachedImage(sha256=request.sha256 or SHA, size=1, downloaded_bytes=1, cache_hit=False)
+
+        @activity.defn(name="check_image")
+        async def check_image(request: CheckImageInput) -> CheckedImage:
+            await self._enter("check_image")
+            return CheckedImage(sha256=request.sha256, format="qcow2", virtual_size=1 << 20)
+
+        @activity.defn(name="stop_instance")
+        async def stop_instance(request: StopInstanceInput) -> StopResult:
+            await self._enter("stop_instance")
+            return StopResult(was_running=True, forced=False, stopped_at=T0, console_offset=7)
+
+        @activity.defn(name="prepare_root_disk")
+        async def prepare_root_disk(request: PrepareRootDiskInput) -> PreparedRootDisk:
+            await self._enter("prepare_root_disk")
+            return PreparedRootDisk(
+                disk_path="/fake/disk.img", backup_path="/fake/disk.img.backup", virtual_size=1
+            )
+
+        @activity.defn(name="start_instance")
+        async def start_instance(request: StartInstanceInput) -> StartResult:
+            await self._enter("start_instance")
+            return StartResult(started_at=T0 + timedelta(seconds=0.5))
+
+        @activity.defn(name="verify_instance")
+        async def verify_instance(request: VerifyInstanceInput) -> None:
+            await self._enter("verify_instance")
+
+        @activity.defn(name="restore_root_disk")
+        async def restore_root_disk(request: RestoreRootDiskInput) -> None:
+            await self._enter("restore_root_disk")
+
+        @activity.defn(name="remove_backup")
+        async def remove_backup(request: RemoveBackupInput) -> None:
+            await self._enter("remove_backup")
+
+        @activity.defn(name="record_image")
+        async def record_image(request: RecordImageInput) -> None:
+            await self._enter("record_image")
+
+        return [
+            inspect_instance,
+            fetch_image,
+            check_image,
+            stop_instance,
+            prepare_root_disk,
+            start_instance,
+            verify_instance,
+            restore_root_disk,
+            remove_backup,
+            record_image,
+        ]
+
+
+@asynccontextmanager
+async def running_workers(client: Client, host: str, fake: FakeHost) -> AsyncIterator[str]:
+    """Workers on a unique workflow queue and the host's queue; yields the workflow queue."""
+    workflow_queue = f"wf-{host}"
+    async with (
+        Worker(client, task_queue=workflow_queue, workflows=[RebuildInstance]),
+        Worker(client, task_queue=host_task_queue(host), activities=fake.activities()),
+    ):
+        yield workflow_queue
+
+
+def request_for(host: str, **overrides: Any) -> RebuildRequest:
+    fields: dict[str, Any] = {
+        "instance": "vm-1",
+        "host": host,
+        "image_url": "http://images.invalid/new.qcow2",
+        "sha256": SHA,
+    }
+    fields.update(overrides)
+    return RebuildRequest(**fields)

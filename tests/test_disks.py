@@ -1,0 +1,159 @@
+"""Disk activities with real qemu-img on real files; the instance lives on libvirt's test driver."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.disks import DiskActivities
+from activities.errors import InstanceNotStopped
+from activities.state import StateDir, backup_path
+from devtools.guest import write_image
+from tests.libvirt_test_driver import DriverInstance, make_instance
+from workflows.models import PrepareRootDiskInput, RemoveBackupInput, RestoreRootDiskInput
+
+env = ActivityEnvironment()
+REBUILD_ID = "0b9f2f0e-run"
+
+
+def cached_image(state: StateDir, marker: str = "new image", size: int = 1 << 20) -> tuple[str, int]:
+    state.create()
+    staging = write_image(state.root / "staging.qcow2", marker, fmt="qcow2", size=size)
+    sha = hashlib.sha256(staging.read_bytes()).hexdigest()
+    staging.rename(state.image_path(sha))
+    return sha, size
+
+
+def info(path: Path) -> dict[str, object]:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)], check=True, capture_output=True, text=True
+    ).stdout
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+def root_format(vm: DriverInstance) -> str:
+    xml = vm.libvirt.connection().lookupByName(vm.name).XMLDesc(0)
+    return "qcow2" if "type='qcow2'" in xml.split("<target dev='vda'")[0].rsplit("<disk", 1)[1] else "raw"
+
+
+def prepare_input(sha: str, size: int) -> PrepareRootDiskInput:
+    return PrepareRootDiskInput(
+        instance="vm-1",
+        image_sha256=sha,
+        image_format="qcow2",
+        image_virtual_size=size,
+        original_format="raw",
+        rebuild_id=REBUILD_ID,
+    )
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> tuple[DriverInstance, StateDir, DiskActivities]:
+    vm = make_instance(tmp_path, running=False, disk_size=8 << 20)
+    state = StateDir(tmp_path / "state")
+    return vm, state, DiskActivities(vm.libvirt, state)
+
+
+async def test_prepare_puts_an_overlay_in_place_and_keeps_the_old_disk(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    old_bytes = vm.disk.read_bytes()
+    data_before = vm.data_disk.read_bytes()
+    os.chmod(vm.disk, 0o640)
+    sha, size = cached_image(state)
+    prepared = await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    overlay = info(vm.disk)
+    assert overlay["format"] == "qcow2"
+    assert overlay["backing-filename"] == str(state.image_path(sha))
+    # Grown to the old disk's 8 MiB, though the image is 1 MiB.
+    assert overlay["virtual-size"] == 8 << 20
+    assert prepared.virtual_size == 8 << 20
+    assert Path(prepared.backup_path).read_bytes() == old_bytes
+    assert root_format(vm) == "qcow2"
+    assert vm.data_disk.read_bytes() == data_before
+    assert os.stat(vm.disk).st_mode & 0o777 == 0o640
+
+
+async def test_prepare_twice_never_overwrites_the_backup(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    old_bytes = vm.disk.read_bytes()
+    sha, size = cached_image(state)
+    await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    again = await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    assert Path(again.backup_path).read_bytes() == old_bytes
+    assert info(vm.disk)["format"] == "qcow2"
+
+
+async def test_prepare_finishes_after_a_crash_between_backup_and_swap(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    old_bytes = vm.disk.read_bytes()
+    sha, size = cached_image(state)
+    backup = backup_path(str(vm.disk), REBUILD_ID)
+    os.link(vm.disk, backup)  # where a crashed first attempt stopped
+    await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    assert backup.read_bytes() == old_bytes
+    assert info(vm.disk)["format"] == "qcow2"
+
+
+async def test_prepare_refuses_a_running_instance(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path, running=True)
+    state = StateDir(tmp_path / "state")
+    sha, size = cached_image(state)
+    with pytest.raises(InstanceNotStopped):
+        await env.run(DiskActivities(vm.libvirt, state).prepare_root_disk, prepare_input(sha, size))
+    assert info(vm.disk)["format"] == "raw"
+
+
+async def test_restore_puts_the_old_disk_back_and_is_idempotent(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    old_bytes = vm.disk.read_bytes()
+    sha, size = cached_image(state)
+    prepared = await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    restore = RestoreRootDiskInput(instance="vm-1", rebuild_id=REBUILD_ID, original_format="raw")
+    await env.run(disks.restore_root_disk, restore)
+    await env.run(disks.restore_root_disk, restore)
+    assert vm.disk.read_bytes() == old_bytes
+    assert root_format(vm) == "raw"
+    assert not Path(prepared.backup_path).exists()
+
+
+async def test_restore_after_a_crash_between_backup_and_swap(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, _, disks = setup
+    old_bytes = vm.disk.read_bytes()
+    backup = backup_path(str(vm.disk), REBUILD_ID)
+    os.link(vm.disk, backup)
+    await env.run(
+        disks.restore_root_disk,
+        RestoreRootDiskInput(instance="vm-1", rebuild_id=REBUILD_ID, original_format="raw"),
+    )
+    assert vm.disk.read_bytes() == old_bytes
+    assert not backup.exists()
+
+
+async def test_remove_backup_keeps_the_new_disk(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    sha, size = cached_image(state)
+    prepared = await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    await env.run(disks.remove_backup, RemoveBackupInput(instance="vm-1", rebuild_id=REBUILD_ID))
+    await env.run(disks.remove_backup, RemoveBackupInput(instance="vm-1", rebuild_id=REBUILD_ID))
+    assert not Path(prepared.backup_path).exists()
+    assert info(vm.disk)["format"] == "qcow2"
+    assert list(vm.disk.parent.glob("*.rebuild-*")) == []

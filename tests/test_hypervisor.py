@@ -1,0 +1,121 @@
+"""Hypervisor activities against libvirt's real ``test:///`` driver, a fresh node file per test."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.errors import BootCheckFailed, InstanceNotFound, UnsupportedInstance
+from activities.hypervisor import HypervisorActivities
+from tests.libvirt_test_driver import make_instance
+from workflows.models import (
+    InspectInstanceInput,
+    RecordImageInput,
+    StartInstanceInput,
+    StopInstanceInput,
+    VerifyInstanceInput,
+)
+
+env = ActivityEnvironment()
+
+
+async def test_inspect_reads_the_definition(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    info = await env.run(
+        HypervisorActivities(vm.libvirt).inspect_instance, InspectInstanceInput(instance="vm-1")
+    )
+    assert info.uuid == "11111111-2222-3333-4444-555555555555"
+    assert info.was_running
+    assert info.root_disk_path == str(vm.disk)
+    assert info.root_disk_format == "raw"
+    assert info.root_disk_target == "vda"
+    assert info.current_image_sha256 is None
+
+
+async def test_inspect_finds_the_boot_disk_when_it_is_not_first(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path, root_first=False)
+    info = await env.run(
+        HypervisorActivities(vm.libvirt).inspect_instance, InspectInstanceInput(instance="vm-1")
+    )
+    assert info.root_disk_path == str(vm.disk)
+
+
+async def test_inspect_unknown_instance_is_not_retryable(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    with pytest.raises(InstanceNotFound) as caught:
+        await env.run(
+            HypervisorActivities(vm.libvirt).inspect_instance, InspectInstanceInput(instance="nope")
+        )
+    assert caught.value.non_retryable
+    assert "'nope'" in caught.value.message
+
+
+async def test_inspect_refuses_a_block_device_root_disk(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    conn = vm.libvirt.connection()
+    xml = conn.lookupByName("vm-1").XMLDesc(0)
+    xml = xml.replace("<disk type='file' device='disk'>", "<disk type='block' device='disk'>", 1)
+    xml = xml.replace(f"<source file='{vm.disk}'", "<source dev='/dev/sdz'", 1)
+    conn.defineXML(xml)
+    with pytest.raises(UnsupportedInstance, match="not a file"):
+        await env.run(
+            HypervisorActivities(vm.libvirt).inspect_instance, InspectInstanceInput(instance="vm-1")
+        )
+
+
+async def test_stop_is_idempotent_and_reports_the_console_offset(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    vm.serial.write_bytes(b"old image\r\n")
+    hypervisor = HypervisorActivities(vm.libvirt)
+    first = await env.run(hypervisor.stop_instance, StopInstanceInput(instance="vm-1", timeout_seconds=5))
+    assert first.was_running
+    assert first.console_offset == len(b"old image\r\n")
+    assert not vm.libvirt.connection().lookupByName("vm-1").isActive()
+    again = await env.run(hypervisor.stop_instance, StopInstanceInput(instance="vm-1", timeout_seconds=5))
+    assert not again.was_running
+    assert not again.forced
+
+
+async def test_start_is_idempotent(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path, running=False)
+    hypervisor = HypervisorActivities(vm.libvirt)
+    first = await env.run(hypervisor.start_instance, StartInstanceInput(instance="vm-1"))
+    assert not first.already_running
+    assert vm.libvirt.connection().lookupByName("vm-1").isActive()
+    second = await env.run(hypervisor.start_instance, StartInstanceInput(instance="vm-1"))
+    assert second.already_running
+
+
+async def test_verify_reads_only_this_boots_console_output(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    vm.serial.write_bytes(b"image B\r\n")  # an earlier boot printed it: it must not count
+    offset = vm.serial.stat().st_size
+    hypervisor = HypervisorActivities(vm.libvirt)
+    check = VerifyInstanceInput(
+        instance="vm-1", boot_marker="image B", boot_timeout_seconds=0.5, console_offset=offset
+    )
+    with pytest.raises(BootCheckFailed, match="did not print"):
+        await env.run(hypervisor.verify_instance, check)
+    with open(vm.serial, "ab") as log:
+        log.write(b"image B\r\n")
+    await env.run(hypervisor.verify_instance, check)
+
+
+async def test_verify_fails_when_the_instance_is_off(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path, running=False)
+    with pytest.raises(BootCheckFailed, match="not running"):
+        await env.run(HypervisorActivities(vm.libvirt).verify_instance, VerifyInstanceInput(instance="vm-1"))
+
+
+async def test_record_image_is_seen_by_the_next_inspect(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    hypervisor = HypervisorActivities(vm.libvirt)
+    record = RecordImageInput(
+        instance="vm-1", image_sha256="cd" * 32, image_url="http://x/y", rebuilt_at=datetime.now(UTC)
+    )
+    await env.run(hypervisor.record_image, record)
+    info = await env.run(hypervisor.inspect_instance, InspectInstanceInput(instance="vm-1"))
+    assert info.current_image_sha256 == "cd" * 32
