@@ -40,7 +40,8 @@ def libvirt_conn() -> Iterator[Any]:
         conn = libvirt.open(LIBVIRT_URI)
     except libvirt.libvirtError as err:
         pytest.fail(
-            f"libvirtd is not reachable at {LIBVIRT_URI}: {err.get_error_message()} (run scripts/setup-host.sh)",
+            f"libvirtd is not reachable at {LIBVIRT_URI}: {err.get_error_message()} "
+            "(run scripts/setup-host.sh)",
             pytrace=False,
         )
     yield conn
@@ -217,7 +218,7 @@ async def test_worker_killed_during_download_resumes_and_finishes(
 async def test_unknown_instance_is_bad_input(
     worker: WorkerProcess, images: ImageServer, dev_server: DevServer
 ) -> None:
-    url, sha = serve(images, "image B", "raw")
+    url, _ = serve(images, "image B", "raw")
     result = await rebuild_cli(
         dev_server.address, "start", "no-such-vm", "--image", url, "--host", worker.host, "--wait"
     )
