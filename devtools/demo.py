@@ -23,8 +23,9 @@ from devtools.guest import domain_xml, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, pid_alive, port_open
 
-ROOT = Path(__file__).resolve().parent.parent
-STATE = Path(os.environ.get("REBUILD_DEMO_STATE", ROOT / ".state"))
+# Host-wide, like a real worker's: a second checkout's demo reuses the same dev server and replaces
+# the same worker instead of starting a rival one on the same host queue.
+STATE = Path(os.environ.get("REBUILD_STATE_DIR", "/var/lib/durable-rebuild"))
 VM = "demo-vm"
 TEMPORAL_PORT, UI_PORT, IMAGE_PORT = 7233, 8233, 8088
 LIBVIRT_URI = "qemu:///system"
