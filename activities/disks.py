@@ -20,6 +20,7 @@ from activities import libvirt_domain as ld
 from activities import qemu_img
 from activities.checkpoints import Checkpoints
 from activities.errors import DiskMissing, HostOutOfSpace, InstanceNotStopped
+from activities.heartbeat import keep_alive
 from activities.state import StateDir, backup_path, fsync_dir, new_disk_path
 from workflows.models import (
     PreparedRootDisk,
@@ -54,46 +55,48 @@ class DiskActivities:
     @activity.defn
     async def prepare_root_disk(self, request: PrepareRootDiskInput) -> PreparedRootDisk:
         """Keep the old disk as a backup, put a qcow2 overlay on the cached image in its place."""
-        xml, disk = await self._stopped_root_disk(request.instance)
-        backup = backup_path(disk.path, request.rebuild_id)
-        fresh = new_disk_path(disk.path, request.rebuild_id)
-        directory = Path(disk.path).parent
-        if not backup.exists():
-            if not Path(disk.path).exists():
-                raise DiskMissing(f"root disk {disk.path} of {request.instance!r} does not exist")
-            await asyncio.to_thread(_keep_as_backup, disk.path, backup)
-        await self.checkpoints.reach("prepare.after-backup")
-        old = await qemu_img.image_info(str(backup), request.original_format)
-        size = max(int(old["virtual-size"]), request.image_virtual_size)
-        fresh.unlink(missing_ok=True)
-        base = self.state.image_path(request.image_sha256)
-        try:
-            await qemu_img.create_overlay(str(fresh), str(base), request.image_format, size)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise HostOutOfSpace(f"no space for the new root disk in {directory}") from None
-            raise
-        _copy_ownership(backup, fresh)
-        await self.checkpoints.reach("prepare.before-swap")
-        os.replace(fresh, disk.path)
-        await asyncio.to_thread(fsync_dir, directory)
-        await self._set_format(request.instance, xml, disk, "qcow2")
-        await self.checkpoints.reach("prepare.after-new-disk")
-        return PreparedRootDisk(disk_path=disk.path, backup_path=str(backup), virtual_size=size)
+        async with keep_alive():
+            xml, disk = await self._stopped_root_disk(request.instance)
+            backup = backup_path(disk.path, request.rebuild_id)
+            fresh = new_disk_path(disk.path, request.rebuild_id)
+            directory = Path(disk.path).parent
+            if not backup.exists():
+                if not Path(disk.path).exists():
+                    raise DiskMissing(f"root disk {disk.path} of {request.instance!r} does not exist")
+                await asyncio.to_thread(_keep_as_backup, disk.path, backup)
+            await self.checkpoints.reach("prepare.after-backup")
+            old = await qemu_img.image_info(str(backup), request.original_format)
+            size = max(int(old["virtual-size"]), request.image_virtual_size)
+            fresh.unlink(missing_ok=True)
+            base = self.state.image_path(request.image_sha256)
+            try:
+                await qemu_img.create_overlay(str(fresh), str(base), request.image_format, size)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise HostOutOfSpace(f"no space for the new root disk in {directory}") from None
+                raise
+            _copy_ownership(backup, fresh)
+            await self.checkpoints.reach("prepare.before-swap")
+            os.replace(fresh, disk.path)
+            await asyncio.to_thread(fsync_dir, directory)
+            await self._set_format(request.instance, xml, disk, "qcow2")
+            await self.checkpoints.reach("prepare.after-new-disk")
+            return PreparedRootDisk(disk_path=disk.path, backup_path=str(backup), virtual_size=size)
 
     @activity.defn
     async def restore_root_disk(self, request: RestoreRootDiskInput) -> None:
         """Put the backup back. A disk already restored, or never replaced, is a success."""
-        xml, disk = await self._stopped_root_disk(request.instance)
-        backup = backup_path(disk.path, request.rebuild_id)
-        if backup.exists():
-            if Path(disk.path).exists() and os.path.samefile(backup, disk.path):
-                backup.unlink()
-            else:
-                os.replace(backup, disk.path)
-            await asyncio.to_thread(fsync_dir, Path(disk.path).parent)
-        new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
-        await self._set_format(request.instance, xml, disk, request.original_format)
+        async with keep_alive():
+            xml, disk = await self._stopped_root_disk(request.instance)
+            backup = backup_path(disk.path, request.rebuild_id)
+            if backup.exists():
+                if Path(disk.path).exists() and os.path.samefile(backup, disk.path):
+                    backup.unlink()
+                else:
+                    os.replace(backup, disk.path)
+                await asyncio.to_thread(fsync_dir, Path(disk.path).parent)
+            new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+            await self._set_format(request.instance, xml, disk, request.original_format)
 
     @activity.defn
     async def remove_backup(self, request: RemoveBackupInput) -> None:

@@ -18,6 +18,7 @@ from temporalio import activity
 from activities import libvirt_domain as ld
 from activities.checkpoints import Checkpoints
 from activities.errors import BootCheckFailed, InstanceStartFailed, UnsupportedInstance
+from activities.heartbeat import keep_alive
 from workflows.models import (
     InspectInstanceInput,
     InstanceInfo,
@@ -97,25 +98,12 @@ class HypervisorActivities:
     @activity.defn
     async def start_instance(self, request: StartInstanceInput) -> StartResult:
         """An instance already running is a success: a retry after a crash must not fail."""
-
-        def start(domain: Any) -> bool:
-            if ld.is_active(domain):
-                return True
-            try:
-                domain.create()
-            except libvirt.libvirtError as err:
-                if ld.is_active(domain):
-                    return True
-                raise InstanceStartFailed(
-                    f"libvirt could not start {request.instance!r}: {err.get_error_message()}"
-                ) from None
-            return False
-
-        await self.checkpoints.reach("start.before-create")
-        already_running = await self._on_domain(request.instance, start)
-        started_at = datetime.now(UTC)
-        await self.checkpoints.reach("start.after-create")
-        return StartResult(started_at=started_at, already_running=already_running)
+        async with keep_alive():
+            await self.checkpoints.reach("start.before-create")
+            already_running = await self._on_domain(request.instance, _start_domain)
+            started_at = datetime.now(UTC)
+            await self.checkpoints.reach("start.after-create")
+            return StartResult(started_at=started_at, already_running=already_running)
 
     @activity.defn
     async def verify_instance(self, request: VerifyInstanceInput) -> None:
@@ -155,6 +143,21 @@ class HypervisorActivities:
             "rebuilt-at": request.rebuilt_at.isoformat(),
         }
         await self._on_domain(request.instance, lambda domain: ld.set_image_metadata(domain, attributes))
+
+
+def _start_domain(domain: Any) -> bool:
+    """Start the domain; True when it was running already."""
+    if ld.is_active(domain):
+        return True
+    try:
+        domain.create()
+    except libvirt.libvirtError as err:
+        if ld.is_active(domain):
+            return True
+        raise InstanceStartFailed(
+            f"libvirt could not start {domain.name()!r}: {err.get_error_message()}"
+        ) from None
+    return False
 
 
 def _request_shutdown(domain: Any) -> None:

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +34,7 @@ from activities.errors import (
     ImageTooLarge,
     UnsafeImage,
 )
+from activities.heartbeat import keep_alive
 from activities.state import StateDir, fsync_dir
 from workflows.models import CachedImage, CheckedImage, CheckImageInput, FetchImageInput, FetchProgress
 
@@ -71,9 +72,8 @@ class ImageActivities:
     async def _download(self, request: FetchImageInput, partial: Path) -> CachedImage:
         offset = partial.stat().st_size if partial.exists() else 0
         # Hashing a partial of many GiB takes longer than the heartbeat timeout: beat while it runs.
-        digest = await _heartbeating(
-            asyncio.to_thread(_hash_prefix, partial, offset), FetchProgress(offset=offset)
-        )
+        async with keep_alive(FetchProgress(offset=offset)):
+            digest = await asyncio.to_thread(_hash_prefix, partial, offset)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         received = 0
         try:
@@ -175,20 +175,19 @@ class ImageActivities:
         path = self.state.image_path(request.sha256)
         if not path.exists():
             raise ImageNotFound(f"image {request.sha256} is not in this host's cache")
-        try:
-            fmt = await asyncio.to_thread(image_format.inspect_header, path)
-            info = await qemu_img.image_info(str(path), fmt)
-        except (UnsafeImage, DiskToolFailed) as err:
-            path.unlink(missing_ok=True)
-            raise UnsafeImage(f"image {request.sha256} refused: {err.message}") from None
-        try:
-            image_format.check_info(info, fmt)
-        except UnsafeImage:
-            path.unlink(missing_ok=True)
-            raise
+        async with keep_alive():
+            await self.checkpoints.reach("check.before-inspect")
+            try:
+                fmt = await asyncio.to_thread(image_format.inspect_header, path)
+                info = await qemu_img.image_info(str(path), fmt)
+                image_format.check_info(info, fmt)
+            except (UnsafeImage, DiskToolFailed) as err:
+                path.unlink(missing_ok=True)
+                raise UnsafeImage(f"image {request.sha256} refused: {err.message}") from None
         virtual_size = int(info["virtual-size"])
         if virtual_size > request.max_virtual_size_bytes:
-            path.unlink(missing_ok=True)
+            # The limit belongs to this request, not to the image, which other instances may use:
+            # it stays in the cache.
             raise ImageTooLarge(
                 f"image {request.sha256} has a virtual size of {virtual_size} bytes, over the "
                 f"limit of {request.max_virtual_size_bytes}"
@@ -235,19 +234,6 @@ def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tu
         total = None if match.group(3) == "*" else int(match.group(3))
         return offset, total
     raise ImageNotFound(f"image server answered {status} {response.reason} for {url}")
-
-
-async def _heartbeating(work: Awaitable[T], details: FetchProgress) -> T:
-    """Await ``work``, heartbeating meanwhile so a long wait is not taken for a dead worker."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            activity.heartbeat(details)
-            done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_EVERY_SECONDS)
-            if done:
-                return task.result()
-    finally:
-        task.cancel()
 
 
 def _require_space(directory: Path, needed: int) -> None:

@@ -152,7 +152,11 @@ class ImageServer:
                 chunk = image.read(min(CHUNK, limit))
                 if not chunk:
                     break
-                await response.write(chunk)
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    # The client hung up (a refused size, a cancelled download): not a server error.
+                    return response
                 log.bytes_sent += len(chunk)
                 position += len(chunk)
                 if fault and fault.seconds_per_chunk:

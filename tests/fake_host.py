@@ -59,6 +59,7 @@ class FakeHost:
         self.calls: list[str] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.reached: dict[str, asyncio.Event] = {}
+        self.held: dict[str, asyncio.Event] = {}
 
     def hold(self, name: str) -> None:
         """Make activity ``name`` wait until :meth:`release` (the first time it runs)."""
@@ -66,13 +67,14 @@ class FakeHost:
         self.reached[name] = asyncio.Event()
 
     def release(self, name: str) -> None:
-        self.gates.pop(name).set()
+        self.held[name].set()
 
     async def _enter(self, name: str) -> None:
         self.calls.append(name)
         if name in self.gates:
+            # Only the first run waits: an undo calling the same activity must get through.
+            gate = self.held[name] = self.gates.pop(name)
             self.reached[name].set()
-            gate = self.gates[name]
             while not gate.is_set():
                 activity.heartbeat()
                 with suppress(TimeoutError):

@@ -14,7 +14,14 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
 
 from tests.fake_host import SHA, FakeHost, request_for, running_workers
-from workflows.models import Outcome, Phase, RebuildRequest, RebuildResult, rebuild_workflow_id
+from workflows.models import (
+    AbortRequest,
+    Outcome,
+    Phase,
+    RebuildRequest,
+    RebuildResult,
+    rebuild_workflow_id,
+)
 from workflows.rebuild import RebuildInstance
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -222,3 +229,56 @@ async def test_a_rollback_that_fails_for_good_says_so(client: Client, unique_hos
     assert result.outcome == Outcome.ROLLBACK_FAILED
     # The instance is not started again on top of a disk whose restore failed.
     assert fake.calls[-1] == "restore_root_disk"
+
+
+async def test_abort_before_stop_changes_nothing(client: Client, unique_host: str) -> None:
+    fake = FakeHost()
+    fake.hold("fetch_image")
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host))
+        await asyncio.wait_for(fake.reached["fetch_image"].wait(), 10)
+        answer = await handle.execute_update(
+            RebuildInstance.abort_rebuild, AbortRequest(reason="wrong image", requested_by="ops")
+        )
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+    assert answer.accepted
+    assert answer.phase == Phase.FETCH
+    assert fake.calls == ["inspect_instance", "fetch_image"]
+    error, result = rolled_back(caught.value)
+    assert "aborted: wrong image (by ops)" in error.message
+    assert result.outcome == Outcome.UNCHANGED
+    assert result.error_type == "Aborted"
+
+
+async def test_abort_signal_after_stop_rolls_back(client: Client, unique_host: str) -> None:
+    fake = FakeHost()
+    fake.hold("start_instance")
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host))
+        await asyncio.wait_for(fake.reached["start_instance"].wait(), 10)
+        await handle.signal(RebuildInstance.abort, AbortRequest(reason="maintenance window closed"))
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+    assert fake.calls[-3:] == ["stop_instance", "restore_root_disk", "start_instance"]
+    _, result = rolled_back(caught.value)
+    assert result.outcome == Outcome.ROLLED_BACK
+    assert result.error_type == "Aborted"
+
+
+async def test_abort_during_cleanup_is_refused_and_recorded(client: Client, unique_host: str) -> None:
+    fake = FakeHost()
+    fake.hold("remove_backup")
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host))
+        await asyncio.wait_for(fake.reached["remove_backup"].wait(), 10)
+        answer = await handle.execute_update(RebuildInstance.abort_rebuild, AbortRequest(reason="too late"))
+        await handle.signal(RebuildInstance.abort, AbortRequest(reason="again"))
+        fake.release("remove_backup")
+        result = await handle.result()
+        status = await handle.query(RebuildInstance.status)
+    assert not answer.accepted
+    assert "too late to abort in phase cleanup" in answer.message
+    assert result.outcome == Outcome.REBUILT
+    assert len(status.ignored_signals) == 2
+    assert status.abort_reason is None

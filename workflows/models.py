@@ -220,6 +220,17 @@ class RecordImageInput(_Model):
     rebuilt_at: datetime
 
 
+class AbortRequest(_Model):
+    reason: str = Field(min_length=1, max_length=500)
+    requested_by: str = "unknown"
+
+
+class AbortAnswer(_Model):
+    accepted: bool
+    phase: Phase
+    message: str
+
+
 class RebuildStatus(_Model):
     instance: str
     host: str
@@ -230,6 +241,9 @@ class RebuildStatus(_Model):
     undo_stack: list[str] = Field(default_factory=list)
     last_error: str | None = None
     started_at: datetime | None = None
+    abort_reason: str | None = None
+    # Signals that arrived in a phase where they mean nothing, with why they were ignored.
+    ignored_signals: list[str] = Field(default_factory=list)
 
 
 class RebuildResult(_Model):

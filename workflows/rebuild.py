@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.disks import DiskActivities
@@ -24,6 +25,8 @@ with workflow.unsafe.imports_passed_through():
     from activities.images import ImageActivities
     from workflows import search_attributes as sa
     from workflows.models import (
+        AbortAnswer,
+        AbortRequest,
         CheckImageInput,
         FetchImageInput,
         InspectInstanceInput,
@@ -63,14 +66,32 @@ class StepOptions:
         )
 
 
+# Steps where an abort still means "put everything back"; from cleanup on, the rebuild has happened.
+ABORTABLE = frozenset(
+    {
+        Phase.PENDING,
+        Phase.INSPECT,
+        Phase.FETCH,
+        Phase.CHECK,
+        Phase.STOP,
+        Phase.PREPARE,
+        Phase.START,
+        Phase.VERIFY,
+    }
+)
+
 INSPECT = StepOptions(start_to_close=timedelta(seconds=30), maximum_attempts=5)
 FETCH = StepOptions(start_to_close=timedelta(hours=6), heartbeat=timedelta(seconds=10), maximum_attempts=20)
-CHECK = StepOptions(start_to_close=timedelta(minutes=3), maximum_attempts=3)
+CHECK = StepOptions(start_to_close=timedelta(minutes=3), heartbeat=timedelta(seconds=10), maximum_attempts=3)
 PREPARE = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10))
 START = StepOptions(start_to_close=timedelta(minutes=1), heartbeat=timedelta(seconds=10))
 CLEANUP = StepOptions(start_to_close=timedelta(minutes=1))
 # Compensation must finish whatever happens: it retries without a limit, visibly.
 UNDO = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10), maximum_attempts=0)
+
+
+class _Aborted(Exception):
+    """Raised inside the workflow when an accepted abort must stop the rebuild between steps."""
 
 
 class _Undo:
@@ -92,6 +113,9 @@ class RebuildInstance:
         self._last_error: str | None = None
         self._last_error_type: str | None = None
         self._image_sha256: str | None = request.sha256
+        self._current: workflow.ActivityHandle[Any] | None = None
+        self._abort_reason: str | None = None
+        self._ignored_signals: list[str] = []
 
     @workflow.query
     def status(self) -> RebuildStatus:
@@ -105,7 +129,33 @@ class RebuildInstance:
             undo_stack=[undo.name for undo in self._undo],
             last_error=self._last_error,
             started_at=workflow.info().start_time,
+            abort_reason=self._abort_reason,
+            ignored_signals=list(self._ignored_signals),
         )
+
+    @workflow.signal
+    def abort(self, request: AbortRequest) -> None:
+        """Stop the rebuild and put the instance back, if it is not too late (see ``abort_rebuild``)."""
+        self._try_abort(request)
+
+    @workflow.update
+    def abort_rebuild(self, request: AbortRequest) -> AbortAnswer:
+        """The same as the ``abort`` signal, but the caller learns whether it was accepted."""
+        return self._try_abort(request)
+
+    def _try_abort(self, request: AbortRequest) -> AbortAnswer:
+        if self._abort_reason is not None:
+            message = f"already aborting: {self._abort_reason}"
+        elif self._phase not in ABORTABLE:
+            over = "the new disk is in place and verified" if self._phase == Phase.CLEANUP else "it is over"
+            message = f"too late to abort in phase {self._phase.value}: {over}"
+        else:
+            self._abort_reason = f"{request.reason} (by {request.requested_by})"
+            if self._current is not None:
+                self._current.cancel()
+            return AbortAnswer(accepted=True, phase=self._phase, message="abort accepted")
+        self._ignored_signals.append(f"abort in phase {self._phase.value} ignored: {message}")
+        return AbortAnswer(accepted=False, phase=self._phase, message=message)
 
     @workflow.run
     async def run(self, request: RebuildRequest) -> RebuildResult:
@@ -193,7 +243,7 @@ class RebuildInstance:
                         maximum_attempts=3,
                     ),
                 )
-        except (ActivityError, CancelledError, asyncio.CancelledError) as err:
+        except (ActivityError, CancelledError, asyncio.CancelledError, _Aborted) as err:
             await self._fail(err)
             raise AssertionError("unreachable") from None
 
@@ -235,21 +285,31 @@ class RebuildInstance:
         argument: Any,
         options: StepOptions,
     ) -> T:
+        if self._abort_reason is not None and phase in ABORTABLE:
+            raise _Aborted()
         self._enter(phase)
         began = workflow.now()
+        # Wait for a cancelled activity to really stop: an undo must never race the step it undoes.
+        self._current = workflow.start_activity_method(
+            activity,
+            argument,
+            task_queue=self._queue,
+            start_to_close_timeout=options.start_to_close,
+            heartbeat_timeout=options.heartbeat,
+            retry_policy=options.retry_policy(),
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"{phase.value}: {self._request.instance}",
+        )
         try:
-            return await workflow.execute_activity_method(
-                activity,
-                argument,
-                task_queue=self._queue,
-                start_to_close_timeout=options.start_to_close,
-                heartbeat_timeout=options.heartbeat,
-                retry_policy=options.retry_policy(),
-                summary=f"{phase.value}: {self._request.instance}",
-            )
+            result: T = await self._current
         finally:
+            self._current = None
             elapsed = (workflow.now() - began).total_seconds()
             self._step_seconds[phase.value] = self._step_seconds.get(phase.value, 0.0) + elapsed
+        if self._abort_reason is not None and phase in ABORTABLE:
+            # The abort came while the step finished anyway: it still wins.
+            raise _Aborted()
+        return result
 
     def _push(self, name: str, action: Callable[[], Awaitable[Any]]) -> None:
         """Register an undo before the step it undoes acts: a crash mid-step still gets undone."""
@@ -275,7 +335,10 @@ class RebuildInstance:
     async def _fail(self, err: BaseException) -> None:
         """Run the undos in reverse, then fail with what failed and what state the instance is in."""
         failed_step = self._phase
-        self._last_error, self._last_error_type = describe(err)
+        if self._abort_reason is not None:
+            self._last_error, self._last_error_type = f"aborted: {self._abort_reason}", "Aborted"
+        else:
+            self._last_error, self._last_error_type = describe(err)
         if not self._undo:
             self._enter(Phase.FAILED)
             raise ApplicationError(
