@@ -36,6 +36,7 @@ from starter.connection import TemporalUnavailable, connect
 from workflows import search_attributes as sa
 from workflows.models import (
     WORKFLOW_TASK_QUEUE,
+    AbortRequest,
     RebuildRequest,
     RebuildResult,
     RebuildStatus,
@@ -311,6 +312,52 @@ async def _query_status(client: Client, handle: WorkflowHandle[Any, Any]) -> Reb
         return await asyncio.wait_for(handle.query(RebuildInstance.status), 5)
     except (RPCError, TimeoutError):
         return None
+
+
+@app.command()
+def abort(
+    instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
+    reason: Annotated[str, typer.Option(help="Why: recorded in the workflow and shown in the Web UI.")],
+    host: HostOption = THIS_HOST,
+    requested_by: Annotated[str, typer.Option(help="Who asks.")] = os.environ.get("USER", "unknown"),
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Abort a running rebuild: before stop nothing changes; after stop the old disk is put back.
+
+    Refused once the new disk is in place and verified (cleanup). Exit 0 accepted, 1 refused.
+
+    Example: rebuild abort web-1 --host kvm-07 --reason "wrong image"
+    """
+    try:
+        request = AbortRequest(reason=reason, requested_by=requested_by)
+    except ValidationError as exc:
+        err.print(f"rebuild: invalid abort: {exc.errors()[0]['msg']}", markup=False)
+        _finish(EXIT_BAD_INPUT)
+    _run(_abort(instance, host, request, address, as_json))
+
+
+async def _abort(instance: str, host: str, request: AbortRequest, address: str | None, as_json: bool) -> int:
+    client = await connect(address)
+    handle = client.get_workflow_handle(rebuild_workflow_id(host, instance))
+    try:
+        description = await handle.describe()
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise CliExit(EXIT_BAD_INPUT, f"no rebuild of {instance} on {host} is known") from None
+        raise
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        raise CliExit(EXIT_BAD_INPUT, f"no rebuild of {instance} on {host} is running") from None
+    answer = await handle.execute_update(RebuildInstance.abort_rebuild, request)
+    if as_json:
+        print(answer.model_dump_json())
+    elif answer.accepted:
+        out.print(
+            f"abort accepted in phase {answer.phase.value}; see: rebuild status {instance} --host {host}"
+        )
+    else:
+        err.print(f"rebuild: abort refused: {answer.message}", markup=False)
+    return EXIT_REBUILT if answer.accepted else EXIT_FAILED
 
 
 @app.callback()

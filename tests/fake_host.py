@@ -158,7 +158,13 @@ async def running_workers(client: Client, host: str, fake: FakeHost) -> AsyncIte
     workflow_queue = f"wf-{host}"
     async with (
         Worker(client, task_queue=workflow_queue, workflows=[RebuildInstance]),
-        Worker(client, task_queue=host_task_queue(host), activities=fake.activities()),
+        Worker(
+            client,
+            task_queue=host_task_queue(host),
+            activities=fake.activities(),
+            # Cancellation reaches an activity with its next heartbeat: don't make tests wait 8 s.
+            max_heartbeat_throttle_interval=timedelta(milliseconds=200),
+        ),
     ):
         yield workflow_queue
 
