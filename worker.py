@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,18 +32,27 @@ from workflows.rebuild import RebuildInstance
 
 app = typer.Typer(add_completion=False)
 THIS_HOST = socket.gethostname()
+DEFAULT_STATE_DIR = Path("/var/lib/durable-rebuild")
 
 
-def host_activities(
-    libvirt_uri: str, state_dir: Path, pause_dir: Path | None = None
-) -> list[Callable[..., Any]]:
+@dataclass(frozen=True)
+class WorkerConfig:
+    host: str
+    libvirt_uri: str
+    state_dir: Path
+    address: str | None = None
+    pause_dir: Path | None = None
+    download_read_timeout: float = 30.0
+
+
+def host_activities(config: WorkerConfig) -> list[Callable[..., Any]]:
     """Every activity a host runs, wired to that host's libvirt and state directory."""
-    conn = Libvirt(libvirt_uri)
-    state = StateDir(state_dir)
+    conn = Libvirt(config.libvirt_uri)
+    state = StateDir(config.state_dir)
     state.create()
-    checkpoints = Checkpoints(pause_dir)
+    checkpoints = Checkpoints(config.pause_dir)
     hypervisor = HypervisorActivities(conn, checkpoints)
-    images = ImageActivities(state, checkpoints)
+    images = ImageActivities(state, checkpoints, read_timeout_seconds=config.download_read_timeout)
     disks = DiskActivities(conn, state, checkpoints)
     return [
         hypervisor.inspect_instance,
@@ -58,33 +68,30 @@ def host_activities(
     ]
 
 
-def build_workers(
-    client: Client, host: str, libvirt_uri: str, state_dir: Path, pause_dir: Path | None
-) -> list[Worker]:
+def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
     return [
         Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance]),
         Worker(
             client,
-            task_queue=host_task_queue(host),
-            activities=host_activities(libvirt_uri, state_dir, pause_dir),
+            task_queue=host_task_queue(config.host),
+            activities=host_activities(config),
             max_concurrent_activities=200,
         ),
     ]
 
 
-async def serve(
-    host: str, libvirt_uri: str, state_dir: Path, pause_dir: Path | None, address: str | None
-) -> None:
-    client = await connect(address)
-    workers = build_workers(client, host, libvirt_uri, state_dir, pause_dir)
+async def serve(config: WorkerConfig) -> None:
+    client = await connect(config.address)
+    workers = build_workers(client, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with workers[0], workers[1]:
         print(
-            f"worker ready: host={host} queues={WORKFLOW_TASK_QUEUE},{host_task_queue(host)} "
-            f"libvirt={libvirt_uri} state={state_dir}",
+            f"worker ready: host={config.host} "
+            f"queues={WORKFLOW_TASK_QUEUE},{host_task_queue(config.host)} "
+            f"libvirt={config.libvirt_uri} state={config.state_dir}",
             flush=True,
         )
         await stop.wait()
@@ -102,6 +109,9 @@ def run(
     address: Annotated[
         str | None, typer.Option(help="Temporal address (default: envconfig, localhost:7233).")
     ] = None,
+    download_read_timeout: Annotated[
+        float, typer.Option(help="Seconds without a byte before a download is declared stalled.")
+    ] = 30.0,
     pause_dir: Annotated[
         Path | None,
         typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
@@ -111,8 +121,9 @@ def run(
     if not HOST_NAME.match(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(2)
+    config = WorkerConfig(host, libvirt_uri, state_dir, address, pause_dir, download_read_timeout)
     try:
-        asyncio.run(serve(host, libvirt_uri, state_dir, pause_dir, address))
+        asyncio.run(serve(config))
     except TemporalUnavailable as err:
         print(f"rebuild-worker: {err}", file=sys.stderr, flush=True)
         os._exit(1)

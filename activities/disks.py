@@ -89,6 +89,7 @@ class DiskActivities:
         async with keep_alive():
             xml, disk = await self._stopped_root_disk(request.instance)
             backup = backup_path(disk.path, request.rebuild_id)
+            await self.checkpoints.reach("restore.before-swap")
             if backup.exists():
                 if Path(disk.path).exists() and os.path.samefile(backup, disk.path):
                     backup.unlink()

@@ -31,7 +31,11 @@ class Fault:
     truncate_at_fraction: float | None = None
     seconds_per_chunk: float = 0.0
     stall_at_fraction: float | None = None
+    # Send the body without Content-Length (chunked), as some servers and proxies do.
+    hide_length: bool = False
     times: int = 1
+    # The fault that applies once this one is used up, for a story over several requests.
+    then: Fault | None = None
 
     @property
     def shapes_body(self) -> bool:
@@ -42,6 +46,7 @@ class Fault:
             or self.truncate_at_fraction is not None
             or bool(self.seconds_per_chunk)
             or self.stall_at_fraction is not None
+            or self.hide_length
         )
 
 
@@ -85,6 +90,8 @@ class ImageServer:
 
     def _fault(self, name: str) -> Fault | None:
         fault = self.faults.get(name)
+        while fault is not None and fault.times <= 0 and fault.then is not None:
+            fault = self.faults[name] = fault.then
         if fault is None or fault.times <= 0:
             return None
         return fault
@@ -116,7 +123,8 @@ class ImageServer:
                 return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
             log.status = 206
         response = web.StreamResponse(status=log.status)
-        response.content_length = end - start + 1
+        if not (fault and fault.hide_length):
+            response.content_length = end - start + 1
         response.headers["Accept-Ranges"] = "bytes"
         if log.status == 206:
             response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 import libvirt
 
 from devtools.guest import domain_xml, write_image
+from devtools.image_server import ImageServer
 
 LIBVIRT_URI = "qemu:///system"
 BIN = Path(sys.executable).parent
@@ -119,6 +121,7 @@ class WorkerProcess:
     address: str
     log: Path
     pause_dir: Path | None = None
+    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self, timeout: float = 30) -> None:
@@ -135,6 +138,7 @@ class WorkerProcess:
         ]
         if self.pause_dir is not None:
             command += ["--pause-dir", str(self.pause_dir)]
+        command += self.extra_args
         offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -192,3 +196,8 @@ async def wait_for_file(path: Path, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout:g} s")
         await asyncio.sleep(0.05)
+
+
+def serve(server: ImageServer, marker: str, fmt: str, size: int = 4 << 20) -> tuple[str, str]:
+    path = write_image(server.directory / f"{marker.replace(' ', '-')}.{fmt}", marker, fmt=fmt, size=size)
+    return server.url(path.name), hashlib.sha256(path.read_bytes()).hexdigest()

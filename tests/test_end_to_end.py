@@ -6,9 +6,6 @@ image the guest really booted.
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,82 +13,17 @@ import libvirt
 import pytest
 from temporalio.client import Client
 
-from devtools.guest import write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
 from tests.e2e_support import (
-    LIBVIRT_URI,
     Guest,
     WorkerProcess,
     make_guest,
     rebuild_cli,
+    serve,
     wait_for_file,
 )
 from workflows.models import rebuild_workflow_id
-
-
-@pytest.fixture(scope="session")
-def libvirt_conn() -> Iterator[Any]:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.fail(
-            "QEMU is missing: qemu-system-x86_64 is not on PATH (run scripts/setup-host.sh)", pytrace=False
-        )
-    try:
-        conn = libvirt.open(LIBVIRT_URI)
-    except libvirt.libvirtError as err:
-        pytest.fail(
-            f"libvirtd is not reachable at {LIBVIRT_URI}: {err.get_error_message()} "
-            "(run scripts/setup-host.sh)",
-            pytrace=False,
-        )
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def guest_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "guests"
-    directory.mkdir()
-    return directory
-
-
-@pytest.fixture
-def guests(libvirt_conn: Any) -> Iterator[list[Guest]]:
-    made: list[Guest] = []
-    yield made
-    for guest in made:
-        guest.remove()
-
-
-@pytest.fixture
-def worker(dev_server: DevServer, unique_host: str, tmp_path: Path) -> Iterator[WorkerProcess]:
-    pause_dir = tmp_path / "pause"
-    pause_dir.mkdir()
-    process = WorkerProcess(
-        host=unique_host,
-        state_dir=tmp_path / "host-state",
-        address=dev_server.address,
-        log=tmp_path / "worker.log",
-        pause_dir=pause_dir,
-    )
-    process.start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-async def images(tmp_path: Path) -> AsyncIterator[ImageServer]:
-    directory = tmp_path / "served"
-    directory.mkdir()
-    server = ImageServer(directory)
-    await server.start()
-    yield server
-    await server.stop()
-
-
-def serve(server: ImageServer, marker: str, fmt: str, size: int = 4 << 20) -> tuple[str, str]:
-    path = write_image(server.directory / f"{marker.replace(' ', '-')}.{fmt}", marker, fmt=fmt, size=size)
-    return server.url(path.name), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(("root_format", "image_format"), [("raw", "qcow2"), ("qcow2", "raw")])
