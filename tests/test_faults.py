@@ -389,3 +389,34 @@ async def test_host_out_of_space_fails_before_stop(
         assert_nothing_left(guest, own)
     finally:
         own.stop()
+
+
+async def test_status_shows_attempts_and_last_error_while_retrying(
+    libvirt_conn: Any,
+    client: Client,
+    guests: list[Guest],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+) -> None:
+    guest = make_guest(libvirt_conn, guest_dir)
+    guests.append(guest)
+    url, sha = serve(images, "image B", "raw")
+    images.faults["image-B.raw"] = Fault(statuses=[503] * 3)
+    started = await rebuild_cli(dev_server.address, *start_args(guest, worker, url, sha))
+    assert started.code == 0, started.stderr
+    deadline = time.monotonic() + 30
+    while True:
+        status = await rebuild_cli(dev_server.address, "status", guest.name, "--host", worker.host, "--json")
+        pending = status.json()["pending_activities"]
+        if pending and pending[0]["attempt"] >= 2 and pending[0]["last_error"]:
+            break
+        assert time.monotonic() < deadline, status.stdout
+        await asyncio.sleep(0.3)
+    assert pending[0]["activity"] == "fetch_image"
+    assert "503" in pending[0]["last_error"]
+    human = await rebuild_cli(dev_server.address, "status", guest.name, "--host", worker.host)
+    assert "attempt" in human.stdout
+    result = await handle_for(client, worker, guest).result()
+    assert result.outcome == "rebuilt"
