@@ -45,9 +45,9 @@ class WorkerConfig:
     download_read_timeout: float = 30.0
 
 
-def host_activities(config: WorkerConfig) -> list[Callable[..., Any]]:
+def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[Callable[..., Any]]:
     """Every activity a host runs, wired to that host's libvirt and state directory."""
-    conn = Libvirt(config.libvirt_uri)
+    conn = conn or Libvirt(config.libvirt_uri)
     state = StateDir(config.state_dir)
     state.create()
     checkpoints = Checkpoints(config.pause_dir)

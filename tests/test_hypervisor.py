@@ -27,7 +27,7 @@ async def test_inspect_reads_the_definition(tmp_path: Path) -> None:
     info = await env.run(
         HypervisorActivities(vm.libvirt).inspect_instance, InspectInstanceInput(instance="vm-1")
     )
-    assert info.uuid == "11111111-2222-3333-4444-555555555555"
+    assert info.uuid == "11111111-2222-3333-4444-000000000000"
     assert info.was_running
     assert info.root_disk_path == str(vm.disk)
     assert info.root_disk_format == "raw"
