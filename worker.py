@@ -25,14 +25,13 @@ from activities.disks import DiskActivities
 from activities.hypervisor import HypervisorActivities
 from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
-from activities.state import StateDir
+from activities.state import DEFAULT_STATE_DIR, StateDir
 from starter.connection import TemporalUnavailable, connect
 from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 
 app = typer.Typer(add_completion=False)
 THIS_HOST = socket.gethostname()
-DEFAULT_STATE_DIR = Path("/var/lib/durable-rebuild")
 
 
 @dataclass(frozen=True)
@@ -103,9 +102,7 @@ def run(
         str, typer.Option(help="This hypervisor's name; the worker polls rebuild-host-NAME.")
     ] = THIS_HOST,
     libvirt_uri: Annotated[str, typer.Option(help="libvirt connection URI.")] = "qemu:///system",
-    state_dir: Annotated[Path, typer.Option(help="Image cache and state.")] = Path(
-        "/var/lib/durable-rebuild"
-    ),
+    state_dir: Annotated[Path, typer.Option(help="Image cache and state.")] = DEFAULT_STATE_DIR,
     address: Annotated[
         str | None, typer.Option(help="Temporal address (default: envconfig, localhost:7233).")
     ] = None,

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+DEFAULT_STATE_DIR = Path("/var/lib/durable-rebuild")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
 
 

@@ -7,16 +7,21 @@ malformed URL or hash, a rebuild already running), 3 Temporal unreachable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
 import sys
 from collections.abc import Coroutine
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import libvirt
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.table import Table
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -32,6 +37,9 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities import libvirt_domain as _registers_libvirt_error_handler  # noqa: F401
+from activities.cache import list_cache, prune_cache
+from activities.state import DEFAULT_STATE_DIR, StateDir
 from starter.connection import TemporalUnavailable, connect
 from workflows import search_attributes as sa
 from workflows.models import (
@@ -358,6 +366,83 @@ async def _abort(instance: str, host: str, request: AbortRequest, address: str |
     else:
         err.print(f"rebuild: abort refused: {answer.message}", markup=False)
     return EXIT_REBUILT if answer.accepted else EXIT_FAILED
+
+
+cache_app = typer.Typer(
+    no_args_is_help=True,
+    help="The host's image cache (run on the hypervisor host itself, next to its worker).",
+)
+app.add_typer(cache_app, name="cache")
+StateDirOption = Annotated[Path, typer.Option(help="The worker's state directory.")]
+LibvirtOption = Annotated[str, typer.Option(help="libvirt URI, to find which instances use an image.")]
+
+
+@cache_app.command("list")
+def cache_list(
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+    libvirt_uri: LibvirtOption = "qemu:///system",
+    as_json: JsonOption = False,
+) -> None:
+    """Cached images: size, last use, and the instances whose disks are backed by them.
+
+    Example: rebuild cache list --state-dir /var/lib/durable-rebuild
+    """
+    conn = _open_libvirt(libvirt_uri)
+    entries = list_cache(StateDir(state_dir), conn)
+    if as_json:
+        print(json.dumps([dataclasses.asdict(e) for e in entries]))
+        _finish(EXIT_REBUILT)
+    table = Table("sha256", "size", "last used", "used by", box=None)
+    for entry in entries:
+        last_used = datetime.fromtimestamp(entry.last_used).strftime("%Y-%m-%d %H:%M")
+        table.add_row(entry.sha256[:16], _size(entry.size), last_used, ", ".join(entry.users) or "-")
+    out.print(table)
+    _finish(EXIT_REBUILT)
+
+
+@cache_app.command("prune")
+def cache_prune(
+    max_age_days: Annotated[float, typer.Option(help="Remove unused images not used for this long.")] = 7.0,
+    max_total_gib: Annotated[
+        float | None, typer.Option(help="Then remove least recently used unused images down to this.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+    libvirt_uri: LibvirtOption = "qemu:///system",
+    as_json: JsonOption = False,
+) -> None:
+    """Evict unused images by age and total size. An image backing any instance's disk is never removed.
+
+    Example: rebuild cache prune --max-age-days 3 --max-total-gib 100
+    """
+    conn = _open_libvirt(libvirt_uri)
+    limit = int(max_total_gib * (1 << 30)) if max_total_gib is not None else None
+    report = prune_cache(StateDir(state_dir), conn, max_age_days * 86400, limit, dry_run)
+    if as_json:
+        print(json.dumps(dataclasses.asdict(report)))
+    else:
+        verb = "would remove" if dry_run else "removed"
+        out.print(
+            f"{verb} {len(report.removed)} image(s), {_size(report.freed_bytes)}; "
+            f"kept {len(report.kept_in_use)} in use; {report.partials_removed} stale partial download(s)"
+        )
+    _finish(EXIT_REBUILT)
+
+
+def _open_libvirt(uri: str) -> Any:
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        err.print(f"rebuild: cannot connect to libvirt at {uri}: {exc.get_error_message()}", markup=False)
+        _finish(EXIT_UNAVAILABLE)
+
+
+def _size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 @app.callback()

@@ -1,0 +1,142 @@
+"""The host's image cache: what is in it, who uses it, and eviction that never breaks an instance.
+
+A cached image becomes the backing file of every root disk rebuilt from it, so "in use" is read from
+the disks themselves: each domain's disks (and rebuild backups beside them) are qcow2 files whose
+header names their backing file. An image in use is never removed, whatever its age or the size limit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from activities import libvirt_domain as ld
+from activities.image_format import QCOW2_MAGIC
+from activities.state import StateDir
+
+SHA256_NAME_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    sha256: str
+    size: int
+    last_used: float
+    users: tuple[str, ...]
+
+
+@dataclass
+class PruneReport:
+    removed: list[str] = field(default_factory=list)
+    kept_in_use: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+    partials_removed: int = 0
+
+
+def backing_file(path: Path) -> str | None:
+    """The backing file a qcow2 header names, read without any tool; None for anything else."""
+    try:
+        with open(path, "rb") as disk:
+            header = disk.read(32)
+            if len(header) < 20 or not header.startswith(QCOW2_MAGIC):
+                return None
+            offset, length = struct.unpack_from(">QI", header, 8)
+            if not offset or not 0 < length <= 1023:
+                return None
+            disk.seek(offset)
+            return disk.read(length).decode(errors="replace")
+    except OSError:
+        return None
+
+
+def image_users(state: StateDir, conn: Any) -> dict[str, set[str]]:
+    """sha256 -> names of the domains whose disks (or rebuild backups) are backed by it."""
+    users: dict[str, set[str]] = defaultdict(set)
+    images = state.images.resolve()
+    for domain in conn.listAllDomains(0):
+        xml = ld.inactive_xml(domain)
+        for source in xml.findall("./devices/disk/source"):
+            path = source.get("file")
+            if not path:
+                continue
+            candidates = [Path(path), *Path(path).parent.glob(f"{Path(path).name}.rebuild-*")]
+            for candidate in candidates:
+                backing = backing_file(candidate)
+                if backing and Path(backing).parent.resolve() == images:
+                    users[Path(backing).name].add(domain.name())
+    return users
+
+
+def list_cache(state: StateDir, conn: Any) -> list[CacheEntry]:
+    users = image_users(state, conn)
+    entries = []
+    for path in _cached_images(state):
+        stat = path.stat()
+        entries.append(CacheEntry(path.name, stat.st_size, stat.st_mtime, tuple(sorted(users[path.name]))))
+    return sorted(entries, key=lambda e: e.last_used, reverse=True)
+
+
+def prune_cache(
+    state: StateDir,
+    conn: Any,
+    max_age_seconds: float,
+    max_total_bytes: int | None = None,
+    dry_run: bool = False,
+    now: float | None = None,
+) -> PruneReport:
+    """Remove unused images older than ``max_age_seconds``, then the least recently used unused ones
+    until the cache fits in ``max_total_bytes``. Stale partial downloads nobody holds go too."""
+    now = time.time() if now is None else now
+    report = PruneReport()
+    entries = list_cache(state, conn)
+    total = sum(e.size for e in entries)
+    for entry in sorted(entries, key=lambda e: e.last_used):
+        too_old = now - entry.last_used > max_age_seconds
+        too_big = max_total_bytes is not None and total > max_total_bytes
+        if not (too_old or too_big):
+            continue
+        if entry.users:
+            report.kept_in_use.append(entry.sha256)
+            continue
+        if not dry_run:
+            state.image_path(entry.sha256).unlink(missing_ok=True)
+        report.removed.append(entry.sha256)
+        report.freed_bytes += entry.size
+        total -= entry.size
+    if state.partial.exists():
+        for partial in state.partial.glob("*.part"):
+            if now - partial.stat().st_mtime > max_age_seconds and _unlocked(partial.with_suffix(".lock")):
+                if not dry_run:
+                    partial.unlink(missing_ok=True)
+                report.partials_removed += 1
+    return report
+
+
+def _cached_images(state: StateDir) -> list[Path]:
+    if not state.images.exists():
+        return []
+    return [
+        p
+        for p in state.images.iterdir()
+        if p.is_file() and len(p.name) == SHA256_NAME_LENGTH and all(c in "0123456789abcdef" for c in p.name)
+    ]
+
+
+def _unlocked(lock_path: Path) -> bool:
+    """True when no download holds this lock (a running download keeps its partial)."""
+    if not lock_path.exists():
+        return True
+    fd = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
