@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 
 from activities.checkpoints import Checkpoints
 from activities.disks import DiskActivities
+from activities.glance import GlanceActivities
 from activities.hypervisor import HypervisorActivities
 from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
@@ -42,6 +43,8 @@ class WorkerConfig:
     address: str | None = None
     pause_dir: Path | None = None
     download_read_timeout: float = 30.0
+    file_image_dir: Path | None = None
+    glance_token: str | None = None
 
 
 def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[Callable[..., Any]]:
@@ -51,7 +54,14 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     state.create()
     checkpoints = Checkpoints(config.pause_dir)
     hypervisor = HypervisorActivities(conn, checkpoints)
-    images = ImageActivities(state, checkpoints, read_timeout_seconds=config.download_read_timeout)
+    images = ImageActivities(
+        state,
+        checkpoints,
+        read_timeout_seconds=config.download_read_timeout,
+        file_image_dir=config.file_image_dir,
+        glance_token=config.glance_token,
+    )
+    glance = GlanceActivities(config.glance_token)
     disks = DiskActivities(conn, state, checkpoints)
     return [
         hypervisor.inspect_instance,
@@ -59,6 +69,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         hypervisor.start_instance,
         hypervisor.verify_instance,
         hypervisor.record_image,
+        glance.resolve_glance_image,
         images.fetch_image,
         images.check_image,
         disks.prepare_root_disk,
@@ -109,6 +120,12 @@ def run(
     download_read_timeout: Annotated[
         float, typer.Option(help="Seconds without a byte before a download is declared stalled.")
     ] = 30.0,
+    file_image_dir: Annotated[
+        Path | None, typer.Option(help="Directory file:// images may come from (default: none allowed).")
+    ] = None,
+    glance_token_file: Annotated[
+        Path | None, typer.Option(help="File holding a Keystone token for Glance (stays on this host).")
+    ] = None,
     pause_dir: Annotated[
         Path | None,
         typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
@@ -118,7 +135,10 @@ def run(
     if not HOST_NAME.match(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(2)
-    config = WorkerConfig(host, libvirt_uri, state_dir, address, pause_dir, download_read_timeout)
+    token = glance_token_file.read_text().strip() if glance_token_file else None
+    config = WorkerConfig(
+        host, libvirt_uri, state_dir, address, pause_dir, download_read_timeout, file_image_dir, token
+    )
     try:
         asyncio.run(serve(config))
     except TemporalUnavailable as err:

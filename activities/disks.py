@@ -66,7 +66,7 @@ class DiskActivities:
                 await asyncio.to_thread(_keep_as_backup, disk.path, backup)
             await self.checkpoints.reach("prepare.after-backup")
             old = await qemu_img.image_info(str(backup), request.original_format)
-            size = max(int(old["virtual-size"]), request.image_virtual_size)
+            size = max(int(old["virtual-size"]), request.image_virtual_size, request.min_virtual_size)
             fresh.unlink(missing_ok=True)
             base = self.state.image_path(request.image_sha256)
             try:

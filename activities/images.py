@@ -19,12 +19,14 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 from temporalio import activity
 
 from activities import image_format, qemu_img
 from activities.checkpoints import Checkpoints
+from activities.digests import Digests
 from activities.errors import (
     ChecksumMismatch,
     DiskToolFailed,
@@ -32,6 +34,7 @@ from activities.errors import (
     ImageDownloadError,
     ImageNotFound,
     ImageTooLarge,
+    InvalidRequest,
     UnsafeImage,
 )
 from activities.heartbeat import keep_alive
@@ -42,6 +45,7 @@ CHUNK_BYTES = 1 << 20
 HEARTBEAT_EVERY_SECONDS = 1.0
 T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_GLANCE_FILE = re.compile(r"/v2/images/[0-9a-fA-F-]+/file$")
 _UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
 
 
@@ -51,30 +55,57 @@ class ImageActivities:
         state: StateDir,
         checkpoints: Checkpoints | None = None,
         read_timeout_seconds: float = 60.0,
+        file_image_dir: Path | None = None,
+        glance_token: str | None = None,
     ) -> None:
         self.state = state
         self.checkpoints = checkpoints or Checkpoints()
         # No total timeout: a large image over a slow link is fine as long as bytes keep coming.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout_seconds)
+        self.file_image_dir = file_image_dir.resolve() if file_image_dir else None
+        self.glance_token = glance_token
+
+    def _known(self, request: FetchImageInput) -> Path | None:
+        """The cached image the request's digests name, if it is already here."""
+        if request.sha256:
+            path = self.state.image_path(request.sha256)
+            return path if path.exists() else None
+        if request.sha512:
+            index = self.state.sha512_index(request.sha512)
+            if index.exists():
+                path = self.state.image_path(index.read_text().strip())
+                return path if path.exists() else None
+        return None
 
     @activity.defn
     async def fetch_image(self, request: FetchImageInput) -> CachedImage:
         self.state.create()
-        if request.sha256 and self.state.image_path(request.sha256).exists():
-            return _cache_hit(self.state.image_path(request.sha256), request.sha256)
-        key = request.sha256 or hashlib.sha256(request.url.encode()).hexdigest()
+        if known := self._known(request):
+            return _cache_hit(known)
+        key = request.sha256 or request.sha512 or hashlib.sha256(request.url.encode()).hexdigest()
+        waiting_since = time.time()
         async with _exclusive(self.state.partial / f"{key}.lock"):
             # Whoever held the lock before us may have finished the same image.
-            if request.sha256 and self.state.image_path(request.sha256).exists():
-                return _cache_hit(self.state.image_path(request.sha256), request.sha256)
-            return await self._download(request, self.state.partial / f"{key}.part")
+            if known := self._known(request) or _fetched_since(self.state, key, waiting_since):
+                return _cache_hit(known)
+            if urlsplit(request.url).scheme == "file":
+                cached = await self._copy_local(request, self.state.partial / f"{key}.part")
+            else:
+                cached = await self._download(request, self.state.partial / f"{key}.part")
+            if request.sha512:
+                _write_atomically(self.state.sha512_index(request.sha512), cached.sha256)
+            _write_atomically(self.state.partial / f"{key}.done", cached.sha256)
+            return cached
 
     async def _download(self, request: FetchImageInput, partial: Path) -> CachedImage:
         offset = partial.stat().st_size if partial.exists() else 0
+        digests = Digests(want_sha512=request.sha512 is not None)
         # Hashing a partial of many GiB takes longer than the heartbeat timeout: beat while it runs.
         async with keep_alive(FetchProgress(offset=offset)):
-            digest = await asyncio.to_thread(_hash_prefix, partial, offset)
+            await asyncio.to_thread(digests.hash_file_prefix, partial, offset)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
+        if self.glance_token and _GLANCE_FILE.search(urlsplit(request.url).path):
+            headers["X-Auth-Token"] = self.glance_token
         received = 0
         try:
             async with (
@@ -91,7 +122,7 @@ class ImageActivities:
                     )
                 if start == 0 and offset:
                     # The server ignored our Range: start again from the first byte.
-                    digest = hashlib.sha256()
+                    digests = Digests(want_sha512=request.sha512 is not None)
                     offset = 0
                     os.truncate(partial, 0)
                 if total is not None and total > request.max_bytes:
@@ -102,7 +133,7 @@ class ImageActivities:
                 if total is not None:
                     _require_space(partial.parent, total - offset)
                 if response.status != 416:
-                    received = await self._stream(response, partial, digest, offset, total, request)
+                    received = await self._stream(response, partial, digests, offset, total, request)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as err:
             # A refused connection fails before the partial file exists.
             kept = partial.stat().st_size if partial.exists() else 0
@@ -114,20 +145,45 @@ class ImageActivities:
             raise ImageDownloadError(
                 f"download of {request.url} ended at {size} of {total} bytes; will resume"
             )
-        sha256 = digest.hexdigest()
-        if request.sha256 and sha256 != request.sha256:
+        return await self._admit(request, partial, digests, size, received)
+
+    async def _admit(
+        self, request: FetchImageInput, partial: Path, digests: Digests, size: int, received: int
+    ) -> CachedImage:
+        """The partial file becomes a cached image, by one rename, once its digests matched."""
+        try:
+            sha256 = digests.verify(request.url, request.sha256, request.sha512)
+        except ChecksumMismatch:
             partial.unlink(missing_ok=True)
-            raise ChecksumMismatch(f"image at {request.url} has SHA-256 {sha256}, expected {request.sha256}")
+            raise
         target = self.state.image_path(sha256)
         os.replace(partial, target)
         await asyncio.to_thread(fsync_dir, target.parent)
         return CachedImage(sha256=sha256, size=size, downloaded_bytes=received, cache_hit=False)
 
+    async def _copy_local(self, request: FetchImageInput, partial: Path) -> CachedImage:
+        """A file:// image, only from inside the worker's configured image directory."""
+        source = Path(urlsplit(request.url).path).resolve()
+        if self.file_image_dir is None:
+            raise InvalidRequest("file:// images are not enabled on this worker (--file-image-dir)")
+        if not source.is_relative_to(self.file_image_dir):
+            raise InvalidRequest(f"{source} is outside the worker's image directory {self.file_image_dir}")
+        if not source.is_file():
+            raise ImageNotFound(f"no image file at {source}")
+        size = source.stat().st_size
+        if size > request.max_bytes:
+            raise ImageTooLarge(f"image {source} is {size} bytes, over the limit of {request.max_bytes}")
+        _require_space(partial.parent, size)
+        digests = Digests(want_sha512=request.sha512 is not None)
+        async with keep_alive(FetchProgress(offset=0, total=size)):
+            await asyncio.to_thread(_copy_hashing, source, partial, digests)
+        return await self._admit(request, partial, digests, size, size)
+
     async def _stream(
         self,
         response: aiohttp.ClientResponse,
         partial: Path,
-        digest: hashlib._Hash,
+        digests: Digests,
         offset: int,
         total: int | None,
         request: FetchImageInput,
@@ -139,7 +195,7 @@ class ImageActivities:
             try:
                 async for chunk in response.content.iter_chunked(CHUNK_BYTES):
                     out.write(chunk)
-                    digest.update(chunk)
+                    digests.update(chunk)
                     received += len(chunk)
                     position = offset + received
                     if position > request.max_bytes:
@@ -184,6 +240,11 @@ class ImageActivities:
             except (UnsafeImage, DiskToolFailed) as err:
                 path.unlink(missing_ok=True)
                 raise UnsafeImage(f"image {request.sha256} refused: {err.message}") from None
+        if request.declared_format and fmt != request.declared_format:
+            # The image is what its header says, and other instances may use it: it stays cached.
+            raise UnsafeImage(
+                f"image {request.sha256} was declared {request.declared_format}, its header says {fmt}"
+            )
         virtual_size = int(info["virtual-size"])
         if virtual_size > request.max_virtual_size_bytes:
             # The limit belongs to this request, not to the image, which other instances may use:
@@ -195,18 +256,45 @@ class ImageActivities:
         return CheckedImage(sha256=request.sha256, format=fmt, virtual_size=virtual_size)
 
 
-def _cache_hit(path: Path, sha256: str) -> CachedImage:
+def _cache_hit(path: Path) -> CachedImage:
     os.utime(path)  # the cache's "last used"
-    return CachedImage(sha256=sha256, size=path.stat().st_size, downloaded_bytes=0, cache_hit=True)
+    return CachedImage(sha256=path.name, size=path.stat().st_size, downloaded_bytes=0, cache_hit=True)
 
 
-def _hash_prefix(partial: Path, length: int) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    if length:
-        with open(partial, "rb") as existing:
-            while block := existing.read(CHUNK_BYTES):
-                digest.update(block)
-    return digest
+def _copy_hashing(source: Path, target: Path, digests: Digests) -> None:
+    with open(source, "rb") as src, open(target, "wb") as out:
+        try:
+            while block := src.read(CHUNK_BYTES):
+                out.write(block)
+                digests.update(block)
+            out.flush()
+            os.fsync(out.fileno())
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                target.unlink(missing_ok=True)
+                raise HostOutOfSpace(f"host ran out of space in {target.parent} while copying") from None
+            raise
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _fetched_since(state: StateDir, key: str, since: float) -> Path | None:
+    """An image another fetch of the same source finished while we waited for the lock.
+
+    Only for sources named by URL alone: without a digest, "the same image" means "fetched just now".
+    """
+    record = state.partial / f"{key}.done"
+    try:
+        if record.stat().st_mtime < since:
+            return None
+        path = state.image_path(record.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return path if path.exists() else None
 
 
 def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tuple[int, int | None]:

@@ -28,8 +28,13 @@ class StateDir:
     def image_path(self, sha256: str) -> Path:
         return self.images / sha256
 
+    def sha512_index(self, sha512: str) -> Path:
+        """A small file naming the SHA-256 of the image with this SHA-512, for cache hits by SHA-512."""
+        return self.images / "by-sha512" / sha512
+
     def create(self) -> None:
         self.partial.mkdir(parents=True, exist_ok=True)
+        (self.images / "by-sha512").mkdir(exist_ok=True)
 
 
 def backup_path(disk_path: str, rebuild_id: str) -> Path:

@@ -107,8 +107,23 @@ def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
 @app.command()
 def start(
     instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
-    image: Annotated[str, typer.Option(help="http(s) URL of the new image (raw or qcow2).")],
+    image: Annotated[
+        str | None,
+        typer.Option(help="URL of the new image: http(s)://, or file:/// inside the worker's image dir."),
+    ] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the image, hex.")] = None,
+    sha512: Annotated[str | None, typer.Option(help="Expected SHA-512 of the image, hex.")] = None,
+    checksum: Annotated[
+        str | None, typer.Option(help="Expected digest as ALGO:HEX (sha256 or sha512).")
+    ] = None,
+    disk_format: Annotated[
+        str | None,
+        typer.Option(help="Declared format (raw or qcow2); an image whose header differs is refused."),
+    ] = None,
+    glance: Annotated[
+        str | None, typer.Option(help="Glance image service URL (with --glance-image).")
+    ] = None,
+    glance_image: Annotated[str | None, typer.Option(help="Glance v2 image ID (with --glance).")] = None,
     host: HostOption = THIS_HOST,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and show progress.")] = False,
     start_after: Annotated[
@@ -136,11 +151,25 @@ def start(
     Example: rebuild start web-1 --image https://images.example/noble.qcow2 --sha256 HEX --wait
     """
     try:
+        if checksum is not None:
+            algo, _, value = checksum.partition(":")
+            if algo.lower() not in ("sha256", "sha512") or not value:
+                raise CliExit(
+                    EXIT_BAD_INPUT, f"--checksum must be sha256:HEX or sha512:HEX, not {checksum!r}"
+                )
+            if algo.lower() == "sha256":
+                sha256 = sha256 or value
+            else:
+                sha512 = sha512 or value
         request = RebuildRequest(
             instance=instance,
             host=host,
             image_url=image,
             sha256=sha256,
+            sha512=sha512,
+            disk_format=disk_format,
+            glance_url=glance,
+            glance_image_id=glance_image,
             start_after=start_after,
             stop_timeout_seconds=stop_timeout,
             boot_marker=boot_marker,
@@ -148,9 +177,15 @@ def start(
             requested_by=requested_by,
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
         err.print(f"rebuild: invalid request: {problems}", markup=False)
         _finish(EXIT_BAD_INPUT)
+    except CliExit as exc:
+        err.print(f"rebuild: {exc.message}", markup=False)
+        _finish(exc.code)
     _run(_start(request, wait, address, as_json))
 
 
@@ -169,14 +204,14 @@ async def _start(request: RebuildRequest, wait: bool, address: str | None, as_js
                 [
                     SearchAttributePair(sa.INSTANCE_ID, request.instance),
                     SearchAttributePair(sa.HYPERVISOR_HOST, request.host),
-                    SearchAttributePair(sa.IMAGE_ID, request.sha256 or request.image_url),
+                    SearchAttributePair(sa.IMAGE_ID, request.sha256 or request.image_label),
                     SearchAttributePair(sa.REBUILD_PHASE, "pending"),
                 ]
             ),
             static_summary=f"Rebuild {request.instance} on {request.host}",
             static_details=(
                 f"instance: {request.instance}\n\nhost: {request.host}\n\n"
-                f"image: {request.image_url}\n\nsha256: {request.sha256 or '(computed)'}\n\n"
+                f"image: {request.image_label}\n\nsha256: {request.sha256 or '(computed)'}\n\n"
                 f"requested by: {request.requested_by}"
             ),
         )

@@ -9,12 +9,16 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 WORKFLOW_TASK_QUEUE = "rebuild"
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHA512_HEX = re.compile(r"^[0-9a-f]{128}$")
+GLANCE_IMAGE_ID = re.compile(r"^[0-9a-fA-F-]{32,36}$")
+DiskFormat = Literal["raw", "qcow2"]
 # libvirt accepts almost anything as a domain name; we refuse what cannot be part of a workflow ID
 # or a file name without quoting.
 INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,199}$")
@@ -36,6 +40,7 @@ class Phase(StrEnum):
 
     PENDING = "pending"
     INSPECT = "inspect"
+    RESOLVE = "resolve"
     FETCH = "fetch"
     CHECK = "check"
     STOP = "stop"
@@ -61,11 +66,15 @@ class _Model(BaseModel):
 
 
 class RebuildRequest(_Model):
-    """What an operator asks for. Nothing here names a disk path: those come from libvirt."""
+    """What an operator asks for. Nothing here names a disk path: those come from libvirt.
+
+    The image is named either by ``image_url`` (http, https, or file:// inside the worker's allowed
+    directory) or by a Glance v2 image ID plus the image service's URL.
+    """
 
     instance: str
     host: str
-    image_url: str
+    image_url: str | None = None
     sha256: str | None = None
     # None: start the instance again only when it was running before the rebuild.
     start_after: bool | None = None
@@ -74,6 +83,11 @@ class RebuildRequest(_Model):
     boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
     max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
     requested_by: str = "unknown"
+    sha512: str | None = None
+    # When given, an image whose header says otherwise is refused.
+    disk_format: DiskFormat | None = None
+    glance_url: str | None = None
+    glance_image_id: str | None = None
 
     @field_validator("instance")
     @classmethod
@@ -91,10 +105,33 @@ class RebuildRequest(_Model):
 
     @field_validator("image_url")
     @classmethod
-    def _image_url(cls, value: str) -> str:
+    def _image_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme == "file":
+            if parts.netloc or not parts.path.startswith("/"):
+                raise ValueError(f"file URL must be file:///absolute/path: {value!r}")
+            return value
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"image URL must be http://, https:// or file:///: {value!r}")
+        return value
+
+    @field_validator("glance_url")
+    @classmethod
+    def _glance_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"image URL must be http:// or https:// with a host: {value!r}")
+            raise ValueError(f"Glance URL must be http:// or https:// with a host: {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("glance_image_id")
+    @classmethod
+    def _glance_image_id(cls, value: str | None) -> str | None:
+        if value is not None and not GLANCE_IMAGE_ID.match(value):
+            raise ValueError(f"not a Glance image ID: {value!r}")
         return value
 
     @field_validator("sha256")
@@ -106,6 +143,30 @@ class RebuildRequest(_Model):
         if not SHA256_HEX.match(lowered):
             raise ValueError("sha256 must be 64 hexadecimal characters")
         return lowered
+
+    @field_validator("sha512")
+    @classmethod
+    def _sha512(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        lowered = value.lower()
+        if not SHA512_HEX.match(lowered):
+            raise ValueError("sha512 must be 128 hexadecimal characters")
+        return lowered
+
+    @model_validator(mode="after")
+    def _one_image_source(self) -> RebuildRequest:
+        glance = self.glance_image_id is not None or self.glance_url is not None
+        if glance and not (self.glance_image_id and self.glance_url):
+            raise ValueError("a Glance image needs both the image ID and the Glance URL")
+        if glance == (self.image_url is not None):
+            raise ValueError("name the image by exactly one of: an image URL, or a Glance image ID")
+        return self
+
+    @property
+    def image_label(self) -> str:
+        """How the image is shown to people: its URL or its Glance ID."""
+        return self.image_url or f"glance:{self.glance_image_id}"
 
 
 class InspectInstanceInput(_Model):
@@ -127,6 +188,7 @@ class InstanceInfo(_Model):
 class FetchImageInput(_Model):
     url: str
     sha256: str | None = None
+    sha512: str | None = None
     # A server that sends more than this is refused, so it cannot fill the host's disk.
     max_bytes: int
 
@@ -148,6 +210,24 @@ class CachedImage(_Model):
 class CheckImageInput(_Model):
     sha256: str
     max_virtual_size_bytes: int
+    declared_format: DiskFormat | None = None
+
+
+class ResolveGlanceImageInput(_Model):
+    glance_url: str
+    image_id: str
+
+
+class ResolvedImage(_Model):
+    """A Glance image record, reduced to what a rebuild needs."""
+
+    url: str
+    sha256: str | None = None
+    sha512: str | None = None
+    # None: not declared; the image's header alone decides.
+    disk_format: DiskFormat | None = None
+    size: int | None = None
+    min_disk_bytes: int = 0
 
 
 class CheckedImage(_Model):
@@ -176,6 +256,8 @@ class PrepareRootDiskInput(_Model):
     image_virtual_size: int
     # A retry after the definition changed must still know what the backup is.
     original_format: str
+    # The image's own minimum disk size (Glance min_disk): the new disk is grown to at least this.
+    min_virtual_size: int = 0
     # The backup file name is derived from this, so a retried prepare finds what the first began.
     rebuild_id: str
 
@@ -235,7 +317,7 @@ class RebuildStatus(_Model):
     instance: str
     host: str
     phase: Phase
-    image_url: str
+    image_url: str | None
     image_sha256: str | None = None
     step_seconds: dict[str, float] = Field(default_factory=dict)
     undo_stack: list[str] = Field(default_factory=list)

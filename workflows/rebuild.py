@@ -21,6 +21,7 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.disks import DiskActivities
+    from activities.glance import GlanceActivities
     from activities.hypervisor import HypervisorActivities
     from activities.images import ImageActivities
     from workflows import search_attributes as sa
@@ -38,6 +39,8 @@ with workflow.unsafe.imports_passed_through():
         RebuildStatus,
         RecordImageInput,
         RemoveBackupInput,
+        ResolvedImage,
+        ResolveGlanceImageInput,
         RestoreRootDiskInput,
         StartInstanceInput,
         StopInstanceInput,
@@ -71,6 +74,7 @@ ABORTABLE = frozenset(
     {
         Phase.PENDING,
         Phase.INSPECT,
+        Phase.RESOLVE,
         Phase.FETCH,
         Phase.CHECK,
         Phase.STOP,
@@ -81,6 +85,7 @@ ABORTABLE = frozenset(
 )
 
 INSPECT = StepOptions(start_to_close=timedelta(seconds=30), maximum_attempts=5)
+RESOLVE = StepOptions(start_to_close=timedelta(minutes=1), maximum_attempts=10)
 FETCH = StepOptions(start_to_close=timedelta(hours=6), heartbeat=timedelta(seconds=10), maximum_attempts=20)
 CHECK = StepOptions(start_to_close=timedelta(minutes=3), heartbeat=timedelta(seconds=10), maximum_attempts=3)
 PREPARE = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10))
@@ -123,7 +128,7 @@ class RebuildInstance:
             instance=self._request.instance,
             host=self._request.host,
             phase=self._phase,
-            image_url=self._request.image_url,
+            image_url=self._request.image_label,
             image_sha256=self._image_sha256,
             step_seconds=dict(self._step_seconds),
             undo_stack=[undo.name for undo in self._undo],
@@ -168,21 +173,29 @@ class RebuildInstance:
                 InspectInstanceInput(instance=instance),
                 INSPECT,
             )
+            source = await self._image_source(request)
             cached = await self._step(
                 Phase.FETCH,
                 ImageActivities.fetch_image,
                 FetchImageInput(
-                    url=request.image_url,
-                    sha256=request.sha256,
+                    url=source.url,
+                    sha256=source.sha256,
+                    sha512=source.sha512,
                     max_bytes=request.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
                 ),
                 FETCH,
             )
             self._image_sha256 = cached.sha256
+            if workflow.patched("image-id-after-fetch"):
+                workflow.upsert_search_attributes([sa.IMAGE_ID.value_set(cached.sha256)])
             image = await self._step(
                 Phase.CHECK,
                 ImageActivities.check_image,
-                CheckImageInput(sha256=cached.sha256, max_virtual_size_bytes=request.max_virtual_size_bytes),
+                CheckImageInput(
+                    sha256=cached.sha256,
+                    max_virtual_size_bytes=request.max_virtual_size_bytes,
+                    declared_format=source.disk_format,
+                ),
                 CHECK,
             )
 
@@ -212,6 +225,7 @@ class RebuildInstance:
                     image_virtual_size=image.virtual_size,
                     original_format=info.root_disk_format,
                     rebuild_id=rebuild_id,
+                    min_virtual_size=source.min_disk_bytes,
                 ),
                 PREPARE,
             )
@@ -243,7 +257,7 @@ class RebuildInstance:
                         maximum_attempts=3,
                     ),
                 )
-        except (ActivityError, CancelledError, asyncio.CancelledError, _Aborted) as err:
+        except (ActivityError, ApplicationError, CancelledError, asyncio.CancelledError, _Aborted) as err:
             await self._fail(err)
             raise AssertionError("unreachable") from None
 
@@ -261,7 +275,7 @@ class RebuildInstance:
             RecordImageInput(
                 instance=instance,
                 image_sha256=image.sha256,
-                image_url=request.image_url,
+                image_url=source.url,
                 rebuilt_at=workflow.now(),
             ),
             CLEANUP,
@@ -276,6 +290,38 @@ class RebuildInstance:
             step_seconds=dict(self._step_seconds),
             downtime_seconds=downtime,
             forced_stop=stopped.forced,
+        )
+
+    async def _image_source(self, request: RebuildRequest) -> ResolvedImage:
+        """Where the image comes from and what it must be: the request, or its Glance record.
+
+        Replay-safe without a patch marker: only requests naming a Glance image, which no earlier
+        history holds, schedule the extra activity.
+        """
+        if request.glance_image_id is None or request.glance_url is None:
+            assert request.image_url is not None
+            return ResolvedImage(
+                url=request.image_url,
+                sha256=request.sha256,
+                sha512=request.sha512,
+                disk_format=request.disk_format,
+            )
+        record = await self._step(
+            Phase.RESOLVE,
+            GlanceActivities.resolve_glance_image,
+            ResolveGlanceImageInput(glance_url=request.glance_url, image_id=request.glance_image_id),
+            RESOLVE,
+        )
+        if request.disk_format and request.disk_format != record.disk_format:
+            raise ApplicationError(
+                f"Glance says image {request.glance_image_id} is {record.disk_format}, "
+                f"the request says {request.disk_format}",
+                type="InvalidRequest",
+                non_retryable=True,
+            )
+        # Digests the operator gave win over the record's; both are checked when both exist.
+        return record.model_copy(
+            update={"sha256": request.sha256 or record.sha256, "sha512": request.sha512 or record.sha512}
         )
 
     async def _step(
@@ -323,7 +369,7 @@ class RebuildInstance:
     def _details(self) -> str:
         lines = [
             f"**{self._request.instance}** on `{self._request.host}`: phase **{self._phase.value}**",
-            f"image: {self._request.image_url}",
+            f"image: {self._request.image_label}",
         ]
         if self._step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in self._step_seconds.items())
