@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both install what is missing first.
-.PHONY: setup demo test lint typecheck unit
+.PHONY: setup demo test lint typecheck unit bench bench-quick
 
 VENV := .venv/bin
 
@@ -22,3 +22,13 @@ test: setup lint typecheck
 # Fast loop while developing: no libvirtd guests.
 unit:
 	$(VENV)/pytest --ignore=tests/test_end_to_end.py
+
+# Benchmarks: every figure as a ratio against a reference run in the same script.
+# `make bench` is the full run behind the README's table; `make bench-quick` is a smaller one.
+BENCHES := bench.download bench.prepare bench.downtime bench.orchestration bench.scale
+
+bench: setup
+	@for b in $(BENCHES); do $(VENV)/python -m $$b || exit 1; done
+
+bench-quick: setup
+	@for b in $(BENCHES); do BENCH_QUICK=1 $(VENV)/python -m $$b || exit 1; done
