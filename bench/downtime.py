@@ -58,7 +58,8 @@ def bootable_image(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def one_order(nova: bool, name: str, url: str, sha: str, state_dir: Path) -> float:
+async def one_order(nova: bool, name: str, url: str, sha: str, state_dir: Path) -> tuple[float, float]:
+    """(off → running, stop request → running): the first leaves out QEMU's own teardown."""
     conn = Libvirt(LIBVIRT_URI)
     state = StateDir(state_dir)
     hypervisor, images, disks = (
@@ -74,10 +75,8 @@ async def one_order(nova: bool, name: str, url: str, sha: str, state_dir: Path) 
             images.check_image, CheckImageInput(sha256=cached.sha256, max_virtual_size_bytes=GiB * 4)
         )
 
-    image = None if nova else await fetch_and_check()
-    with timed() as down:
-        await env.run(hypervisor.stop_instance, StopInstanceInput(instance=name, timeout_seconds=0))
-        if image is None:
+    async def prepare_and_start(image: Any) -> None:
+        if image is None:  # Nova's order: the download happens while the instance is off
             image = await fetch_and_check()
         await env.run(
             disks.prepare_root_disk,
@@ -87,8 +86,14 @@ async def one_order(nova: bool, name: str, url: str, sha: str, state_dir: Path) 
             ),
         )  # fmt: skip
         await env.run(hypervisor.start_instance, StartInstanceInput(instance=name))
+
+    image = None if nova else await fetch_and_check()
+    with timed() as down:
+        await env.run(hypervisor.stop_instance, StopInstanceInput(instance=name, timeout_seconds=0))
+        with timed() as off:
+            await prepare_and_start(image)
     conn.close()
-    return down[0]
+    return off[0], down[0]
 
 
 async def workflow_downtime(name: str, url: str, sha: str, workdir: Path) -> tuple[float, float]:
@@ -128,8 +133,8 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}/image.raw"
         guests = [make_guest(conn, workdir) for _ in range(3)]
         try:
-            ours = asyncio.run(one_order(False, guests[0].name, url, sha, workdir / "ours"))
-            nova = asyncio.run(one_order(True, guests[1].name, url, sha, workdir / "nova"))
+            ours, ours_with_stop = asyncio.run(one_order(False, guests[0].name, url, sha, workdir / "ours"))
+            nova, nova_with_stop = asyncio.run(one_order(True, guests[1].name, url, sha, workdir / "nova"))
             off_to_on, stop = asyncio.run(workflow_downtime(guests[2].name, url, sha, workdir))
             for guest in guests:
                 guest.wait_for_console("image B")
@@ -140,8 +145,11 @@ def main() -> None:
     table(
         f"Instance downtime, {SIZE // MiB} MiB image, real libvirtd guest",
         [
-            ("our order: stop → prepare → start", f"{ours:.2f} s", f"Nova's order: {nova:.2f} s",
+            ("our order, off → running (prepare, start)", f"{ours:.2f} s",
+             f"Nova's order (fetch, check, prepare, start): {nova:.2f} s",
              f"{ours / nova:.2f}x Nova (<= 0.2)"),
+            ("the same from the stop request (QEMU teardown included)", f"{ours_with_stop:.2f} s",
+             f"Nova's order: {nova_with_stop:.2f} s", f"{ours_with_stop / nova_with_stop:.2f}x Nova"),
             ("the workflow on the dev server: off → running (host clock)", f"{off_to_on:.2f} s",
              f"stop step incl. forced off: {stop:.2f} s", "independent of image size"),
         ],
