@@ -106,6 +106,7 @@ def prune_cache(
             continue
         if not dry_run:
             state.image_path(entry.sha256).unlink(missing_ok=True)
+            state.check_verdict(entry.sha256).unlink(missing_ok=True)
         report.removed.append(entry.sha256)
         report.freed_bytes += entry.size
         total -= entry.size

@@ -237,24 +237,33 @@ class ImageActivities:
     @activity.defn
     async def check_image(self, request: CheckImageInput) -> CheckedImage:
         """Decide from the file's own header what it is, refuse what could reach outside it."""
+        self.state.create()
         path = self.state.image_path(request.sha256)
         if not path.exists():
             raise ImageNotFound(f"image {request.sha256} is not in this host's cache")
-        async with keep_alive():
-            await self.checkpoints.reach("check.before-inspect")
-            try:
-                fmt = await asyncio.to_thread(image_format.inspect_header, path)
-                info = await qemu_img.image_info(str(path), fmt)
-                image_format.check_info(info, fmt)
-            except (UnsafeImage, DiskToolFailed) as err:
-                path.unlink(missing_ok=True)
-                raise UnsafeImage(f"image {request.sha256} refused: {err.message}") from None
+        verdict = self.state.check_verdict(request.sha256)
+        if verdict.exists():
+            # Cached images never change after their rename, so one full check per image suffices.
+            checked = CheckedImage.model_validate_json(verdict.read_text())
+            fmt, virtual_size = checked.format, checked.virtual_size
+        else:
+            async with keep_alive():
+                await self.checkpoints.reach("check.before-inspect")
+                try:
+                    fmt = await asyncio.to_thread(image_format.inspect_header, path)
+                    info = await qemu_img.image_info(str(path), fmt)
+                    image_format.check_info(info, fmt)
+                except (UnsafeImage, DiskToolFailed) as err:
+                    path.unlink(missing_ok=True)
+                    raise UnsafeImage(f"image {request.sha256} refused: {err.message}") from None
+            virtual_size = int(info["virtual-size"])
+            passed = CheckedImage(sha256=request.sha256, format=fmt, virtual_size=virtual_size)
+            _write_atomically(verdict, passed.model_dump_json())
         if request.declared_format and fmt != request.declared_format:
             # The image is what its header says, and other instances may use it: it stays cached.
             raise UnsafeImage(
                 f"image {request.sha256} was declared {request.declared_format}, its header says {fmt}"
             )
-        virtual_size = int(info["virtual-size"])
         if virtual_size > request.max_virtual_size_bytes:
             # The limit belongs to this request, not to the image, which other instances may use:
             # it stays in the cache.

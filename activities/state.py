@@ -32,9 +32,14 @@ class StateDir:
         """A small file naming the SHA-256 of the image with this SHA-512, for cache hits by SHA-512."""
         return self.images / "by-sha512" / sha512
 
+    def check_verdict(self, sha256: str) -> Path:
+        """The result of the full safety check of this image, written only after it passed."""
+        return self.images / "checked" / f"{sha256}.json"
+
     def create(self) -> None:
         self.partial.mkdir(parents=True, exist_ok=True)
         (self.images / "by-sha512").mkdir(exist_ok=True)
+        (self.images / "checked").mkdir(exist_ok=True)
 
 
 def backup_path(disk_path: str, rebuild_id: str) -> Path:

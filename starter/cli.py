@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from temporalio.client import (
     Client,
+    WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
@@ -300,15 +301,22 @@ def status(
     _run(_status(instance, host, address, as_json))
 
 
-async def _status(instance: str, host: str, address: str | None, as_json: bool) -> int:
-    client = await connect(address)
+async def _latest_rebuild(
+    client: Client, instance: str, host: str
+) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionDescription]:
+    """The instance's latest rebuild, or a clear "unknown" for the operator."""
     handle = client.get_workflow_handle(rebuild_workflow_id(host, instance))
     try:
-        description = await handle.describe()
+        return handle, await handle.describe()
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             raise CliExit(EXIT_BAD_INPUT, f"no rebuild of {instance} on {host} is known") from None
         raise
+
+
+async def _status(instance: str, host: str, address: str | None, as_json: bool) -> int:
+    client = await connect(address)
+    handle, description = await _latest_rebuild(client, instance, host)
     state = await _query_status(client, handle)
     pending = [
         {
@@ -382,13 +390,7 @@ def abort(
 
 async def _abort(instance: str, host: str, request: AbortRequest, address: str | None, as_json: bool) -> int:
     client = await connect(address)
-    handle = client.get_workflow_handle(rebuild_workflow_id(host, instance))
-    try:
-        description = await handle.describe()
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise CliExit(EXIT_BAD_INPUT, f"no rebuild of {instance} on {host} is known") from None
-        raise
+    handle, description = await _latest_rebuild(client, instance, host)
     if description.status != WorkflowExecutionStatus.RUNNING:
         raise CliExit(EXIT_BAD_INPUT, f"no rebuild of {instance} on {host} is running") from None
     answer = await handle.execute_update(RebuildInstance.abort_rebuild, request)

@@ -255,3 +255,24 @@ async def test_rebuild_from_a_glance_image_honours_min_disk(
         ).stdout
     )
     assert info["virtual-size"] == 1 << 30  # min_disk 1 GiB, though image and old disk are 1 MiB
+
+
+async def test_an_image_is_fully_checked_once(
+    tmp_path: Path, images: ImageServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    state = StateDir(tmp_path / "state")
+    activities = ImageActivities(state)
+    await env.run(activities.fetch_image, fetch(url, sha256=sha))
+    first = await env.run(activities.check_image, check_input(sha, "qcow2"))
+    assert state.check_verdict(sha).exists()
+
+    async def no_qemu_img(*_: object) -> None:
+        raise AssertionError("qemu-img ran again for an image already checked")
+
+    monkeypatch.setattr("activities.images.qemu_img.image_info", no_qemu_img)
+    again = await env.run(activities.check_image, check_input(sha, "qcow2"))
+    assert again == first
+    # The per-request rules still apply to a verdict from the cache.
+    with pytest.raises(UnsafeImage, match="declared raw"):
+        await env.run(activities.check_image, check_input(sha, "raw"))
