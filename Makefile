@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both install what is missing first.
-.PHONY: setup demo test lint typecheck unit bench bench-quick
+.PHONY: setup demo test lint typecheck unit bench bench-quick ui-screenshot
 
 VENV := .venv/bin
 
@@ -32,3 +32,8 @@ bench: setup
 
 bench-quick: setup
 	@for b in $(BENCHES); do BENCH_QUICK=1 $(VENV)/python -m $$b || exit 1; done
+
+# A screenshot of the demo's rebuild in the Temporal Web UI (after `make demo`).
+ui-screenshot:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	$(VENV)/python -m devtools.ui_screenshot

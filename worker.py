@@ -27,7 +27,7 @@ from activities.hypervisor import HypervisorActivities
 from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
 from activities.state import DEFAULT_STATE_DIR, StateDir
-from starter.connection import TemporalUnavailable, connect
+from starter.connection import TemporalUnavailable, connect, prometheus_runtime
 from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 
@@ -45,6 +45,7 @@ class WorkerConfig:
     download_read_timeout: float = 30.0
     file_image_dir: Path | None = None
     glance_token: str | None = None
+    metrics_address: str | None = None
 
 
 def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[Callable[..., Any]]:
@@ -91,7 +92,8 @@ def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
 
 
 async def serve(config: WorkerConfig) -> None:
-    client = await connect(config.address)
+    runtime = prometheus_runtime(config.metrics_address) if config.metrics_address else None
+    client = await connect(config.address, runtime=runtime)
     workers = build_workers(client, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,6 +128,9 @@ def run(
     glance_token_file: Annotated[
         Path | None, typer.Option(help="File holding a Keystone token for Glance (stays on this host).")
     ] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Serve Prometheus metrics at this address, e.g. 0.0.0.0:9464.")
+    ] = None,
     pause_dir: Annotated[
         Path | None,
         typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
@@ -137,7 +142,15 @@ def run(
         raise typer.Exit(2)
     token = glance_token_file.read_text().strip() if glance_token_file else None
     config = WorkerConfig(
-        host, libvirt_uri, state_dir, address, pause_dir, download_read_timeout, file_image_dir, token
+        host,
+        libvirt_uri,
+        state_dir,
+        address,
+        pause_dir,
+        download_read_timeout,
+        file_image_dir,
+        token,
+        metrics,
     )
     try:
         asyncio.run(serve(config))

@@ -80,7 +80,8 @@ class ImageServer:
 
     async def start(self, port: int = 0) -> None:
         self.port = port or free_port()
-        self._runner = web.AppRunner(self.app)
+        # A stalled body (a fault) never ends by itself: do not wait a minute for it at shutdown.
+        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 

@@ -21,35 +21,43 @@ import libvirt
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 from temporalio.client import (
-    Client,
-    WorkflowExecutionDescription,
-    WorkflowExecutionStatus,
     WorkflowFailureError,
     WorkflowHandle,
 )
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from activities import libvirt_domain as _registers_libvirt_error_handler  # noqa: F401
 from activities.cache import list_cache, prune_cache
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from starter.connection import TemporalUnavailable, connect
-from workflows import search_attributes as sa
+from starter.rebuilds import (
+    BadFilter,
+    RebuildAlreadyRunning,
+    RebuildNotRunning,
+    UnknownRebuild,
+    abort_rebuild,
+    describe_rebuild,
+    list_query,
+    list_rebuilds,
+    send_decision,
+    start_rebuild,
+)
 from workflows.models import (
-    WORKFLOW_TASK_QUEUE,
     AbortRequest,
+    Decision,
     RebuildRequest,
     RebuildResult,
-    RebuildStatus,
-    rebuild_workflow_id,
 )
 from workflows.rebuild import RebuildInstance
 
@@ -97,6 +105,9 @@ def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
         if exc.message:
             err.print(f"rebuild: {exc.message}", markup=False)
         code = exc.code
+    except (RebuildAlreadyRunning, UnknownRebuild, RebuildNotRunning) as exc:
+        err.print(f"rebuild: {exc}", markup=False)
+        code = EXIT_BAD_INPUT
     except TemporalUnavailable as exc:
         err.print(f"rebuild: {exc}", markup=False)
         code = EXIT_UNAVAILABLE
@@ -141,6 +152,19 @@ def start(
         typer.Option(help="Text the new image must print on the serial console, or it is rolled back."),
     ] = None,
     boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for --boot-marker.")] = 120.0,
+    require_approval: Annotated[
+        bool, typer.Option("--require-approval", help="Wait for `rebuild approve` before stopping.")
+    ] = False,
+    approval_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for approval; then it ends with nothing changed.")
+    ] = 3600.0,
+    confirm_within: Annotated[
+        float | None,
+        typer.Option(help="Keep the old disk this many seconds for `rebuild confirm` or `rebuild revert`."),
+    ] = None,
+    revert_by_default: Annotated[
+        bool, typer.Option("--revert-by-default", help="At the confirm window's end, revert (not confirm).")
+    ] = False,
     requested_by: Annotated[str, typer.Option(help="Who asked, shown in the Web UI.")] = os.environ.get(
         "USER", "unknown"
     ),
@@ -175,6 +199,10 @@ def start(
             stop_timeout_seconds=stop_timeout,
             boot_marker=boot_marker,
             boot_timeout_seconds=boot_timeout,
+            require_approval=require_approval,
+            approval_timeout_seconds=approval_timeout,
+            confirm_within_seconds=confirm_within,
+            revert_by_default=revert_by_default,
             requested_by=requested_by,
         )
     except ValidationError as exc:
@@ -192,36 +220,7 @@ def start(
 
 async def _start(request: RebuildRequest, wait: bool, address: str | None, as_json: bool) -> int:
     client = await connect(address)
-    workflow_id = rebuild_workflow_id(request.host, request.instance)
-    try:
-        handle = await client.start_workflow(
-            RebuildInstance.run,
-            request,
-            id=workflow_id,
-            task_queue=WORKFLOW_TASK_QUEUE,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(sa.INSTANCE_ID, request.instance),
-                    SearchAttributePair(sa.HYPERVISOR_HOST, request.host),
-                    SearchAttributePair(sa.IMAGE_ID, request.sha256 or request.image_label),
-                    SearchAttributePair(sa.REBUILD_PHASE, "pending"),
-                ]
-            ),
-            static_summary=f"Rebuild {request.instance} on {request.host}",
-            static_details=(
-                f"instance: {request.instance}\n\nhost: {request.host}\n\n"
-                f"image: {request.image_label}\n\nsha256: {request.sha256 or '(computed)'}\n\n"
-                f"requested by: {request.requested_by}"
-            ),
-        )
-    except WorkflowAlreadyStartedError:
-        raise CliExit(
-            EXIT_BAD_INPUT,
-            f"a rebuild of {request.instance} on {request.host} is already running "
-            f"(workflow {workflow_id}); see: rebuild status {request.instance} --host {request.host}",
-        ) from None
+    handle = await start_rebuild(client, request)
     if not wait:
         if as_json:
             print(json.dumps({"workflow_id": handle.id, "run_id": handle.result_run_id}))
@@ -301,68 +300,77 @@ def status(
     _run(_status(instance, host, address, as_json))
 
 
-async def _latest_rebuild(
-    client: Client, instance: str, host: str
-) -> tuple[WorkflowHandle[Any, Any], WorkflowExecutionDescription]:
-    """The instance's latest rebuild, or a clear "unknown" for the operator."""
-    handle = client.get_workflow_handle(rebuild_workflow_id(host, instance))
-    try:
-        return handle, await handle.describe()
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise CliExit(EXIT_BAD_INPUT, f"no rebuild of {instance} on {host} is known") from None
-        raise
-
-
 async def _status(instance: str, host: str, address: str | None, as_json: bool) -> int:
     client = await connect(address)
-    handle, description = await _latest_rebuild(client, instance, host)
-    state = await _query_status(client, handle)
-    pending = [
-        {
-            "activity": p.activity_type.name,
-            "attempt": p.attempt,
-            "last_error": p.last_failure.message if p.HasField("last_failure") else None,
-        }
-        for p in description.raw_description.pending_activities
-    ]
-    workflow_status = description.status.name if description.status else "UNKNOWN"
+    described = await describe_rebuild(client, instance, host)
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "workflow_id": handle.id,
-                    "workflow_status": workflow_status,
-                    "status": state.model_dump(mode="json") if state else None,
-                    "pending_activities": pending,
-                }
-            )
-        )
+        print(described.model_dump_json())
         return EXIT_REBUILT
-    out.print(f"{handle.id}: {workflow_status}")
+    out.print(f"{described.workflow_id}: {described.workflow_status}")
+    state = described.status
     if state:
         out.print(f"  phase: {state.phase.value}")
-        out.print(f"  image: {state.image_url}")
+        out.print(f"  image: {state.image_url}", markup=False)
         if state.step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in state.step_seconds.items())
             out.print(f"  steps: {timings}")
         if state.last_error:
             out.print(f"  last error: {state.last_error}", markup=False)
-    for p in pending:
-        line = f"  running {p['activity']}, attempt {p['attempt']}"
-        if p["last_error"]:
-            line += f", last error: {p['last_error']}"
+        for ignored in state.ignored_signals:
+            out.print(f"  {ignored}", markup=False)
+    for p in described.pending_activities:
+        line = f"  running {p.activity}, attempt {p.attempt}"
+        if p.last_error:
+            line += f", last error: {p.last_error}"
         out.print(line, markup=False)
-    if description.status == WorkflowExecutionStatus.FAILED:
-        return EXIT_FAILED
-    return EXIT_REBUILT
+    return EXIT_FAILED if described.workflow_status == "FAILED" else EXIT_REBUILT
 
 
-async def _query_status(client: Client, handle: WorkflowHandle[Any, Any]) -> RebuildStatus | None:
-    try:
-        return await asyncio.wait_for(handle.query(RebuildInstance.status), 5)
-    except (RPCError, TimeoutError):
-        return None
+@app.command()
+def watch(
+    instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
+    host: HostOption = THIS_HOST,
+    address: AddressOption = None,
+) -> None:
+    """Follow a rebuild live: phase, a progress bar with bytes and speed while it downloads, step timings.
+
+    Ends when the rebuild ends; exit code as for `rebuild start --wait`. Example: rebuild watch web-1
+    """
+    _run(_watch(instance, host, address))
+
+
+async def _watch(instance: str, host: str, address: str | None) -> int:
+    client = await connect(address)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=out, transient=False) as progress:
+        task = progress.add_task("inspect", total=None)
+        while True:
+            described = await describe_rebuild(client, instance, host)
+            state = described.status
+            phase = state.phase.value if state else "?"
+            fetch = next((p for p in described.pending_activities if p.progress_bytes is not None), None)
+            timings = ", ".join(f"{k} {v:.1f}s" for k, v in state.step_seconds.items()) if state else ""
+            retry = next((p for p in described.pending_activities if p.attempt > 1), None)
+            note = f" (attempt {retry.attempt}: {retry.last_error})" if retry else ""
+            progress.update(
+                task,
+                description=f"{phase}{note}  {timings}",
+                completed=fetch.progress_bytes if fetch else None,
+                total=fetch.total_bytes if fetch else None,
+            )
+            if described.workflow_status != "RUNNING":
+                break
+            await asyncio.sleep(0.5)
+    out.print(f"{described.workflow_id}: {described.workflow_status}")
+    if state and state.last_error:
+        out.print(f"  {state.last_error}", markup=False)
+    return EXIT_REBUILT if described.workflow_status == "COMPLETED" else EXIT_FAILED
 
 
 @app.command()
@@ -390,19 +398,82 @@ def abort(
 
 async def _abort(instance: str, host: str, request: AbortRequest, address: str | None, as_json: bool) -> int:
     client = await connect(address)
-    handle, description = await _latest_rebuild(client, instance, host)
-    if description.status != WorkflowExecutionStatus.RUNNING:
-        raise CliExit(EXIT_BAD_INPUT, f"no rebuild of {instance} on {host} is running") from None
-    answer = await handle.execute_update(RebuildInstance.abort_rebuild, request)
+    answer = await abort_rebuild(client, instance, host, request)
     if as_json:
         print(answer.model_dump_json())
     elif answer.accepted:
-        out.print(
-            f"abort accepted in phase {answer.phase.value}; see: rebuild status {instance} --host {host}"
-        )
+        phase = answer.phase.value
+        out.print(f"abort accepted in phase {phase}; see: rebuild status {instance} --host {host}")
     else:
         err.print(f"rebuild: abort refused: {answer.message}", markup=False)
     return EXIT_REBUILT if answer.accepted else EXIT_FAILED
+
+
+def _decision_command(verdict: str, summary: str) -> None:
+    """approve, confirm and revert: one signal each, the same options."""
+
+    def command(
+        instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
+        reason: Annotated[str, typer.Option(help="Why, recorded in the workflow.")] = "",
+        host: HostOption = THIS_HOST,
+        requested_by: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "unknown"),
+        address: AddressOption = None,
+    ) -> None:
+        decision = Decision(reason=reason, requested_by=requested_by)
+        _run(_signal(instance, host, verdict, decision, address))
+
+    command.__doc__ = f"{summary}\n\nExample: rebuild {verdict} web-1 --host kvm-07"
+    app.command(verdict)(command)
+
+
+_decision_command(
+    "approve", "Approve a rebuild started with --require-approval: it may now stop the instance."
+)
+_decision_command("confirm", "Keep the new disk of a rebuild in its confirm window; the old one is removed.")
+_decision_command("revert", "Put the old disk back during the confirm window; the old image boots again.")
+
+
+async def _signal(instance: str, host: str, verdict: str, decision: Decision, address: str | None) -> int:
+    client = await connect(address)
+    workflow_id = await send_decision(client, instance, host, verdict, decision)
+    out.print(f"sent {verdict} to {workflow_id}; see: rebuild status {instance} --host {host}")
+    return EXIT_REBUILT
+
+
+@app.command("list")
+def list_command(
+    phase: Annotated[
+        str | None, typer.Option(help="Only rebuilds in this phase (e.g. stop, await-approval).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Only rebuilds on this hypervisor.")] = None,
+    running: Annotated[bool, typer.Option("--running", help="Only rebuilds still running.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List rebuilds through Temporal's visibility (search attributes), newest first.
+
+    Example: rebuild list --phase await-approval --running
+    """
+    try:
+        query = list_query(phase, host, running)
+    except BadFilter as exc:
+        err.print(f"rebuild: {exc}", markup=False)
+        _finish(EXIT_BAD_INPUT)
+    _run(_list(query, limit, address, as_json))
+
+
+async def _list(query: str, limit: int, address: str | None, as_json: bool) -> int:
+    client = await connect(address)
+    rows = await list_rebuilds(client, query, limit)
+    if as_json:
+        print(json.dumps([row.model_dump() for row in rows]))
+        return EXIT_REBUILT
+    table = Table("instance", "host", "phase", "status", "started", box=None)
+    for row in rows:
+        table.add_row(str(row.instance), str(row.host), str(row.phase), str(row.status), row.started)
+    out.print(table)
+    return EXIT_REBUILT
 
 
 cache_app = typer.Typer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 
 DEFAULT_ADDRESS = "localhost:7233"
 
@@ -13,7 +14,9 @@ class TemporalUnavailable(Exception):
     """The Temporal server could not be reached at the configured address."""
 
 
-async def connect(address: str | None = None, namespace: str | None = None) -> Client:
+async def connect(
+    address: str | None = None, namespace: str | None = None, runtime: Runtime | None = None
+) -> Client:
     """Connect using ``temporalio.envconfig`` (``TEMPORAL_ADDRESS``, profiles), then overrides."""
     config = ClientConfig.load_client_connect_config()
     config.setdefault("target_host", DEFAULT_ADDRESS)
@@ -22,6 +25,11 @@ async def connect(address: str | None = None, namespace: str | None = None) -> C
     if namespace:
         config["namespace"] = namespace
     try:
-        return await Client.connect(**config, data_converter=pydantic_data_converter)
+        return await Client.connect(**config, data_converter=pydantic_data_converter, runtime=runtime)
     except RuntimeError as err:
         raise TemporalUnavailable(f"cannot reach Temporal at {config['target_host']}: {err}") from None
+
+
+def prometheus_runtime(bind_address: str) -> Runtime:
+    """A runtime whose metrics (the SDK's and the project's own) are served for Prometheus."""
+    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address)))

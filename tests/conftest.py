@@ -16,10 +16,14 @@ import libvirt
 import pytest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
 
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, DevServerError, free_port
 from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess
+from tests.fake_host import FakeHost
+from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
+from workflows.rebuild import RebuildInstance
 
 
 @pytest.fixture(scope="session")
@@ -114,3 +118,14 @@ async def images(tmp_path: Path) -> AsyncIterator[ImageServer]:
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def fake_host(client: Client, unique_host: str) -> AsyncIterator[FakeHost]:
+    """A fake host behind the shared workflow queue, as `rebuild start` uses it."""
+    fake = FakeHost()
+    async with (
+        Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance]),
+        Worker(client, task_queue=host_task_queue(unique_host), activities=fake.activities()),
+    ):
+        yield fake

@@ -155,7 +155,7 @@ async def test_temporal_restart_mid_rebuild_then_rebuild_finishes(
         (Fault(drop_at_fraction=0.5), "dropped at 50 %"),
         (Fault(statuses=[500]), "HTTP 500 then OK"),
         (Fault(truncate_at_fraction=0.6), "body cut short under a correct Content-Length"),
-        (Fault(seconds_per_chunk=0.1), "slow body, longer than the heartbeat timeout"),
+        (Fault(seconds_per_chunk=0.016), "slow body, longer than the heartbeat timeout"),
         (Fault(stall_at_fraction=0.5), "stalled body"),
     ],
     ids=["drop", "500", "truncated", "slow", "stall"],
@@ -173,7 +173,8 @@ async def test_image_server_faults_are_survived(
 ) -> None:
     guest = make_guest(libvirt_conn, guest_dir)
     guests.append(guest)
-    url, sha = serve(images, "image B", "raw", size=12 << 20)
+    size = 48 << 20
+    url, sha = serve(images, "image B", "raw", size=size)
     images.faults["image-B.raw"] = fault
     began = time.monotonic()
     result = await rebuild_cli(dev_server.address, *start_args(guest, worker, url, sha, "--wait", "--json"))
@@ -183,8 +184,8 @@ async def test_image_server_faults_are_survived(
     assert_nothing_left(guest, worker)
     if fault.drop_at_fraction is not None:
         # Resumed with Range: only what was in flight when the connection dropped came twice.
-        again = images.bytes_sent("image-B.raw") - (12 << 20)
-        assert again <= 0.05 * (12 << 20), f"{again} bytes downloaded twice"
+        again = images.bytes_sent("image-B.raw") - size
+        assert again <= 0.05 * size, f"{again} bytes downloaded twice"
     if fault.seconds_per_chunk:
         assert time.monotonic() - began > 10, "the slow body should outlast one heartbeat timeout"
         assert len([r for r in images.requests if r.path == "image-B.raw"]) == 1, "slow is not dead"

@@ -16,6 +16,7 @@ from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlre
 from tests.fake_host import SHA, FakeHost, request_for, running_workers
 from workflows.models import (
     AbortRequest,
+    Decision,
     Outcome,
     Phase,
     RebuildRequest,
@@ -282,3 +283,141 @@ async def test_abort_during_cleanup_is_refused_and_recorded(client: Client, uniq
     assert result.outcome == Outcome.REBUILT
     assert len(status.ignored_signals) == 2
     assert status.abort_reason is None
+
+
+async def wait_for_phase(handle: WorkflowHandle[RebuildInstance, RebuildResult], phase: Phase) -> None:
+    for _ in range(200):
+        if (await handle.query(RebuildInstance.status)).phase == phase:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never reached phase {phase}")
+
+
+async def test_approval_lets_the_rebuild_stop_the_instance(client: Client, unique_host: str) -> None:
+    fake = FakeHost()
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host, require_approval=True))
+        await wait_for_phase(handle, Phase.AWAIT_APPROVAL)
+        assert fake.calls == BEFORE_STOP
+        await handle.signal(RebuildInstance.approve, Decision(requested_by="ops"))
+        result = await handle.result()
+        await record_history(handle, "rebuild-approved")
+    assert result.outcome == Outcome.REBUILT
+    assert fake.calls == MAIN_PATH
+    assert "await-approval" in result.step_seconds
+
+
+async def test_no_approval_in_time_changes_nothing(client: Client, unique_host: str) -> None:
+    fake = FakeHost()
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(
+            client, queue, request_for(unique_host, require_approval=True, approval_timeout_seconds=1)
+        )
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+    error, result = rolled_back(caught.value)
+    assert "no approval within 1 s" in error.message
+    assert "nothing was changed" in error.message
+    assert result.error_type == "ApprovalTimeout"
+    assert fake.calls == BEFORE_STOP
+
+
+@pytest.mark.parametrize("verdict", ["confirm", "revert"])
+async def test_confirm_window_keeps_or_reverts(client: Client, unique_host: str, verdict: str) -> None:
+    fake = FakeHost()
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host, confirm_within_seconds=60))
+        await wait_for_phase(handle, Phase.CONFIRM_WINDOW)
+        assert "remove_backup" not in fake.calls  # the old disk waits as a backup
+        signal = RebuildInstance.confirm if verdict == "confirm" else RebuildInstance.revert
+        await handle.signal(signal, Decision(reason="looks wrong", requested_by="qa"))
+        if verdict == "confirm":
+            assert (await handle.result()).outcome == Outcome.REBUILT
+            assert fake.calls[-2:] == ["remove_backup", "record_image"]
+            return
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+        await record_history(handle, "rebuild-reverted-in-confirm-window")
+    error, result = rolled_back(caught.value)
+    assert "reverted: looks wrong (by qa)" in error.message
+    assert result.error_type == "Reverted"
+    assert fake.calls[-3:] == ["stop_instance", "restore_root_disk", "start_instance"]
+
+
+@pytest.mark.parametrize(("revert_by_default", "outcome"), [(False, "rebuilt"), (True, "rolled-back")])
+async def test_confirm_window_end_decides_by_default(
+    client: Client, unique_host: str, revert_by_default: bool, outcome: str
+) -> None:
+    fake = FakeHost()
+    request = request_for(unique_host, confirm_within_seconds=1, revert_by_default=revert_by_default)
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request)
+        try:
+            got = (await handle.result()).outcome
+        except WorkflowFailureError as failure:
+            got = rolled_back(failure)[1].outcome
+    assert got == outcome
+
+
+async def test_signals_out_of_their_phase_are_ignored_with_a_reason(client: Client, unique_host: str) -> None:
+    fake = FakeHost()
+    fake.hold("prepare_root_disk")
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host, confirm_within_seconds=60))
+        await asyncio.wait_for(fake.reached["prepare_root_disk"].wait(), 10)
+        await handle.signal(RebuildInstance.approve, Decision())
+        await handle.signal(RebuildInstance.confirm, Decision())
+        fake.release("prepare_root_disk")
+        await wait_for_phase(handle, Phase.CONFIRM_WINDOW)
+        await handle.signal(RebuildInstance.confirm, Decision())
+        await handle.signal(RebuildInstance.revert, Decision())
+        result = await handle.result()
+        status = await handle.query(RebuildInstance.status)
+    assert result.outcome == Outcome.REBUILT
+    assert status.ignored_signals[:2] == [
+        "approve in phase prepare ignored: this rebuild does not wait for approval",
+        "confirm in phase prepare ignored: only meaningful in the confirm window",
+    ]
+    # The revert came after the confirm: still in the window (already decided) or past it.
+    assert status.ignored_signals[2] in (
+        "revert in phase confirm-window ignored: already decided: confirm",
+        "revert in phase cleanup ignored: only meaningful in the confirm window",
+        "revert in phase done ignored: only meaningful in the confirm window",
+    )
+
+
+PHASE_OF = {
+    "inspect_instance": (Phase.INSPECT, Outcome.UNCHANGED),
+    "fetch_image": (Phase.FETCH, Outcome.UNCHANGED),
+    "check_image": (Phase.CHECK, Outcome.UNCHANGED),
+    "stop_instance": (Phase.STOP, Outcome.ROLLED_BACK),
+    "prepare_root_disk": (Phase.PREPARE, Outcome.ROLLED_BACK),
+    "start_instance": (Phase.START, Outcome.ROLLED_BACK),
+    "verify_instance": (Phase.VERIFY, Outcome.ROLLED_BACK),
+    "remove_backup": (Phase.CLEANUP, Outcome.REBUILT),
+}
+
+
+@pytest.mark.parametrize("activity", list(PHASE_OF))
+async def test_every_signal_in_every_phase(client: Client, unique_host: str, activity: str) -> None:
+    """approve/confirm/revert mean nothing here and are recorded; abort is accepted until cleanup."""
+    phase, outcome = PHASE_OF[activity]
+    fake = FakeHost()
+    fake.hold(activity)
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host))
+        await asyncio.wait_for(fake.reached[activity].wait(), 10)
+        for signal in (RebuildInstance.approve, RebuildInstance.confirm, RebuildInstance.revert):
+            await handle.signal(signal, Decision())
+        answer = await handle.execute_update(RebuildInstance.abort_rebuild, AbortRequest(reason="now"))
+        status = await handle.query(RebuildInstance.status)
+        fake.release(activity)
+        try:
+            got = (await handle.result()).outcome
+        except WorkflowFailureError as failure:
+            got = rolled_back(failure)[1].outcome
+    assert answer.phase == phase
+    assert answer.accepted == (phase != Phase.CLEANUP)
+    assert got == outcome
+    ignored = [entry.split(" in phase ")[0] for entry in status.ignored_signals]
+    assert ignored == ["approve", "confirm", "revert"] + ([] if answer.accepted else ["abort"])

@@ -43,10 +43,12 @@ class Phase(StrEnum):
     RESOLVE = "resolve"
     FETCH = "fetch"
     CHECK = "check"
+    AWAIT_APPROVAL = "await-approval"
     STOP = "stop"
     PREPARE = "prepare"
     START = "start"
     VERIFY = "verify"
+    CONFIRM_WINDOW = "confirm-window"
     CLEANUP = "cleanup"
     ROLLBACK = "rollback"
     DONE = "done"
@@ -88,6 +90,12 @@ class RebuildRequest(_Model):
     disk_format: DiskFormat | None = None
     glance_url: str | None = None
     glance_image_id: str | None = None
+    # Wait for an `approve` signal after fetch and check, before anything changes.
+    require_approval: bool = False
+    approval_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    # Keep the old disk after the new one boots until `confirm`, `revert` or the window's end.
+    confirm_within_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
+    revert_by_default: bool = False
 
     @field_validator("instance")
     @classmethod
@@ -304,6 +312,13 @@ class RecordImageInput(_Model):
 
 class AbortRequest(_Model):
     reason: str = Field(min_length=1, max_length=500)
+    requested_by: str = "unknown"
+
+
+class Decision(_Model):
+    """An operator's or a service's word on a waiting rebuild: approve, confirm or revert."""
+
+    reason: str = Field(default="", max_length=500)
     requested_by: str = "unknown"
 
 

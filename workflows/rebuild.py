@@ -9,6 +9,7 @@ it acts; a step that fails for good, or a cancellation, runs the undos in revers
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         AbortAnswer,
         AbortRequest,
         CheckImageInput,
+        Decision,
         FetchImageInput,
         InspectInstanceInput,
         Outcome,
@@ -77,11 +79,17 @@ ABORTABLE = frozenset(
         Phase.RESOLVE,
         Phase.FETCH,
         Phase.CHECK,
+        Phase.AWAIT_APPROVAL,
         Phase.STOP,
         Phase.PREPARE,
         Phase.START,
         Phase.VERIFY,
+        Phase.CONFIRM_WINDOW,
     }
+)
+# Where an early `approve` still counts: before and while the rebuild waits for it.
+APPROVABLE = frozenset(
+    {Phase.PENDING, Phase.INSPECT, Phase.RESOLVE, Phase.FETCH, Phase.CHECK, Phase.AWAIT_APPROVAL}
 )
 
 INSPECT = StepOptions(start_to_close=timedelta(seconds=30), maximum_attempts=5)
@@ -97,6 +105,10 @@ UNDO = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seco
 
 class _Aborted(Exception):
     """Raised inside the workflow when an accepted abort must stop the rebuild between steps."""
+
+
+class _Reverted(Exception):
+    """Raised when the confirm window ends in a revert: the undos put the old disk back."""
 
 
 class _Undo:
@@ -121,6 +133,8 @@ class RebuildInstance:
         self._current: workflow.ActivityHandle[Any] | None = None
         self._abort_reason: str | None = None
         self._ignored_signals: list[str] = []
+        self._approved_by: str | None = None
+        self._decision: tuple[str, str] | None = None
 
     @workflow.query
     def status(self) -> RebuildStatus:
@@ -148,6 +162,37 @@ class RebuildInstance:
         """The same as the ``abort`` signal, but the caller learns whether it was accepted."""
         return self._try_abort(request)
 
+    @workflow.signal
+    def approve(self, decision: Decision) -> None:
+        """Let a rebuild that asked for approval go on to stop the instance."""
+        if not self._request.require_approval:
+            self._ignore("approve", "this rebuild does not wait for approval")
+        elif self._phase not in APPROVABLE:
+            self._ignore("approve", "the rebuild is past its approval")
+        elif self._approved_by is None:
+            self._approved_by = decision.requested_by
+
+    @workflow.signal
+    def confirm(self, decision: Decision) -> None:
+        """Keep the new disk now: the backup of the old one is removed."""
+        self._decide("confirm", decision)
+
+    @workflow.signal
+    def revert(self, decision: Decision) -> None:
+        """Put the old disk back; the instance boots its old image again."""
+        self._decide("revert", decision)
+
+    def _decide(self, verdict: str, decision: Decision) -> None:
+        if self._phase != Phase.CONFIRM_WINDOW:
+            self._ignore(verdict, "only meaningful in the confirm window")
+        elif self._decision is not None:
+            self._ignore(verdict, f"already decided: {self._decision[0]}")
+        else:
+            self._decision = (verdict, f"{decision.reason or verdict} (by {decision.requested_by})")
+
+    def _ignore(self, signal: str, why: str) -> None:
+        self._ignored_signals.append(f"{signal} in phase {self._phase.value} ignored: {why}")
+
     def _try_abort(self, request: AbortRequest) -> AbortAnswer:
         if self._abort_reason is not None:
             message = f"already aborting: {self._abort_reason}"
@@ -159,13 +204,14 @@ class RebuildInstance:
             if self._current is not None:
                 self._current.cancel()
             return AbortAnswer(accepted=True, phase=self._phase, message="abort accepted")
-        self._ignored_signals.append(f"abort in phase {self._phase.value} ignored: {message}")
+        self._ignore("abort", message)
         return AbortAnswer(accepted=False, phase=self._phase, message=message)
 
     @workflow.run
     async def run(self, request: RebuildRequest) -> RebuildResult:
         rebuild_id = workflow.info().run_id
         instance = request.instance
+        _count("rebuilds_started")
         try:
             info = await self._step(
                 Phase.INSPECT,
@@ -198,6 +244,9 @@ class RebuildInstance:
                 ),
                 CHECK,
             )
+
+            if request.require_approval:
+                await self._await_approval(request)
 
             if info.was_running:
                 self._push("start instance again", self._undo_stop)
@@ -257,7 +306,16 @@ class RebuildInstance:
                         maximum_attempts=3,
                     ),
                 )
-        except (ActivityError, ApplicationError, CancelledError, asyncio.CancelledError, _Aborted) as err:
+            if request.confirm_within_seconds is not None:
+                await self._confirm_window(request.confirm_within_seconds, request.revert_by_default)
+        except (
+            ActivityError,
+            ApplicationError,
+            CancelledError,
+            asyncio.CancelledError,
+            _Aborted,
+            _Reverted,
+        ) as err:
             await self._fail(err)
             raise AssertionError("unreachable") from None
 
@@ -281,6 +339,7 @@ class RebuildInstance:
             CLEANUP,
         )
         self._enter(Phase.DONE)
+        _count("rebuilds_finished")
         return RebuildResult(
             instance=instance,
             host=request.host,
@@ -291,6 +350,46 @@ class RebuildInstance:
             downtime_seconds=downtime,
             forced_stop=stopped.forced,
         )
+
+    async def _await_approval(self, request: RebuildRequest) -> None:
+        """Nothing has changed yet; without an approval in time, nothing will."""
+        self._enter(Phase.AWAIT_APPROVAL)
+        began = workflow.now()
+        try:
+            await workflow.wait_condition(
+                lambda: self._approved_by is not None or self._abort_reason is not None,
+                timeout=timedelta(seconds=request.approval_timeout_seconds),
+            )
+        except builtins.TimeoutError:
+            raise ApplicationError(
+                f"no approval within {request.approval_timeout_seconds:g} s",
+                type="ApprovalTimeout",
+                non_retryable=True,
+            ) from None
+        finally:
+            self._step_seconds[Phase.AWAIT_APPROVAL.value] = (workflow.now() - began).total_seconds()
+        if self._abort_reason is not None:
+            raise _Aborted()
+
+    async def _confirm_window(self, seconds: float, revert_by_default: bool) -> None:
+        """The new image runs; the old disk waits as a backup for `confirm`, `revert` or the end."""
+        self._enter(Phase.CONFIRM_WINDOW)
+        began = workflow.now()
+        try:
+            await workflow.wait_condition(
+                lambda: self._decision is not None or self._abort_reason is not None,
+                timeout=timedelta(seconds=seconds),
+            )
+        except builtins.TimeoutError:
+            verdict = "revert" if revert_by_default else "confirm"
+            self._decision = (verdict, f"{verdict} by default: the {seconds:g} s window ended")
+        finally:
+            self._step_seconds[Phase.CONFIRM_WINDOW.value] = (workflow.now() - began).total_seconds()
+        if self._abort_reason is not None:
+            raise _Aborted()
+        assert self._decision is not None
+        if self._decision[0] == "revert":
+            raise _Reverted(self._decision[1])
 
     async def _image_source(self, request: RebuildRequest) -> ResolvedImage:
         """Where the image comes from and what it must be: the request, or its Glance record.
@@ -352,6 +451,9 @@ class RebuildInstance:
             self._current = None
             elapsed = (workflow.now() - began).total_seconds()
             self._step_seconds[phase.value] = self._step_seconds.get(phase.value, 0.0) + elapsed
+            workflow.metric_meter().create_histogram_float(
+                "rebuild_step_seconds", "Duration of each rebuild step", "s"
+            ).record(elapsed, {"step": phase.value})
         if self._abort_reason is not None and phase in ABORTABLE:
             # The abort came while the step finished anyway: it still wins.
             raise _Aborted()
@@ -383,9 +485,12 @@ class RebuildInstance:
         failed_step = self._phase
         if self._abort_reason is not None:
             self._last_error, self._last_error_type = f"aborted: {self._abort_reason}", "Aborted"
+        elif isinstance(err, _Reverted):
+            self._last_error, self._last_error_type = f"reverted: {err}", "Reverted"
         else:
             self._last_error, self._last_error_type = describe(err)
         if not self._undo:
+            _count("rebuilds_failed_unchanged")
             self._enter(Phase.FAILED)
             raise ApplicationError(
                 f"rebuild of {self._request.instance} failed at {failed_step.value}: "
@@ -419,6 +524,7 @@ class RebuildInstance:
             key = Phase.ROLLBACK.value
             self._step_seconds[key] = self._step_seconds.get(key, 0.0) + elapsed
         self._enter(Phase.ROLLED_BACK)
+        _count("rebuilds_rolled_back")
         raise ApplicationError(
             f"rebuild of {self._request.instance} failed at {failed_step.value}: "
             f"{self._last_error}; the instance was rolled back to its old root disk",
@@ -465,6 +571,11 @@ class RebuildInstance:
             HypervisorActivities.stop_instance,
             StopInstanceInput(instance=self._request.instance, timeout_seconds=0),
         )
+
+
+def _count(name: str) -> None:
+    """The project's own counters, next to the SDK's (replay-safe: the meter skips replays)."""
+    workflow.metric_meter().create_counter(name, f"Rebuilds: {name.removeprefix('rebuilds_')}").add(1)
 
 
 def describe(err: BaseException) -> tuple[str, str]:
