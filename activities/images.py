@@ -43,9 +43,10 @@ from activities.state import StateDir, fsync_dir
 from workflows.models import CachedImage, CheckedImage, CheckImageInput, FetchImageInput, FetchProgress
 
 CHUNK_BYTES = 1 << 20
-# Chosen by bench/download.py: 1 MiB reads as fast as 4 MiB on loopback (and far faster than 64 KiB),
-# and bounds what a dropped connection throws away: aiohttp drops its unread buffer with the error.
-READ_BUFFER_BYTES = 1 << 20
+# Measured with bench/download.py's server: with writing and hashing off the loop, 256 KiB reads as
+# fast as 1 or 4 MiB. Small matters: on a dropped connection aiohttp raises before handing over what
+# it still buffers (up to twice this), and those bytes are fetched again.
+READ_BUFFER_BYTES = 256 << 10
 HEARTBEAT_EVERY_SECONDS = 1.0
 T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")

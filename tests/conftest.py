@@ -20,7 +20,7 @@ from temporalio.worker import Worker
 
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, DevServerError, free_port
-from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess
+from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess, make_guest
 from tests.fake_host import FakeHost
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
@@ -92,6 +92,14 @@ def guests(libvirt_conn: Any) -> Iterator[list[Guest]]:
     yield made
     for guest in made:
         guest.remove()
+
+
+@pytest.fixture
+def guest(libvirt_conn: Any, guest_dir: Path, guests: list[Guest]) -> Guest:
+    """A running real guest whose boot sector prints "image A", removed after the test."""
+    made = make_guest(libvirt_conn, guest_dir)
+    guests.append(made)
+    return made
 
 
 @pytest.fixture

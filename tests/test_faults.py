@@ -24,7 +24,6 @@ from devtools.temporal_dev import DevServer, free_port
 from tests.e2e_support import (
     Guest,
     WorkerProcess,
-    make_guest,
     rebuild_cli,
     serve,
     wait_for_file,
@@ -90,17 +89,13 @@ KILL_POINTS = [
 
 @pytest.mark.parametrize("point", KILL_POINTS)
 async def test_worker_killed_in_each_phase_then_rebuild_finishes(
-    libvirt_conn: Any,
     client: Client,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     worker: WorkerProcess,
     images: ImageServer,
     dev_server: DevServer,
     point: str,
 ) -> None:
-    guest = make_guest(libvirt_conn, guest_dir)
-    guests.append(guest)
     await rebuild_until_paused(guest, worker, images, dev_server, point)
     worker.kill()
     assert_disk_bootable(guest)
@@ -118,9 +113,7 @@ async def test_worker_killed_in_each_phase_then_rebuild_finishes(
 
 
 async def test_temporal_restart_mid_rebuild_then_rebuild_finishes(
-    libvirt_conn: Any,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     unique_host: str,
     images: ImageServer,
     tmp_path: Path,
@@ -133,8 +126,6 @@ async def test_temporal_restart_mid_rebuild_then_rebuild_finishes(
     own.pause_dir.mkdir()  # type: ignore[union-attr]
     own.start()
     try:
-        guest = make_guest(libvirt_conn, guest_dir)
-        guests.append(guest)
         await rebuild_until_paused(guest, own, images, server, "prepare.after-backup")
         server.stop()
         server.start()
@@ -161,18 +152,14 @@ async def test_temporal_restart_mid_rebuild_then_rebuild_finishes(
     ids=["drop", "500", "truncated", "slow", "stall"],
 )
 async def test_image_server_faults_are_survived(
-    libvirt_conn: Any,
     client: Client,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     worker: WorkerProcess,
     images: ImageServer,
     dev_server: DevServer,
     fault: Fault,
     name: str,
 ) -> None:
-    guest = make_guest(libvirt_conn, guest_dir)
-    guests.append(guest)
     size = 48 << 20
     url, sha = serve(images, "image B", "raw", size=size)
     images.faults["image-B.raw"] = fault
@@ -192,15 +179,11 @@ async def test_image_server_faults_are_survived(
 
 
 async def test_server_that_ignores_range_still_gives_the_right_image(
-    libvirt_conn: Any,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     worker: WorkerProcess,
     images: ImageServer,
     dev_server: DevServer,
 ) -> None:
-    guest = make_guest(libvirt_conn, guest_dir)
-    guests.append(guest)
     url, sha = serve(images, "image B", "raw", size=12 << 20)
     images.faults["image-B.raw"] = Fault(drop_at_fraction=0.5, then=Fault(ignore_range=True))
     result = await rebuild_cli(dev_server.address, *start_args(guest, worker, url, sha, "--wait"))
@@ -218,17 +201,13 @@ async def test_server_that_ignores_range_still_gives_the_right_image(
     ids=["not-found", "wrong-sha256"],
 )
 async def test_bad_image_fails_fast_and_never_stops_the_instance(
-    libvirt_conn: Any,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     worker: WorkerProcess,
     images: ImageServer,
     dev_server: DevServer,
     serve_wrong: str,
     error: str,
 ) -> None:
-    guest = make_guest(libvirt_conn, guest_dir)
-    guests.append(guest)
     disk_before = guest.disk.read_bytes()
     boots_before = guest.console().count("image A")
     url, sha = serve(images, "image B", "raw")
@@ -250,17 +229,13 @@ async def test_bad_image_fails_fast_and_never_stops_the_instance(
 
 @pytest.mark.parametrize("point", ["check.before-inspect", "prepare.after-backup", "start.after-create"])
 async def test_abort_from_the_cli_in_each_phase(
-    libvirt_conn: Any,
     client: Client,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     worker: WorkerProcess,
     images: ImageServer,
     dev_server: DevServer,
     point: str,
 ) -> None:
-    guest = make_guest(libvirt_conn, guest_dir)
-    guests.append(guest)
     disk_before = guest.disk.read_bytes()
     boots_before = guest.console().count("image A")
     await rebuild_until_paused(guest, worker, images, dev_server, point)
@@ -288,16 +263,12 @@ async def test_abort_from_the_cli_in_each_phase(
 
 
 async def test_compensation_survives_a_worker_crash(
-    libvirt_conn: Any,
     client: Client,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     worker: WorkerProcess,
     images: ImageServer,
     dev_server: DevServer,
 ) -> None:
-    guest = make_guest(libvirt_conn, guest_dir)
-    guests.append(guest)
     disk_before = guest.disk.read_bytes()
     assert worker.pause_dir is not None
     (worker.pause_dir / "restore.before-swap").touch()
@@ -321,16 +292,12 @@ async def test_compensation_survives_a_worker_crash(
 
 
 async def test_libvirt_refusing_to_start_rolls_back(
-    libvirt_conn: Any,
     client: Client,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     worker: WorkerProcess,
     images: ImageServer,
     dev_server: DevServer,
 ) -> None:
-    guest = make_guest(libvirt_conn, guest_dir)
-    guests.append(guest)
     disk_before = guest.disk.read_bytes()
     _, sha = await rebuild_until_paused(guest, worker, images, dev_server, "prepare.after-new-disk")
     # The overlay's base image vanishes: QEMU cannot open the new disk, libvirt refuses the start.
@@ -362,9 +329,7 @@ def tiny_state_dir(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.parametrize("announce_length", [True, False], ids=["content-length", "no-length"])
 async def test_host_out_of_space_fails_before_stop(
-    libvirt_conn: Any,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     dev_server: DevServer,
     unique_host: str,
     images: ImageServer,
@@ -375,8 +340,6 @@ async def test_host_out_of_space_fails_before_stop(
     own = WorkerProcess(unique_host, tiny_state_dir, dev_server.address, tmp_path / "w.log")
     own.start()
     try:
-        guest = make_guest(libvirt_conn, guest_dir)
-        guests.append(guest)
         boots_before = guest.console().count("image A")
         url, sha = serve(images, "image B", "raw", size=16 << 20)
         if not announce_length:
@@ -393,16 +356,12 @@ async def test_host_out_of_space_fails_before_stop(
 
 
 async def test_status_shows_attempts_and_last_error_while_retrying(
-    libvirt_conn: Any,
     client: Client,
-    guests: list[Guest],
-    guest_dir: Path,
+    guest: Guest,
     worker: WorkerProcess,
     images: ImageServer,
     dev_server: DevServer,
 ) -> None:
-    guest = make_guest(libvirt_conn, guest_dir)
-    guests.append(guest)
     url, sha = serve(images, "image B", "raw")
     images.faults["image-B.raw"] = Fault(statuses=[503] * 3)
     started = await rebuild_cli(dev_server.address, *start_args(guest, worker, url, sha))
