@@ -7,6 +7,7 @@ malformed URL or hash, a rebuild already running), 3 Temporal unreachable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,6 +49,7 @@ from starter.rebuilds import (
     UnknownRebuild,
     abort_rebuild,
     describe_rebuild,
+    latest_rebuild,
     list_query,
     list_rebuilds,
     send_decision,
@@ -331,16 +333,25 @@ def watch(
     instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
     host: HostOption = THIS_HOST,
     address: AddressOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Follow a rebuild live: phase, a progress bar with bytes and speed while it downloads, step timings.
 
-    Ends when the rebuild ends; exit code as for `rebuild start --wait`. Example: rebuild watch web-1
+    Ends when the rebuild ends (with --json: prints its final status as JSON); exit code as for
+    `rebuild start --wait`. Example: rebuild watch web-1
     """
-    _run(_watch(instance, host, address))
+    _run(_watch(instance, host, address, as_json))
 
 
-async def _watch(instance: str, host: str, address: str | None) -> int:
+async def _watch(instance: str, host: str, address: str | None, as_json: bool) -> int:
     client = await connect(address)
+    if as_json:
+        handle, _ = await latest_rebuild(client, instance, host)
+        with contextlib.suppress(WorkflowFailureError):
+            await handle.result()
+        described = await describe_rebuild(client, instance, host)
+        print(described.model_dump_json())
+        return EXIT_REBUILT if described.workflow_status == "COMPLETED" else EXIT_FAILED
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -418,9 +429,10 @@ def _decision_command(verdict: str, summary: str) -> None:
         host: HostOption = THIS_HOST,
         requested_by: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "unknown"),
         address: AddressOption = None,
+        as_json: JsonOption = False,
     ) -> None:
         decision = Decision(reason=reason, requested_by=requested_by)
-        _run(_signal(instance, host, verdict, decision, address))
+        _run(_signal(instance, host, verdict, decision, address, as_json))
 
     command.__doc__ = f"{summary}\n\nExample: rebuild {verdict} web-1 --host kvm-07"
     app.command(verdict)(command)
@@ -433,10 +445,15 @@ _decision_command("confirm", "Keep the new disk of a rebuild in its confirm wind
 _decision_command("revert", "Put the old disk back during the confirm window; the old image boots again.")
 
 
-async def _signal(instance: str, host: str, verdict: str, decision: Decision, address: str | None) -> int:
+async def _signal(
+    instance: str, host: str, verdict: str, decision: Decision, address: str | None, as_json: bool
+) -> int:
     client = await connect(address)
     workflow_id = await send_decision(client, instance, host, verdict, decision)
-    out.print(f"sent {verdict} to {workflow_id}; see: rebuild status {instance} --host {host}")
+    if as_json:
+        print(json.dumps({"workflow_id": workflow_id, "signal": verdict}))
+    else:
+        out.print(f"sent {verdict} to {workflow_id}; see: rebuild status {instance} --host {host}")
     return EXIT_REBUILT
 
 
