@@ -85,14 +85,24 @@ class DevServer:
                 start_new_session=detach,
             )
         deadline = time.monotonic() + timeout
-        while not port_open(self.port):
+        # An open port is not enough: clients fail with "Frontend is not healthy yet" until it serves.
+        while not (port_open(self.port) and self.healthy()):
             if self.process.poll() is not None:
                 raise DevServerError(
                     f"the Temporal dev server exited with code {self.process.returncode}; see {self.log_file}"
                 )
             if time.monotonic() > deadline:
-                raise DevServerError(f"the Temporal dev server did not listen on {self.address}")
+                raise DevServerError(f"the Temporal dev server did not become healthy on {self.address}")
             time.sleep(0.1)
+
+    def healthy(self) -> bool:
+        check = subprocess.run(
+            [temporal_binary(), "operator", "cluster", "health", "--address", self.address],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        return check.returncode == 0
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
