@@ -105,18 +105,19 @@ class DevServer:
         return check.returncode == 0
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+
+def stop_process(process: subprocess.Popen[bytes] | None, grace_seconds: float = 10) -> None:
+    """SIGTERM, then SIGKILL after the grace period; a process already gone is fine."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace_seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def pid_alive(pid: int) -> bool:

@@ -20,6 +20,7 @@ import libvirt
 
 from devtools.guest import domain_xml, write_image
 from devtools.image_server import ImageServer
+from devtools.temporal_dev import stop_process
 
 LIBVIRT_URI = "qemu:///system"
 BIN = Path(sys.executable).parent
@@ -155,13 +156,7 @@ class WorkerProcess:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 @dataclass
