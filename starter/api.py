@@ -34,6 +34,7 @@ from starter.rebuilds import (
     list_rebuilds,
     send_decision,
     start_rebuild,
+    validation_problems,
 )
 from workflows.models import AbortAnswer, AbortRequest, Decision, RebuildRequest
 
@@ -84,10 +85,7 @@ async def translate_errors(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ValidationError as exc:
-        problems = "; ".join(
-            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
-            for e in exc.errors()
-        )
+        problems = validation_problems(exc)
         return error(400, f"invalid request: {problems}")
     except (BadFilter, ValueError) as exc:
         return error(400, str(exc))

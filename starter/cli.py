@@ -54,6 +54,7 @@ from starter.rebuilds import (
     list_rebuilds,
     send_decision,
     start_rebuild,
+    validation_problems,
 )
 from workflows.models import (
     AbortRequest,
@@ -208,10 +209,7 @@ def start(
             requested_by=requested_by,
         )
     except ValidationError as exc:
-        problems = "; ".join(
-            (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
-            for e in exc.errors()
-        )
+        problems = validation_problems(exc)
         err.print(f"rebuild: invalid request: {problems}", markup=False)
         _finish(EXIT_BAD_INPUT)
     except CliExit as exc:

@@ -9,7 +9,7 @@ import asyncio
 import re
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
@@ -58,6 +58,14 @@ class RebuildNotRunning(Exception):
 
 class BadFilter(Exception):
     pass
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """One line naming each bad field and why, for operators and API callers alike."""
+    return "; ".join(
+        (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+        for e in exc.errors()
+    )
 
 
 class PendingActivity(BaseModel):
