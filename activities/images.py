@@ -165,6 +165,9 @@ class ImageActivities:
             partial.unlink(missing_ok=True)
             raise
         target = self.state.image_path(sha256)
+        # Cached images never change: read-only for everyone, QEMU's user included, which may read
+        # them as backing files without libvirt relabelling them.
+        os.chmod(partial, 0o444)
         os.replace(partial, target)
         await asyncio.to_thread(fsync_dir, target.parent)
         return CachedImage(sha256=sha256, size=size, downloaded_bytes=received, cache_hit=False)

@@ -40,6 +40,12 @@ class StateDir:
         self.partial.mkdir(parents=True, exist_ok=True)
         (self.images / "by-sha512").mkdir(exist_ok=True)
         (self.images / "checked").mkdir(exist_ok=True)
+        # QEMU runs as its own unprivileged user and opens cached images as backing files: it must
+        # traverse the way to them, whatever the worker's umask. It may not list them, and partial
+        # downloads stay private to the worker.
+        for directory in (self.root, self.images):
+            os.chmod(directory, os.stat(directory).st_mode & 0o7777 | 0o111)  # noqa: S103
+        os.chmod(self.partial, 0o700)
 
 
 def backup_path(disk_path: str, rebuild_id: str) -> Path:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +25,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities.state import StateDir
 from devtools.image_server import ImageServer
+from devtools.reachable import reachable_dir
 from devtools.temporal_dev import DevServer, free_port
 from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess, make_guest, serve
 from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, rebuild_workflow_id
@@ -49,21 +50,28 @@ async def kill_at_random(worker: WorkerProcess, rng: random.Random, tally: Tally
 
 async def run(rebuilds: int, kill_probability: float, seed: int, workdir: Path) -> Tally:
     rng = random.Random(seed)
-    server = DevServer(workdir / "t.db", free_port(), free_port(), workdir / "temporal.log")
-    server.start()
-    worker = WorkerProcess("chaos", workdir / "state", server.address, workdir / "worker.log")
-    worker.start()
-    images = ImageServer(workdir / "served")
-    images.directory.mkdir()
-    await images.start()
-    conn = libvirt.open(LIBVIRT_URI)
-    guests = workdir / "guests"
-    guests.mkdir()
-    guest = make_guest(conn, guests, "gen 0")
-    client = await Client.connect(server.address, data_converter=pydantic_data_converter)
     tally = Tally()
     current = "gen 0"
-    try:
+    # Everything started here is stopped on the way out, whichever step failed: the host is left as
+    # it was found (no dev server, worker or domain outlives the run).
+    async with contextlib.AsyncExitStack() as cleanup:
+        server = DevServer(workdir / "t.db", free_port(), free_port(), workdir / "temporal.log")
+        cleanup.callback(server.stop)
+        server.start()
+        worker = WorkerProcess("chaos", workdir / "state", server.address, workdir / "worker.log")
+        cleanup.callback(worker.stop)
+        worker.start()
+        images = ImageServer(workdir / "served")
+        images.directory.mkdir()
+        cleanup.push_async_callback(images.stop)
+        await images.start()
+        conn = libvirt.open(LIBVIRT_URI)
+        cleanup.callback(conn.close)
+        guests = workdir / "guests"
+        guests.mkdir()
+        guest = make_guest(conn, guests, "gen 0")
+        cleanup.callback(guest.remove)
+        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
         for number in range(1, rebuilds + 1):
             marker = f"gen {number}"
             url, sha = serve(images, marker, "raw", size=8 << 20)
@@ -102,11 +110,6 @@ async def run(rebuilds: int, kill_probability: float, seed: int, workdir: Path) 
                 tally.lost += 1
                 current = last_marker(guest.console())
             print(f"  rebuild {number:3}: {outcome:11} console ends with {last_marker(guest.console())!r}")
-    finally:
-        guest.remove()
-        worker.stop()
-        await images.stop()
-        server.stop()
     return tally
 
 
@@ -139,7 +142,7 @@ def main() -> None:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     print(f"chaos: {args.rebuilds} rebuilds, kill probability {args.kill_probability}, seed {args.seed}")
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="chaos-") as workdir:
+    with reachable_dir("chaos-") as workdir:
         tally = asyncio.run(run(args.rebuilds, args.kill_probability, args.seed, Path(workdir)))
     print()
     print("| rebuilds | kills | finished | rolled back | lost | seconds |")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from activities.libvirt_domain import Libvirt
 from activities.state import StateDir
 from bench.common import QUICK, GiB, MiB, random_file, start_image_server, table, timed
 from devtools.guest import boot_sector
+from devtools.reachable import reachable_dir
 from devtools.temporal_dev import DevServer, free_port
 from tests.e2e_support import LIBVIRT_URI, make_guest
 from worker import WorkerConfig, host_activities
@@ -123,7 +123,7 @@ async def workflow_downtime(name: str, url: str, sha: str, workdir: Path) -> tup
 def main() -> None:
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     conn = libvirt.open(LIBVIRT_URI)
-    with tempfile.TemporaryDirectory(prefix="bench-downtime-", dir="/var/tmp") as tmp:
+    with reachable_dir("bench-downtime-") as tmp:
         workdir = Path(tmp)
         served = workdir / "served"
         served.mkdir()

@@ -18,9 +18,10 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
+from devtools import reachable
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, DevServerError, free_port
-from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess, make_guest
+from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess, make_guest, remove_domains
 from tests.fake_host import FakeHost
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
@@ -76,12 +77,35 @@ def libvirt_conn() -> Iterator[Any]:
             pytrace=False,
         )
     yield conn
+    # Whatever a failed or interrupted test left defined goes too: the host is left as found.
+    leaked = remove_domains(conn)
     conn.close()
+    if leaked:
+        print(f"\nremoved domains that tests left behind: {', '.join(leaked)}")
+
+
+@pytest.fixture(scope="session")
+def reachable_root() -> Iterator[Path]:
+    """This run's directory for guest disks and host caches, traversable by QEMU's own user.
+
+    QEMU runs as the distribution's unprivileged user here, as on an operator's host: a disk inside
+    pytest's 0700 temporary directories would not open, and a test that passed only because QEMU ran
+    as root would hide exactly that.
+    """
+    root = reachable.make_dir("run-")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
-def guest_dir(tmp_path: Path) -> Path:
-    directory = tmp_path / "guests"
+def reachable_tmp(reachable_root: Path) -> Path:
+    """A test's own directory that QEMU's user can reach (unlike ``tmp_path``)."""
+    return reachable.make_dir("test-", reachable_root)
+
+
+@pytest.fixture
+def guest_dir(reachable_tmp: Path) -> Path:
+    directory = reachable_tmp / "guests"
     directory.mkdir()
     return directory
 
@@ -103,12 +127,14 @@ def guest(libvirt_conn: Any, guest_dir: Path, guests: list[Guest]) -> Guest:
 
 
 @pytest.fixture
-def worker(dev_server: DevServer, unique_host: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+def worker(
+    dev_server: DevServer, unique_host: str, tmp_path: Path, reachable_tmp: Path
+) -> Iterator[WorkerProcess]:
     pause_dir = tmp_path / "pause"
     pause_dir.mkdir()
     process = WorkerProcess(
         host=unique_host,
-        state_dir=tmp_path / "host-state",
+        state_dir=reachable_tmp / "host-state",
         address=dev_server.address,
         log=tmp_path / "worker.log",
         pause_dir=pause_dir,

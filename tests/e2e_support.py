@@ -23,6 +23,9 @@ from devtools.image_server import ImageServer
 from devtools.temporal_dev import stop_process
 
 LIBVIRT_URI = "qemu:///system"
+# Every domain a test run defines carries this run's prefix, so the run removes exactly its own at the
+# end, also after a failure, and never another run's.
+DOMAIN_PREFIX = f"e2e-{uuid.uuid4().hex[:6]}-"
 BIN = Path(sys.executable).parent
 # TCG boots a boot-sector guest in a third of a second; nested KVM's BIOS takes seconds.
 DOMAIN_TYPE = os.environ.get("REBUILD_E2E_DOMAIN_TYPE", "qemu")
@@ -80,17 +83,22 @@ class Guest:
         return sorted(self.disk.parent.glob(f"{self.disk.name}.rebuild-*"))
 
     def remove(self) -> None:
-        try:
-            domain = self.domain
-            if domain.isActive():
-                domain.destroy()
-            domain.undefine()
-        except libvirt.libvirtError:
-            pass
+        remove_domain(self.conn, self.name)
+
+
+def remove_domain(conn: Any, name: str) -> None:
+    """Destroy and undefine ``name``; a domain already gone is fine."""
+    try:
+        domain = conn.lookupByName(name)
+        if domain.isActive():
+            domain.destroy()
+        domain.undefine()
+    except libvirt.libvirtError:
+        pass
 
 
 def make_guest(conn: Any, directory: Path, marker: str = "image A", root_format: str = "raw") -> Guest:
-    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    name = f"{DOMAIN_PREFIX}{uuid.uuid4().hex[:8]}"
     disk = write_image(directory / f"{name}.img", marker, fmt=root_format, size=4 << 20)
     data = directory / f"{name}-data.img"
     data.write_bytes(b"precious data" * 1000)
@@ -110,9 +118,23 @@ def make_guest(conn: Any, directory: Path, marker: str = "image A", root_format:
         )
     )
     guest = Guest(conn, name, disk, serial, data, macs)
-    guest.domain.create()
-    guest.wait_for_console(marker)
+    try:
+        guest.domain.create()
+        guest.wait_for_console(marker)
+    except BaseException:
+        guest.remove()
+        raise
     return guest
+
+
+def remove_domains(conn: Any, prefix: str = DOMAIN_PREFIX) -> list[str]:
+    """Destroy and undefine every domain whose name starts with ``prefix``; their names."""
+    removed = []
+    for domain in conn.listAllDomains():
+        if domain.name().startswith(prefix):
+            remove_domain(conn, domain.name())
+            removed.append(domain.name())
+    return removed
 
 
 @dataclass

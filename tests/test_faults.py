@@ -117,11 +117,12 @@ async def test_temporal_restart_mid_rebuild_then_rebuild_finishes(
     unique_host: str,
     images: ImageServer,
     tmp_path: Path,
+    reachable_tmp: Path,
 ) -> None:
     server = DevServer(tmp_path / "t.db", free_port(), free_port(), tmp_path / "temporal.log")
     server.start()
     own = WorkerProcess(
-        unique_host, tmp_path / "state", server.address, tmp_path / "w.log", tmp_path / "pause"
+        unique_host, reachable_tmp / "state", server.address, tmp_path / "w.log", tmp_path / "pause"
     )
     own.pause_dir.mkdir()  # type: ignore[union-attr]
     own.start()
@@ -316,9 +317,9 @@ async def test_libvirt_refusing_to_start_rolls_back(
 
 
 @pytest.fixture
-def tiny_state_dir(tmp_path: Path) -> Iterator[Path]:
+def tiny_state_dir(reachable_tmp: Path) -> Iterator[Path]:
     """A state directory on an 8 MiB tmpfs, so a download runs out of space for real."""
-    mount = tmp_path / "tiny"
+    mount = reachable_tmp / "tiny"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=False)
     if done.returncode != 0:

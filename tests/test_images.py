@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
+import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,3 +389,21 @@ async def test_unannounced_size_is_limited_while_streaming(
     assert failure.value.non_retryable
     assert partial_files(state) == []
     assert cached_files(state) == [state.image_path(cached.sha256)]
+
+
+async def test_cache_is_reachable_by_qemu_and_read_only_whatever_the_umask(
+    server: ImageServer, tmp_path: Path
+) -> None:
+    """QEMU opens cached images as its own unprivileged user: it must traverse to them, never write."""
+    old_umask = os.umask(0o077)
+    try:
+        state = StateDir(tmp_path / "tight-state")
+        images = ImageActivities(state)
+        image = publish(server, "tight.raw", MiB)
+        await fetch(images, request_for(server, image))
+    finally:
+        os.umask(old_umask)
+    for directory in (state.root, state.images):
+        assert directory.stat().st_mode & 0o001, f"{directory} is not traversable by others"
+    assert stat.S_IMODE(state.partial.stat().st_mode) == 0o700
+    assert stat.S_IMODE(state.image_path(image.sha256).stat().st_mode) == 0o444
