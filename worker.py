@@ -22,10 +22,11 @@ from temporalio.worker import Worker
 
 from activities.checkpoints import Checkpoints
 from activities.disks import DiskActivities
-from activities.glance import GlanceActivities
+from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoint
 from activities.hypervisor import HypervisorActivities
 from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
+from activities.network import AddressPolicy, parse_networks
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from starter.connection import TemporalUnavailable, connect, prometheus_runtime
 from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
@@ -44,8 +45,10 @@ class WorkerConfig:
     pause_dir: Path | None = None
     download_read_timeout: float = 30.0
     file_image_dir: Path | None = None
-    glance_token: str | None = None
+    glance: GlanceEndpoint | None = None
     metrics_address: str | None = None
+    # Networks beyond the public internet that images may come from (private image servers).
+    allowed_image_networks: tuple[str, ...] = ()
 
 
 def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[Callable[..., Any]]:
@@ -54,15 +57,17 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     state = StateDir(config.state_dir)
     state.create()
     checkpoints = Checkpoints(config.pause_dir)
+    policy = AddressPolicy(parse_networks(config.allowed_image_networks))
     hypervisor = HypervisorActivities(conn, checkpoints)
     images = ImageActivities(
         state,
         checkpoints,
         read_timeout_seconds=config.download_read_timeout,
         file_image_dir=config.file_image_dir,
-        glance_token=config.glance_token,
+        glance=config.glance,
+        address_policy=policy,
     )
-    glance = GlanceActivities(config.glance_token)
+    glance = GlanceActivities(config.glance, policy)
     disks = DiskActivities(conn, state, checkpoints)
     return [
         hypervisor.inspect_instance,
@@ -125,8 +130,27 @@ def run(
     file_image_dir: Annotated[
         Path | None, typer.Option(help="Directory file:// images may come from (default: none allowed).")
     ] = None,
+    glance_url: Annotated[
+        str | None,
+        typer.Option(help="The Glance endpoint this worker's token belongs to, e.g. https://glance:9292."),
+    ] = None,
     glance_token_file: Annotated[
-        Path | None, typer.Option(help="File holding a Keystone token for Glance (stays on this host).")
+        Path | None,
+        typer.Option(
+            help="File holding a Keystone token for --glance-url; re-read when it changes, never sent "
+            "to any other URL or along a redirect."
+        ),
+    ] = None,
+    glance_allow_http: Annotated[
+        bool, typer.Option(help="Accept a plain-http Glance endpoint (its token crosses in clear).")
+    ] = False,
+    allow_image_network: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A network (CIDR) images may come from besides public addresses, e.g. 10.0.5.0/24 for "
+            "a private image server; repeatable. Loopback, link-local (metadata) and private "
+            "networks are refused unless allowed here."
+        ),
     ] = None,
     metrics: Annotated[
         str | None, typer.Option(help="Serve Prometheus metrics at this address, e.g. 0.0.0.0:9464.")
@@ -140,7 +164,13 @@ def run(
     if not HOST_NAME.match(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(2)
-    token = glance_token_file.read_text().strip() if glance_token_file else None
+    networks = tuple(allow_image_network or ())
+    try:
+        parse_networks(networks)
+        glance = _glance_endpoint(glance_url, glance_token_file, glance_allow_http)
+    except (ValueError, OSError) as err:
+        print(f"rebuild-worker: {err}", file=sys.stderr)
+        raise typer.Exit(2) from None
     config = WorkerConfig(
         host,
         libvirt_uri,
@@ -149,8 +179,9 @@ def run(
         pause_dir,
         download_read_timeout,
         file_image_dir,
-        token,
+        glance,
         metrics,
+        networks,
     )
     try:
         asyncio.run(serve(config))
@@ -159,6 +190,16 @@ def run(
         os._exit(1)
     sys.stdout.flush()
     os._exit(0)
+
+
+def _glance_endpoint(url: str | None, token_file: Path | None, allow_http: bool) -> GlanceEndpoint | None:
+    if url is None:
+        if token_file is not None:
+            raise GlanceConfigError("--glance-token-file needs --glance-url: a token belongs to one endpoint")
+        return None
+    if token_file is not None and not os.access(token_file, os.R_OK):
+        raise GlanceConfigError(f"Glance token file {token_file} is not readable")
+    return GlanceEndpoint(url, token_file, allow_http)
 
 
 def main() -> None:

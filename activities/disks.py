@@ -19,15 +19,29 @@ from temporalio import activity
 from activities import libvirt_domain as ld
 from activities import qemu_img
 from activities.checkpoints import Checkpoints
-from activities.errors import DiskMissing, HostOutOfSpace, InstanceNotStopped
+from activities.errors import DiskMissing, HostOutOfSpace, ImageTooLarge, InstanceNotStopped, InvalidRequest
 from activities.heartbeat import keep_alive
-from activities.state import StateDir, backup_path, fsync_dir, new_disk_path
+from activities.state import StateDir, backup_path, fsync_dir, new_disk_path, original_format_path
 from workflows.models import (
     PreparedRootDisk,
     PrepareRootDiskInput,
     RemoveBackupInput,
     RestoreRootDiskInput,
 )
+
+# No request makes a root disk larger than this, whatever limit it names (qcow2's own limit is higher).
+MAX_ROOT_DISK_BYTES = 64 << 40
+DISK_FORMATS = ("raw", "qcow2")
+
+
+def _validate_prepare(request: PrepareRootDiskInput) -> None:
+    """Anyone who reaches Temporal can call prepare: it checks its own input."""
+    if request.image_format not in DISK_FORMATS:
+        raise InvalidRequest(f"image format must be raw or qcow2, not {request.image_format[:40]!r}")
+    limit = min(request.max_virtual_size or MAX_ROOT_DISK_BYTES, MAX_ROOT_DISK_BYTES)
+    for what, size in (("image", request.image_virtual_size), ("minimum disk", request.min_virtual_size)):
+        if not 0 <= size <= limit:
+            raise ImageTooLarge(f"{what} size {size} bytes is over the limit of {limit} bytes")
 
 
 class DiskActivities:
@@ -55,20 +69,27 @@ class DiskActivities:
     @activity.defn
     async def prepare_root_disk(self, request: PrepareRootDiskInput) -> PreparedRootDisk:
         """Keep the old disk as a backup, put a qcow2 overlay on the cached image in its place."""
+        _validate_prepare(request)
+        base = self.state.image_path(request.image_sha256)
         async with keep_alive():
             xml, disk = await self._stopped_root_disk(request.instance)
             backup = backup_path(disk.path, request.rebuild_id)
             fresh = new_disk_path(disk.path, request.rebuild_id)
+            recorded = original_format_path(disk.path, request.rebuild_id)
             directory = Path(disk.path).parent
             if not backup.exists():
                 if not Path(disk.path).exists():
                     raise DiskMissing(f"root disk {disk.path} of {request.instance!r} does not exist")
+                # The old format comes from libvirt's definition, before anything changes it, and
+                # is what restore trusts: never a request's word (a guest can write a qcow2 header
+                # naming any host file into its raw disk; opening that as qcow2 would follow it).
+                _write_small(recorded, disk.format)
                 await asyncio.to_thread(_keep_as_backup, disk.path, backup)
             await self.checkpoints.reach("prepare.after-backup")
-            old = await qemu_img.image_info(str(backup), request.original_format)
+            original_format = _recorded_format(recorded, request.original_format)
+            old = await qemu_img.image_info(str(backup), original_format)
             size = max(int(old["virtual-size"]), request.image_virtual_size, request.min_virtual_size)
             fresh.unlink(missing_ok=True)
-            base = self.state.image_path(request.image_sha256)
             try:
                 await qemu_img.create_overlay(str(fresh), str(base), request.image_format, size)
             except OSError as err:
@@ -89,6 +110,9 @@ class DiskActivities:
         async with keep_alive():
             xml, disk = await self._stopped_root_disk(request.instance)
             backup = backup_path(disk.path, request.rebuild_id)
+            original_format = _recorded_format(
+                original_format_path(disk.path, request.rebuild_id), request.original_format
+            )
             await self.checkpoints.reach("restore.before-swap")
             if backup.exists():
                 if Path(disk.path).exists() and os.path.samefile(backup, disk.path):
@@ -97,7 +121,8 @@ class DiskActivities:
                     os.replace(backup, disk.path)
                 await asyncio.to_thread(fsync_dir, Path(disk.path).parent)
             new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
-            await self._set_format(request.instance, xml, disk, request.original_format)
+            await self._set_format(request.instance, xml, disk, original_format)
+            original_format_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
 
     @activity.defn
     async def remove_backup(self, request: RemoveBackupInput) -> None:
@@ -107,6 +132,27 @@ class DiskActivities:
         disk = await asyncio.to_thread(self.libvirt.with_domain, request.instance, find)
         backup_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
         new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+        original_format_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+
+
+def _write_small(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _recorded_format(recorded: Path, requested: str) -> str:
+    """The old disk's format as prepare recorded it from libvirt; the request's only if none was.
+
+    Without a record nothing was replaced by this rebuild (or it predates the record), and the
+    request's word may only say raw or qcow2.
+    """
+    try:
+        return recorded.read_text().strip()
+    except FileNotFoundError:
+        if requested not in DISK_FORMATS:
+            raise InvalidRequest(f"original format must be raw or qcow2, not {requested[:40]!r}") from None
+        return requested
 
 
 def _keep_as_backup(disk: str, backup: Path) -> None:

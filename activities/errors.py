@@ -86,6 +86,18 @@ class InvalidRequest(RebuildError):
     retryable = False
 
 
+class ImageSourceRefused(RebuildError):
+    """The image URL (or a redirect) leads somewhere this worker may not connect to."""
+
+    retryable = False
+
+
+class EmptyImage(RebuildError):
+    """The image has nothing to boot: no virtual size, or only zeros where a boot sector must be."""
+
+    retryable = False
+
+
 NON_RETRYABLE_TYPES: tuple[str, ...] = tuple(
     cls.__name__ for cls in RebuildError.__subclasses__() if not cls.retryable
 )

@@ -40,20 +40,37 @@ _REFUSED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
     (0, b"Bochs Virtual HD Image\x00", "bochs"),
     (0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n", "cloop"),
     (0x8001, b"CD001", "iso"),
+    (0x8801, b"CD001", "iso"),
+    (0x9001, b"CD001", "iso"),
 )
+# A GUID partition table's header: fine inside a raw disk, a second identity inside anything else.
+_GPT_SIGNATURE = (512, b"EFI PART")
+# An image whose guest-visible start is all zeros has nothing a BIOS or UEFI could boot, nor a
+# partition table or filesystem superblock (ext4's sits at 1 KiB, XFS's at 0, GPT at 512 bytes).
+EMPTY_PROBE_BYTES = 1 << 20
 _VMDK_DESCRIPTOR_VERSION = re.compile(rb"version=[0-9]")
 
 
-def detect_format(header: bytes) -> str:
+def detect_formats(header: bytes) -> list[str]:
+    """Every format the header's signatures claim, in the order qemu would believe them."""
+    found: list[str] = []
     if header.startswith(QCOW2_MAGIC):
         # qemu probes version 1 as the old qcow format, any later one as qcow2.
-        return "qcow" if header[4:8] == b"\x00\x00\x00\x01" else "qcow2"
+        found.append("qcow" if header[4:8] == b"\x00\x00\x00\x01" else "qcow2")
     for offset, signature, name in _REFUSED_SIGNATURES:
-        if header[offset : offset + len(signature)] == signature:
-            return name
-    if _is_vmdk_descriptor(header):
-        return "vmdk"
-    return "raw"
+        if header[offset : offset + len(signature)] == signature and name not in found:
+            found.append(name)
+    if "vmdk" not in found and _is_vmdk_descriptor(header):
+        found.append("vmdk")
+    offset, signature = _GPT_SIGNATURE
+    if found and header[offset : offset + len(signature)] == signature:
+        found.append("gpt")
+    return found
+
+
+def detect_format(header: bytes) -> str:
+    found = detect_formats(header)
+    return found[0] if found else "raw"
 
 
 def _is_vmdk_descriptor(header: bytes) -> bool:
@@ -86,9 +103,14 @@ def inspect_header(path: Path) -> str:
             footer = image.read(512)
         else:
             footer = b""
-    fmt = detect_format(header)
-    if fmt == "raw" and footer.startswith(b"conectix"):
-        fmt = "vpc"
+    found = detect_formats(header)
+    if not found and footer.startswith(b"conectix"):
+        found = ["vpc"]
+    if len(found) > 1:
+        # A polyglot: each reader sees another image, and a check passed as one format says
+        # nothing about the other (OpenStack's format inspector refuses these too).
+        raise UnsafeImage(f"image is at once {' and '.join(found)}: refused as ambiguous")
+    fmt = found[0] if found else "raw"
     if fmt not in ACCEPTED_FORMATS:
         raise UnsafeImage(f"format {fmt} is not accepted (only {', '.join(ACCEPTED_FORMATS)})")
     if fmt == "qcow2":
@@ -153,3 +175,18 @@ def check_info(info: dict[str, Any], fmt: str) -> None:
         raise UnsafeImage("image is marked corrupt")
     if int(info.get("virtual-size", -1)) < 0:
         raise UnsafeImage("image reports no virtual size")
+
+
+def raw_start_is_empty(path: Path) -> bool:
+    """True when the first EMPTY_PROBE_BYTES of a raw image (or all of a shorter one) are zeros."""
+    with open(path, "rb") as image:
+        start = image.read(EMPTY_PROBE_BYTES)
+    return not start.strip(b"\x00")
+
+
+def mapped_start_is_empty(extents: list[dict[str, Any]]) -> bool:
+    """From ``qemu-img map`` of the image's start: True when no extent there holds non-zero data."""
+    return not any(
+        extent.get("data") and not extent.get("zero") and int(extent.get("start", 0)) < EMPTY_PROBE_BYTES
+        for extent in extents
+    )

@@ -30,6 +30,7 @@ from activities.digests import Digests
 from activities.errors import (
     ChecksumMismatch,
     DiskToolFailed,
+    EmptyImage,
     HostOutOfSpace,
     ImageDownloadError,
     ImageNotFound,
@@ -37,9 +38,11 @@ from activities.errors import (
     InvalidRequest,
     UnsafeImage,
 )
+from activities.glance import GlanceEndpoint
 from activities.heartbeat import keep_alive
+from activities.network import AddressPolicy, GuardedConnector
 from activities.sink import PipelinedSink
-from activities.state import StateDir, fsync_dir
+from activities.state import StateDir, fsync_dir, require_digest
 from workflows.models import CachedImage, CheckedImage, CheckImageInput, FetchImageInput, FetchProgress
 
 CHUNK_BYTES = 1 << 20
@@ -50,7 +53,9 @@ READ_BUFFER_BYTES = 256 << 10
 HEARTBEAT_EVERY_SECONDS = 1.0
 T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-_GLANCE_FILE = re.compile(r"/v2/images/[0-9a-fA-F-]+/file$")
+MAX_URL_LENGTH = 4096
+# Redirects an image server may send (each hop is checked against the address policy).
+MAX_REDIRECTS = 5
 _UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
 
 
@@ -61,14 +66,18 @@ class ImageActivities:
         checkpoints: Checkpoints | None = None,
         read_timeout_seconds: float = 60.0,
         file_image_dir: Path | None = None,
-        glance_token: str | None = None,
+        glance: GlanceEndpoint | None = None,
+        address_policy: AddressPolicy | None = None,
     ) -> None:
         self.state = state
         self.checkpoints = checkpoints or Checkpoints()
         # No total timeout: a large image over a slow link is fine as long as bytes keep coming.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout_seconds)
         self.file_image_dir = file_image_dir.resolve() if file_image_dir else None
-        self.glance_token = glance_token
+        self.glance = glance
+        # Default: public addresses only. Loopback, link-local, metadata and private networks are
+        # reachable only where the worker's operator allowed them.
+        self.address_policy = address_policy or AddressPolicy()
 
     def _known(self, request: FetchImageInput) -> Path | None:
         """The cached image the request's digests name, if it is already here."""
@@ -84,22 +93,24 @@ class ImageActivities:
 
     @activity.defn
     async def fetch_image(self, request: FetchImageInput) -> CachedImage:
+        _validate_fetch(request)
         self.state.create()
         if known := self._known(request):
             return _cache_hit(known)
         key = request.sha256 or request.sha512 or hashlib.sha256(request.url.encode()).hexdigest()
+        key = require_digest(key)
         waiting_since = time.time()
-        async with _exclusive(self.state.partial / f"{key}.lock"):
+        async with _exclusive(self.state.partial_path(key, ".lock")):
             # Whoever held the lock before us may have finished the same image.
             if known := self._known(request) or _fetched_since(self.state, key, waiting_since):
                 return _cache_hit(known)
             if urlsplit(request.url).scheme == "file":
-                cached = await self._copy_local(request, self.state.partial / f"{key}.part")
+                cached = await self._copy_local(request, self.state.partial_path(key, ".part"))
             else:
-                cached = await self._download(request, self.state.partial / f"{key}.part")
+                cached = await self._download(request, self.state.partial_path(key, ".part"))
             if request.sha512:
                 _write_atomically(self.state.sha512_index(request.sha512), cached.sha256)
-            _write_atomically(self.state.partial / f"{key}.done", cached.sha256)
+            _write_atomically(self.state.partial_path(key, ".done"), cached.sha256)
             return cached
 
     async def _download(self, request: FetchImageInput, partial: Path) -> CachedImage:
@@ -109,14 +120,30 @@ class ImageActivities:
         async with keep_alive(FetchProgress(offset=offset)):
             await asyncio.to_thread(digests.hash_file_prefix, partial, offset)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        if self.glance_token and _GLANCE_FILE.search(urlsplit(request.url).path):
-            headers["X-Auth-Token"] = self.glance_token
+        token = self.glance.token_for(request.url) if self.glance else None
+        if token:
+            headers["X-Auth-Token"] = token
         received = 0
         try:
             async with (
-                aiohttp.ClientSession(timeout=self.timeout, read_bufsize=READ_BUFFER_BYTES) as session,
-                session.get(request.url, headers=headers) as response,
+                aiohttp.ClientSession(
+                    connector=GuardedConnector(self.address_policy),
+                    timeout=self.timeout,
+                    read_bufsize=READ_BUFFER_BYTES,
+                ) as session,
+                session.get(
+                    request.url,
+                    headers=headers,
+                    # A token never follows a redirect: it belongs to the Glance endpoint alone.
+                    allow_redirects=token is None,
+                    max_redirects=MAX_REDIRECTS,
+                ) as response,
             ):
+                if token and 300 <= response.status < 400:
+                    raise ImageNotFound(
+                        f"Glance answered {response.status} (a redirect) for {request.url}; "
+                        "its token is never sent anywhere else"
+                    )
                 start, total = _resume_point(response, offset, request.url)
                 if response.status == 416 and total != offset:
                     # Our partial is longer than the image (it changed on the server): start again.
@@ -139,6 +166,8 @@ class ImageActivities:
                     _require_space(partial.parent, total - offset)
                 if response.status != 416:
                     received = await self._stream(response, partial, digests, offset, total, request)
+        except aiohttp.TooManyRedirects:
+            raise ImageNotFound(f"{request.url} redirects more than {MAX_REDIRECTS} times") from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as err:
             # A refused connection fails before the partial file exists.
             kept = partial.stat().st_size if partial.exists() else 0
@@ -260,10 +289,14 @@ class ImageActivities:
                     fmt = await asyncio.to_thread(image_format.inspect_header, path)
                     info = await qemu_img.image_info(str(path), fmt)
                     image_format.check_info(info, fmt)
+                    virtual_size = int(info["virtual-size"])
+                    await _refuse_empty(path, fmt, virtual_size, request.sha256)
+                except EmptyImage:
+                    path.unlink(missing_ok=True)
+                    raise
                 except (UnsafeImage, DiskToolFailed) as err:
                     path.unlink(missing_ok=True)
                     raise UnsafeImage(f"image {request.sha256} refused: {err.message}") from None
-            virtual_size = int(info["virtual-size"])
             passed = CheckedImage(sha256=request.sha256, format=fmt, virtual_size=virtual_size)
             _write_atomically(verdict, passed.model_dump_json())
         if request.declared_format and fmt != request.declared_format:
@@ -279,6 +312,36 @@ class ImageActivities:
                 f"limit of {request.max_virtual_size_bytes}"
             )
         return CheckedImage(sha256=request.sha256, format=fmt, virtual_size=virtual_size)
+
+
+async def _refuse_empty(path: Path, fmt: str, virtual_size: int, sha256: str) -> None:
+    """An image with nothing to boot would "rebuild" the instance onto a blank disk: refuse it now."""
+    if virtual_size == 0:
+        raise EmptyImage(f"image {sha256} is empty (virtual size 0): there is nothing to boot")
+    if fmt == "raw":
+        empty = await asyncio.to_thread(image_format.raw_start_is_empty, path)
+    else:
+        length = min(virtual_size, image_format.EMPTY_PROBE_BYTES)
+        empty = image_format.mapped_start_is_empty(await qemu_img.image_map(str(path), fmt, length))
+    if empty:
+        raise EmptyImage(
+            f"image {sha256} holds only zeros in its first {image_format.EMPTY_PROBE_BYTES >> 20} MiB: "
+            "no boot sector, partition table or file system to boot from"
+        )
+
+
+def _validate_fetch(request: FetchImageInput) -> None:
+    """Anyone who reaches Temporal can call this activity: it checks its own input."""
+    parts = urlsplit(request.url)
+    if len(request.url) > MAX_URL_LENGTH or parts.scheme not in ("http", "https", "file"):
+        raise InvalidRequest(f"image URL must be http://, https:// or file:///: {request.url[:200]!r}")
+    if parts.scheme != "file" and not parts.hostname:
+        raise InvalidRequest(f"image URL has no host: {request.url[:200]!r}")
+    if request.max_bytes <= 0:
+        raise InvalidRequest(f"max_bytes must be positive, not {request.max_bytes}")
+    for digest in (request.sha256, request.sha512):
+        if digest is not None:
+            require_digest(digest)
 
 
 def _cache_hit(path: Path) -> CachedImage:
@@ -312,12 +375,12 @@ def _fetched_since(state: StateDir, key: str, since: float) -> Path | None:
 
     Only for sources named by URL alone: without a digest, "the same image" means "fetched just now".
     """
-    record = state.partial / f"{key}.done"
+    record = state.partial_path(key, ".done")
     try:
         if record.stat().st_mtime < since:
             return None
         path = state.image_path(record.read_text().strip())
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, InvalidRequest):
         return None
     return path if path.exists() else None
 

@@ -53,3 +53,12 @@ async def image_info(path: str, fmt: str) -> dict[str, Any]:
 
 async def create_overlay(path: str, backing: str, backing_fmt: str, size: int) -> None:
     await run_qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, path, str(size))
+
+
+async def image_map(path: str, fmt: str, length: int) -> list[dict[str, Any]]:
+    """Which of the image's first ``length`` guest bytes hold data, without reading the data itself."""
+    out = await run_qemu_img(
+        "map", "-U", "-f", fmt, "--output=json", "--start-offset=0", f"--max-length={length}", path
+    )
+    extents: list[dict[str, Any]] = json.loads(out)
+    return extents

@@ -1,4 +1,9 @@
-"""Where a worker keeps its files. Paths are derived here, never remembered or taken from a request."""
+"""Where a worker keeps its files. Paths are derived here, never remembered or taken from a request.
+
+Names in the state directory are digests, and every name is checked as one: a request, an image
+server or a Glance record that says ``../../etc/cron.d/x`` where a digest belongs is refused here, in
+the activity that would use it, whatever the workflow or the CLI checked before.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,30 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from activities.errors import InvalidRequest
+
 DEFAULT_STATE_DIR = Path("/var/lib/durable-rebuild")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA512 = re.compile(r"[0-9a-f]{128}")
+MAX_REBUILD_ID = 100
+
+
+def require_sha256(value: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise InvalidRequest(f"not a SHA-256 digest (64 lowercase hex digits): {str(value)[:80]!r}")
+    return value
+
+
+def require_sha512(value: str) -> str:
+    if not isinstance(value, str) or not _SHA512.fullmatch(value):
+        raise InvalidRequest(f"not a SHA-512 digest (128 lowercase hex digits): {str(value)[:80]!r}")
+    return value
+
+
+def require_digest(value: str) -> str:
+    """A SHA-256 or SHA-512 digest: the only names the cache's partial files and locks have."""
+    return require_sha512(value) if len(value) == 128 else require_sha256(value)
 
 
 @dataclass(frozen=True)
@@ -26,15 +53,27 @@ class StateDir:
         return self.images / "partial"
 
     def image_path(self, sha256: str) -> Path:
-        return self.images / sha256
+        return self._inside(self.images, require_sha256(sha256))
+
+    def partial_path(self, key: str, suffix: str) -> Path:
+        """A download in progress (``.part``), its lock (``.lock``) or its record (``.done``)."""
+        return self._inside(self.partial, f"{require_digest(key)}{suffix}")
 
     def sha512_index(self, sha512: str) -> Path:
         """A small file naming the SHA-256 of the image with this SHA-512, for cache hits by SHA-512."""
-        return self.images / "by-sha512" / sha512
+        return self._inside(self.images / "by-sha512", require_sha512(sha512))
 
     def check_verdict(self, sha256: str) -> Path:
         """The result of the full safety check of this image, written only after it passed."""
-        return self.images / "checked" / f"{sha256}.json"
+        return self._inside(self.images / "checked", f"{require_sha256(sha256)}.json")
+
+    @staticmethod
+    def _inside(directory: Path, name: str) -> Path:
+        """``directory/name``, refused if a symlink would take it anywhere else."""
+        path = directory / name
+        if not path.resolve().is_relative_to(directory.resolve()):
+            raise InvalidRequest(f"{path} resolves outside {directory}")
+        return path
 
     def create(self) -> None:
         self.partial.mkdir(parents=True, exist_ok=True)
@@ -48,14 +87,25 @@ class StateDir:
         os.chmod(self.partial, 0o700)
 
 
+def _rebuild_suffix(rebuild_id: str) -> str:
+    if not rebuild_id or len(rebuild_id) > MAX_REBUILD_ID:
+        raise InvalidRequest(f"a rebuild ID has 1 to {MAX_REBUILD_ID} characters: {rebuild_id[:120]!r}")
+    return _SAFE_ID.sub("_", rebuild_id)
+
+
 def backup_path(disk_path: str, rebuild_id: str) -> Path:
     """The old root disk's name while a rebuild runs: next to it, derived from the rebuild."""
-    return Path(f"{disk_path}.rebuild-{_SAFE_ID.sub('_', rebuild_id)}.backup")
+    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.backup")
 
 
 def new_disk_path(disk_path: str, rebuild_id: str) -> Path:
     """Where the new root disk is written before an atomic rename puts it in place."""
-    return Path(f"{disk_path}.rebuild-{_SAFE_ID.sub('_', rebuild_id)}.new")
+    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.new")
+
+
+def original_format_path(disk_path: str, rebuild_id: str) -> Path:
+    """The old disk's format as libvirt defined it, recorded by prepare for restore to trust."""
+    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.format")
 
 
 def fsync_dir(path: Path) -> None:

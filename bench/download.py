@@ -25,6 +25,7 @@ from activities.state import StateDir
 from bench.common import QUICK, GiB, MiB, random_file, start_image_server, table, timed
 from devtools.image_server import Fault, ImageServer
 from devtools.temporal_dev import free_port
+from tests.e2e_support import LOOPBACK_POLICY
 from workflows.models import FetchImageInput
 
 SIZE = 128 * MiB if QUICK else GiB
@@ -32,7 +33,7 @@ SIZE = 128 * MiB if QUICK else GiB
 
 async def ours(url: str, sha: str, state: Path) -> float:
     shutil.rmtree(state, ignore_errors=True)
-    activities = ImageActivities(StateDir(state))
+    activities = ImageActivities(StateDir(state), address_policy=LOOPBACK_POLICY)
     subprocess.run(["sync"], check=True)  # no one else's dirty pages in our fsync
     with timed() as took:
         await ActivityEnvironment().run(
@@ -62,7 +63,7 @@ async def resume_cost(workdir: Path) -> tuple[int, int]:
     server = ImageServer(served)
     await server.start()
     server.faults["cut.img"] = Fault(drop_at_fraction=0.5)
-    activities = ImageActivities(StateDir(workdir / "resume-state"))
+    activities = ImageActivities(StateDir(workdir / "resume-state"), address_policy=LOOPBACK_POLICY)
     request = FetchImageInput(url=server.url("cut.img"), sha256=sha, max_bytes=2 * size)
     for _ in range(3):
         try:

@@ -30,7 +30,7 @@ from bench.common import QUICK, GiB, MiB, random_file, start_image_server, table
 from devtools.guest import boot_sector
 from devtools.reachable import reachable_dir
 from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LIBVIRT_URI, make_guest
+from tests.e2e_support import LIBVIRT_URI, LOOPBACK_NETWORKS, LOOPBACK_POLICY, make_guest
 from worker import WorkerConfig, host_activities
 from workflows.models import (
     CheckImageInput,
@@ -64,7 +64,7 @@ async def one_order(nova: bool, name: str, url: str, sha: str, state_dir: Path) 
     state = StateDir(state_dir)
     hypervisor, images, disks = (
         HypervisorActivities(conn),
-        ImageActivities(state),
+        ImageActivities(state, address_policy=LOOPBACK_POLICY),
         DiskActivities(conn, state),
     )
     env = ActivityEnvironment()
@@ -101,7 +101,12 @@ async def workflow_downtime(name: str, url: str, sha: str, workdir: Path) -> tup
     server.start()
     try:
         client = await Client.connect(server.address, data_converter=pydantic_data_converter)
-        config = WorkerConfig(host="bench-downtime", libvirt_uri=LIBVIRT_URI, state_dir=workdir / "wf-state")
+        config = WorkerConfig(
+            host="bench-downtime",
+            libvirt_uri=LIBVIRT_URI,
+            state_dir=workdir / "wf-state",
+            allowed_image_networks=LOOPBACK_NETWORKS,
+        )
         async with (
             Worker(client, task_queue="bench-wf", workflows=[RebuildInstance]),
             Worker(client, task_queue=host_task_queue(config.host), activities=host_activities(config)),

@@ -24,6 +24,7 @@ from activities.state import StateDir
 from bench.common import QUICK, MiB, table, timed
 from devtools.guest import write_image
 from devtools.temporal_dev import DevServer, free_port
+from tests.e2e_support import LOOPBACK_NETWORKS
 from tests.libvirt_test_driver import make_instances
 from worker import WorkerConfig, host_activities
 from workflows.models import RebuildRequest, host_task_queue, rebuild_workflow_id
@@ -62,7 +63,9 @@ async def run(workdir: Path, address: str) -> dict[str, float]:
     image.rename(state.image_path(sha))  # shared and cached: the figure is orchestration + disks
     url = "http://images.invalid/image.qcow2"
     client = await Client.connect(address, data_converter=pydantic_data_converter)
-    config = WorkerConfig(host=HOST, libvirt_uri=conn.uri, state_dir=state.root)
+    config = WorkerConfig(
+        host=HOST, libvirt_uri=conn.uri, state_dir=state.root, allowed_image_networks=LOOPBACK_NETWORKS
+    )
     queue = "bench-scale-wf"
     async with (
         Worker(client, task_queue=queue, workflows=[RebuildInstance], max_concurrent_workflow_tasks=200),

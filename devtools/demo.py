@@ -16,12 +16,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import libvirt
 
 from devtools.guest import domain_xml, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, pid_alive, port_open
+from workflows.models import rebuild_workflow_id
 
 # Host-wide, like a real worker's: a second checkout's demo reuses the same dev server and replaces
 # the same worker instead of starting a rival one on the same host queue.
@@ -74,6 +76,9 @@ def restart_worker() -> None:
             str(STATE / "host"),
             "--address",
             f"127.0.0.1:{TEMPORAL_PORT}",
+            # The demo's image server is on loopback, which workers refuse unless told otherwise.
+            "--allow-image-network",
+            "127.0.0.0/8",
         ],
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -161,7 +166,8 @@ def main() -> None:
     say(f"{VM}'s serial console now says (one line per boot):")
     print("    " + serial.read_text().strip().replace("\n", "\n    "), flush=True)
     say(
-        f"Web UI: http://localhost:{UI_PORT}/namespaces/default/workflows/rebuild-{socket.gethostname()}-{VM}"
+        f"Web UI: http://localhost:{UI_PORT}/namespaces/default/workflows/"
+        f"{quote(rebuild_workflow_id(socket.gethostname(), VM), safe=':')}"
     )
     sys.stdout.flush()
     os._exit(code)

@@ -108,7 +108,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
         if exc.message:
             err.print(f"rebuild: {exc.message}", markup=False)
         code = exc.code
-    except (RebuildAlreadyRunning, UnknownRebuild, RebuildNotRunning) as exc:
+    except (RebuildAlreadyRunning, UnknownRebuild, RebuildNotRunning, ValueError) as exc:
         err.print(f"rebuild: {exc}", markup=False)
         code = EXIT_BAD_INPUT
     except TemporalUnavailable as exc:

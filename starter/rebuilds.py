@@ -29,6 +29,8 @@ from workflows.models import (
     FetchProgress,
     RebuildRequest,
     RebuildStatus,
+    check_requested_by,
+    legacy_rebuild_workflow_id,
     rebuild_workflow_id,
 )
 from workflows.rebuild import RebuildInstance
@@ -95,6 +97,10 @@ class RebuildSummary(BaseModel):
 
 async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHandle[Any, Any]:
     """Start the workflow; one per instance at a time, so a second start is refused."""
+    check_requested_by(request.requested_by)
+    if await _running(client.get_workflow_handle(legacy_rebuild_workflow_id(request.host, request.instance))):
+        # Started by an older version under the legacy ID: still the instance's one rebuild.
+        raise RebuildAlreadyRunning(request)
     try:
         return await client.start_workflow(
             RebuildInstance.run,
@@ -125,17 +131,29 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
 async def latest_rebuild(
     client: Client, instance: str, host: str, must_run: bool = False
 ) -> tuple[WorkflowHandle[Any, Any], Any]:
-    """The instance's latest rebuild and its description."""
-    handle = client.get_workflow_handle(rebuild_workflow_id(host, instance))
-    try:
-        description = await handle.describe()
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise UnknownRebuild(instance, host) from None
-        raise
+    """The instance's latest rebuild and its description (under the legacy ID if only that exists)."""
+    for workflow_id in (rebuild_workflow_id(host, instance), legacy_rebuild_workflow_id(host, instance)):
+        handle = client.get_workflow_handle(workflow_id)
+        try:
+            description = await handle.describe()
+            break
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+    else:
+        raise UnknownRebuild(instance, host)
     if must_run and description.status != WorkflowExecutionStatus.RUNNING:
         raise RebuildNotRunning(instance, host)
     return handle, description
+
+
+async def _running(handle: WorkflowHandle[Any, Any]) -> bool:
+    try:
+        return (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
 
 
 async def describe_rebuild(client: Client, instance: str, host: str) -> RebuildDescription:
@@ -209,12 +227,14 @@ async def send_decision(client: Client, instance: str, host: str, verdict: str, 
     """approve, confirm or revert; the workflow records one that makes no sense in its phase."""
     if verdict not in DECISIONS:
         raise ValueError(verdict)
+    check_requested_by(decision.requested_by)
     handle, _ = await latest_rebuild(client, instance, host, must_run=True)
     await handle.signal(verdict, decision)
     return handle.id
 
 
 async def abort_rebuild(client: Client, instance: str, host: str, request: AbortRequest) -> AbortAnswer:
+    check_requested_by(request.requested_by)
     handle, _ = await latest_rebuild(client, instance, host, must_run=True)
     answer: AbortAnswer = await handle.execute_update(RebuildInstance.abort_rebuild, request)
     return answer

@@ -18,6 +18,7 @@ from typing import Any
 
 import libvirt
 
+from activities.network import AddressPolicy, parse_networks
 from devtools.guest import domain_xml, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import stop_process
@@ -26,6 +27,9 @@ LIBVIRT_URI = "qemu:///system"
 # Every domain a test run defines carries this run's prefix, so the run removes exactly its own at the
 # end, also after a failure, and never another run's.
 DOMAIN_PREFIX = f"e2e-{uuid.uuid4().hex[:6]}-"
+# The tests' image servers listen on loopback, which a worker refuses unless its operator allows it.
+LOOPBACK_NETWORKS = ("127.0.0.0/8",)
+LOOPBACK_POLICY = AddressPolicy(parse_networks(LOOPBACK_NETWORKS))
 BIN = Path(sys.executable).parent
 # TCG boots a boot-sector guest in a third of a second; nested KVM's BIOS takes seconds.
 DOMAIN_TYPE = os.environ.get("REBUILD_E2E_DOMAIN_TYPE", "qemu")
@@ -159,6 +163,8 @@ class WorkerProcess:
             "--address",
             self.address,
         ]
+        for network in LOOPBACK_NETWORKS:
+            command += ["--allow-image-network", network]
         if self.pause_dir is not None:
             command += ["--pause-dir", str(self.pause_dir)]
         command += self.extra_args

@@ -13,7 +13,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from devtools.image_server import ImageServer
-from tests.e2e_support import serve
+from tests.e2e_support import LOOPBACK_NETWORKS, serve
 from tests.libvirt_test_driver import make_instances
 from worker import WorkerConfig, host_activities
 from workflows.models import RebuildRequest, host_task_queue, rebuild_workflow_id
@@ -27,7 +27,12 @@ async def test_twenty_concurrent_rebuilds_of_one_image_download_it_once(
 ) -> None:
     instances = make_instances(tmp_path, [f"vm-{n}" for n in range(INSTANCES)])
     conn = instances[0].libvirt
-    config = WorkerConfig(host=unique_host, libvirt_uri=conn.uri, state_dir=tmp_path / "state")
+    config = WorkerConfig(
+        host=unique_host,
+        libvirt_uri=conn.uri,
+        state_dir=tmp_path / "state",
+        allowed_image_networks=LOOPBACK_NETWORKS,
+    )
     url, sha = serve(images, "image B", "qcow2", size=64 << 20)
     queue = f"wf-{unique_host}"
     async with (

@@ -23,6 +23,7 @@ from activities.images import ImageActivities
 from activities.state import StateDir
 from devtools.guest import write_image
 from devtools.image_server import ImageServer
+from tests.e2e_support import LOOPBACK_POLICY
 from workflows.models import CheckedImage, CheckImageInput, FetchImageInput
 
 MiB = 1 << 20
@@ -39,7 +40,7 @@ def state(tmp_path: Path) -> StateDir:
 
 @pytest.fixture
 def images(state: StateDir) -> ImageActivities:
-    return ImageActivities(state)
+    return ImageActivities(state, address_policy=LOOPBACK_POLICY)
 
 
 def qemu_img(*args: str | Path) -> None:
@@ -336,8 +337,9 @@ def test_raw_images_are_not_taken_for_descriptors(tmp_path: Path) -> None:
 async def test_qcow2_with_huge_virtual_size_is_too_large(
     tmp_path: Path, state: StateDir, images: ImageActivities
 ) -> None:
-    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "huge.qcow2", "64T")
-    sha256 = into_cache(state, tmp_path / "huge.qcow2")
+    huge = write_image(tmp_path / "huge.qcow2", "HUGE", fmt="qcow2")
+    qemu_img("resize", "-q", "-f", "qcow2", huge, "64T")
+    sha256 = into_cache(state, huge)
     assert state.image_path(sha256).stat().st_size < 2 * MiB
 
     with pytest.raises(ImageTooLarge, match=f"virtual size of {64 * TiB} bytes, over the limit") as failure:

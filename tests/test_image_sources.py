@@ -18,13 +18,13 @@ from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.errors import ChecksumMismatch, ImageNotFound, InvalidRequest, UnsafeImage
-from activities.glance import GlanceActivities
+from activities.glance import GlanceActivities, GlanceEndpoint
 from activities.images import ImageActivities
 from activities.state import StateDir
 from devtools.guest import write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import free_port
-from tests.e2e_support import serve
+from tests.e2e_support import LOOPBACK_NETWORKS, LOOPBACK_POLICY, serve
 from tests.libvirt_test_driver import make_instances
 from worker import WorkerConfig, host_activities
 from workflows.models import (
@@ -55,7 +55,7 @@ def fetch(url: str, **digests: str) -> FetchImageInput:
 async def test_sha512_is_checked_and_names_a_cache_hit(tmp_path: Path, images: ImageServer) -> None:
     url, sha256 = serve(images, "image B", "raw")
     sha512 = hashlib.sha512((images.directory / "image-B.raw").read_bytes()).hexdigest()
-    activities = ImageActivities(StateDir(tmp_path / "state"))
+    activities = ImageActivities(StateDir(tmp_path / "state"), address_policy=LOOPBACK_POLICY)
     first = await env.run(activities.fetch_image, fetch(url, sha512=sha512))
     assert first.sha256 == sha256
     requests = len(images.requests)
@@ -72,7 +72,7 @@ async def test_file_images_only_from_the_allowed_directory(tmp_path: Path) -> No
     image = write_image(allowed / "b.raw", "image B")
     (allowed / "escape.raw").symlink_to("/etc/hostname")
     state = StateDir(tmp_path / "state")
-    activities = ImageActivities(state, file_image_dir=allowed)
+    activities = ImageActivities(state, file_image_dir=allowed, address_policy=LOOPBACK_POLICY)
 
     cached = await env.run(activities.fetch_image, fetch(f"file://{image}"))
     assert cached.sha256 == hashlib.sha256(image.read_bytes()).hexdigest()
@@ -82,14 +82,16 @@ async def test_file_images_only_from_the_allowed_directory(tmp_path: Path) -> No
         with pytest.raises(InvalidRequest, match="outside"):
             await env.run(activities.fetch_image, fetch(f"file://{outside}"))
     with pytest.raises(InvalidRequest, match="not enabled"):
-        await env.run(ImageActivities(state).fetch_image, fetch(f"file://{image}"))
+        await env.run(
+            ImageActivities(state, address_policy=LOOPBACK_POLICY).fetch_image, fetch(f"file://{image}")
+        )
 
 
 async def test_two_fetches_of_one_url_without_digest_download_once(
     tmp_path: Path, images: ImageServer
 ) -> None:
     url, _ = serve(images, "image B", "raw", size=16 << 20)
-    activities = ImageActivities(StateDir(tmp_path / "state"))
+    activities = ImageActivities(StateDir(tmp_path / "state"), address_policy=LOOPBACK_POLICY)
     results = await asyncio.gather(
         ActivityEnvironment().run(activities.fetch_image, fetch(url)),
         ActivityEnvironment().run(activities.fetch_image, fetch(url)),
@@ -101,7 +103,7 @@ async def test_two_fetches_of_one_url_without_digest_download_once(
 async def test_declared_format_must_match_the_header(tmp_path: Path, images: ImageServer) -> None:
     url, sha = serve(images, "image B", "raw")
     state = StateDir(tmp_path / "state")
-    activities = ImageActivities(state)
+    activities = ImageActivities(state, address_policy=LOOPBACK_POLICY)
     await env.run(activities.fetch_image, fetch(url, sha256=sha))
     with pytest.raises(UnsafeImage, match="declared qcow2, its header says raw"):
         await env.run(
@@ -164,6 +166,17 @@ class FakeGlance:
         return f"http://127.0.0.1:{self.port}"
 
 
+def endpoint_for(glance: FakeGlance, token_file: Path) -> GlanceEndpoint:
+    """The worker's Glance endpoint, as its operator configures it (the fake speaks plain http)."""
+    if not token_file.exists():
+        token_file.write_text(TOKEN)
+    return GlanceEndpoint(glance.url, token_file, allow_http=True)
+
+
+def glance_activities(glance: FakeGlance, tmp_path: Path) -> GlanceActivities:
+    return GlanceActivities(endpoint_for(glance, tmp_path / "token"), LOOPBACK_POLICY)
+
+
 @pytest.fixture
 async def glance(tmp_path: Path) -> AsyncIterator[FakeGlance]:
     server = FakeGlance(tmp_path)
@@ -178,7 +191,7 @@ async def test_glance_record_is_resolved(glance: FakeGlance, tmp_path: Path) -> 
     image = write_image(tmp_path / "g.qcow2", "image G", fmt="qcow2")
     image_id = glance.add(image, min_disk=2)
     resolved = await env.run(
-        GlanceActivities(TOKEN).resolve_glance_image,
+        glance_activities(glance, tmp_path).resolve_glance_image,
         ResolveGlanceImageInput(glance_url=glance.url, image_id=image_id),
     )
     assert resolved.url == f"{glance.url}/v2/images/{image_id}/file"
@@ -201,15 +214,15 @@ async def test_glance_records_we_cannot_use_are_refused(
     image_id = glance.add(write_image(tmp_path / "g.raw", "image G"), **fields)
     with pytest.raises(error, match=match):
         await env.run(
-            GlanceActivities(TOKEN).resolve_glance_image,
+            glance_activities(glance, tmp_path).resolve_glance_image,
             ResolveGlanceImageInput(glance_url=glance.url, image_id=image_id),
         )
 
 
-async def test_unknown_glance_image_is_not_found(glance: FakeGlance) -> None:
+async def test_unknown_glance_image_is_not_found(glance: FakeGlance, tmp_path: Path) -> None:
     with pytest.raises(ImageNotFound):
         await env.run(
-            GlanceActivities(TOKEN).resolve_glance_image,
+            glance_activities(glance, tmp_path).resolve_glance_image,
             ResolveGlanceImageInput(glance_url=glance.url, image_id=str(uuid.uuid4())),
         )
 
@@ -221,7 +234,11 @@ async def test_rebuild_from_a_glance_image_honours_min_disk(
     image = write_image(tmp_path / "g.qcow2", "image G", fmt="qcow2")
     image_id = glance.add(image, min_disk=1)
     config = WorkerConfig(
-        host=unique_host, libvirt_uri=vm.libvirt.uri, state_dir=tmp_path / "state", glance_token=TOKEN
+        host=unique_host,
+        libvirt_uri=vm.libvirt.uri,
+        state_dir=tmp_path / "state",
+        glance=endpoint_for(glance, tmp_path / "token"),
+        allowed_image_networks=LOOPBACK_NETWORKS,
     )
     queue = f"wf-{unique_host}"
     async with (
@@ -262,7 +279,7 @@ async def test_an_image_is_fully_checked_once(
 ) -> None:
     url, sha = serve(images, "image B", "qcow2")
     state = StateDir(tmp_path / "state")
-    activities = ImageActivities(state)
+    activities = ImageActivities(state, address_policy=LOOPBACK_POLICY)
     await env.run(activities.fetch_image, fetch(url, sha256=sha))
     first = await env.run(activities.check_image, check_input(sha, "qcow2"))
     assert state.check_verdict(sha).exists()

@@ -25,6 +25,7 @@ from activities.images import READ_BUFFER_BYTES, ImageActivities
 from activities.state import StateDir
 from devtools.image_server import Fault, ImageServer, RequestLog
 from devtools.temporal_dev import free_port
+from tests.e2e_support import LOOPBACK_POLICY
 from workflows.models import CachedImage, FetchImageInput, FetchProgress
 
 MiB = 1 << 20
@@ -62,7 +63,7 @@ def state(tmp_path: Path) -> StateDir:
 
 @pytest.fixture
 def images(state: StateDir) -> ImageActivities:
-    return ImageActivities(state, read_timeout_seconds=10)
+    return ImageActivities(state, read_timeout_seconds=10, address_policy=LOOPBACK_POLICY)
 
 
 def publish(server: ImageServer, name: str, size: int) -> Image:
@@ -398,7 +399,7 @@ async def test_cache_is_reachable_by_qemu_and_read_only_whatever_the_umask(
     old_umask = os.umask(0o077)
     try:
         state = StateDir(tmp_path / "tight-state")
-        images = ImageActivities(state)
+        images = ImageActivities(state, address_policy=LOOPBACK_POLICY)
         image = publish(server, "tight.raw", MiB)
         await fetch(images, request_for(server, image))
     finally:

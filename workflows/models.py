@@ -31,8 +31,29 @@ def host_task_queue(host: str) -> str:
 
 
 def rebuild_workflow_id(host: str, instance: str) -> str:
-    """One rebuild per instance at a time: the ID is the lock."""
+    """One rebuild per instance at a time: the ID is the lock.
+
+    Host names cannot hold ``:``, so the first ``:`` after the prefix ends the host: host ``kvm`` with
+    instance ``1-web`` and host ``kvm-1`` with instance ``web`` get different IDs (they did not under
+    the legacy form below).
+    """
+    return f"rebuild:{host}:{instance}"
+
+
+def legacy_rebuild_workflow_id(host: str, instance: str) -> str:
+    """The ID rebuilds had before 2026-11: still found by status, and still a lock while one runs."""
     return f"rebuild-{host}-{instance}"
+
+
+# Who asked for a rebuild or a decision: shown in the Web UI and kept in every history, so bounded at
+# the edges (CLI, API); the wire models stay lenient, so running workflows always replay.
+MAX_REQUESTED_BY = 200
+
+
+def check_requested_by(value: str) -> str:
+    if not 1 <= len(value) <= MAX_REQUESTED_BY:
+        raise ValueError(f"requested_by must have 1 to {MAX_REQUESTED_BY} characters, not {len(value)}")
+    return value
 
 
 class Phase(StrEnum):
@@ -224,6 +245,8 @@ class CheckImageInput(_Model):
 class ResolveGlanceImageInput(_Model):
     glance_url: str
     image_id: str
+    # The request's limit: a record whose min_disk asks for more is refused.
+    max_virtual_size_bytes: int | None = None
 
 
 class ResolvedImage(_Model):
@@ -268,6 +291,8 @@ class PrepareRootDiskInput(_Model):
     min_virtual_size: int = 0
     # The backup file name is derived from this, so a retried prepare finds what the first began.
     rebuild_id: str
+    # The request's limit on the new disk's size, min_virtual_size included.
+    max_virtual_size: int | None = None
 
 
 class PreparedRootDisk(_Model):

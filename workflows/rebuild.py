@@ -275,6 +275,7 @@ class RebuildInstance:
                     original_format=info.root_disk_format,
                     rebuild_id=rebuild_id,
                     min_virtual_size=source.min_disk_bytes,
+                    max_virtual_size=request.max_virtual_size_bytes,
                 ),
                 PREPARE,
             )
@@ -408,7 +409,11 @@ class RebuildInstance:
         record = await self._step(
             Phase.RESOLVE,
             GlanceActivities.resolve_glance_image,
-            ResolveGlanceImageInput(glance_url=request.glance_url, image_id=request.glance_image_id),
+            ResolveGlanceImageInput(
+                glance_url=request.glance_url,
+                image_id=request.glance_image_id,
+                max_virtual_size_bytes=request.max_virtual_size_bytes,
+            ),
             RESOLVE,
         )
         if request.disk_format and request.disk_format != record.disk_format:
