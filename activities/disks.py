@@ -110,9 +110,13 @@ class DiskActivities:
         async with keep_alive():
             xml, disk = await self._stopped_root_disk(request.instance)
             backup = backup_path(disk.path, request.rebuild_id)
-            original_format = _recorded_format(
-                original_format_path(disk.path, request.rebuild_id), request.original_format
-            )
+            recorded = original_format_path(disk.path, request.rebuild_id)
+            if not backup.exists() and not recorded.exists():
+                # Nothing of this rebuild is here to put back: the definition is left alone, since
+                # a format from the request alone could make QEMU read a raw disk as qcow2.
+                new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+                return
+            original_format = _recorded_format(recorded, request.original_format)
             await self.checkpoints.reach("restore.before-swap")
             if backup.exists():
                 if Path(disk.path).exists() and os.path.samefile(backup, disk.path):

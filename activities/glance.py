@@ -137,10 +137,12 @@ class GlanceActivities:
                 ) as session,
                 session.get(url, headers=headers, allow_redirects=False) as response,
             ):
-                body = await response.content.read(MAX_RECORD_BYTES + 1)
-                if len(body) > MAX_RECORD_BYTES:
-                    raise UnsafeImage(f"Glance's answer for {url} is over {MAX_RECORD_BYTES} bytes")
-                return response.status, body
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 << 10):
+                    body += chunk
+                    if len(body) > MAX_RECORD_BYTES:
+                        raise UnsafeImage(f"Glance's answer for {url} is over {MAX_RECORD_BYTES} bytes")
+                return response.status, bytes(body)
         except (aiohttp.ClientError, TimeoutError) as err:
             raise ImageDownloadError(f"Glance at {url} unreachable: {err}") from None
 
