@@ -415,7 +415,9 @@ def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tu
 def _require_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if needed > free:
-        raise HostOutOfSpace(f"image needs {needed} more bytes in {directory}, only {free} are free")
+        raise HostOutOfSpace(
+            f"host out of space: the image needs {needed} more bytes in {directory}, only {free} are free"
+        )
 
 
 @contextlib.asynccontextmanager

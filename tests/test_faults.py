@@ -364,7 +364,9 @@ async def test_status_shows_attempts_and_last_error_while_retrying(
     dev_server: DevServer,
 ) -> None:
     url, sha = serve(images, "image B", "raw")
-    images.faults["image-B.raw"] = Fault(statuses=[503] * 3)
+    # Five failures keep the fetch retrying for about 15 s: long enough for two status calls to
+    # see it even on a loaded machine.
+    images.faults["image-B.raw"] = Fault(statuses=[503] * 5)
     started = await rebuild_cli(dev_server.address, *start_args(guest, worker, url, sha))
     assert started.code == 0, started.stderr
     deadline = time.monotonic() + 30
