@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import libvirt
 
-from devtools.guest import domain_xml, write_image
+from devtools.guest import domain_xml, remove_domain, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, pid_alive, port_open
 from workflows.models import rebuild_workflow_id
@@ -97,13 +97,7 @@ def restart_worker() -> None:
 def define_demo_vm(disk: Path, serial: Path) -> None:
     """A fresh demo-vm on image A, running: the starting point of every demo run."""
     conn = libvirt.open(LIBVIRT_URI)
-    try:
-        old = conn.lookupByName(VM)
-        if old.isActive():
-            old.destroy()
-        old.undefine()
-    except libvirt.libvirtError:
-        pass
+    remove_domain(conn, VM)
     for leftover in disk.parent.glob(f"{disk.name}.rebuild-*"):
         leftover.unlink()
     write_image(disk, "image A")

@@ -9,7 +9,10 @@ from __future__ import annotations
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import quoteattr
+
+import libvirt
 
 SECTOR = 512
 _LOAD_ADDRESS = 0x7C00
@@ -100,3 +103,14 @@ def domain_xml(
     <memballoon model='none'/>
   </devices>
 </domain>"""
+
+
+def remove_domain(conn: Any, name: str) -> None:
+    """Destroy and undefine ``name``; a domain already gone is fine."""
+    try:
+        domain = conn.lookupByName(name)
+        if domain.isActive():
+            domain.destroy()
+        domain.undefine()
+    except libvirt.libvirtError:
+        pass

@@ -19,7 +19,7 @@ from typing import Any
 import libvirt
 
 from activities.network import AddressPolicy, parse_networks
-from devtools.guest import domain_xml, write_image
+from devtools.guest import domain_xml, remove_domain, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import stop_process
 
@@ -88,17 +88,6 @@ class Guest:
 
     def remove(self) -> None:
         remove_domain(self.conn, self.name)
-
-
-def remove_domain(conn: Any, name: str) -> None:
-    """Destroy and undefine ``name``; a domain already gone is fine."""
-    try:
-        domain = conn.lookupByName(name)
-        if domain.isActive():
-            domain.destroy()
-        domain.undefine()
-    except libvirt.libvirtError:
-        pass
 
 
 def make_guest(conn: Any, directory: Path, marker: str = "image A", root_format: str = "raw") -> Guest:
