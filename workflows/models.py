@@ -2,6 +2,13 @@
 
 The workflow owns these models. Each workflow and activity takes one model and returns one, so a field
 can be added later without breaking a rebuild that is already running.
+
+Two rules keep mixed worker versions and replays working (see the README's versioning policy):
+- what crosses Temporal ignores fields it does not know, so a newer client or worker never stops an
+  older one's workflow task;
+- what crosses Temporal is not validated beyond its types: a validator tightened later would fail the
+  replay of a rebuild that started under the old one. Checks belong at the edges, where a person or a
+  service asks for something: the ``Strict*`` models below, used by the CLI and the HTTP API.
 """
 
 from __future__ import annotations
@@ -15,6 +22,15 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 WORKFLOW_TASK_QUEUE = "rebuild"
+# The workflow and its handlers by name: clients refer to them without importing the workflow module
+# (and with it libvirt and every activity).
+WORKFLOW_NAME = "RebuildInstance"
+STATUS_QUERY = "status"
+APPROVE_SIGNAL = "approve"
+CONFIRM_SIGNAL = "confirm"
+REVERT_SIGNAL = "revert"
+ABORT_SIGNAL = "abort"
+ABORT_UPDATE = "abort_rebuild"
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 SHA512_HEX = re.compile(r"^[0-9a-f]{128}$")
 GLANCE_IMAGE_ID = re.compile(r"^[0-9a-fA-F-]{32,36}$")
@@ -85,14 +101,17 @@ class Outcome(StrEnum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A model that crosses Temporal: fields it does not know (from a newer version) are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class RebuildRequest(_Model):
     """What an operator asks for. Nothing here names a disk path: those come from libvirt.
 
     The image is named either by ``image_url`` (http, https, or file:// inside the worker's allowed
-    directory) or by a Glance v2 image ID plus the image service's URL.
+    directory) or by a Glance v2 image ID plus the image service's URL. This is its shape on the wire;
+    :class:`StrictRebuildRequest` is what the CLI and the API check before a rebuild starts.
     """
 
     instance: str
@@ -101,10 +120,10 @@ class RebuildRequest(_Model):
     sha256: str | None = None
     # None: start the instance again only when it was running before the rebuild.
     start_after: bool | None = None
-    stop_timeout_seconds: float = Field(default=60.0, ge=0, le=3600)
-    boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
-    boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
-    max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
+    stop_timeout_seconds: float = 60.0
+    boot_marker: str | None = None
+    boot_timeout_seconds: float = 120.0
+    max_virtual_size_bytes: int = 1 << 40
     requested_by: str = "unknown"
     sha512: str | None = None
     # When given, an image whose header says otherwise is refused.
@@ -113,10 +132,28 @@ class RebuildRequest(_Model):
     glance_image_id: str | None = None
     # Wait for an `approve` signal after fetch and check, before anything changes.
     require_approval: bool = False
-    approval_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    approval_timeout_seconds: float = 3600.0
     # Keep the old disk after the new one boots until `confirm`, `revert` or the window's end.
-    confirm_within_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
+    confirm_within_seconds: float | None = None
     revert_by_default: bool = False
+
+    @property
+    def image_label(self) -> str:
+        """How the image is shown to people: its URL or its Glance ID."""
+        return self.image_url or f"glance:{self.glance_image_id}"
+
+
+class StrictRebuildRequest(RebuildRequest):
+    """A rebuild request as the CLI and the API accept it: names, URLs, digests and limits checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="RebuildRequest")
+
+    stop_timeout_seconds: float = Field(default=60.0, ge=0, le=3600)
+    boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
+    boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
+    approval_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    confirm_within_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
 
     @field_validator("instance")
     @classmethod
@@ -184,18 +221,13 @@ class RebuildRequest(_Model):
         return lowered
 
     @model_validator(mode="after")
-    def _one_image_source(self) -> RebuildRequest:
+    def _one_image_source(self) -> StrictRebuildRequest:
         glance = self.glance_image_id is not None or self.glance_url is not None
         if glance and not (self.glance_image_id and self.glance_url):
             raise ValueError("a Glance image needs both the image ID and the Glance URL")
         if glance == (self.image_url is not None):
             raise ValueError("name the image by exactly one of: an image URL, or a Glance image ID")
         return self
-
-    @property
-    def image_label(self) -> str:
-        """How the image is shown to people: its URL or its Glance ID."""
-        return self.image_url or f"glance:{self.glance_image_id}"
 
 
 class InspectInstanceInput(_Model):
@@ -336,15 +368,27 @@ class RecordImageInput(_Model):
 
 
 class AbortRequest(_Model):
-    reason: str = Field(min_length=1, max_length=500)
+    reason: str
     requested_by: str = "unknown"
+
+
+class StrictAbortRequest(AbortRequest):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="AbortRequest")
+
+    reason: str = Field(min_length=1, max_length=500)
 
 
 class Decision(_Model):
     """An operator's or a service's word on a waiting rebuild: approve, confirm or revert."""
 
-    reason: str = Field(default="", max_length=500)
+    reason: str = ""
     requested_by: str = "unknown"
+
+
+class StrictDecision(Decision):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Decision")
+
+    reason: str = Field(default="", max_length=500)
 
 
 class AbortAnswer(_Model):
@@ -366,6 +410,10 @@ class RebuildStatus(_Model):
     abort_reason: str | None = None
     # Signals that arrived in a phase where they mean nothing, with why they were ignored.
     ignored_signals: list[str] = Field(default_factory=list)
+    # The phase in words where it alone could mislead, e.g. "rebuilt, cleanup pending".
+    summary: str | None = None
+    # Names this rebuild's backup; the same in every run of the workflow, resets included.
+    rebuild_id: str | None = None
 
 
 class RebuildResult(_Model):
@@ -383,3 +431,5 @@ class RebuildResult(_Model):
     downtime_seconds: float | None = None
     forced_stop: bool = False
     undone: list[str] = Field(default_factory=list)
+    # Rebuilt, but the backup could not be removed or the image not recorded (for a person to look at).
+    cleanup_error: str | None = None

@@ -27,12 +27,22 @@ with workflow.unsafe.imports_passed_through():
     from activities.images import ImageActivities
     from workflows import search_attributes as sa
     from workflows.models import (
+        ABORT_SIGNAL,
+        ABORT_UPDATE,
+        APPROVE_SIGNAL,
+        CONFIRM_SIGNAL,
+        REVERT_SIGNAL,
+        STATUS_QUERY,
+        WORKFLOW_NAME,
         AbortAnswer,
         AbortRequest,
+        CachedImage,
+        CheckedImage,
         CheckImageInput,
         Decision,
         FetchImageInput,
         InspectInstanceInput,
+        InstanceInfo,
         Outcome,
         Phase,
         PrepareRootDiskInput,
@@ -46,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         RestoreRootDiskInput,
         StartInstanceInput,
         StopInstanceInput,
+        StopResult,
         VerifyInstanceInput,
         host_task_queue,
     )
@@ -98,9 +109,24 @@ FETCH = StepOptions(start_to_close=timedelta(hours=6), heartbeat=timedelta(secon
 CHECK = StepOptions(start_to_close=timedelta(minutes=3), heartbeat=timedelta(seconds=10), maximum_attempts=3)
 PREPARE = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10))
 START = StepOptions(start_to_close=timedelta(minutes=1), heartbeat=timedelta(seconds=10))
-CLEANUP = StepOptions(start_to_close=timedelta(minutes=1))
+# The rebuild has happened by cleanup: like the undos, cleanup is idempotent and must not turn a rebuilt
+# instance into a failed rebuild because libvirt was away for a while. It retries without a limit.
+CLEANUP = StepOptions(start_to_close=timedelta(minutes=1), maximum_attempts=0)
 # Compensation must finish whatever happens: it retries without a limit, visibly.
 UNDO = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10), maximum_attempts=0)
+
+
+# What the status says in words, where the phase alone could mislead an operator.
+SUMMARY = {
+    Phase.CONFIRM_WINDOW: "new disk running; the old one is kept until confirm, revert or the window's end",
+    Phase.CLEANUP: "rebuilt, cleanup pending",
+    Phase.ROLLBACK: "rolling back to the old root disk",
+    Phase.DONE: "rebuilt",
+    Phase.ROLLED_BACK: "rolled back to the old root disk",
+}
+# Patch IDs: each guards a change of the workflow's commands, so rebuilds started on older code replay.
+PATCH_REBUILD_ID = "rebuild-id-survives-reset"
+PATCH_CLEANUP_NEVER_FAILS = "cleanup-never-fails-a-rebuild"
 
 
 class _Aborted(Exception):
@@ -117,7 +143,16 @@ class _Undo:
         self.action = action
 
 
-@workflow.defn
+@dataclass(frozen=True)
+class _NewImage:
+    """What fetch and check found: the image to put under the instance, and where it came from."""
+
+    source: ResolvedImage
+    cached: CachedImage
+    checked: CheckedImage
+
+
+@workflow.defn(name=WORKFLOW_NAME)
 class RebuildInstance:
     @workflow.init
     def __init__(self, request: RebuildRequest) -> None:
@@ -135,9 +170,14 @@ class RebuildInstance:
         self._ignored_signals: list[str] = []
         self._approved_by: str | None = None
         self._decision: tuple[str, str] | None = None
+        self._rebuild_id: str | None = None
+        self._cleanup_error: str | None = None
 
-    @workflow.query
+    @workflow.query(name=STATUS_QUERY)
     def status(self) -> RebuildStatus:
+        summary = SUMMARY.get(self._phase)
+        if self._cleanup_error is not None:
+            summary = f"rebuilt; cleanup failed: {self._cleanup_error}"
         return RebuildStatus(
             instance=self._request.instance,
             host=self._request.host,
@@ -150,19 +190,21 @@ class RebuildInstance:
             started_at=workflow.info().start_time,
             abort_reason=self._abort_reason,
             ignored_signals=list(self._ignored_signals),
+            summary=summary,
+            rebuild_id=self._rebuild_id,
         )
 
-    @workflow.signal
+    @workflow.signal(name=ABORT_SIGNAL)
     def abort(self, request: AbortRequest) -> None:
         """Stop the rebuild and put the instance back, if it is not too late (see ``abort_rebuild``)."""
         self._try_abort(request)
 
-    @workflow.update
+    @workflow.update(name=ABORT_UPDATE)
     def abort_rebuild(self, request: AbortRequest) -> AbortAnswer:
         """The same as the ``abort`` signal, but the caller learns whether it was accepted."""
         return self._try_abort(request)
 
-    @workflow.signal
+    @workflow.signal(name=APPROVE_SIGNAL)
     def approve(self, decision: Decision) -> None:
         """Let a rebuild that asked for approval go on to stop the instance."""
         if not self._request.require_approval:
@@ -172,12 +214,12 @@ class RebuildInstance:
         elif self._approved_by is None:
             self._approved_by = decision.requested_by
 
-    @workflow.signal
+    @workflow.signal(name=CONFIRM_SIGNAL)
     def confirm(self, decision: Decision) -> None:
         """Keep the new disk now: the backup of the old one is removed."""
         self._decide("confirm", decision)
 
-    @workflow.signal
+    @workflow.signal(name=REVERT_SIGNAL)
     def revert(self, decision: Decision) -> None:
         """Put the old disk back; the instance boots its old image again."""
         self._decide("revert", decision)
@@ -209,104 +251,17 @@ class RebuildInstance:
 
     @workflow.run
     async def run(self, request: RebuildRequest) -> RebuildResult:
-        rebuild_id = workflow.info().run_id
-        instance = request.instance
+        """The rebuild's steps; any failure, abort or cancellation before cleanup runs the undos."""
+        self._rebuild_id = _rebuild_id()
         _count("rebuilds_started")
         try:
-            info = await self._step(
-                Phase.INSPECT,
-                HypervisorActivities.inspect_instance,
-                InspectInstanceInput(instance=instance),
-                INSPECT,
-            )
-            source = await self._image_source(request)
-            cached = await self._step(
-                Phase.FETCH,
-                ImageActivities.fetch_image,
-                FetchImageInput(
-                    url=source.url,
-                    sha256=source.sha256,
-                    sha512=source.sha512,
-                    max_bytes=request.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
-                ),
-                FETCH,
-            )
-            self._image_sha256 = cached.sha256
-            if workflow.patched("image-id-after-fetch"):
-                workflow.upsert_search_attributes([sa.IMAGE_ID.value_set(cached.sha256)])
-            image = await self._step(
-                Phase.CHECK,
-                ImageActivities.check_image,
-                CheckImageInput(
-                    sha256=cached.sha256,
-                    max_virtual_size_bytes=request.max_virtual_size_bytes,
-                    declared_format=source.disk_format,
-                ),
-                CHECK,
-            )
-
+            instance = await self._inspect(request)
+            image = await self._fetch_and_check(request)
             if request.require_approval:
                 await self._await_approval(request)
-
-            if info.was_running:
-                self._push("start instance again", self._undo_stop)
-            stopped = await self._step(
-                Phase.STOP,
-                HypervisorActivities.stop_instance,
-                StopInstanceInput(instance=instance, timeout_seconds=request.stop_timeout_seconds),
-                StepOptions(
-                    start_to_close=timedelta(seconds=request.stop_timeout_seconds + 60),
-                    heartbeat=timedelta(seconds=10),
-                ),
-            )
-
-            restore = RestoreRootDiskInput(
-                instance=instance, rebuild_id=rebuild_id, original_format=info.root_disk_format
-            )
-            self._push("restore old root disk", lambda: self._undo_prepare(restore))
-            await self._step(
-                Phase.PREPARE,
-                DiskActivities.prepare_root_disk,
-                PrepareRootDiskInput(
-                    instance=instance,
-                    image_sha256=image.sha256,
-                    image_format=image.format,
-                    image_virtual_size=image.virtual_size,
-                    original_format=info.root_disk_format,
-                    rebuild_id=rebuild_id,
-                    min_virtual_size=source.min_disk_bytes,
-                    max_virtual_size=request.max_virtual_size_bytes,
-                ),
-                PREPARE,
-            )
-
-            downtime: float | None = None
-            should_start = info.was_running if request.start_after is None else request.start_after
-            if should_start:
-                self._push("stop instance on new disk", self._undo_start)
-                started = await self._step(
-                    Phase.START,
-                    HypervisorActivities.start_instance,
-                    StartInstanceInput(instance=instance),
-                    START,
-                )
-                if info.was_running:
-                    downtime = (started.started_at - stopped.stopped_at).total_seconds()
-                await self._step(
-                    Phase.VERIFY,
-                    HypervisorActivities.verify_instance,
-                    VerifyInstanceInput(
-                        instance=instance,
-                        boot_marker=request.boot_marker,
-                        boot_timeout_seconds=request.boot_timeout_seconds,
-                        console_offset=stopped.console_offset,
-                    ),
-                    StepOptions(
-                        start_to_close=timedelta(seconds=request.boot_timeout_seconds + 30),
-                        heartbeat=timedelta(seconds=10),
-                        maximum_attempts=3,
-                    ),
-                )
+            stopped = await self._stop(request, instance)
+            await self._prepare(instance, image)
+            downtime = await self._start_and_verify(request, instance, stopped)
             if request.confirm_within_seconds is not None:
                 await self._confirm_window(request.confirm_within_seconds, request.revert_by_default)
         except (
@@ -319,38 +274,156 @@ class RebuildInstance:
         ) as err:
             await self._fail(err)
             raise AssertionError("unreachable") from None
-
         # The new disk is in place and verified: from here on nothing is undone.
         self._undo.clear()
-        await self._step(
-            Phase.CLEANUP,
-            DiskActivities.remove_backup,
-            RemoveBackupInput(instance=instance, rebuild_id=rebuild_id),
-            CLEANUP,
-        )
-        await self._step(
-            Phase.CLEANUP,
-            HypervisorActivities.record_image,
-            RecordImageInput(
-                instance=instance,
-                image_sha256=image.sha256,
-                image_url=source.url,
-                rebuilt_at=workflow.now(),
-            ),
-            CLEANUP,
-        )
+        await self._clean_up(image)
         self._enter(Phase.DONE)
         _count("rebuilds_finished")
         return RebuildResult(
-            instance=instance,
+            instance=request.instance,
             host=request.host,
             outcome=Outcome.REBUILT,
-            image_sha256=image.sha256,
-            image_format=image.format,
+            image_sha256=image.checked.sha256,
+            image_format=image.checked.format,
             step_seconds=dict(self._step_seconds),
             downtime_seconds=downtime,
             forced_stop=stopped.forced,
+            cleanup_error=self._cleanup_error,
         )
+
+    async def _inspect(self, request: RebuildRequest) -> InstanceInfo:
+        return await self._step(
+            Phase.INSPECT,
+            HypervisorActivities.inspect_instance,
+            InspectInstanceInput(instance=request.instance),
+            INSPECT,
+        )
+
+    async def _fetch_and_check(self, request: RebuildRequest) -> _NewImage:
+        """Download and check the image while the instance still runs: nothing changes on it yet."""
+        source = await self._image_source(request)
+        cached = await self._step(
+            Phase.FETCH,
+            ImageActivities.fetch_image,
+            FetchImageInput(
+                url=source.url,
+                sha256=source.sha256,
+                sha512=source.sha512,
+                max_bytes=request.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
+            ),
+            FETCH,
+        )
+        self._image_sha256 = cached.sha256
+        if workflow.patched("image-id-after-fetch"):
+            workflow.upsert_search_attributes([sa.IMAGE_ID.value_set(cached.sha256)])
+        checked = await self._step(
+            Phase.CHECK,
+            ImageActivities.check_image,
+            CheckImageInput(
+                sha256=cached.sha256,
+                max_virtual_size_bytes=request.max_virtual_size_bytes,
+                declared_format=source.disk_format,
+            ),
+            CHECK,
+        )
+        return _NewImage(source, cached, checked)
+
+    async def _stop(self, request: RebuildRequest, instance: InstanceInfo) -> StopResult:
+        if instance.was_running:
+            self._push("start instance again", self._undo_stop)
+        return await self._step(
+            Phase.STOP,
+            HypervisorActivities.stop_instance,
+            StopInstanceInput(instance=request.instance, timeout_seconds=request.stop_timeout_seconds),
+            StepOptions(
+                start_to_close=timedelta(seconds=request.stop_timeout_seconds + 60),
+                heartbeat=timedelta(seconds=10),
+            ),
+        )
+
+    async def _prepare(self, instance: InstanceInfo, image: _NewImage) -> None:
+        """The old disk becomes the backup, named by the rebuild ID: the undo finds it even after a reset."""
+        assert self._rebuild_id is not None
+        restore = RestoreRootDiskInput(
+            instance=instance.name, rebuild_id=self._rebuild_id, original_format=instance.root_disk_format
+        )
+        self._push("restore old root disk", lambda: self._undo_prepare(restore))
+        await self._step(
+            Phase.PREPARE,
+            DiskActivities.prepare_root_disk,
+            PrepareRootDiskInput(
+                instance=instance.name,
+                image_sha256=image.checked.sha256,
+                image_format=image.checked.format,
+                image_virtual_size=image.checked.virtual_size,
+                original_format=instance.root_disk_format,
+                rebuild_id=self._rebuild_id,
+                min_virtual_size=image.source.min_disk_bytes,
+                max_virtual_size=self._request.max_virtual_size_bytes,
+            ),
+            PREPARE,
+        )
+
+    async def _start_and_verify(
+        self, request: RebuildRequest, instance: InstanceInfo, stopped: StopResult
+    ) -> float | None:
+        """Boot the new disk where the instance should run; returns the downtime, if it was running."""
+        should_start = instance.was_running if request.start_after is None else request.start_after
+        if not should_start:
+            return None
+        self._push("stop instance on new disk", self._undo_start)
+        started = await self._step(
+            Phase.START,
+            HypervisorActivities.start_instance,
+            StartInstanceInput(instance=request.instance),
+            START,
+        )
+        await self._step(
+            Phase.VERIFY,
+            HypervisorActivities.verify_instance,
+            VerifyInstanceInput(
+                instance=request.instance,
+                boot_marker=request.boot_marker,
+                boot_timeout_seconds=request.boot_timeout_seconds,
+                console_offset=stopped.console_offset,
+            ),
+            StepOptions(
+                start_to_close=timedelta(seconds=request.boot_timeout_seconds + 30),
+                heartbeat=timedelta(seconds=10),
+                maximum_attempts=3,
+            ),
+        )
+        if not instance.was_running:
+            return None
+        return (started.started_at - stopped.stopped_at).total_seconds()
+
+    async def _clean_up(self, image: _NewImage) -> None:
+        """Drop the backup and record the new image. Retried without a limit; an error no retry can
+        fix (the instance was undefined meanwhile) is reported with the result, not as a failure."""
+        assert self._rebuild_id is not None
+        instance = self._request.instance
+        try:
+            await self._step(
+                Phase.CLEANUP,
+                DiskActivities.remove_backup,
+                RemoveBackupInput(instance=instance, rebuild_id=self._rebuild_id),
+                CLEANUP,
+            )
+            await self._step(
+                Phase.CLEANUP,
+                HypervisorActivities.record_image,
+                RecordImageInput(
+                    instance=instance,
+                    image_sha256=image.checked.sha256,
+                    image_url=image.source.url,
+                    rebuilt_at=workflow.now(),
+                ),
+                CLEANUP,
+            )
+        except ActivityError as err:
+            if not workflow.patched(PATCH_CLEANUP_NEVER_FAILS):
+                raise
+            self._cleanup_error, _ = describe(err)
 
     async def _await_approval(self, request: RebuildRequest) -> None:
         """Nothing has changed yet; without an approval in time, nothing will."""
@@ -576,6 +649,16 @@ class RebuildInstance:
             HypervisorActivities.stop_instance,
             StopInstanceInput(instance=self._request.instance, timeout_seconds=0),
         )
+
+
+def _rebuild_id() -> str:
+    """Names the backup of this rebuild. It must outlive ``temporal workflow reset``, which starts a
+    new run (a new run ID) that continues from a point after prepare: the first run's ID survives it.
+    Rebuilds started before this patch keep the run ID they named their backup by."""
+    info = workflow.info()
+    if workflow.patched(PATCH_REBUILD_ID):
+        return info.first_execution_run_id
+    return info.run_id
 
 
 def _count(name: str) -> None:
