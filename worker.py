@@ -2,6 +2,10 @@
 
 It polls the shared workflow queue and its own host queue: every activity of a rebuild is sent to the
 queue of the instance's host, so disk work always runs where the disk is.
+
+With ``--build-id`` the worker joins a Worker Deployment (Temporal's Worker Versioning): every rebuild
+is pinned to the version of the worker that started it, so a fleet rolls out new workflow code while
+rebuilds already running finish on the old one (see the README's versioning policy).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Annotated, Any
 
 import typer
 from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
+from temporalio.worker import Worker, WorkerDeploymentConfig
 
 from activities.checkpoints import Checkpoints
 from activities.disks import DiskActivities
@@ -28,12 +33,15 @@ from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
 from activities.network import AddressPolicy, parse_networks
 from activities.state import DEFAULT_STATE_DIR, StateDir
-from starter.connection import TemporalUnavailable, connect, prometheus_runtime
+from common.connection import TemporalUnavailable, connect, prometheus_runtime, worker_identity
+from common.exit_codes import ExitCode
+from common.exit_codes import table as exit_code_table
 from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 
 app = typer.Typer(add_completion=False)
 THIS_HOST = socket.gethostname()
+DEPLOYMENT_NAME = "durable-rebuild"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,19 @@ class WorkerConfig:
     metrics_address: str | None = None
     # Networks beyond the public internet that images may come from (private image servers).
     allowed_image_networks: tuple[str, ...] = ()
+    # Worker Versioning: None runs unversioned (every worker takes every workflow task).
+    build_id: str | None = None
+    deployment_name: str = DEPLOYMENT_NAME
+
+    def deployment(self) -> WorkerDeploymentConfig | None:
+        """Pinned: a rebuild stays on the code that started it, however long it waits for approval."""
+        if self.build_id is None:
+            return None
+        return WorkerDeploymentConfig(
+            version=WorkerDeploymentVersion(deployment_name=self.deployment_name, build_id=self.build_id),
+            use_worker_versioning=True,
+            default_versioning_behavior=VersioningBehavior.PINNED,
+        )
 
 
 def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[Callable[..., Any]]:
@@ -85,13 +106,24 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
 
 
 def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
+    # The identity names the host: `rebuild start` lists the hosts that have a worker from it.
+    identity = worker_identity(config.host)
+    deployment = config.deployment()
     return [
-        Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance]),
+        Worker(
+            client,
+            task_queue=WORKFLOW_TASK_QUEUE,
+            workflows=[RebuildInstance],
+            identity=identity,
+            deployment_config=deployment,
+        ),
         Worker(
             client,
             task_queue=host_task_queue(config.host),
             activities=host_activities(config),
             max_concurrent_activities=200,
+            identity=identity,
+            deployment_config=deployment,
         ),
     ]
 
@@ -105,16 +137,17 @@ async def serve(config: WorkerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with workers[0], workers[1]:
+        version = f" version={config.deployment_name}.{config.build_id}" if config.build_id else ""
         print(
             f"worker ready: host={config.host} "
             f"queues={WORKFLOW_TASK_QUEUE},{host_task_queue(config.host)} "
-            f"libvirt={config.libvirt_uri} state={config.state_dir}",
+            f"libvirt={config.libvirt_uri} state={config.state_dir}{version}",
             flush=True,
         )
         await stop.wait()
 
 
-@app.command()
+@app.command(epilog="Exit codes (every command):\n\n" + exit_code_table())
 def run(
     host: Annotated[
         str, typer.Option(help="This hypervisor's name; the worker polls rebuild-host-NAME.")
@@ -159,18 +192,29 @@ def run(
         Path | None,
         typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
     ] = None,
+    build_id: Annotated[
+        str | None,
+        typer.Option(
+            envvar="REBUILD_BUILD_ID",
+            help="Join Worker Versioning as this build of --deployment-name (rebuilds are pinned to it); "
+            "default: unversioned.",
+        ),
+    ] = None,
+    deployment_name: Annotated[
+        str, typer.Option(help="Worker Deployment this worker's build belongs to.")
+    ] = DEPLOYMENT_NAME,
 ) -> None:
     """Run the rebuild worker for this hypervisor host."""
     if not HOST_NAME.match(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.BAD_INPUT)
     networks = tuple(allow_image_network or ())
     try:
         parse_networks(networks)
         glance = _glance_endpoint(glance_url, glance_token_file, glance_allow_http)
     except (ValueError, OSError) as err:
         print(f"rebuild-worker: {err}", file=sys.stderr)
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.BAD_INPUT) from None
     config = WorkerConfig(
         host,
         libvirt_uri,
@@ -182,14 +226,16 @@ def run(
         glance,
         metrics,
         networks,
+        build_id,
+        deployment_name,
     )
     try:
         asyncio.run(serve(config))
     except TemporalUnavailable as err:
         print(f"rebuild-worker: {err}", file=sys.stderr, flush=True)
-        os._exit(1)
+        os._exit(ExitCode.UNAVAILABLE)
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(ExitCode.OK)
 
 
 def _glance_endpoint(url: str | None, token_file: Path | None, allow_http: bool) -> GlanceEndpoint | None:

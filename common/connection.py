@@ -1,6 +1,13 @@
-"""How every client and worker reaches Temporal: one place, one data converter."""
+"""How every client and worker reaches Temporal: one place, one data converter.
+
+The worker and the operator's tools (CLI, HTTP API) both use this module and neither imports the other.
+"""
 
 from __future__ import annotations
+
+import os
+import re
+import socket
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
@@ -33,3 +40,17 @@ async def connect(
 def prometheus_runtime(bind_address: str) -> Runtime:
     """A runtime whose metrics (the SDK's and the project's own) are served for Prometheus."""
     return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address)))
+
+
+_IDENTITY_HOST = re.compile(r"\bhost=(\S+)")
+
+
+def worker_identity(host: str) -> str:
+    """How a worker names itself to Temporal: the hypervisor it serves, so clients can list hosts."""
+    return f"{os.getpid()}@{socket.gethostname()} host={host}"
+
+
+def identity_host(identity: str) -> str | None:
+    """The hypervisor a poller serves, from its :func:`worker_identity`; None for other pollers."""
+    found = _IDENTITY_HOST.search(identity)
+    return found.group(1) if found else None

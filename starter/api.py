@@ -1,7 +1,9 @@
 """``rebuild-api``: the HTTP API other services use to start, watch and steer rebuilds.
 
-JSON in and out, with the workflow's own pydantic models; errors are JSON too: 400 bad input, 401 no or
-wrong bearer token (and nothing changes), 404 unknown rebuild, 409 already running / not running.
+JSON in and out, with the workflow's own pydantic models (their strict forms: unknown fields and bad
+values are refused here, at the edge); errors are JSON too: 400 bad input (including a host no worker
+serves), 401 no or wrong bearer token (and nothing changes), 404 unknown rebuild, 409 already running /
+not running. The process's exit codes are the CLI's (``common.exit_codes``).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 
-from starter.connection import TemporalUnavailable, connect
+from common.connection import TemporalUnavailable, connect
+from common.exit_codes import ExitCode
+from common.exit_codes import table as exit_code_table
 from starter.rebuilds import (
     DECISIONS,
     BadFilter,
+    NoWorkerOnHost,
     RebuildAlreadyRunning,
     RebuildDescription,
     RebuildNotRunning,
@@ -36,7 +41,7 @@ from starter.rebuilds import (
     start_rebuild,
     validation_problems,
 )
-from workflows.models import AbortAnswer, AbortRequest, Decision, RebuildRequest
+from workflows.models import AbortAnswer, StrictAbortRequest, StrictDecision, StrictRebuildRequest
 
 CLIENT: web.AppKey[Client] = web.AppKey("client", Client)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -87,7 +92,7 @@ async def translate_errors(request: web.Request, handler: Handler) -> web.Stream
     except ValidationError as exc:
         problems = validation_problems(exc)
         return error(400, f"invalid request: {problems}")
-    except (BadFilter, ValueError) as exc:
+    except (BadFilter, NoWorkerOnHost, ValueError) as exc:
         return error(400, str(exc))
     except UnknownRebuild as exc:
         return error(404, str(exc))
@@ -103,7 +108,7 @@ async def body(request: web.Request) -> Any:
 
 
 async def start(request: web.Request) -> web.Response:
-    rebuild = RebuildRequest.model_validate(await body(request))
+    rebuild = StrictRebuildRequest.model_validate(await body(request))
     handle = await start_rebuild(request.app[CLIENT], rebuild)
     return reply(Started(workflow_id=handle.id, run_id=handle.result_run_id), status=201)
 
@@ -124,7 +129,7 @@ async def index(request: web.Request) -> web.Response:
 
 async def decide(request: web.Request) -> web.Response:
     host, instance, verdict = (request.match_info[k] for k in ("host", "instance", "verdict"))
-    decision = Decision.model_validate(await body(request) if request.can_read_body else {})
+    decision = StrictDecision.model_validate(await body(request) if request.can_read_body else {})
     workflow_id = await send_decision(request.app[CLIENT], instance, host, verdict, decision)
     return reply(Sent(workflow_id=workflow_id, signal=verdict), status=202)
 
@@ -132,7 +137,7 @@ async def decide(request: web.Request) -> web.Response:
 async def abort(request: web.Request) -> web.Response:
     host, instance = request.match_info["host"], request.match_info["instance"]
     answer = await abort_rebuild(
-        request.app[CLIENT], instance, host, AbortRequest.model_validate(await body(request))
+        request.app[CLIENT], instance, host, StrictAbortRequest.model_validate(await body(request))
     )
     return reply(answer, status=200 if answer.accepted else 409)
 
@@ -159,14 +164,15 @@ def create_app(client: Client, token: str) -> web.Application:
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1, its schemas taken from the same pydantic models the API validates with."""
     models: list[type[BaseModel]] = [
-        RebuildRequest, Started, RebuildDescription, RebuildSummary, Decision, Sent, AbortRequest,
-        AbortAnswer, ErrorBody,
+        StrictRebuildRequest, Started, RebuildDescription, RebuildSummary, StrictDecision, Sent,
+        StrictAbortRequest, AbortAnswer, ErrorBody,
     ]  # fmt: skip
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
-        schemas[model.__name__] = schema
+        # The strict forms are what callers send; they keep the wire models' names.
+        schemas[model.__name__.removeprefix("Strict")] = schema
 
     def ref(name: str) -> dict[str, Any]:
         return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
@@ -222,7 +228,7 @@ def openapi_document() -> dict[str, Any]:
 app = typer.Typer(add_completion=False)
 
 
-@app.command()
+@app.command(epilog="Exit codes (every command):\n\n" + exit_code_table())
 def run(
     listen: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8480,
@@ -235,7 +241,7 @@ def run(
     token = token_file.read_text().strip() if token_file else os.environ.get("REBUILD_API_TOKEN", "")
     if not token:
         print("rebuild-api: no token: give --token-file or set REBUILD_API_TOKEN", file=sys.stderr)
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.BAD_INPUT)
 
     async def serve() -> None:
         client = await connect(address)
@@ -249,10 +255,10 @@ def run(
         asyncio.run(serve())
     except TemporalUnavailable as exc:
         print(f"rebuild-api: {exc}", file=sys.stderr, flush=True)
-        os._exit(3)
+        os._exit(ExitCode.UNAVAILABLE)
     except KeyboardInterrupt:
         pass
-    os._exit(0)
+    os._exit(ExitCode.OK)
 
 
 def main() -> None:

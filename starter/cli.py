@@ -1,7 +1,8 @@
 """``rebuild``: the operator's command line.
 
-Exit codes: 0 rebuilt, 1 failed (and rolled back, or nothing changed), 2 bad input (unknown instance,
-malformed URL or hash, a rebuild already running), 3 Temporal unreachable.
+Exit codes: one table for every command, :mod:`common.exit_codes`, shown in ``--help``.
+This module talks to Temporal only; the ``cache`` commands, which run on a hypervisor host, load
+libvirt and the cache code when they are used.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
-import libvirt
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -35,15 +35,15 @@ from temporalio.client import (
     WorkflowFailureError,
     WorkflowHandle,
 )
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, TimeoutError
 from temporalio.service import RPCError
 
-from activities import libvirt_domain as _registers_libvirt_error_handler  # noqa: F401
-from activities.cache import list_cache, prune_cache
-from activities.state import DEFAULT_STATE_DIR, StateDir
-from starter.connection import TemporalUnavailable, connect
+from common.connection import TemporalUnavailable, connect
+from common.exit_codes import ExitCode
+from common.exit_codes import table as exit_code_table
 from starter.rebuilds import (
     BadFilter,
+    NoWorkerOnHost,
     RebuildAlreadyRunning,
     RebuildNotRunning,
     UnknownRebuild,
@@ -52,6 +52,7 @@ from starter.rebuilds import (
     latest_rebuild,
     list_query,
     list_rebuilds,
+    query_status,
     send_decision,
     start_rebuild,
     validation_problems,
@@ -61,18 +62,32 @@ from workflows.models import (
     Decision,
     RebuildRequest,
     RebuildResult,
+    StrictAbortRequest,
+    StrictDecision,
+    StrictRebuildRequest,
 )
-from workflows.rebuild import RebuildInstance
 
 THIS_HOST = socket.gethostname()
-EXIT_REBUILT, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNAVAILABLE = 0, 1, 2, 3
+EXIT_REBUILT, EXIT_FAILED, EXIT_BAD_INPUT = ExitCode.OK, ExitCode.FAILED, ExitCode.BAD_INPUT
+EXIT_UNAVAILABLE, EXIT_NO_RESULT = ExitCode.UNAVAILABLE, ExitCode.ENDED_WITHOUT_RESULT
 # Failures that mean the request itself was wrong, not that the rebuild broke.
 BAD_INPUT_TYPES = {"InstanceNotFound", "UnsupportedInstance", "InvalidRequest"}
+# What `status`, `watch` and `start --wait` exit with for each way a workflow can be.
+EXIT_FOR_WORKFLOW_STATUS = {
+    "RUNNING": ExitCode.OK,
+    "COMPLETED": ExitCode.OK,
+    "FAILED": ExitCode.FAILED,
+    "TERMINATED": ExitCode.ENDED_WITHOUT_RESULT,
+    "CANCELED": ExitCode.ENDED_WITHOUT_RESULT,
+    "TIMED_OUT": ExitCode.ENDED_WITHOUT_RESULT,
+}
+EXIT_CODES_HELP = "Exit codes (every command):\n\n" + exit_code_table()
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Rebuild KVM/libvirt instances durably: a fresh root disk from a new image, or the old one back.",
+    epilog=EXIT_CODES_HELP,
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -108,18 +123,18 @@ def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
         if exc.message:
             err.print(f"rebuild: {exc.message}", markup=False)
         code = exc.code
-    except (RebuildAlreadyRunning, UnknownRebuild, RebuildNotRunning, ValueError) as exc:
+    except (RebuildAlreadyRunning, UnknownRebuild, RebuildNotRunning, NoWorkerOnHost, ValueError) as exc:
         err.print(f"rebuild: {exc}", markup=False)
         code = EXIT_BAD_INPUT
     except TemporalUnavailable as exc:
         err.print(f"rebuild: {exc}", markup=False)
         code = EXIT_UNAVAILABLE
     except KeyboardInterrupt:
-        code = 130
+        code = ExitCode.INTERRUPTED
     _finish(code)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def start(
     instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
     image: Annotated[
@@ -189,7 +204,7 @@ def start(
                 sha256 = sha256 or value
             else:
                 sha512 = sha512 or value
-        request = RebuildRequest(
+        request = StrictRebuildRequest(
             instance=instance,
             host=host,
             image_url=image,
@@ -230,10 +245,10 @@ async def _start(request: RebuildRequest, wait: bool, address: str | None, as_js
     return await _wait(handle, as_json)
 
 
-async def _wait(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
+async def _wait(handle: WorkflowHandle[Any, RebuildResult], as_json: bool) -> int:
     watcher = asyncio.create_task(_show_phases(handle, quiet=as_json))
     try:
-        result = await handle.result()
+        rebuilt = await handle.result()
     except WorkflowFailureError as failure:
         outcome = _failure_result(failure)
         watcher.cancel()
@@ -242,11 +257,12 @@ async def _wait(handle: WorkflowHandle[Any, Any], as_json: bool) -> int:
         else:
             message = failure.cause.message if isinstance(failure.cause, ApplicationError) else failure.cause
             err.print(f"rebuild: {message}", markup=False)
+        if isinstance(failure.cause, TerminatedError | CancelledError | TimeoutError):
+            return EXIT_NO_RESULT
         if outcome and outcome.error_type in BAD_INPUT_TYPES:
             return EXIT_BAD_INPUT
         return EXIT_FAILED
     watcher.cancel()
-    rebuilt = RebuildResult.model_validate(result)
     if as_json:
         print(rebuilt.model_dump_json())
     else:
@@ -268,7 +284,7 @@ async def _show_phases(handle: WorkflowHandle[Any, Any], quiet: bool) -> None:
     seen = None
     while True:
         try:
-            status = await handle.query(RebuildInstance.status)
+            status = await query_status(handle)
             if status.phase != seen and not quiet:
                 err.print(f"  phase: {status.phase.value}", markup=False)
                 seen = status.phase
@@ -286,7 +302,7 @@ def _print_result(result: RebuildResult) -> None:
         out.print(f"  downtime: {result.downtime_seconds:.2f}s{forced}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def status(
     instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
     host: HostOption = THIS_HOST,
@@ -295,7 +311,8 @@ def status(
 ) -> None:
     """Show the latest rebuild of INSTANCE: phase, step timings, attempts and last error.
 
-    Example: rebuild status web-1 --host kvm-07
+    Exits 0 while it runs and once it completed, 1 when it failed, 4 when it was terminated, cancelled
+    or timed out. Example: rebuild status web-1 --host kvm-07
     """
     _run(_status(instance, host, address, as_json))
 
@@ -303,13 +320,16 @@ def status(
 async def _status(instance: str, host: str, address: str | None, as_json: bool) -> int:
     client = await connect(address)
     described = await describe_rebuild(client, instance, host)
+    code = EXIT_FOR_WORKFLOW_STATUS.get(described.workflow_status, EXIT_NO_RESULT)
     if as_json:
         print(described.model_dump_json())
-        return EXIT_REBUILT
+        return code
     out.print(f"{described.workflow_id}: {described.workflow_status}")
     state = described.status
     if state:
         out.print(f"  phase: {state.phase.value}")
+        if state.summary:
+            out.print(f"  state: {state.summary}", markup=False)
         out.print(f"  image: {state.image_url}", markup=False)
         if state.step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in state.step_seconds.items())
@@ -323,10 +343,12 @@ async def _status(instance: str, host: str, address: str | None, as_json: bool) 
         if p.last_error:
             line += f", last error: {p.last_error}"
         out.print(line, markup=False)
-    return EXIT_FAILED if described.workflow_status == "FAILED" else EXIT_REBUILT
+    if described.waiting_for_worker:
+        out.print(f"  {described.waiting_for_worker}", markup=False)
+    return code
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def watch(
     instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
     host: HostOption = THIS_HOST,
@@ -349,7 +371,7 @@ async def _watch(instance: str, host: str, address: str | None, as_json: bool) -
             await handle.result()
         described = await describe_rebuild(client, instance, host)
         print(described.model_dump_json())
-        return EXIT_REBUILT if described.workflow_status == "COMPLETED" else EXIT_FAILED
+        return _watch_exit(described.workflow_status)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -379,10 +401,17 @@ async def _watch(instance: str, host: str, address: str | None, as_json: bool) -
     out.print(f"{described.workflow_id}: {described.workflow_status}")
     if state and state.last_error:
         out.print(f"  {state.last_error}", markup=False)
-    return EXIT_REBUILT if described.workflow_status == "COMPLETED" else EXIT_FAILED
+    return _watch_exit(described.workflow_status)
 
 
-@app.command()
+def _watch_exit(workflow_status: str) -> int:
+    """As ``start --wait``: 0 only for a completed rebuild, 4 when it ended without a result."""
+    if workflow_status == "COMPLETED":
+        return EXIT_REBUILT
+    return EXIT_FAILED if workflow_status == "FAILED" else EXIT_NO_RESULT
+
+
+@app.command(epilog=EXIT_CODES_HELP)
 def abort(
     instance: Annotated[str, typer.Argument(help="libvirt domain name of the instance.")],
     reason: Annotated[str, typer.Option(help="Why: recorded in the workflow and shown in the Web UI.")],
@@ -398,9 +427,9 @@ def abort(
     Example: rebuild abort web-1 --host kvm-07 --reason "wrong image"
     """
     try:
-        request = AbortRequest(reason=reason, requested_by=requested_by)
+        request = StrictAbortRequest(reason=reason, requested_by=requested_by)
     except ValidationError as exc:
-        err.print(f"rebuild: invalid abort: {exc.errors()[0]['msg']}", markup=False)
+        err.print(f"rebuild: invalid abort: {validation_problems(exc)}", markup=False)
         _finish(EXIT_BAD_INPUT)
     _run(_abort(instance, host, request, address, as_json))
 
@@ -429,11 +458,15 @@ def _decision_command(verdict: str, summary: str) -> None:
         address: AddressOption = None,
         as_json: JsonOption = False,
     ) -> None:
-        decision = Decision(reason=reason, requested_by=requested_by)
+        try:
+            decision = StrictDecision(reason=reason, requested_by=requested_by)
+        except ValidationError as exc:
+            err.print(f"rebuild: invalid {verdict}: {validation_problems(exc)}", markup=False)
+            _finish(EXIT_BAD_INPUT)
         _run(_signal(instance, host, verdict, decision, address, as_json))
 
     command.__doc__ = f"{summary}\n\nExample: rebuild {verdict} web-1 --host kvm-07"
-    app.command(verdict)(command)
+    app.command(verdict, epilog=EXIT_CODES_HELP)(command)
 
 
 _decision_command(
@@ -455,7 +488,7 @@ async def _signal(
     return EXIT_REBUILT
 
 
-@app.command("list")
+@app.command("list", epilog=EXIT_CODES_HELP)
 def list_command(
     phase: Annotated[
         str | None, typer.Option(help="Only rebuilds in this phase (e.g. stop, await-approval).")
@@ -494,15 +527,18 @@ async def _list(query: str, limit: int, address: str | None, as_json: bool) -> i
 cache_app = typer.Typer(
     no_args_is_help=True,
     help="The host's image cache (run on the hypervisor host itself, next to its worker).",
+    epilog=EXIT_CODES_HELP,
 )
 app.add_typer(cache_app, name="cache")
-StateDirOption = Annotated[Path, typer.Option(help="The worker's state directory.")]
+StateDirOption = Annotated[
+    Path | None, typer.Option(help="The worker's state directory (default: the worker's default).")
+]
 LibvirtOption = Annotated[str, typer.Option(help="libvirt URI, to find which instances use an image.")]
 
 
 @cache_app.command("list")
 def cache_list(
-    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+    state_dir: StateDirOption = None,
     libvirt_uri: LibvirtOption = "qemu:///system",
     as_json: JsonOption = False,
 ) -> None:
@@ -510,8 +546,11 @@ def cache_list(
 
     Example: rebuild cache list --state-dir /var/lib/durable-rebuild
     """
+    from activities.cache import list_cache
+    from activities.state import DEFAULT_STATE_DIR, StateDir
+
     conn = _open_libvirt(libvirt_uri)
-    entries = list_cache(StateDir(state_dir), conn)
+    entries = list_cache(StateDir(state_dir or DEFAULT_STATE_DIR), conn)
     if as_json:
         print(json.dumps([dataclasses.asdict(e) for e in entries]))
         _finish(EXIT_REBUILT)
@@ -530,7 +569,7 @@ def cache_prune(
         float | None, typer.Option(help="Then remove least recently used unused images down to this.")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
-    state_dir: StateDirOption = DEFAULT_STATE_DIR,
+    state_dir: StateDirOption = None,
     libvirt_uri: LibvirtOption = "qemu:///system",
     as_json: JsonOption = False,
 ) -> None:
@@ -538,9 +577,12 @@ def cache_prune(
 
     Example: rebuild cache prune --max-age-days 3 --max-total-gib 100
     """
+    from activities.cache import prune_cache
+    from activities.state import DEFAULT_STATE_DIR, StateDir
+
     conn = _open_libvirt(libvirt_uri)
     limit = int(max_total_gib * (1 << 30)) if max_total_gib is not None else None
-    report = prune_cache(StateDir(state_dir), conn, max_age_days * 86400, limit, dry_run)
+    report = prune_cache(StateDir(state_dir or DEFAULT_STATE_DIR), conn, max_age_days * 86400, limit, dry_run)
     if as_json:
         print(json.dumps(dataclasses.asdict(report)))
     else:
@@ -553,6 +595,10 @@ def cache_prune(
 
 
 def _open_libvirt(uri: str) -> Any:
+    import libvirt
+
+    from activities import libvirt_domain as _registers_libvirt_error_handler  # noqa: F401
+
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
@@ -568,7 +614,7 @@ def _size(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
-@app.callback()
+@app.callback(epilog=EXIT_CODES_HELP)
 def _root() -> None:
     """Rebuild KVM/libvirt instances durably through Temporal."""
 

@@ -1,15 +1,21 @@
 """What operators and services do with rebuilds, once: start, describe, list, signal, abort.
 
 The CLI and the HTTP API both call these and only translate the outcome (exit codes, HTTP statuses).
+They name the workflow, its query, signals and update (``workflows.models``), never import it: a
+process that only talks to Temporal has no business loading libvirt and the activities.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
@@ -20,22 +26,36 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from common.connection import identity_host
 from workflows import search_attributes as sa
 from workflows.models import (
+    ABORT_UPDATE,
+    APPROVE_SIGNAL,
+    CONFIRM_SIGNAL,
+    REVERT_SIGNAL,
+    STATUS_QUERY,
+    WORKFLOW_NAME,
     WORKFLOW_TASK_QUEUE,
     AbortAnswer,
     AbortRequest,
     Decision,
     FetchProgress,
     RebuildRequest,
+    RebuildResult,
     RebuildStatus,
     check_requested_by,
+    host_task_queue,
     legacy_rebuild_workflow_id,
     rebuild_workflow_id,
 )
-from workflows.rebuild import RebuildInstance
 
-DECISIONS = ("approve", "confirm", "revert")
+DECISIONS = (APPROVE_SIGNAL, CONFIRM_SIGNAL, REVERT_SIGNAL)
+# A live worker polls again at least every ~70 s (a long poll lasts up to a minute); the server lists
+# a poller for minutes after it is gone, so only a recent one counts.
+POLLER_FRESH_SECONDS = 120.0
+# A live worker with a free slot picks up an activity within milliseconds: one left scheduled this
+# long means nobody polls the host's queue (or every slot is busy).
+UNCLAIMED_AFTER_SECONDS = 15.0
 _FILTER_VALUE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
@@ -62,6 +82,18 @@ class BadFilter(Exception):
     pass
 
 
+class NoWorkerOnHost(Exception):
+    """Nobody polls the host's queue: the rebuild would wait, scheduled, with nobody to run it."""
+
+    def __init__(self, host: str, hosts_with_workers: list[str]) -> None:
+        self.host = host
+        self.hosts_with_workers = hosts_with_workers
+        known = ", ".join(hosts_with_workers) if hosts_with_workers else "none"
+        super().__init__(
+            f"no worker polls {host_task_queue(host)} (is --host right?); hosts with a worker: {known}"
+        )
+
+
 def validation_problems(exc: ValidationError) -> str:
     """One line naming each bad field and why, for operators and API callers alike."""
     return "; ".join(
@@ -84,6 +116,8 @@ class RebuildDescription(BaseModel):
     workflow_status: str
     status: RebuildStatus | None = None
     pending_activities: list[PendingActivity] = []
+    # Set while a step waits for a host worker that is not there (wrong host, worker down).
+    waiting_for_worker: str | None = None
 
 
 class RebuildSummary(BaseModel):
@@ -95,16 +129,57 @@ class RebuildSummary(BaseModel):
     started: str
 
 
-async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHandle[Any, Any]:
-    """Start the workflow; one per instance at a time, so a second start is refused."""
+async def _pollers(client: Client, queue: str, kind: TaskQueueType.ValueType) -> dict[str, float]:
+    """The workers the server lists for ``queue``, with the seconds since each last polled."""
+    answer = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace, task_queue=TaskQueue(name=queue), task_queue_type=kind
+        )
+    )
+    now = datetime.now(UTC)
+    return {p.identity: (now - p.last_access_time.ToDatetime(UTC)).total_seconds() for p in answer.pollers}
+
+
+async def _fresh_pollers(client: Client, queue: str, kind: TaskQueueType.ValueType) -> list[str]:
+    """Identities of the workers that polled ``queue`` recently."""
+    pollers = await _pollers(client, queue, kind)
+    return [identity for identity, age in pollers.items() if age < POLLER_FRESH_SECONDS]
+
+
+async def hosts_with_workers(client: Client) -> list[str]:
+    """Hosts whose worker polls the shared workflow queue now (they name themselves in their identity)."""
+    identities = await _fresh_pollers(client, WORKFLOW_TASK_QUEUE, TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW)
+    return sorted({host for identity in identities if (host := identity_host(identity))})
+
+
+async def check_host_has_worker(client: Client, host: str, grace_seconds: float = 3.0) -> None:
+    """Refuse a host nobody serves: the rebuild would sit scheduled forever (a mistyped ``--host``).
+
+    A worker that has just started needs a moment before the server lists its first poll.
+    """
+    queue = host_task_queue(host)
+    deadline = asyncio.get_running_loop().time() + grace_seconds
+    while not await _fresh_pollers(client, queue, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY):
+        if asyncio.get_running_loop().time() > deadline:
+            raise NoWorkerOnHost(host, await hosts_with_workers(client))
+        await asyncio.sleep(0.2)
+
+
+async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHandle[Any, RebuildResult]:
+    """Start the workflow; one per instance at a time, so a second start is refused.
+
+    A host without a worker is refused before anything starts.
+    """
     check_requested_by(request.requested_by)
+    await check_host_has_worker(client, request.host)
     if await _running(client.get_workflow_handle(legacy_rebuild_workflow_id(request.host, request.instance))):
         # Started by an older version under the legacy ID: still the instance's one rebuild.
         raise RebuildAlreadyRunning(request)
     try:
         return await client.start_workflow(
-            RebuildInstance.run,
+            WORKFLOW_NAME,
             request,
+            result_type=RebuildResult,
             id=rebuild_workflow_id(request.host, request.instance),
             task_queue=WORKFLOW_TASK_QUEUE,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
@@ -130,10 +205,10 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
 
 async def latest_rebuild(
     client: Client, instance: str, host: str, must_run: bool = False
-) -> tuple[WorkflowHandle[Any, Any], Any]:
+) -> tuple[WorkflowHandle[Any, RebuildResult], Any]:
     """The instance's latest rebuild and its description (under the legacy ID if only that exists)."""
     for workflow_id in (rebuild_workflow_id(host, instance), legacy_rebuild_workflow_id(host, instance)):
-        handle = client.get_workflow_handle(workflow_id)
+        handle = client.get_workflow_handle(workflow_id, result_type=RebuildResult)
         try:
             description = await handle.describe()
             break
@@ -156,15 +231,33 @@ async def _running(handle: WorkflowHandle[Any, Any]) -> bool:
         raise
 
 
-async def describe_rebuild(client: Client, instance: str, host: str) -> RebuildDescription:
-    """Phase and timings from the workflow; attempts and last errors of running steps from Temporal."""
+async def query_status(handle: WorkflowHandle[Any, Any]) -> RebuildStatus:
+    status: RebuildStatus = await handle.query(STATUS_QUERY, result_type=RebuildStatus)
+    return status
+
+
+async def describe_rebuild(
+    client: Client, instance: str, host: str, unclaimed_after: float = UNCLAIMED_AFTER_SECONDS
+) -> RebuildDescription:
+    """Phase and timings from the workflow; attempts and last errors of running steps from Temporal.
+
+    A step that no worker has picked up for ``unclaimed_after`` seconds is reported with the state of
+    the host's queue: after a worker vanishes, its heartbeat timeout returns the step to the queue, so
+    the status says so within that timeout plus ``unclaimed_after``.
+    """
     handle, description = await latest_rebuild(client, instance, host)
     try:
-        status: RebuildStatus | None = await asyncio.wait_for(handle.query(RebuildInstance.status), 5)
+        status: RebuildStatus | None = await asyncio.wait_for(query_status(handle), 5)
     except (RPCError, TimeoutError):
         status = None
     pending = []
+    waiting: str | None = None
+    now = datetime.now(UTC)
     for p in description.raw_description.pending_activities:
+        if p.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED and p.HasField("scheduled_time"):
+            unclaimed = (now - p.scheduled_time.ToDatetime(UTC)).total_seconds()
+            if unclaimed > unclaimed_after and waiting is None:
+                waiting = await _waiting_note(client, host, p.activity_type.name, unclaimed)
         progress = await _fetch_progress(client, p)
         pending.append(
             PendingActivity(
@@ -180,6 +273,17 @@ async def describe_rebuild(client: Client, instance: str, host: str) -> RebuildD
         workflow_status=description.status.name if description.status else "UNKNOWN",
         status=status,
         pending_activities=pending,
+        waiting_for_worker=waiting,
+    )
+
+
+async def _waiting_note(client: Client, host: str, activity: str, unclaimed: float) -> str:
+    queue = host_task_queue(host)
+    pollers = await _pollers(client, queue, TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY)
+    seen = f"last poll {min(pollers.values()):.0f} s ago" if pollers else "no worker ever polled it"
+    return (
+        f"no worker on host {host}: {activity} has waited {unclaimed:.0f} s on {queue} "
+        f"unclaimed ({seen}); is the host's rebuild-worker running?"
     )
 
 
@@ -195,7 +299,7 @@ async def _fetch_progress(client: Client, pending: Any) -> FetchProgress | None:
 
 def list_query(phase: str | None, host: str | None, running: bool) -> str:
     """A visibility query over the project's search attributes; values are checked, not quoted."""
-    clauses = ["WorkflowType = 'RebuildInstance'"]
+    clauses = [f"WorkflowType = '{WORKFLOW_NAME}'"]
     for key, value in ((sa.REBUILD_PHASE, phase), (sa.HYPERVISOR_HOST, host)):
         if value is not None:
             if not _FILTER_VALUE.match(value):
@@ -236,5 +340,5 @@ async def send_decision(client: Client, instance: str, host: str, verdict: str, 
 async def abort_rebuild(client: Client, instance: str, host: str, request: AbortRequest) -> AbortAnswer:
     check_requested_by(request.requested_by)
     handle, _ = await latest_rebuild(client, instance, host, must_run=True)
-    answer: AbortAnswer = await handle.execute_update(RebuildInstance.abort_rebuild, request)
+    answer: AbortAnswer = await handle.execute_update(ABORT_UPDATE, request, result_type=AbortAnswer)
     return answer

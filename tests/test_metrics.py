@@ -7,8 +7,8 @@ import contextlib
 import aiohttp
 from temporalio.client import Client, WorkflowFailureError
 
+from common.connection import connect, prometheus_runtime
 from devtools.temporal_dev import DevServer, free_port
-from starter.connection import connect, prometheus_runtime
 from tests.fake_host import FakeHost, request_for, running_workers
 from workflows.models import rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
