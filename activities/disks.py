@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,12 @@ class DiskActivities:
 
     @activity.defn
     async def restore_root_disk(self, request: RestoreRootDiskInput) -> None:
-        """Put the backup back. A disk already restored, or never replaced, is a success."""
+        """Put the backup back. A disk already restored, or never replaced, is a success.
+
+        Without a backup, a disk that is an overlay on our image cache is a new disk whose old one is
+        somewhere else (a backup under another rebuild ID): refusing is the only safe answer, because
+        calling that "restored" would lose the old disk and leave the instance on the new one.
+        """
         async with keep_alive():
             xml, disk = await self._stopped_root_disk(request.instance)
             backup = backup_path(disk.path, request.rebuild_id)
@@ -118,6 +124,8 @@ class DiskActivities:
                 return
             original_format = _recorded_format(recorded, request.original_format)
             await self.checkpoints.reach("restore.before-swap")
+            if not backup.exists():
+                self._refuse_if_new_disk(request, disk.path, backup)
             if backup.exists():
                 if Path(disk.path).exists() and os.path.samefile(backup, disk.path):
                     backup.unlink()
@@ -127,6 +135,25 @@ class DiskActivities:
             new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
             await self._set_format(request.instance, xml, disk, original_format)
             original_format_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+
+    def _refuse_if_new_disk(self, request: RestoreRootDiskInput, disk: str, backup: Path) -> None:
+        backing = _qcow2_backing_file(Path(disk))
+        if backing is None:
+            return
+        resolved = (Path(disk).parent / backing).resolve()
+        if resolved.parent != self.state.images.resolve():
+            return
+        # An instance rebuilt before already runs on an overlay: unless it is on this rebuild's image,
+        # that is its old disk, never replaced (prepare stopped before it made the backup).
+        was_overlay = request.original_format == "qcow2"
+        if was_overlay and request.image_sha256 is not None and resolved.name != request.image_sha256:
+            return
+        others = sorted(str(p) for p in Path(disk).parent.glob(f"{Path(disk).name}.rebuild-*.backup"))
+        raise DiskMissing(
+            f"cannot restore {request.instance!r}: no backup at {backup}, and the root disk {disk} is a "
+            f"new disk (an overlay on the cached image {resolved}); backups found next to it: "
+            f"{', '.join(others) or 'none'}"
+        )
 
     @activity.defn
     async def remove_backup(self, request: RemoveBackupInput) -> None:
@@ -175,3 +202,19 @@ def _copy_ownership(reference: Path, target: Path) -> None:
     stat = reference.stat()
     os.chown(target, stat.st_uid, stat.st_gid)
     os.chmod(target, stat.st_mode & 0o7777)
+
+
+def _qcow2_backing_file(path: Path) -> str | None:
+    """The backing file a qcow2 header names, read from the header itself (None for anything else)."""
+    try:
+        with open(path, "rb") as disk:
+            header = disk.read(20)
+            if len(header) < 20 or not header.startswith(b"QFI\xfb"):
+                return None
+            offset, size = struct.unpack(">QI", header[8:20])
+            if offset == 0 or size == 0 or size > 1023:
+                return None
+            disk.seek(offset)
+            return disk.read(size).decode(errors="replace")
+    except FileNotFoundError:
+        return None

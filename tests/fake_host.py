@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -153,15 +153,21 @@ class FakeHost:
 
 
 @asynccontextmanager
-async def running_workers(client: Client, host: str, fake: FakeHost) -> AsyncIterator[str]:
-    """Workers on a unique workflow queue and the host's queue; yields the workflow queue."""
+async def running_workers(
+    client: Client, host: str, fake: FakeHost, real: Sequence[Callable[..., Any]] = ()
+) -> AsyncIterator[str]:
+    """Workers on a unique workflow queue and the host's queue; yields the workflow queue.
+
+    ``real`` activities replace the fakes of the same name (real disk work on real files, say).
+    """
     workflow_queue = f"wf-{host}"
+    chosen = {fn.__name__: fn for fn in fake.activities()} | {fn.__name__: fn for fn in real}
     async with (
         Worker(client, task_queue=workflow_queue, workflows=[RebuildInstance]),
         Worker(
             client,
             task_queue=host_task_queue(host),
-            activities=fake.activities(),
+            activities=list(chosen.values()),
             # Cancellation reaches an activity with its next heartbeat: don't make tests wait 8 s.
             max_heartbeat_throttle_interval=timedelta(milliseconds=200),
         ),

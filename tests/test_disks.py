@@ -12,7 +12,7 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.disks import DiskActivities
-from activities.errors import InstanceNotStopped
+from activities.errors import DiskMissing, InstanceNotStopped
 from activities.state import StateDir, backup_path
 from devtools.guest import write_image
 from tests.libvirt_test_driver import DriverInstance, make_instance
@@ -157,3 +157,40 @@ async def test_remove_backup_keeps_the_new_disk(
     assert not Path(prepared.backup_path).exists()
     assert info(vm.disk)["format"] == "qcow2"
     assert list(vm.disk.parent.glob("*.rebuild-*")) == []
+
+
+async def test_restore_refuses_a_new_disk_whose_backup_is_not_there(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    """After a reset under a new run ID, "no backup" must not read as "already restored"."""
+    vm, state, disks = setup
+    sha, size = cached_image(state)
+    prepared = await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    other_run = RestoreRootDiskInput(
+        instance="vm-1", rebuild_id="another-run", original_format="raw", image_sha256=sha
+    )
+    with pytest.raises(DiskMissing) as refused:
+        await env.run(disks.restore_root_disk, other_run)
+    assert str(vm.disk) in refused.value.message
+    assert prepared.backup_path in refused.value.message
+    assert str(backup_path(str(vm.disk), "another-run")) in refused.value.message
+    # Nothing was touched: the new disk is in place, the old one still kept, the definition says qcow2.
+    assert info(vm.disk)["format"] == "qcow2"
+    assert Path(prepared.backup_path).exists()
+    assert root_format(vm) == "qcow2"
+
+
+async def test_restore_of_a_disk_never_replaced_on_an_earlier_rebuilds_overlay_succeeds(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    """The second rebuild of an instance starts on an overlay; prepare that stopped early changed nothing."""
+    vm, state, disks = setup
+    first, size = cached_image(state)
+    await env.run(disks.prepare_root_disk, prepare_input(first, size))
+    await env.run(disks.remove_backup, RemoveBackupInput(instance="vm-1", rebuild_id=REBUILD_ID))
+    second, _ = cached_image(state, marker="newer image")
+    restore = RestoreRootDiskInput(
+        instance="vm-1", rebuild_id="second-rebuild", original_format="qcow2", image_sha256=second
+    )
+    await env.run(disks.restore_root_disk, restore)
+    assert info(vm.disk)["backing-filename"] == str(state.image_path(first))

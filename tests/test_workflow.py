@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-from pathlib import Path
 
 import pytest
 from temporalio.api.enums.v1 import EventType
@@ -14,6 +11,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
 
 from tests.fake_host import SHA, FakeHost, request_for, running_workers
+from tests.history_recorder import record_history
 from workflows.models import (
     AbortRequest,
     Decision,
@@ -25,7 +23,6 @@ from workflows.models import (
 )
 from workflows.rebuild import RebuildInstance
 
-HISTORIES = Path(__file__).parent / "histories"
 BEFORE_STOP = ["inspect_instance", "fetch_image", "check_image"]
 MAIN_PATH = [
     *BEFORE_STOP,
@@ -48,15 +45,6 @@ async def start(
         task_queue=queue,
         id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
     )
-
-
-async def record_history(handle: WorkflowHandle[RebuildInstance, RebuildResult], name: str) -> None:
-    """Save the history for the replay test when asked to (REBUILD_RECORD_HISTORIES=1)."""
-    if os.environ.get("REBUILD_RECORD_HISTORIES") != "1":
-        return
-    history = await handle.fetch_history()
-    HISTORIES.mkdir(exist_ok=True)
-    (HISTORIES / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1))
 
 
 def rolled_back(failure: WorkflowFailureError) -> tuple[ApplicationError, RebuildResult]:

@@ -337,6 +337,8 @@ class RestoreRootDiskInput(_Model):
     instance: str
     rebuild_id: str
     original_format: str
+    # The image the new disk is an overlay on: tells a new disk from an old one made by an earlier rebuild.
+    image_sha256: str | None = None
 
 
 class StartInstanceInput(_Model):

@@ -345,14 +345,17 @@ class RebuildInstance:
         """The old disk becomes the backup, named by the rebuild ID: the undo finds it even after a reset."""
         assert self._rebuild_id is not None
         restore = RestoreRootDiskInput(
-            instance=instance.name, rebuild_id=self._rebuild_id, original_format=instance.root_disk_format
+            instance=self._request.instance,
+            rebuild_id=self._rebuild_id,
+            original_format=instance.root_disk_format,
+            image_sha256=image.checked.sha256,
         )
         self._push("restore old root disk", lambda: self._undo_prepare(restore))
         await self._step(
             Phase.PREPARE,
             DiskActivities.prepare_root_disk,
             PrepareRootDiskInput(
-                instance=instance.name,
+                instance=self._request.instance,
                 image_sha256=image.checked.sha256,
                 image_format=image.checked.format,
                 image_virtual_size=image.checked.virtual_size,

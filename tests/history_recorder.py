@@ -1,0 +1,38 @@
+"""Saving workflow histories for the replay test (``REBUILD_RECORD_HISTORIES=1``).
+
+Old histories are the point: they are what rebuilds started on older code look like, and today's code
+must still replay them. So a file is never overwritten; a history of a path that changed is saved under
+the name of the workflow version that made it (the newest patch ID), next to the older ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import WorkflowHandle
+
+HISTORIES = Path(__file__).parent / "histories"
+# The newest patch in workflows/rebuild.py: histories recorded by today's code carry it in their name.
+WORKFLOW_VERSION = "cleanup-never-fails-a-rebuild"
+
+
+def history_path(name: str) -> Path:
+    return HISTORIES / f"{name}--{WORKFLOW_VERSION}.json"
+
+
+async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> Path | None:
+    """Save the history when asked to; returns where, or None (not asked, or already saved)."""
+    if os.environ.get("REBUILD_RECORD_HISTORIES") != "1":
+        return None
+    path = history_path(name)
+    if path.exists():
+        return None
+    history = await handle.fetch_history()
+    HISTORIES.mkdir(exist_ok=True)
+    # Exclusive create: two tests recording the same path at once must not overwrite each other.
+    with open(path, "x") as out:
+        out.write(json.dumps(json.loads(history.to_json()), indent=1))
+    return path
