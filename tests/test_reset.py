@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.api.common.v1 import WorkflowExecution
@@ -58,7 +60,7 @@ async def test_a_rebuild_reset_after_prepare_rolls_back_to_the_old_disk(
     disks = DiskActivities(vm.libvirt, state)
     fake = FakeHost(fail_at="verify_instance")
     fake.hold("start_instance")
-    real = [disks.prepare_root_disk, disks.restore_root_disk, disks.remove_backup]
+    real: list[Callable[..., Any]] = [disks.prepare_root_disk, disks.restore_root_disk, disks.remove_backup]
     async with running_workers(client, unique_host, fake, real) as queue:
         handle = await client.start_workflow(
             RebuildInstance.run,
