@@ -56,6 +56,8 @@ class FakeHost:
         self.fail_at = fail_at
         self.was_running = was_running
         self.error_type = error_type
+        # Activity name -> how many of its first attempts fail with a retryable error.
+        self.flaky: dict[str, int] = {}
         self.calls: list[str] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.reached: dict[str, asyncio.Event] = {}
@@ -81,6 +83,8 @@ class FakeHost:
                     await asyncio.wait_for(gate.wait(), 0.2)
         if self.fail_at == name and self.calls.count(name) == 1:
             raise ApplicationError(f"{name} failed on purpose", type=self.error_type, non_retryable=True)
+        if self.calls.count(name) <= self.flaky.get(name, 0):
+            raise ApplicationError(f"{name} failed for a while", type="HypervisorUnavailable")
 
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name="inspect_instance")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
+from pydantic import ValidationError
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
 
 from tests.fake_host import SHA, FakeHost, request_for, running_workers
@@ -19,6 +22,9 @@ from workflows.models import (
     Phase,
     RebuildRequest,
     RebuildResult,
+    RebuildStatus,
+    StopInstanceInput,
+    StrictRebuildRequest,
     rebuild_workflow_id,
 )
 from workflows.rebuild import RebuildInstance
@@ -409,3 +415,80 @@ async def test_every_signal_in_every_phase(client: Client, unique_host: str, act
     assert got == outcome
     ignored = [entry.split(" in phase ")[0] for entry in status.ignored_signals]
     assert ignored == ["approve", "confirm", "revert"] + ([] if answer.accepted else ["abort"])
+
+
+async def test_cleanup_retries_without_limit_and_status_says_rebuilt_cleanup_pending(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()
+    fake.flaky["remove_backup"] = 2
+    fake.hold("record_image")
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host))
+        await asyncio.wait_for(fake.reached["record_image"].wait(), 30)
+        status = await handle.query(RebuildInstance.status)
+        fake.release("record_image")
+        result = await handle.result()
+        history = await handle.fetch_history()
+    assert status.phase == Phase.CLEANUP
+    assert status.summary == "rebuilt, cleanup pending"
+    assert result.outcome == Outcome.REBUILT
+    assert fake.calls.count("remove_backup") == 3
+    cleanup_policies = [
+        e.activity_task_scheduled_event_attributes.retry_policy.maximum_attempts
+        for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name in ("remove_backup", "record_image")
+    ]
+    assert cleanup_policies == [0, 0]  # 0: no limit, like the undos
+
+
+async def test_a_cleanup_error_no_retry_fixes_is_reported_with_the_rebuilt_result(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost(fail_at="remove_backup", error_type="InstanceNotFound")
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host))
+        result = await handle.result()
+        status = await handle.query(RebuildInstance.status)
+    assert result.outcome == Outcome.REBUILT
+    assert result.cleanup_error == "remove_backup failed on purpose"
+    assert status.phase == Phase.DONE
+    assert status.summary == "rebuilt; cleanup failed: remove_backup failed on purpose"
+
+
+async def test_a_payload_from_a_newer_client_runs_on_this_worker(client: Client, unique_host: str) -> None:
+    """Mixed versions: a field this code does not know yet is ignored, not a stuck workflow task."""
+    fake = FakeHost()
+    newer = request_for(unique_host).model_dump(mode="json") | {"verify_mode": "guest-agent"}
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await client.start_workflow(
+            "RebuildInstance",
+            newer,
+            id=rebuild_workflow_id(unique_host, "vm-1"),
+            task_queue=queue,
+            result_type=RebuildResult,
+            run_timeout=timedelta(seconds=30),
+        )
+        result = await handle.result()
+    assert result.outcome == Outcome.REBUILT
+
+
+def test_models_crossing_temporal_ignore_unknown_fields_and_the_edges_refuse_them() -> None:
+    converter = pydantic_data_converter.payload_converter
+    (payload,) = converter.to_payloads([{"instance": "vm-1", "timeout_seconds": 5, "use_guest_agent": True}])
+    assert converter.from_payload(payload, StopInstanceInput) == StopInstanceInput(
+        instance="vm-1", timeout_seconds=5
+    )
+    (payload,) = converter.to_payloads(
+        [{"phase": "done", "instance": "a", "host": "h", "image_url": None, "x": 1}]
+    )
+    assert converter.from_payload(payload, RebuildStatus).phase == Phase.DONE
+    # A validator tightened later must not break the replay of a request accepted earlier.
+    assert RebuildRequest.model_validate({"instance": "vm 1", "host": "h", "image_url": "ftp://x"})
+    with pytest.raises(ValidationError, match="extra_forbidden"):
+        StrictRebuildRequest.model_validate(
+            {"instance": "vm-1", "host": "h", "image_url": "http://i/x", "verify_mode": "x"}
+        )
+    with pytest.raises(ValidationError, match="not a usable instance name"):
+        StrictRebuildRequest.model_validate({"instance": "vm 1", "host": "h", "image_url": "http://i/x"})
