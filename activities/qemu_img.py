@@ -1,7 +1,8 @@
 """Running qemu-img safely: no shell, an explicit format, and hard resource limits.
 
 A crafted image can make qemu-img allocate or compute without end, so every call runs under ``prlimit``
-(address space and CPU time) and a wall-clock timeout.
+(address space and CPU time) and a wall-clock timeout. A qemu-img never outlives its caller: when the
+activity is cancelled (an abort, a workflow cancel, a worker shutting down), it is killed and reaped.
 """
 
 from __future__ import annotations
@@ -35,13 +36,22 @@ async def run_qemu_img(*args: str) -> str:
     try:
         out, err = await asyncio.wait_for(process.communicate(), WALL_SECONDS_LIMIT)
     except TimeoutError:
-        process.kill()
-        await process.wait()
+        await _kill(process)
         raise DiskToolFailed(f"qemu-img {args[0]} took longer than {WALL_SECONDS_LIMIT:g} s") from None
+    except BaseException:
+        await _kill(process)
+        raise
     if process.returncode != 0:
         detail = err.decode(errors="replace").strip() or f"exit code {process.returncode}"
         raise DiskToolFailed(f"qemu-img {args[0]} failed: {detail}")
     return out.decode()
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.kill()
+    # Shielded: a second cancellation must not leave a zombie behind.
+    await asyncio.shield(process.wait())
 
 
 async def image_info(path: str, fmt: str) -> dict[str, Any]:
