@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+from pathlib import Path
 
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError
+from temporalio.worker import Worker
 
+from common.connection import worker_identity
+from common.exit_codes import MEANING, ExitCode
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import rebuild_cli
+from starter.rebuilds import UNCLAIMED_AFTER_SECONDS, describe_rebuild, query_status
+from tests.e2e_support import BIN, rebuild_cli
 from tests.fake_host import FakeHost
-from workflows.models import rebuild_workflow_id
+from workflows.models import WORKFLOW_TASK_QUEUE, Phase, host_task_queue, rebuild_workflow_id
+from workflows.rebuild import RebuildInstance
 
 URL = "http://images.invalid/new.qcow2"
 
@@ -94,3 +102,101 @@ async def test_watch_follows_a_rebuild_to_its_end(
     assert watched.code == 0, watched.stderr
     assert "COMPLETED" in watched.stdout
     assert "await-approval" in watched.stdout
+
+
+async def test_status_of_a_terminated_rebuild_is_exit_4(
+    dev_server: DevServer, client: Client, unique_host: str, fake_host: FakeHost
+) -> None:
+    address = dev_server.address
+    args = ["start", "vm-4", "--host", unique_host, "--image", URL, "--require-approval"]
+    assert (await rebuild_cli(address, *args)).code == 0
+    running = await rebuild_cli(address, "status", "vm-4", "--host", unique_host)
+    assert running.code == 0, running.stderr
+    await client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-4")).terminate("test")
+    ended = await rebuild_cli(address, "status", "vm-4", "--host", unique_host)
+    assert ended.code == ExitCode.ENDED_WITHOUT_RESULT
+    assert "TERMINATED" in ended.stdout
+    watched = await rebuild_cli(address, "watch", "vm-4", "--host", unique_host, "--json")
+    assert watched.code == ExitCode.ENDED_WITHOUT_RESULT
+
+
+async def test_the_worker_exits_3_when_temporal_is_unreachable(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "rebuild-worker"),
+        "--address", "127.0.0.1:1", "--host", "h1", "--state-dir", str(tmp_path), "--libvirt-uri", "test:///default",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == ExitCode.UNAVAILABLE
+    assert "cannot reach Temporal" in err.decode()
+    assert "Traceback" not in err.decode()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["rebuild", "--help"],
+        ["rebuild", "status", "--help"],
+        ["rebuild-worker", "--help"],
+        ["rebuild-api", "--help"],
+    ],
+)
+def test_every_command_shows_the_one_exit_code_table(command: list[str]) -> None:
+    shown = subprocess.run([str(BIN / command[0]), *command[1:]], capture_output=True, text=True, check=True)
+    text = " ".join(shown.stdout.split())
+    for code, meaning in MEANING.items():
+        assert f"{code.value}: {' '.join(meaning.split())[:40]}" in text, (code, shown.stdout)
+
+
+def test_the_readme_has_the_exit_code_table() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for code, meaning in MEANING.items():
+        assert f"| {code.value} | {meaning} |" in readme
+
+
+async def test_a_host_without_a_worker_is_refused_with_the_hosts_that_have_one(
+    dev_server: DevServer, client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()
+    identity = worker_identity(unique_host)
+    async with (
+        Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance], identity=identity),
+        Worker(
+            client, task_queue=host_task_queue(unique_host), activities=fake.activities(), identity=identity
+        ),
+    ):
+        await asyncio.sleep(1)  # the server lists a poller once its first poll arrived
+        wrong = f"{unique_host}-typo"
+        refused = await rebuild_cli(dev_server.address, "start", "vm-5", "--host", wrong, "--image", URL)
+    assert refused.code == ExitCode.BAD_INPUT
+    assert f"no worker polls rebuild-host-{wrong}" in refused.stderr
+    assert unique_host in refused.stderr.split("hosts with a worker:")[1]
+    assert "Traceback" not in refused.stderr
+    with pytest.raises(RPCError):
+        await client.get_workflow_handle(rebuild_workflow_id(wrong, "vm-5")).describe()
+
+
+async def test_a_rebuild_whose_host_worker_vanished_says_so_in_status(
+    dev_server: DevServer, client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()
+    address = dev_server.address
+    async with Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance]):
+        async with Worker(client, task_queue=host_task_queue(unique_host), activities=fake.activities()):
+            args = ["start", "vm-6", "--host", unique_host, "--image", URL, "--require-approval"]
+            assert (await rebuild_cli(address, *args)).code == 0
+            handle = client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-6"))
+            for _ in range(100):
+                if (await query_status(handle)).phase == Phase.AWAIT_APPROVAL:
+                    break
+                await asyncio.sleep(0.1)
+        # The host's worker is gone; the rebuild goes on to stop the instance and waits for it.
+        assert (await rebuild_cli(address, "approve", "vm-6", "--host", unique_host)).code == 0
+        described = await describe_rebuild(client, "vm-6", unique_host, unclaimed_after=1)
+        assert described.waiting_for_worker is None  # not yet: a live worker would have taken it
+        await asyncio.sleep(UNCLAIMED_AFTER_SECONDS + 1)
+        status = await rebuild_cli(address, "status", "vm-6", "--host", unique_host)
+        await handle.terminate("test over")
+    assert status.code == 0, status.stderr
+    assert f"no worker on host {unique_host}: stop_instance has waited" in status.stdout
