@@ -30,6 +30,8 @@ from workflows.models import (
     RebuildRequest,
     RecordImageInput,
     RemoveBackupInput,
+    ResolvedImage,
+    ResolveGlanceImageInput,
     RestoreRootDiskInput,
     StartInstanceInput,
     StartResult,
@@ -99,6 +101,13 @@ class FakeHost:
                 root_disk_target="vda",
             )
 
+        @activity.defn(name="resolve_glance_image")
+        async def resolve_glance_image(request: ResolveGlanceImageInput) -> ResolvedImage:
+            await self._enter("resolve_glance_image")
+            return ResolvedImage(
+                url=f"{request.glance_url}/v2/images/{request.image_id}/file", sha256=SHA, disk_format="qcow2"
+            )
+
         @activity.defn(name="fetch_image")
         async def fetch_image(request: FetchImageInput) -> CachedImage:
             await self._enter("fetch_image")
@@ -144,6 +153,7 @@ class FakeHost:
 
         return [
             inspect_instance,
+            resolve_glance_image,
             fetch_image,
             check_image,
             stop_instance,

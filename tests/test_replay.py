@@ -1,8 +1,10 @@
 """Saved histories of real rebuilds, replayed against today's workflow code.
 
 A change to the workflow that would break rebuilds already running (a step added, removed or
-reordered without ``workflow.patched``) fails here. New histories are recorded by running the
-workflow tests with ``REBUILD_RECORD_HISTORIES=1``.
+reordered without ``workflow.patched``) fails here. Every path a rebuild can take has a history made by
+today's workflow version; histories of older versions stay, never overwritten, because rebuilds started
+on them may still be running. Record with ``REBUILD_RECORD_HISTORIES=1`` on the workflow tests
+(tests/history_recorder.py).
 """
 
 from __future__ import annotations
@@ -14,13 +16,34 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from tests.history_recorder import WORKFLOW_VERSION, history_path
 from workflows.rebuild import RebuildInstance
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+ABORTABLE_PHASES = (
+    "inspect", "fetch", "check", "await-approval", "stop", "prepare", "start", "verify", "confirm-window",
+)  # fmt: skip
+PATHS = (
+    "rebuild-happy-path",
+    "rebuild-approved",
+    "rebuild-confirmed-in-confirm-window",
+    "rebuild-reverted-in-confirm-window",
+    "rebuild-rolled-back-at-verify",
+    "rebuild-cancelled-in-prepare",
+    *(f"rebuild-aborted-in-{phase}" for phase in ABORTABLE_PHASES),
+    "rebuild-abort-refused-in-cleanup",
+    "rebuild-cleanup-failed-for-good",
+    "rebuild-from-glance",
+    "rebuild-reset-after-prepare-rolled-back",
+)
 
 
-def test_histories_exist() -> None:
-    assert len(HISTORIES) >= 2, "tests/histories/ must hold saved rebuild histories"
+@pytest.mark.parametrize("name", PATHS)
+def test_every_path_has_a_history_of_todays_version(name: str) -> None:
+    assert history_path(name).exists(), (
+        f"no {name} history of workflow version {WORKFLOW_VERSION}: "
+        "run the workflow tests with REBUILD_RECORD_HISTORIES=1"
+    )
 
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])

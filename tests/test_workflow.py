@@ -163,6 +163,7 @@ async def test_cancel_after_stop_restores_and_restarts(client: Client, unique_ho
         with pytest.raises(WorkflowFailureError) as caught:
             await handle.result()
         status = await handle.query(RebuildInstance.status)
+        await record_history(handle, "rebuild-cancelled-in-prepare")
     assert fake.calls[-2:] == ["restore_root_disk", "start_instance"]
     _error, result = rolled_back(caught.value)
     assert result.outcome == Outcome.ROLLED_BACK
@@ -327,6 +328,7 @@ async def test_confirm_window_keeps_or_reverts(client: Client, unique_host: str,
         await handle.signal(signal, Decision(reason="looks wrong", requested_by="qa"))
         if verdict == "confirm":
             assert (await handle.result()).outcome == Outcome.REBUILT
+            await record_history(handle, "rebuild-confirmed-in-confirm-window")
             assert fake.calls[-2:] == ["remove_backup", "record_image"]
             return
         with pytest.raises(WorkflowFailureError) as caught:
@@ -410,6 +412,8 @@ async def test_every_signal_in_every_phase(client: Client, unique_host: str, act
             got = (await handle.result()).outcome
         except WorkflowFailureError as failure:
             got = rolled_back(failure)[1].outcome
+        verb = "aborted" if answer.accepted else "abort-refused"
+        await record_history(handle, f"rebuild-{verb}-in-{phase.value}")
     assert answer.phase == phase
     assert answer.accepted == (phase != Phase.CLEANUP)
     assert got == outcome
@@ -451,6 +455,7 @@ async def test_a_cleanup_error_no_retry_fixes_is_reported_with_the_rebuilt_resul
         handle = await start(client, queue, request_for(unique_host))
         result = await handle.result()
         status = await handle.query(RebuildInstance.status)
+        await record_history(handle, "rebuild-cleanup-failed-for-good")
     assert result.outcome == Outcome.REBUILT
     assert result.cleanup_error == "remove_backup failed on purpose"
     assert status.phase == Phase.DONE
@@ -492,3 +497,41 @@ def test_models_crossing_temporal_ignore_unknown_fields_and_the_edges_refuse_the
         )
     with pytest.raises(ValidationError, match="not a usable instance name"):
         StrictRebuildRequest.model_validate({"instance": "vm 1", "host": "h", "image_url": "http://i/x"})
+
+
+@pytest.mark.parametrize(
+    ("waiting", "phase", "outcome"),
+    [
+        ({"require_approval": True}, Phase.AWAIT_APPROVAL, Outcome.UNCHANGED),
+        ({"confirm_within_seconds": 60}, Phase.CONFIRM_WINDOW, Outcome.ROLLED_BACK),
+    ],
+)
+async def test_abort_while_waiting_for_a_person(
+    client: Client, unique_host: str, waiting: dict[str, object], phase: Phase, outcome: Outcome
+) -> None:
+    fake = FakeHost()
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request_for(unique_host, **waiting))
+        await wait_for_phase(handle, phase)
+        await handle.signal(RebuildInstance.abort, AbortRequest(reason="not today"))
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+        await record_history(handle, f"rebuild-aborted-in-{phase.value}")
+    assert rolled_back(caught.value)[1].outcome == outcome
+
+
+async def test_a_glance_image_is_resolved_before_the_download(client: Client, unique_host: str) -> None:
+    fake = FakeHost()
+    request = request_for(
+        unique_host,
+        image_url=None,
+        sha256=None,
+        glance_url="http://glance.invalid:9292",
+        glance_image_id="0b9f2f0e-5c6a-4a4e-9f57-2d7f9c1a0b11",
+    )
+    async with running_workers(client, unique_host, fake) as queue:
+        handle = await start(client, queue, request)
+        result = await handle.result()
+        await record_history(handle, "rebuild-from-glance")
+    assert fake.calls[:3] == ["inspect_instance", "resolve_glance_image", "fetch_image"]
+    assert result.outcome == Outcome.REBUILT
