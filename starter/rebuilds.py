@@ -254,8 +254,8 @@ async def describe_rebuild(
     waiting: str | None = None
     now = datetime.now(UTC)
     for p in description.raw_description.pending_activities:
-        if p.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED and p.HasField("scheduled_time"):
-            unclaimed = (now - p.scheduled_time.ToDatetime(UTC)).total_seconds()
+        if p.state == PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED:
+            unclaimed = (now - _ready_since(p)).total_seconds()
             if unclaimed > unclaimed_after and waiting is None:
                 waiting = await _waiting_note(client, host, p.activity_type.name, unclaimed)
         progress = await _fetch_progress(client, p)
@@ -275,6 +275,16 @@ async def describe_rebuild(
         pending_activities=pending,
         waiting_for_worker=waiting,
     )
+
+
+def _ready_since(pending: Any) -> datetime:
+    """Since when a scheduled step could have been taken: not while it waits out a retry's backoff."""
+    times = [
+        getattr(pending, name).ToDatetime(UTC)
+        for name in ("scheduled_time", "last_attempt_complete_time", "next_attempt_schedule_time")
+        if pending.HasField(name)
+    ]
+    return max(times, default=datetime.now(UTC))
 
 
 async def _waiting_note(client: Client, host: str, activity: str, unclaimed: float) -> str:

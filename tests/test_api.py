@@ -129,3 +129,24 @@ async def test_openapi_describes_every_route(api: TestClient[Any, Any]) -> None:
     served = {(p, m) for p, m in served if p != "/openapi.json"}
     assert served == documented
     assert "RebuildRequest" in document["components"]["schemas"]
+
+
+async def test_a_host_nobody_serves_is_400_and_nothing_starts(
+    api: TestClient[Any, Any], client: Client, unique_host: str
+) -> None:
+    response = await api.post("/v1/rebuilds", json=start_body(unique_host), headers=AUTH)
+    assert response.status == 400
+    assert f"no worker polls rebuild-host-{unique_host}" in (await response.json())["error"]
+    assert (await api.get(f"/v1/rebuilds/{unique_host}/vm-1", headers=AUTH)).status == 404
+
+
+async def test_a_decision_with_a_reason_too_long_is_400(
+    api: TestClient[Any, Any], unique_host: str, fake_host: FakeHost
+) -> None:
+    await api.post("/v1/rebuilds", json=start_body(unique_host, require_approval=True), headers=AUTH)
+    too_long = await api.post(
+        f"/v1/rebuilds/{unique_host}/vm-1/approve", json={"reason": "x" * 501}, headers=AUTH
+    )
+    assert too_long.status == 400
+    assert "reason" in (await too_long.json())["error"]
+    await api.post(f"/v1/rebuilds/{unique_host}/vm-1/abort", json={"reason": "test over"}, headers=AUTH)

@@ -12,7 +12,7 @@ import asyncio
 import builtins
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
@@ -528,17 +528,25 @@ class RebuildInstance:
         )
         try:
             result: T = await self._current
-        finally:
-            self._current = None
-            elapsed = (workflow.now() - began).total_seconds()
-            self._step_seconds[phase.value] = self._step_seconds.get(phase.value, 0.0) + elapsed
-            workflow.metric_meter().create_histogram_float(
-                "rebuild_step_seconds", "Duration of each rebuild step", "s"
-            ).record(elapsed, {"step": phase.value})
+        except GeneratorExit:
+            # The worker dropped this run (terminated, reset, evicted): there is no clock to read.
+            raise
+        except BaseException:
+            self._end_step(phase, began)
+            raise
+        self._end_step(phase, began)
         if self._abort_reason is not None and phase in ABORTABLE:
             # The abort came while the step finished anyway: it still wins.
             raise _Aborted()
         return result
+
+    def _end_step(self, phase: Phase, began: datetime) -> None:
+        self._current = None
+        elapsed = (workflow.now() - began).total_seconds()
+        self._step_seconds[phase.value] = self._step_seconds.get(phase.value, 0.0) + elapsed
+        workflow.metric_meter().create_histogram_float(
+            "rebuild_step_seconds", "Duration of each rebuild step", "s"
+        ).record(elapsed, {"step": phase.value})
 
     def _push(self, name: str, action: Callable[[], Awaitable[Any]]) -> None:
         """Register an undo before the step it undoes acts: a crash mid-step still gets undone."""
