@@ -117,6 +117,8 @@ class DiskActivities:
             xml, disk = await self._stopped_root_disk(request.instance)
             backup = backup_path(disk.path, request.rebuild_id)
             recorded = original_format_path(disk.path, request.rebuild_id)
+            if not backup.exists():
+                self._refuse_if_new_disk(request, disk.path, backup)
             if not backup.exists() and not recorded.exists():
                 # Nothing of this rebuild is here to put back: the definition is left alone, since
                 # a format from the request alone could make QEMU read a raw disk as qcow2.
@@ -124,8 +126,6 @@ class DiskActivities:
                 return
             original_format = _recorded_format(recorded, request.original_format)
             await self.checkpoints.reach("restore.before-swap")
-            if not backup.exists():
-                self._refuse_if_new_disk(request, disk.path, backup)
             if backup.exists():
                 if Path(disk.path).exists() and os.path.samefile(backup, disk.path):
                     backup.unlink()
