@@ -330,6 +330,8 @@ async def _status(instance: str, host: str, address: str | None, as_json: bool) 
         out.print(f"  phase: {state.phase.value}")
         if state.summary:
             out.print(f"  state: {state.summary}", markup=False)
+        if state.rebuild_id:
+            out.print(f"  rebuild id: {state.rebuild_id} (names the backup next to the disk)", markup=False)
         out.print(f"  image: {state.image_url}", markup=False)
         if state.step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in state.step_seconds.items())
@@ -389,6 +391,8 @@ async def _watch(instance: str, host: str, address: str | None, as_json: bool) -
             timings = ", ".join(f"{k} {v:.1f}s" for k, v in state.step_seconds.items()) if state else ""
             retry = next((p for p in described.pending_activities if p.attempt > 1), None)
             note = f" (attempt {retry.attempt}: {retry.last_error})" if retry else ""
+            if described.waiting_for_worker:
+                note = f" ({described.waiting_for_worker})"
             progress.update(
                 task,
                 description=f"{phase}{note}  {timings}",
