@@ -29,6 +29,7 @@ from activities.checkpoints import Checkpoints
 from activities.disks import DiskActivities
 from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoint
 from activities.hypervisor import HypervisorActivities
+from activities.identity import IdentityActivities
 from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
 from activities.network import AddressPolicy, parse_networks
@@ -90,6 +91,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     )
     glance = GlanceActivities(config.glance, policy)
     disks = DiskActivities(conn, state, checkpoints)
+    identity = IdentityActivities(conn)
     return [
         hypervisor.inspect_instance,
         hypervisor.stop_instance,
@@ -102,6 +104,9 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         disks.prepare_root_disk,
         disks.restore_root_disk,
         disks.remove_backup,
+        identity.prepare_seed,
+        identity.restore_seed,
+        identity.remove_seed_backup,
     ]
 
 

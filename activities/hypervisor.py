@@ -19,6 +19,7 @@ from activities import libvirt_domain as ld
 from activities.checkpoints import Checkpoints
 from activities.errors import BootCheckFailed, InstanceStartFailed, UnsupportedInstance
 from activities.heartbeat import keep_alive
+from activities.identity import current_identity
 from workflows.models import (
     InspectInstanceInput,
     InstanceInfo,
@@ -67,6 +68,7 @@ class HypervisorActivities:
                 root_disk_format=disk.format,
                 root_disk_target=disk.target,
                 current_image_sha256=meta.get("sha256") if meta is not None else None,
+                has_identity=current_identity(xml) is not None,
             )
 
         return await self._on_domain(request.instance, read)

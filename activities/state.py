@@ -103,6 +103,16 @@ def new_disk_path(disk_path: str, rebuild_id: str) -> Path:
     return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.new")
 
 
+def seed_path(disk_path: str, rebuild_id: str) -> Path:
+    """The cloud-init seed this rebuild gives the instance: beside its root disk, for QEMU to reach."""
+    return Path(f"{disk_path}.seed-{_rebuild_suffix(rebuild_id)}.iso")
+
+
+def seed_undo_path(disk_path: str, rebuild_id: str) -> Path:
+    """What the instance had before this rebuild's seed (its old seed and identity), for the undo."""
+    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.seed-undo.json")
+
+
 def original_format_path(disk_path: str, rebuild_id: str) -> Path:
     """The old disk's format as libvirt defined it, recorded by prepare for restore to trust."""
     return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.format")

@@ -41,6 +41,7 @@ from temporalio.service import RPCError
 from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
+from starter.identity_options import IdentityOptionError, identity_change
 from starter.rebuilds import (
     BadFilter,
     NoWorkerOnHost,
@@ -57,6 +58,7 @@ from starter.rebuilds import (
     start_rebuild,
     validation_problems,
 )
+from workflows.identity import SeedFormat
 from workflows.models import (
     AbortRequest,
     Decision,
@@ -186,10 +188,34 @@ def start(
     requested_by: Annotated[str, typer.Option(help="Who asked, shown in the Web UI.")] = os.environ.get(
         "USER", "unknown"
     ),
+    ssh_key: Annotated[
+        list[Path] | None, typer.Option(help="Public key file for the guest (repeatable); replaces the keys.")
+    ] = None,
+    no_ssh_keys: Annotated[bool, typer.Option("--no-ssh-keys", help="Remove the guest's keys.")] = False,
+    user_data: Annotated[
+        Path | None, typer.Option(help="cloud-config or script for cloud-init, at most 64 KiB.")
+    ] = None,
+    no_user_data: Annotated[bool, typer.Option("--no-user-data", help="Remove the user data.")] = False,
+    hostname: Annotated[str | None, typer.Option(help="The guest's host name (RFC 1123).")] = None,
+    name: Annotated[str | None, typer.Option(help="Display name, recorded with the instance.")] = None,
+    description: Annotated[str | None, typer.Option(help="Description, recorded.")] = None,
+    metadata: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE for the guest's metadata (repeatable); replaces it.")
+    ] = None,
+    no_metadata: Annotated[bool, typer.Option("--no-metadata", help="Remove the metadata.")] = False,
+    admin_password_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding root's new password; hashed here, never sent in clear."),
+    ] = None,
+    seed_format: Annotated[
+        str | None, typer.Option(help="cloud-init seed: nocloud (default) or config-drive (Nova's).")
+    ] = None,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start a rebuild of INSTANCE from --image.
+
+    Identity options follow Nova's rebuild: one not given keeps the instance's value, --no-... removes it.
 
     Example: rebuild start web-1 --image https://images.example/noble.qcow2 --sha256 HEX --wait
     """
@@ -222,7 +248,23 @@ def start(
             confirm_within_seconds=confirm_within,
             revert_by_default=revert_by_default,
             requested_by=requested_by,
+            identity=identity_change(
+                ssh_key_files=ssh_key,
+                no_ssh_keys=no_ssh_keys,
+                user_data_file=user_data,
+                no_user_data=no_user_data,
+                hostname=hostname,
+                name=name,
+                description=description,
+                metadata=metadata,
+                no_metadata=no_metadata,
+                admin_password_file=admin_password_file,
+                seed_format=_seed_format(seed_format),
+            ),
         )
+    except IdentityOptionError as exc:
+        err.print(f"rebuild: {exc}", markup=False)
+        _finish(EXIT_BAD_INPUT)
     except ValidationError as exc:
         problems = validation_problems(exc)
         err.print(f"rebuild: invalid request: {problems}", markup=False)
@@ -231,6 +273,14 @@ def start(
         err.print(f"rebuild: {exc.message}", markup=False)
         _finish(exc.code)
     _run(_start(request, wait, address, as_json))
+
+
+def _seed_format(value: str | None) -> SeedFormat | None:
+    if value is None:
+        return None
+    if value not in ("nocloud", "config-drive"):
+        raise IdentityOptionError(f"--seed-format must be nocloud or config-drive, not {value!r}")
+    return "nocloud" if value == "nocloud" else "config-drive"
 
 
 async def _start(request: RebuildRequest, wait: bool, address: str | None, as_json: bool) -> int:

@@ -28,6 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from common.connection import identity_host
 from workflows import search_attributes as sa
+from workflows.identity import identity_problems
 from workflows.models import (
     ABORT_UPDATE,
     APPROVE_SIGNAL,
@@ -171,6 +172,8 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
     A host without a worker is refused before anything starts.
     """
     check_requested_by(request.requested_by)
+    if request.identity is not None and (problems := identity_problems(request.identity)):
+        raise ValueError("; ".join(problems))
     await check_host_has_worker(client, request.host)
     if await _running(client.get_workflow_handle(legacy_rebuild_workflow_id(request.host, request.instance))):
         # Started by an older version under the legacy ID: still the instance's one rebuild.

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from workflows.identity import IdentityChange, SeedFormat
+
 WORKFLOW_TASK_QUEUE = "rebuild"
 # The workflow and its handlers by name: clients refer to them without importing the workflow module
 # (and with it libvirt and every activity).
@@ -83,6 +85,7 @@ class Phase(StrEnum):
     AWAIT_APPROVAL = "await-approval"
     STOP = "stop"
     PREPARE = "prepare"
+    SEED = "seed"
     START = "start"
     VERIFY = "verify"
     CONFIRM_WINDOW = "confirm-window"
@@ -136,6 +139,9 @@ class RebuildRequest(_Model):
     # Keep the old disk after the new one boots until `confirm`, `revert` or the window's end.
     confirm_within_seconds: float | None = None
     revert_by_default: bool = False
+    # The guest's identity through cloud-init (Nova's key_name, user_data, hostname, ...): None keeps
+    # what the instance has. Its password arrives hashed; user data may be secret (see the codec).
+    identity: IdentityChange | None = None
 
     @property
     def image_label(self) -> str:
@@ -244,6 +250,8 @@ class InstanceInfo(_Model):
     root_disk_format: str
     root_disk_target: str
     current_image_sha256: str | None = None
+    # The instance got its identity from an earlier rebuild: every rebuild renews its seed.
+    has_identity: bool = False
 
 
 class FetchImageInput(_Model):
@@ -325,6 +333,30 @@ class PrepareRootDiskInput(_Model):
     rebuild_id: str
     # The request's limit on the new disk's size, min_virtual_size included.
     max_virtual_size: int | None = None
+
+
+class PrepareSeedInput(_Model):
+    instance: str
+    rebuild_id: str
+    change: IdentityChange | None = None
+
+
+class SeedResult(_Model):
+    seed_path: str
+    instance_id: str
+    seed_format: SeedFormat
+    # What the guest gets, with nothing secret in it: for status and the Web UI.
+    summary: str
+
+
+class RestoreSeedInput(_Model):
+    instance: str
+    rebuild_id: str
+
+
+class RemoveSeedBackupInput(_Model):
+    instance: str
+    rebuild_id: str
 
 
 class PreparedRootDisk(_Model):
@@ -416,6 +448,8 @@ class RebuildStatus(_Model):
     summary: str | None = None
     # Names this rebuild's backup; the same in every run of the workflow, resets included.
     rebuild_id: str | None = None
+    # What the guest's cloud-init seed gives it (nothing secret), once the seed step ran.
+    identity: str | None = None
 
 
 class RebuildResult(_Model):

@@ -24,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.disks import DiskActivities
     from activities.glance import GlanceActivities
     from activities.hypervisor import HypervisorActivities
+    from activities.identity import IdentityActivities
     from activities.images import ImageActivities
     from workflows import search_attributes as sa
     from workflows.models import (
@@ -46,14 +47,17 @@ with workflow.unsafe.imports_passed_through():
         Outcome,
         Phase,
         PrepareRootDiskInput,
+        PrepareSeedInput,
         RebuildRequest,
         RebuildResult,
         RebuildStatus,
         RecordImageInput,
         RemoveBackupInput,
+        RemoveSeedBackupInput,
         ResolvedImage,
         ResolveGlanceImageInput,
         RestoreRootDiskInput,
+        RestoreSeedInput,
         StartInstanceInput,
         StopInstanceInput,
         StopResult,
@@ -93,6 +97,7 @@ ABORTABLE = frozenset(
         Phase.AWAIT_APPROVAL,
         Phase.STOP,
         Phase.PREPARE,
+        Phase.SEED,
         Phase.START,
         Phase.VERIFY,
         Phase.CONFIRM_WINDOW,
@@ -112,6 +117,7 @@ START = StepOptions(start_to_close=timedelta(minutes=1), heartbeat=timedelta(sec
 # The rebuild has happened by cleanup: like the undos, cleanup is idempotent and must not turn a rebuilt
 # instance into a failed rebuild because libvirt was away for a while. It retries without a limit.
 CLEANUP = StepOptions(start_to_close=timedelta(minutes=1), maximum_attempts=0)
+SEED = StepOptions(start_to_close=timedelta(minutes=1))
 # Compensation must finish whatever happens: it retries without a limit, visibly.
 UNDO = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10), maximum_attempts=0)
 
@@ -172,6 +178,7 @@ class RebuildInstance:
         self._decision: tuple[str, str] | None = None
         self._rebuild_id: str | None = None
         self._cleanup_error: str | None = None
+        self._identity: str | None = None
 
     @workflow.query(name=STATUS_QUERY)
     def status(self) -> RebuildStatus:
@@ -192,6 +199,7 @@ class RebuildInstance:
             ignored_signals=list(self._ignored_signals),
             summary=summary,
             rebuild_id=self._rebuild_id,
+            identity=self._identity,
         )
 
     @workflow.signal(name=ABORT_SIGNAL)
@@ -261,6 +269,7 @@ class RebuildInstance:
                 await self._await_approval(request)
             stopped = await self._stop(request, instance)
             await self._prepare(instance, image)
+            seeded = await self._seed(request, instance)
             downtime = await self._start_and_verify(request, instance, stopped)
             if request.confirm_within_seconds is not None:
                 await self._confirm_window(request.confirm_within_seconds, request.revert_by_default)
@@ -276,7 +285,7 @@ class RebuildInstance:
             raise AssertionError("unreachable") from None
         # The new disk is in place and verified: from here on nothing is undone.
         self._undo.clear()
-        await self._clean_up(image)
+        await self._clean_up(image, seeded)
         self._enter(Phase.DONE)
         _count("rebuilds_finished")
         return RebuildResult(
@@ -367,6 +376,26 @@ class RebuildInstance:
             PREPARE,
         )
 
+    async def _seed(self, request: RebuildRequest, instance: InstanceInfo) -> bool:
+        """A new cloud-init seed and identity while the instance is off; its undo puts the old back.
+
+        Only rebuilds that give the guest an identity, or of instances that have one, have this step:
+        histories from before it replay unchanged.
+        """
+        if request.identity is None and not instance.has_identity:
+            return False
+        assert self._rebuild_id is not None
+        restore = RestoreSeedInput(instance=request.instance, rebuild_id=self._rebuild_id)
+        self._push("restore old seed", lambda: self._undo_activity(IdentityActivities.restore_seed, restore))
+        seeded = await self._step(
+            Phase.SEED,
+            IdentityActivities.prepare_seed,
+            PrepareSeedInput(instance=request.instance, rebuild_id=self._rebuild_id, change=request.identity),
+            SEED,
+        )
+        self._identity = seeded.summary
+        return True
+
     async def _start_and_verify(
         self, request: RebuildRequest, instance: InstanceInfo, stopped: StopResult
     ) -> float | None:
@@ -400,7 +429,7 @@ class RebuildInstance:
             return None
         return (started.started_at - stopped.stopped_at).total_seconds()
 
-    async def _clean_up(self, image: _NewImage) -> None:
+    async def _clean_up(self, image: _NewImage, seeded: bool) -> None:
         """Drop the backup and record the new image. Retried without a limit; an error no retry can
         fix (the instance was undefined meanwhile) is reported with the result, not as a failure."""
         assert self._rebuild_id is not None
@@ -412,6 +441,13 @@ class RebuildInstance:
                 RemoveBackupInput(instance=instance, rebuild_id=self._rebuild_id),
                 CLEANUP,
             )
+            if seeded:
+                await self._step(
+                    Phase.CLEANUP,
+                    IdentityActivities.remove_seed_backup,
+                    RemoveSeedBackupInput(instance=instance, rebuild_id=self._rebuild_id),
+                    CLEANUP,
+                )
             await self._step(
                 Phase.CLEANUP,
                 HypervisorActivities.record_image,
