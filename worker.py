@@ -34,6 +34,7 @@ from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
 from activities.network import AddressPolicy, parse_networks
 from activities.state import DEFAULT_STATE_DIR, StateDir
+from common.codec import CodecKeyError
 from common.connection import TemporalUnavailable, connect, prometheus_runtime, worker_identity
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
@@ -239,6 +240,9 @@ def run(
     except TemporalUnavailable as err:
         print(f"rebuild-worker: {err}", file=sys.stderr, flush=True)
         os._exit(ExitCode.UNAVAILABLE)
+    except CodecKeyError as err:
+        print(f"rebuild-worker: {err}", file=sys.stderr, flush=True)
+        os._exit(ExitCode.BAD_INPUT)
     sys.stdout.flush()
     os._exit(ExitCode.OK)
 

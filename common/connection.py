@@ -10,9 +10,10 @@ import re
 import socket
 
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+
+from common.codec import data_converter
 
 DEFAULT_ADDRESS = "localhost:7233"
 
@@ -32,7 +33,7 @@ async def connect(
     if namespace:
         config["namespace"] = namespace
     try:
-        return await Client.connect(**config, data_converter=pydantic_data_converter, runtime=runtime)
+        return await Client.connect(**config, data_converter=data_converter(), runtime=runtime)
     except RuntimeError as err:
         raise TemporalUnavailable(f"cannot reach Temporal at {config['target_host']}: {err}") from None
 

@@ -187,7 +187,9 @@ class CliResult:
         return parsed
 
 
-async def rebuild_cli(address: str, *args: str, timeout: float = 120) -> CliResult:
+async def rebuild_cli(
+    address: str, *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> CliResult:
     """``rebuild ARGS`` as an operator runs it, without blocking the test's event loop."""
     process = await asyncio.create_subprocess_exec(
         str(BIN / "rebuild"),
@@ -195,7 +197,7 @@ async def rebuild_cli(address: str, *args: str, timeout: float = 120) -> CliResu
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=dict(os.environ, TEMPORAL_ADDRESS=address),
+        env=dict(os.environ, TEMPORAL_ADDRESS=address, **(env or {})),
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None

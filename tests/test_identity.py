@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import json
+import os
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
@@ -16,21 +17,27 @@ from typing import Any
 
 import libvirt
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from google.protobuf import json_format
 from passlib.hash import sha512_crypt
+from temporalio.api.common.v1 import Payloads
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
 
 from activities.errors import UnsupportedInstance
 from activities.identity import current_identity, with_seed
 from activities.seed import build_seed, read_seed
+from common.codec import KEY_ENV, EncryptionCodec, data_converter, load_key
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
+from starter.codec_server import build_app
 from starter.identity_options import hash_password
 from tests.e2e_support import LOOPBACK_NETWORKS, rebuild_cli, serve
+from tests.fake_host import FakeHost
 from tests.libvirt_test_driver import DriverInstance, make_instance
 from worker import WorkerConfig, host_activities
 from workflows.identity import GuestIdentity, IdentityChange, identity_problems
-from workflows.models import RebuildRequest, host_task_queue, rebuild_workflow_id
+from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, host_task_queue, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeyAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA alice@example"
@@ -273,3 +280,60 @@ async def test_the_password_never_enters_the_history(
     assert password.encode() not in stored
     assert b"$6$" in stored  # the hash is what travels
     await handle.terminate("test over")
+
+
+# --- the payload codec: user data encrypted in the history, readable through the codec server ------
+
+
+async def test_user_data_is_encrypted_in_the_history_and_the_codec_server_decodes_it(
+    dev_server: DevServer, unique_host: str, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "codec.key"
+    key_file.write_text(os.urandom(32).hex())
+    secret = "db_password=very-secret-4711"
+    (tmp_path / "user-data").write_text(f"#!/bin/sh\necho {secret} > /etc/app.env\n")
+    client = await Client.connect(dev_server.address, data_converter=data_converter(key_file))
+    fake = FakeHost()
+    async with (
+        Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance]),
+        Worker(client, task_queue=host_task_queue(unique_host), activities=fake.activities()),
+    ):
+        started = await rebuild_cli(
+            dev_server.address,
+            *("start", "vm-enc", "--host", unique_host, "--image", "http://images.example/b"),
+            *("--user-data", str(tmp_path / "user-data"), "--require-approval"),
+            env={KEY_ENV: str(key_file)},
+        )
+        assert started.code == 0, started.stderr
+        handle = client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-enc"))
+        # The workflow decoded its input (its query answers), yet the server stores only ciphertext.
+        assert (await handle.query("status"))["phase"] in ("await-approval", "check", "fetch", "inspect")
+        history = await handle.fetch_history()
+        stored = b"".join(event.SerializeToString() for event in history.events)
+        assert secret.encode() not in stored
+        assert b"binary/encrypted" in stored
+        encrypted = history.events[0].workflow_execution_started_event_attributes.input
+        await handle.terminate("test over")
+
+    server = TestServer(build_app(EncryptionCodec(load_key(key_file)), "http://localhost:8233"))
+    async with TestClient(server) as http:
+        answer = await http.post(
+            "/decode",
+            data=json_format.MessageToJson(encrypted),
+            headers={"Origin": "http://localhost:8233", "Content-Type": "application/json"},
+        )
+        assert answer.status == 200
+        assert answer.headers["Access-Control-Allow-Origin"] == "http://localhost:8233"
+        decoded = json_format.Parse(await answer.text(), Payloads())
+        assert secret.encode() in decoded.payloads[0].data
+
+
+async def test_a_bad_codec_key_is_bad_input(dev_server: DevServer, unique_host: str, tmp_path: Path) -> None:
+    (tmp_path / "short.key").write_text("abcd")
+    result = await rebuild_cli(
+        dev_server.address,
+        *("start", "vm-1", "--host", unique_host, "--image", "http://images.example/b"),
+        env={KEY_ENV: str(tmp_path / "short.key")},
+    )
+    assert result.code == 2
+    assert "must hold 64 hexadecimal digits" in result.stderr
