@@ -24,6 +24,7 @@ from temporalio.client import Client
 from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
+from starter.identity_options import hash_password
 from starter.rebuilds import (
     DECISIONS,
     BadFilter,
@@ -107,8 +108,21 @@ async def body(request: web.Request) -> Any:
         raise ValueError("the body must be JSON") from None
 
 
+def _hash_admin_password(payload: Any) -> Any:
+    """Nova's ``adminPass`` arrives in clear over the API: it is hashed here, before any workflow."""
+    identity = payload.get("identity") if isinstance(payload, dict) else None
+    if not isinstance(identity, dict) or "admin_password" not in identity:
+        return payload
+    identity = dict(identity)
+    password = identity.pop("admin_password")
+    if not isinstance(password, str):
+        raise ValueError("identity.admin_password must be a string")
+    identity["admin_password_hash"] = hash_password(password) if password else ""
+    return {**payload, "identity": identity}
+
+
 async def start(request: web.Request) -> web.Response:
-    rebuild = StrictRebuildRequest.model_validate(await body(request))
+    rebuild = StrictRebuildRequest.model_validate(_hash_admin_password(await body(request)))
     handle = await start_rebuild(request.app[CLIENT], rebuild)
     return reply(Started(workflow_id=handle.id, run_id=handle.result_run_id), status=201)
 

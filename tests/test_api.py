@@ -150,3 +150,22 @@ async def test_a_decision_with_a_reason_too_long_is_400(
     assert too_long.status == 400
     assert "reason" in (await too_long.json())["error"]
     await api.post(f"/v1/rebuilds/{unique_host}/vm-1/abort", json={"reason": "test over"}, headers=AUTH)
+
+
+async def test_identity_through_the_api_hashes_the_password_and_refuses_bad_input(
+    api: TestClient[Any, Any], client: Client, unique_host: str, fake_host: FakeHost
+) -> None:
+    password = "api-secret-4711"
+    identity = {"hostname": "web-1", "admin_password": password, "user_data": "#cloud-config\n"}
+    body = start_body(unique_host, "vm-id", identity=identity, require_approval=True)
+    response = await api.post("/v1/rebuilds", json=body, headers=AUTH)
+    assert response.status == 201, await response.text()
+    handle = client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-id"))
+    stored = b"".join(e.SerializeToString() for e in (await handle.fetch_history()).events)
+    assert password.encode() not in stored and b"$6$" in stored
+    await handle.terminate("test over")
+
+    bad = start_body(unique_host, "vm-bad", identity={"hostname": "not_a_host!"})
+    response = await api.post("/v1/rebuilds", json=bad, headers=AUTH)
+    assert response.status == 400
+    assert "RFC 1123" in (await response.json())["error"]

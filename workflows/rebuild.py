@@ -601,6 +601,8 @@ class RebuildInstance:
         if self._step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in self._step_seconds.items())
             lines.append(f"steps: {timings}")
+        if self._identity:
+            lines.append(f"identity: {self._identity}")
         if self._last_error:
             lines.append(f"error: {self._last_error}")
         return "\n\n".join(lines)
