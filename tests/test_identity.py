@@ -34,6 +34,7 @@ from starter.codec_server import build_app
 from starter.identity_options import hash_password
 from tests.e2e_support import LOOPBACK_NETWORKS, rebuild_cli, serve
 from tests.fake_host import FakeHost
+from tests.history_recorder import record_history
 from tests.libvirt_test_driver import DriverInstance, make_instance
 from worker import WorkerConfig, host_activities
 from workflows.identity import GuestIdentity, IdentityChange, identity_problems
@@ -168,13 +169,18 @@ async def host(client: Client, unique_host: str, tmp_path: Path) -> AsyncIterato
     )
     queue = f"wf-{unique_host}"
 
-    async def rebuild(url: str, sha: str, **fields: Any) -> Any:
+    async def rebuild(url: str, sha: str, history: str | None = None, **fields: Any) -> Any:
         request = RebuildRequest(
             instance=vm.name, host=unique_host, image_url=url, sha256=sha, stop_timeout_seconds=0, **fields
         )
-        return await client.execute_workflow(
+        handle = await client.start_workflow(
             RebuildInstance.run, request, id=rebuild_workflow_id(unique_host, vm.name), task_queue=queue
         )
+        try:
+            return await handle.result()
+        finally:
+            if history is not None:
+                await record_history(handle, history)
 
     async with (
         Worker(client, task_queue=queue, workflows=[RebuildInstance]),
@@ -192,7 +198,12 @@ async def test_identity_is_given_kept_changed_and_rolled_back(
     url, sha = serve(images, "image B", "raw")
     assert seed_of(vm) is None
 
-    await rebuild(url, sha, identity=IdentityChange(hostname="web-1", ssh_keys=(KEY_A,), user_data=SCRIPT))
+    await rebuild(
+        url,
+        sha,
+        history="rebuild-with-identity",
+        identity=IdentityChange(hostname="web-1", ssh_keys=(KEY_A,), user_data=SCRIPT),
+    )
     first = seed_of(vm)
     assert first is not None and first.parent == vm.disk.parent
     _, files = read_seed(first)
@@ -202,7 +213,7 @@ async def test_identity_is_given_kept_changed_and_rolled_back(
     )
 
     # No identity options: the instance keeps its identity, under a new instance-id.
-    await rebuild(url, sha)
+    await rebuild(url, sha, history="rebuild-keeping-identity")
     second = seed_of(vm)
     assert second is not None and second != first and not first.exists()
     _, again = read_seed(second)
@@ -218,7 +229,12 @@ async def test_identity_is_given_kept_changed_and_rolled_back(
     # A rebuild that fails after the seed step puts the previous seed and identity back.
     with pytest.raises(WorkflowFailureError):
         await rebuild(
-            url, sha, identity=IdentityChange(hostname="web-9"), boot_marker="never", boot_timeout_seconds=1
+            url,
+            sha,
+            history="rebuild-with-identity-rolled-back",
+            identity=IdentityChange(hostname="web-9"),
+            boot_marker="never",
+            boot_timeout_seconds=1,
         )
     assert seed_of(vm) == third and third.exists()
     assert current_identity(definition(vm)) == GuestIdentity(hostname="web-1", user_data=SCRIPT)
@@ -263,7 +279,7 @@ async def test_bad_identity_options_exit_2_before_anything_starts(
 
 
 async def test_the_password_never_enters_the_history(
-    dev_server: DevServer, client: Client, unique_host: str, tmp_path: Path
+    dev_server: DevServer, client: Client, unique_host: str, tmp_path: Path, fake_host: FakeHost
 ) -> None:
     password = "pw-that-must-not-leak-4711"
     (tmp_path / "pw").write_text(password + "\n")

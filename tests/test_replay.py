@@ -35,6 +35,9 @@ PATHS = (
     "rebuild-cleanup-failed-for-good",
     "rebuild-from-glance",
     "rebuild-reset-after-prepare-rolled-back",
+    "rebuild-with-identity",
+    "rebuild-keeping-identity",
+    "rebuild-with-identity-rolled-back",
 )
 
 
