@@ -33,6 +33,7 @@ from activities.identity import IdentityActivities
 from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
 from activities.network import AddressPolicy, parse_networks
+from activities.preflight import PreflightActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from common.codec import CodecKeyError
 from common.connection import TemporalUnavailable, connect, prometheus_runtime, worker_identity
@@ -62,6 +63,10 @@ class WorkerConfig:
     # Worker Versioning: None runs unversioned (every worker takes every workflow task).
     build_id: str | None = None
     deployment_name: str = DEPLOYMENT_NAME
+    # Pre-flight: boot each new image in a sandbox first, unless the request says otherwise.
+    preflight_by_default: bool = False
+    preflight_slots: int = 2
+    preflight_max_memory_mib: int = 2048
 
     def deployment(self) -> WorkerDeploymentConfig | None:
         """Pinned: a rebuild stays on the code that started it, however long it waits for approval."""
@@ -81,7 +86,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     state.create()
     checkpoints = Checkpoints(config.pause_dir)
     policy = AddressPolicy(parse_networks(config.allowed_image_networks))
-    hypervisor = HypervisorActivities(conn, checkpoints)
+    hypervisor = HypervisorActivities(conn, checkpoints, preflight_by_default=config.preflight_by_default)
     images = ImageActivities(
         state,
         checkpoints,
@@ -93,6 +98,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     glance = GlanceActivities(config.glance, policy)
     disks = DiskActivities(conn, state, checkpoints)
     identity = IdentityActivities(conn)
+    preflight = preflight_activities(config, conn)
     return [
         hypervisor.inspect_instance,
         hypervisor.stop_instance,
@@ -108,7 +114,20 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         identity.prepare_seed,
         identity.restore_seed,
         identity.remove_seed_backup,
+        preflight.preflight_image,
     ]
+
+
+def preflight_activities(config: WorkerConfig, conn: Libvirt | None = None) -> PreflightActivities:
+    conn = conn or Libvirt(config.libvirt_uri)
+    return PreflightActivities(
+        conn,
+        StateDir(config.state_dir),
+        HypervisorActivities(conn),
+        max_sandboxes=config.preflight_slots,
+        max_memory_mib=config.preflight_max_memory_mib,
+        checkpoints=Checkpoints(config.pause_dir),
+    )
 
 
 def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
@@ -137,6 +156,9 @@ def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
 async def serve(config: WorkerConfig) -> None:
     runtime = prometheus_runtime(config.metrics_address) if config.metrics_address else None
     client = await connect(config.address, runtime=runtime)
+    swept = await asyncio.to_thread(preflight_activities(config).sweep)
+    if swept:
+        print(f"removed pre-flight sandboxes left by a crashed worker: {', '.join(swept)}", flush=True)
     workers = build_workers(client, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -194,6 +216,20 @@ def run(
     metrics: Annotated[
         str | None, typer.Option(help="Serve Prometheus metrics at this address, e.g. 0.0.0.0:9464.")
     ] = None,
+    preflight: Annotated[
+        bool,
+        typer.Option(
+            "--preflight/--no-preflight",
+            help="Boot each new image in a sandbox before stopping the instance, unless a request "
+            "says otherwise (rebuild start --preflight/--no-preflight).",
+        ),
+    ] = False,
+    preflight_slots: Annotated[
+        int, typer.Option(min=1, max=64, help="Pre-flight sandboxes at most at once on this host.")
+    ] = 2,
+    preflight_max_memory: Annotated[
+        int, typer.Option(min=64, help="Memory cap of a pre-flight sandbox, MiB.")
+    ] = 2048,
     pause_dir: Annotated[
         Path | None,
         typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
@@ -234,6 +270,9 @@ def run(
         networks,
         build_id,
         deployment_name,
+        preflight,
+        preflight_slots,
+        preflight_max_memory,
     )
     try:
         asyncio.run(serve(config))

@@ -92,6 +92,12 @@ class ImageSourceRefused(RebuildError):
     retryable = False
 
 
+class PreflightFailed(RebuildError):
+    """The new image did not boot in its sandbox: the instance was never stopped."""
+
+    retryable = False
+
+
 class EmptyImage(RebuildError):
     """The image has nothing to boot: no virtual size, or only zeros where a boot sector must be."""
 

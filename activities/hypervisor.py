@@ -47,9 +47,15 @@ def _console_size(log: ld.SerialLog | None) -> int:
 
 
 class HypervisorActivities:
-    def __init__(self, libvirt_conn: ld.Libvirt, checkpoints: Checkpoints | None = None) -> None:
+    def __init__(
+        self,
+        libvirt_conn: ld.Libvirt,
+        checkpoints: Checkpoints | None = None,
+        preflight_by_default: bool = False,
+    ) -> None:
         self.libvirt = libvirt_conn
         self.checkpoints = checkpoints or Checkpoints()
+        self.preflight_by_default = preflight_by_default
 
     async def _on_domain(self, instance: str, action: Callable[[Any], T]) -> T:
         return await asyncio.to_thread(self.libvirt.with_domain, instance, action)
@@ -69,6 +75,7 @@ class HypervisorActivities:
                 root_disk_target=disk.target,
                 current_image_sha256=meta.get("sha256") if meta is not None else None,
                 has_identity=current_identity(xml) is not None,
+                preflight_by_default=self.preflight_by_default,
             )
 
         return await self._on_domain(request.instance, read)

@@ -210,6 +210,14 @@ def start(
     seed_format: Annotated[
         str | None, typer.Option(help="cloud-init seed: nocloud (default) or config-drive (Nova's).")
     ] = None,
+    preflight: Annotated[
+        bool | None,
+        typer.Option(
+            "--preflight/--no-preflight",
+            help="Boot the new image in a throwaway sandbox first; a broken image then fails with "
+            "the instance never stopped (default: the host worker's setting).",
+        ),
+    ] = None,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -248,6 +256,7 @@ def start(
             confirm_within_seconds=confirm_within,
             revert_by_default=revert_by_default,
             requested_by=requested_by,
+            preflight=preflight,
             identity=identity_change(
                 ssh_key_files=ssh_key,
                 no_ssh_keys=no_ssh_keys,

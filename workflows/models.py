@@ -82,6 +82,7 @@ class Phase(StrEnum):
     RESOLVE = "resolve"
     FETCH = "fetch"
     CHECK = "check"
+    PREFLIGHT = "preflight"
     AWAIT_APPROVAL = "await-approval"
     STOP = "stop"
     PREPARE = "prepare"
@@ -142,6 +143,8 @@ class RebuildRequest(_Model):
     # The guest's identity through cloud-init (Nova's key_name, user_data, hostname, ...): None keeps
     # what the instance has. Its password arrives hashed; user data may be secret (see the codec).
     identity: IdentityChange | None = None
+    # Boot the new image in a throwaway sandbox before the stop; None: the host worker's default.
+    preflight: bool | None = None
 
     @property
     def image_label(self) -> str:
@@ -252,6 +255,8 @@ class InstanceInfo(_Model):
     current_image_sha256: str | None = None
     # The instance got its identity from an earlier rebuild: every rebuild renews its seed.
     has_identity: bool = False
+    # This host's worker boots new images in a sandbox first unless a request says otherwise.
+    preflight_by_default: bool = False
 
 
 class FetchImageInput(_Model):
@@ -387,6 +392,28 @@ class VerifyInstanceInput(_Model):
     boot_marker: str | None = None
     boot_timeout_seconds: float = 120.0
     console_offset: int = 0
+
+
+class PreflightInput(_Model):
+    instance: str
+    rebuild_id: str
+    image_sha256: str
+    image_format: str
+    image_virtual_size: int
+    min_virtual_size: int = 0
+    verify: str | None = None
+    boot_marker: str | None = None
+    boot_timeout_seconds: float = 120.0
+    # The request's identity change: the sandbox gets the seed the rebuild would attach.
+    change: IdentityChange | None = None
+
+
+class PreflightResult(_Model):
+    verified_by: str
+    detail: str = ""
+    seconds: float = 0.0
+    # How long it waited for one of the host's sandbox slots.
+    waited_seconds: float = 0.0
 
 
 class RemoveBackupInput(_Model):

@@ -26,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.hypervisor import HypervisorActivities
     from activities.identity import IdentityActivities
     from activities.images import ImageActivities
+    from activities.preflight import PreflightActivities
     from workflows import search_attributes as sa
     from workflows.models import (
         ABORT_SIGNAL,
@@ -46,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         InstanceInfo,
         Outcome,
         Phase,
+        PreflightInput,
         PrepareRootDiskInput,
         PrepareSeedInput,
         RebuildRequest,
@@ -94,6 +96,7 @@ ABORTABLE = frozenset(
         Phase.RESOLVE,
         Phase.FETCH,
         Phase.CHECK,
+        Phase.PREFLIGHT,
         Phase.AWAIT_APPROVAL,
         Phase.STOP,
         Phase.PREPARE,
@@ -105,7 +108,15 @@ ABORTABLE = frozenset(
 )
 # Where an early `approve` still counts: before and while the rebuild waits for it.
 APPROVABLE = frozenset(
-    {Phase.PENDING, Phase.INSPECT, Phase.RESOLVE, Phase.FETCH, Phase.CHECK, Phase.AWAIT_APPROVAL}
+    {
+        Phase.PENDING,
+        Phase.INSPECT,
+        Phase.RESOLVE,
+        Phase.FETCH,
+        Phase.CHECK,
+        Phase.PREFLIGHT,
+        Phase.AWAIT_APPROVAL,
+    }
 )
 
 INSPECT = StepOptions(start_to_close=timedelta(seconds=30), maximum_attempts=5)
@@ -265,6 +276,7 @@ class RebuildInstance:
         try:
             instance = await self._inspect(request)
             image = await self._fetch_and_check(request)
+            await self._preflight(request, instance, image)
             if request.require_approval:
                 await self._await_approval(request)
             stopped = await self._stop(request, instance)
@@ -336,6 +348,39 @@ class RebuildInstance:
             CHECK,
         )
         return _NewImage(source, cached, checked)
+
+    async def _preflight(self, request: RebuildRequest, instance: InstanceInfo, image: _NewImage) -> None:
+        """Boot the new image in a sandbox while the instance still runs: a broken one costs no downtime.
+
+        Only rebuilds that ask for it (or whose host worker does by default) have this step: histories
+        from before it replay unchanged.
+        """
+        wanted = instance.preflight_by_default if request.preflight is None else request.preflight
+        if not wanted:
+            return
+        assert self._rebuild_id is not None
+        await self._step(
+            Phase.PREFLIGHT,
+            PreflightActivities.preflight_image,
+            PreflightInput(
+                instance=request.instance,
+                rebuild_id=self._rebuild_id,
+                image_sha256=image.checked.sha256,
+                image_format=image.checked.format,
+                image_virtual_size=image.checked.virtual_size,
+                min_virtual_size=image.source.min_disk_bytes,
+                verify=getattr(request, "verify", None),
+                boot_marker=request.boot_marker,
+                boot_timeout_seconds=request.boot_timeout_seconds,
+                change=request.identity,
+            ),
+            StepOptions(
+                # Waiting for a sandbox slot counts too: it heartbeats meanwhile.
+                start_to_close=timedelta(seconds=request.boot_timeout_seconds + 600),
+                heartbeat=timedelta(seconds=10),
+                maximum_attempts=3,
+            ),
+        )
 
     async def _stop(self, request: RebuildRequest, instance: InstanceInfo) -> StopResult:
         if instance.was_running:

@@ -1,0 +1,329 @@
+"""Pre-flight: boot the new image in a throwaway sandbox while the instance still runs.
+
+Nova and Incus stop the instance first and learn that an image is broken when it fails to boot. Here
+the image is booted once beforehand, in a transient domain shaped like the instance (machine type,
+firmware, CPU model, memory up to a worker limit) but with nothing that could let it pass for the
+instance or reach its networks: no NICs, no other disks, a throwaway overlay on the cached image as its
+root disk, its own serial log. It must pass the same verification the rebuild will use.
+
+The sandbox's name derives from the rebuild, so a retry after a crash finds and removes it; a sweep
+at worker start removes sandboxes nobody owns any more; a worker runs at most N sandboxes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import re
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import libvirt
+from temporalio import activity
+
+from activities import libvirt_domain as ld
+from activities import qemu_img
+from activities.checkpoints import Checkpoints
+from activities.errors import BootCheckFailed, PreflightFailed, UnsupportedInstance
+from activities.hypervisor import HypervisorActivities
+from activities.identity import current_identity
+from activities.seed import build_seed
+from activities.state import StateDir
+from workflows.identity import GuestIdentity
+from workflows.models import PreflightInput, PreflightResult, VerifyInstanceInput
+
+SANDBOX_PREFIX = "rebuild-preflight-"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+CONSOLE_TAIL_LINES = 15
+# Devices a sandbox never gets: anything that reaches outside it or belongs to the instance alone.
+_DROPPED_DEVICES = (
+    "interface",
+    "hostdev",
+    "filesystem",
+    "redirdev",
+    "smartcard",
+    "serial",
+    "console",
+    "parallel",
+    "channel",
+    "graphics",
+    "shmem",
+    "vsock",
+)
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def sandbox_name(rebuild_id: str) -> str:
+    return SANDBOX_PREFIX + _SAFE_NAME.sub("_", rebuild_id)[:80]
+
+
+class PreflightActivities:
+    def __init__(
+        self,
+        libvirt_conn: ld.Libvirt,
+        state: StateDir,
+        hypervisor: HypervisorActivities,
+        max_sandboxes: int = 2,
+        max_memory_mib: int = 2048,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
+        self.checkpoints = checkpoints or Checkpoints()
+        self.libvirt = libvirt_conn
+        self.state = state
+        self.hypervisor = hypervisor
+        self.max_sandboxes = max_sandboxes
+        self.max_memory_mib = max_memory_mib
+
+    @property
+    def _owner_mark(self) -> str:
+        """Written into each sandbox: the sweep removes only sandboxes of this worker's state dir."""
+        return f"durable-rebuild pre-flight sandbox of {self.state.root}, removed after its check"
+
+    @property
+    def directory(self) -> Path:
+        return self.state.root / "preflight"
+
+    @activity.defn
+    async def preflight_image(self, request: PreflightInput) -> PreflightResult:
+        """Boot the image in a sandbox and verify it; the sandbox is gone afterwards, pass or fail."""
+        name = sandbox_name(request.rebuild_id)
+        image = self.state.image_path(request.image_sha256)
+        if request.image_format not in ("raw", "qcow2"):
+            raise UnsupportedInstance(f"image format must be raw or qcow2, not {request.image_format[:40]!r}")
+        self.directory.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(self.directory, 0o711)  # noqa: S103 - QEMU's user traverses to the overlay
+        overlay = self.directory / f"{name}.qcow2"
+        console = self.directory / f"{name}.console.log"
+        seed = self.directory / f"{name}.seed.iso"
+        began = time.monotonic()
+        # A crashed or retried attempt left its sandbox: it goes first.
+        await asyncio.to_thread(self._remove_sandbox, name)
+        async with self._slot():
+            waited = time.monotonic() - began
+            try:
+                xml = await asyncio.to_thread(self.libvirt.with_domain, request.instance, ld.inactive_xml)
+                disk = ld.root_disk(xml, request.instance)
+                old = await qemu_img.image_info(disk.path, disk.format)
+                size = max(int(old["virtual-size"]), request.image_virtual_size, request.min_virtual_size)
+                overlay.unlink(missing_ok=True)
+                await qemu_img.create_overlay(str(overlay), str(image), request.image_format, size)
+                console.write_bytes(b"")
+                seed_path = None
+                identity = current_identity(xml)
+                if request.change is not None:
+                    identity = request.change.applied_to(identity or GuestIdentity())
+                if identity is not None:
+                    # The seed the rebuild will attach, under a throwaway instance-id.
+                    seed_path = seed
+                    await asyncio.to_thread(build_seed, identity, f"preflight-{request.rebuild_id}", seed)
+                definition = self.sandbox_xml(xml, name, overlay, console, seed_path, disk.target)
+                await asyncio.to_thread(self._create, definition)
+                await self.checkpoints.reach("preflight.after-create")
+                # The same check the rebuild's verify step makes, on the sandbox instead.
+                verify: Callable[[VerifyInstanceInput], Awaitable[Any]] = self.hypervisor.verify_instance
+                verified = await verify(
+                    VerifyInstanceInput.model_validate(
+                        {
+                            "instance": name,
+                            "verify": request.verify,
+                            "boot_marker": request.boot_marker,
+                            "boot_timeout_seconds": request.boot_timeout_seconds,
+                        }
+                    )
+                )
+            except BootCheckFailed as err:
+                raise PreflightFailed(
+                    f"pre-flight boot of image {request.image_sha256[:12]} failed: {err.message}; "
+                    f"the instance was never stopped. Sandbox console, last lines:\n{_tail(console)}"
+                ) from None
+            finally:
+                await asyncio.to_thread(self._remove_sandbox, name)
+        verified_by = getattr(verified, "verified_by", None) or (
+            f"marker:{request.boot_marker}" if request.boot_marker else "running"
+        )
+        return PreflightResult(
+            verified_by=verified_by,
+            detail=getattr(verified, "detail", ""),
+            seconds=time.monotonic() - began,
+            waited_seconds=waited,
+        )
+
+    def sandbox_xml(
+        self,
+        instance: ET.Element,
+        name: str,
+        overlay: Path,
+        console: Path,
+        seed: Path | None,
+        root_target: str,
+    ) -> str:
+        """The instance's definition, reduced to what booting its new image needs and nothing more."""
+        xml = ET.fromstring(ET.tostring(instance))
+        for tag in ("uuid", "metadata", "seclabel", "description", "title"):
+            for element in xml.findall(tag):
+                xml.remove(element)
+        name_element = xml.find("name")
+        assert name_element is not None
+        name_element.text = name
+        ET.SubElement(xml, "uuid").text = str(uuid.uuid4())
+        ET.SubElement(xml, "description").text = self._owner_mark
+        for tag in ("memory", "currentMemory"):
+            amount = xml.find(tag)
+            if amount is not None:
+                mib = _mib(amount)
+                amount.set("unit", "MiB")
+                amount.text = str(min(mib, self.max_memory_mib))
+        os_element = xml.find("os")
+        if os_element is not None:
+            # A fresh NVRAM from the firmware's template, never the instance's own variables.
+            for nvram in os_element.findall("nvram"):
+                os_element.remove(nvram)
+        devices = xml.find("devices")
+        if devices is None:
+            raise UnsupportedInstance("the instance's definition has no <devices>")
+        agent = any(
+            (t := c.find("target")) is not None and t.get("name") == AGENT_CHANNEL
+            for c in devices.findall("channel")
+        )
+        for child in list(devices):
+            if child.tag in _DROPPED_DEVICES:
+                devices.remove(child)
+            elif child.tag == "disk":
+                target = child.find("target")
+                if target is None or target.get("dev") != root_target:
+                    devices.remove(child)
+                else:
+                    _point_at(child, overlay)
+        serial = ET.SubElement(devices, "serial", {"type": "file"})
+        ET.SubElement(serial, "source", {"path": str(console)})
+        ET.SubElement(serial, "target", {"port": "0"})
+        if agent:
+            channel = ET.SubElement(devices, "channel", {"type": "unix"})
+            ET.SubElement(channel, "target", {"type": "virtio", "name": AGENT_CHANNEL})
+        if seed is not None:
+            cdrom = ET.SubElement(devices, "disk", {"type": "file", "device": "cdrom"})
+            ET.SubElement(cdrom, "driver", {"name": "qemu", "type": "raw"})
+            ET.SubElement(cdrom, "source", {"file": str(seed)})
+            os_type = xml.find("./os/type")
+            machine = os_type.get("machine", "") if os_type is not None else ""
+            bus, dev = ("sata", "sdz") if "q35" in machine else ("ide", "hdd")
+            ET.SubElement(cdrom, "target", {"dev": dev, "bus": bus})
+            ET.SubElement(cdrom, "readonly")
+        on_crash = xml.find("on_crash")
+        if on_crash is not None:
+            on_crash.text = "destroy"
+        return ET.tostring(xml, encoding="unicode")
+
+    def _create(self, definition: str) -> None:
+        try:
+            self.libvirt.connection().createXML(definition, 0)
+        except libvirt.libvirtError as err:
+            raise PreflightFailed(
+                f"libvirt could not start the pre-flight sandbox: {err.get_error_message()}"
+            ) from None
+
+    def _remove_sandbox(self, name: str) -> None:
+        """Destroy the transient sandbox and delete its files; what is already gone is fine."""
+        with contextlib.suppress(libvirt.libvirtError):
+            domain = self.libvirt.connection().lookupByName(name)
+            if domain.isActive():
+                domain.destroy()
+            if domain.isPersistent():
+                domain.undefine()
+        for suffix in (".qcow2", ".console.log", ".seed.iso"):
+            (self.directory / f"{name}{suffix}").unlink(missing_ok=True)
+
+    def sweep(self) -> list[str]:
+        """At worker start: remove the sandboxes nobody owns any more.
+
+        A running pre-flight holds one of the host's slot locks; when every slot can be taken, no
+        pre-flight runs here, and every sandbox left is a crashed attempt's.
+        """
+        if not self.directory.exists():
+            return []
+        held = []
+        try:
+            for index in range(self.max_sandboxes):
+                fd = os.open(self.directory / f"slot-{index}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                held.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return []
+            removed = []
+            for domain in self.libvirt.connection().listAllDomains():
+                if not domain.name().startswith(SANDBOX_PREFIX):
+                    continue
+                description = ET.fromstring(domain.XMLDesc(0)).findtext("description") or ""
+                if description == self._owner_mark:
+                    self._remove_sandbox(domain.name())
+                    removed.append(domain.name())
+            for leftover in self.directory.glob(f"{SANDBOX_PREFIX}*"):
+                leftover.unlink(missing_ok=True)
+            return removed
+        finally:
+            for fd in held:
+                os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the host's ``max_sandboxes`` slots (flock: a dead worker's slot frees itself)."""
+        self.directory.mkdir(mode=0o711, exist_ok=True)
+        while True:
+            for index in range(self.max_sandboxes):
+                fd = os.open(self.directory / f"slot-{index}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    yield
+                finally:
+                    os.close(fd)
+                return
+            activity.heartbeat(f"waiting for a pre-flight slot: all {self.max_sandboxes} in use")
+            await asyncio.sleep(0.5)
+
+
+def _point_at(disk: ET.Element, overlay: Path) -> None:
+    """The sandbox's root disk: the throwaway overlay, writable, whatever the instance's was."""
+    disk.set("type", "file")
+    for tag in ("source", "backingStore", "driver", "readonly"):
+        for element in disk.findall(tag):
+            disk.remove(element)
+    disk.insert(0, ET.Element("driver", {"name": "qemu", "type": "qcow2"}))
+    disk.insert(1, ET.Element("source", {"file": str(overlay)}))
+
+
+def _mib(element: ET.Element) -> int:
+    units = {
+        "b": 1 / (1 << 20),
+        "bytes": 1 / (1 << 20),
+        "k": 1 / 1024,
+        "kib": 1 / 1024,
+        "m": 1,
+        "mib": 1,
+        "g": 1024,
+        "gib": 1024,
+        "t": 1 << 20,
+        "tib": 1 << 20,
+    }
+    factor = units.get(element.get("unit", "KiB").lower(), 1 / 1024)
+    return max(1, int(int(element.text or "0") * factor))
+
+
+def _tail(console: Path) -> str:
+    try:
+        text = console.read_bytes()[-64 << 10 :].decode(errors="replace")
+    except FileNotFoundError:
+        return "(no console output)"
+    lines = [line.rstrip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    shown = "\n".join(lines[-CONSOLE_TAIL_LINES:])
+    return shown or "(no console output)"

@@ -1,0 +1,116 @@
+"""Pre-flight on real libvirtd guests: a broken image fails in a sandbox and the instance never stops.
+
+Boot-sector guests (TCG) for speed: a good image prints its marker in the sandbox and the rebuild goes
+on; an image that boots to nothing fails pre-flight with the sandbox's console in the error, the
+instance running on with the same domain ID; a worker killed mid pre-flight leaves no sandbox after the
+retry; a worker that starts removes sandboxes a crashed one left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import libvirt
+
+from activities.preflight import SANDBOX_PREFIX
+from activities.state import StateDir
+from devtools.guest import domain_xml, write_image
+from devtools.image_server import ImageServer
+from devtools.temporal_dev import DevServer
+from tests.e2e_support import Guest, WorkerProcess, rebuild_cli, serve, wait_for_file
+from tests.test_faults import assert_nothing_left, assert_runs, handle_for, start_args
+
+
+def sandboxes(conn: libvirt.virConnect) -> list[str]:
+    return [d.name() for d in conn.listAllDomains() if d.name().startswith(SANDBOX_PREFIX)]
+
+
+def sandbox_files(worker: WorkerProcess) -> list[str]:
+    directory = StateDir(worker.state_dir).root / "preflight"
+    return sorted(p.name for p in directory.glob(f"{SANDBOX_PREFIX}*")) if directory.exists() else []
+
+
+async def test_a_good_image_passes_preflight_and_the_rebuild_completes(
+    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer
+) -> None:
+    since = len(guest.console())
+    url, sha = serve(images, "image B", "raw")
+    result = await rebuild_cli(
+        dev_server.address, *start_args(guest, worker, url, sha, "--preflight", "--wait", "--json")
+    )
+    assert result.code == 0, result.stdout + result.stderr
+    assert "preflight" in result.json()["step_seconds"]
+    assert_runs(guest, "image B", since)
+    assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
+    assert_nothing_left(guest, worker)
+
+
+async def test_a_broken_image_fails_preflight_and_the_instance_never_stops(
+    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer
+) -> None:
+    domain_id = guest.domain.ID()
+    boots = guest.console().count("image A")
+    # A boot sector that prints something else and halts: it boots, but never as image B.
+    url, sha = serve(images, "not the new image", "raw")
+    result = await rebuild_cli(
+        dev_server.address, *start_args(guest, worker, url, sha, "--preflight", "--wait")
+    )
+    assert result.code == 1, result.stdout + result.stderr
+    assert "pre-flight boot" in result.stderr
+    assert "the instance was never stopped" in result.stderr
+    assert "not the new image" in result.stderr  # the sandbox's console, last lines
+    assert "nothing was changed" in result.stderr
+    assert guest.domain.isActive() and guest.domain.ID() == domain_id
+    assert guest.console().count("image A") == boots
+    assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
+    assert_nothing_left(guest, worker)
+
+
+async def test_a_worker_killed_during_preflight_leaves_no_sandbox(
+    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer, client: object
+) -> None:
+    assert worker.pause_dir is not None
+    gate = worker.pause_dir / "preflight.after-create"
+    gate.touch()
+    url, sha = serve(images, "image B", "raw")
+    started = await rebuild_cli(dev_server.address, *start_args(guest, worker, url, sha, "--preflight"))
+    assert started.code == 0, started.stderr
+    await wait_for_file(worker.pause_dir / "preflight.after-create.reached")
+    assert len(sandboxes(guest.conn)) == 1
+    worker.kill()
+    gate.unlink()
+    worker.start()
+    result = await handle_for(client, worker, guest).result()  # type: ignore[arg-type]
+    assert result.outcome == "rebuilt"
+    assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
+
+
+def test_a_starting_worker_removes_sandboxes_a_crashed_one_left(
+    libvirt_conn: libvirt.virConnect, guest_dir: Path, worker: WorkerProcess
+) -> None:
+    state = StateDir(worker.state_dir)
+    directory = state.root / "preflight"
+    directory.mkdir(exist_ok=True)
+    name = f"{SANDBOX_PREFIX}left-by-a-crash"
+    disk = write_image(directory / f"{name}.qcow2", "orphan", fmt="qcow2")
+    xml = domain_xml(name, disk, guest_dir / "orphan.log", root_format="qcow2").replace(
+        "<devices>",
+        f"<description>durable-rebuild pre-flight sandbox of {state.root}, removed after its check"
+        "</description>\n  <devices>",
+    )
+    libvirt_conn.createXML(xml, 0)
+    foreign = f"{SANDBOX_PREFIX}of-another-worker"
+    libvirt_conn.createXML(
+        domain_xml(foreign, write_image(guest_dir / "f.img", "foreign"), guest_dir / "f.log"), 0
+    )
+    try:
+        worker.stop()
+        worker.start()
+        assert name not in sandboxes(libvirt_conn)
+        assert not disk.exists()
+        assert foreign in sandboxes(libvirt_conn)  # not this worker's: left alone
+    finally:
+        for leftover in (name, foreign):
+            with contextlib.suppress(libvirt.libvirtError):
+                libvirt_conn.lookupByName(leftover).destroy()
