@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 
 import libvirt
+from temporalio.client import Client
 
 from activities.preflight import SANDBOX_PREFIX
 from activities.state import StateDir
@@ -19,6 +20,7 @@ from devtools.guest import domain_xml, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
 from tests.e2e_support import Guest, WorkerProcess, rebuild_cli, serve, wait_for_file
+from tests.history_recorder import record_history
 from tests.test_faults import assert_nothing_left, assert_runs, handle_for, start_args
 
 
@@ -32,7 +34,7 @@ def sandbox_files(worker: WorkerProcess) -> list[str]:
 
 
 async def test_a_good_image_passes_preflight_and_the_rebuild_completes(
-    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer
+    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer, client: Client
 ) -> None:
     since = len(guest.console())
     url, sha = serve(images, "image B", "raw")
@@ -41,13 +43,14 @@ async def test_a_good_image_passes_preflight_and_the_rebuild_completes(
     )
     assert result.code == 0, result.stdout + result.stderr
     assert "preflight" in result.json()["step_seconds"]
+    await record_history(handle_for(client, worker, guest), "rebuild-with-preflight")
     assert_runs(guest, "image B", since)
     assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
     assert_nothing_left(guest, worker)
 
 
 async def test_a_broken_image_fails_preflight_and_the_instance_never_stops(
-    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer
+    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer, client: Client
 ) -> None:
     domain_id = guest.domain.ID()
     boots = guest.console().count("image A")
@@ -61,6 +64,7 @@ async def test_a_broken_image_fails_preflight_and_the_instance_never_stops(
     assert "the instance was never stopped" in result.stderr
     assert "not the new image" in result.stderr  # the sandbox's console, last lines
     assert "nothing was changed" in result.stderr
+    await record_history(handle_for(client, worker, guest), "rebuild-failed-in-preflight")
     assert guest.domain.isActive() and guest.domain.ID() == domain_id
     assert guest.console().count("image A") == boots
     assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
@@ -68,7 +72,7 @@ async def test_a_broken_image_fails_preflight_and_the_instance_never_stops(
 
 
 async def test_a_worker_killed_during_preflight_leaves_no_sandbox(
-    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer, client: object
+    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer, client: Client
 ) -> None:
     assert worker.pause_dir is not None
     gate = worker.pause_dir / "preflight.after-create"
@@ -81,7 +85,7 @@ async def test_a_worker_killed_during_preflight_leaves_no_sandbox(
     worker.kill()
     gate.unlink()
     worker.start()
-    result = await handle_for(client, worker, guest).result()  # type: ignore[arg-type]
+    result = await handle_for(client, worker, guest).result()
     assert result.outcome == "rebuilt"
     assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
 

@@ -38,6 +38,8 @@ PATHS = (
     "rebuild-with-identity",
     "rebuild-keeping-identity",
     "rebuild-with-identity-rolled-back",
+    "rebuild-with-preflight",
+    "rebuild-failed-in-preflight",
 )
 
 
