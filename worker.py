@@ -11,6 +11,7 @@ rebuilds already running finish on the old one (see the README's versioning poli
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -36,15 +37,18 @@ from activities.network import AddressPolicy, parse_networks
 from activities.preflight import PreflightActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from common.codec import CodecKeyError
-from common.connection import TemporalUnavailable, connect, prometheus_runtime, worker_identity
+from common.connection import TemporalUnavailable, connect, worker_identity
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
+from common.logs import LogFormat, configure_logging
+from common.metrics import prometheus_runtime
 from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 
 app = typer.Typer(add_completion=False)
 THIS_HOST = socket.gethostname()
 DEPLOYMENT_NAME = "durable-rebuild"
+log = logging.getLogger("rebuild.worker")
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
 
 
 async def serve(config: WorkerConfig) -> None:
-    runtime = prometheus_runtime(config.metrics_address) if config.metrics_address else None
+    runtime = prometheus_runtime(config.metrics_address, config.host) if config.metrics_address else None
     client = await connect(config.address, runtime=runtime)
     swept = await asyncio.to_thread(preflight_activities(config).sweep)
     if swept:
@@ -166,11 +170,15 @@ async def serve(config: WorkerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with workers[0], workers[1]:
         version = f" version={config.deployment_name}.{config.build_id}" if config.build_id else ""
-        print(
-            f"worker ready: host={config.host} "
-            f"queues={WORKFLOW_TASK_QUEUE},{host_task_queue(config.host)} "
-            f"libvirt={config.libvirt_uri} state={config.state_dir}{version}",
-            flush=True,
+        log.info(
+            "worker ready: host=%s queues=%s,%s libvirt=%s state=%s%s",
+            config.host,
+            WORKFLOW_TASK_QUEUE,
+            host_task_queue(config.host),
+            config.libvirt_uri,
+            config.state_dir,
+            version,
+            extra={"host": config.host, "metrics": config.metrics_address},
         )
         await stop.wait()
 
@@ -178,10 +186,17 @@ async def serve(config: WorkerConfig) -> None:
 @app.command(epilog="Exit codes (every command):\n\n" + exit_code_table())
 def run(
     host: Annotated[
-        str, typer.Option(help="This hypervisor's name; the worker polls rebuild-host-NAME.")
+        str,
+        typer.Option(
+            envvar="REBUILD_HOST", help="This hypervisor's name; the worker polls rebuild-host-NAME."
+        ),
     ] = THIS_HOST,
-    libvirt_uri: Annotated[str, typer.Option(help="libvirt connection URI.")] = "qemu:///system",
-    state_dir: Annotated[Path, typer.Option(help="Image cache and state.")] = DEFAULT_STATE_DIR,
+    libvirt_uri: Annotated[
+        str, typer.Option(envvar="REBUILD_LIBVIRT_URI", help="libvirt connection URI.")
+    ] = "qemu:///system",
+    state_dir: Annotated[
+        Path, typer.Option(envvar="REBUILD_STATE_DIR", help="Image cache and state.")
+    ] = DEFAULT_STATE_DIR,
     address: Annotated[
         str | None, typer.Option(help="Temporal address (default: envconfig, localhost:7233).")
     ] = None,
@@ -193,13 +208,17 @@ def run(
     ] = None,
     glance_url: Annotated[
         str | None,
-        typer.Option(help="The Glance endpoint this worker's token belongs to, e.g. https://glance:9292."),
+        typer.Option(
+            envvar="REBUILD_GLANCE_URL",
+            help="The Glance endpoint this worker's token belongs to, e.g. https://glance:9292.",
+        ),
     ] = None,
     glance_token_file: Annotated[
         Path | None,
         typer.Option(
+            envvar="REBUILD_GLANCE_TOKEN_FILE",
             help="File holding a Keystone token for --glance-url; re-read when it changes, never sent "
-            "to any other URL or along a redirect."
+            "to any other URL or along a redirect.",
         ),
     ] = None,
     glance_allow_http: Annotated[
@@ -208,13 +227,18 @@ def run(
     allow_image_network: Annotated[
         list[str] | None,
         typer.Option(
+            envvar="REBUILD_ALLOW_IMAGE_NETWORK",
             help="A network (CIDR) images may come from besides public addresses, e.g. 10.0.5.0/24 for "
             "a private image server; repeatable. Loopback, link-local (metadata) and private "
-            "networks are refused unless allowed here."
+            "networks are refused unless allowed here.",
         ),
     ] = None,
     metrics: Annotated[
-        str | None, typer.Option(help="Serve Prometheus metrics at this address, e.g. 0.0.0.0:9464.")
+        str | None,
+        typer.Option(
+            envvar="REBUILD_METRICS_ADDRESS",
+            help="Serve Prometheus metrics at this address, e.g. 0.0.0.0:9464.",
+        ),
     ] = None,
     preflight: Annotated[
         bool,
@@ -230,6 +254,9 @@ def run(
     preflight_max_memory: Annotated[
         int, typer.Option(min=64, help="Memory cap of a pre-flight sandbox, MiB.")
     ] = 2048,
+    log_format: Annotated[
+        LogFormat, typer.Option(envvar="REBUILD_LOG_FORMAT", help="text for a terminal, json for a pipeline.")
+    ] = LogFormat.TEXT,
     pause_dir: Annotated[
         Path | None,
         typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
@@ -247,6 +274,7 @@ def run(
     ] = DEPLOYMENT_NAME,
 ) -> None:
     """Run the rebuild worker for this hypervisor host."""
+    configure_logging(log_format)
     if not HOST_NAME.match(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(ExitCode.BAD_INPUT)
@@ -277,10 +305,10 @@ def run(
     try:
         asyncio.run(serve(config))
     except TemporalUnavailable as err:
-        print(f"rebuild-worker: {err}", file=sys.stderr, flush=True)
+        log.error("rebuild-worker: %s", err)
         os._exit(ExitCode.UNAVAILABLE)
     except CodecKeyError as err:
-        print(f"rebuild-worker: {err}", file=sys.stderr, flush=True)
+        log.error("rebuild-worker: %s", err)
         os._exit(ExitCode.BAD_INPUT)
     sys.stdout.flush()
     os._exit(ExitCode.OK)

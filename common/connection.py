@@ -11,7 +11,7 @@ import socket
 
 from temporalio.client import Client
 from temporalio.envconfig import ClientConfig
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.runtime import Runtime
 
 from common.codec import data_converter
 
@@ -36,11 +36,6 @@ async def connect(
         return await Client.connect(**config, data_converter=data_converter(), runtime=runtime)
     except RuntimeError as err:
         raise TemporalUnavailable(f"cannot reach Temporal at {config['target_host']}: {err}") from None
-
-
-def prometheus_runtime(bind_address: str) -> Runtime:
-    """A runtime whose metrics (the SDK's and the project's own) are served for Prometheus."""
-    return Runtime(telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=bind_address)))
 
 
 _IDENTITY_HOST = re.compile(r"\bhost=(\S+)")

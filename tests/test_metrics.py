@@ -1,26 +1,84 @@
-"""Prometheus metrics: the SDK's runtime metrics and the project's own, from real rebuilds."""
+"""Prometheus metrics as Prometheus expects them, scraped from real workers.
+
+Counters end in ``_total``, durations are seconds with buckets from 10 ms to hours, every series of
+the project names its host, and a failed rollback (the outcome that must page someone) is counted.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import re
+from pathlib import Path
 
 import aiohttp
 from temporalio.client import Client, WorkflowFailureError
+from temporalio.contrib.pydantic import pydantic_data_converter
 
-from common.connection import connect, prometheus_runtime
+from common.connection import connect
+from common.metrics import COUNTERS, STEP_BUCKETS_SECONDS, prometheus_runtime
+from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, free_port
+from tests.e2e_support import WorkerProcess, serve
 from tests.fake_host import FakeHost, request_for, running_workers
-from workflows.models import rebuild_workflow_id
+from tests.libvirt_test_driver import make_instances
+from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
-async def test_metrics_count_rebuilds_and_time_steps(dev_server: DevServer, unique_host: str) -> None:
+
+class Scrape:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.types: dict[str, str] = {}
+        self.samples: list[tuple[str, dict[str, str], float]] = []
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split()
+                self.types[name] = kind
+            elif line and not line.startswith("#"):
+                match = SAMPLE.match(line)
+                assert match, line
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+                self.samples.append((match["name"], labels, float(match["value"])))
+
+    def value(self, name: str, **labels: str) -> float:
+        return sum(
+            v for n, got, v in self.samples if n == name and all(got.get(k) == x for k, x in labels.items())
+        )
+
+    def labels(self, name: str) -> list[dict[str, str]]:
+        return [got for n, got, _ in self.samples if n == name]
+
+
+async def scrape(port: int) -> Scrape:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as answer:
+        assert answer.status == 200
+        return Scrape(await answer.text())
+
+
+class FailsRollbackToo(FakeHost):
+    """Verify fails, and so does putting the old disk back: the rollback itself fails."""
+
+    async def _enter(self, name: str) -> None:
+        await super()._enter(name)
+        if name == "restore_root_disk":
+            from temporalio.exceptions import ApplicationError
+
+            raise ApplicationError("backup is gone", type="BackupMissing", non_retryable=True)
+
+
+async def test_outcomes_are_counted_including_a_failed_rollback(
+    dev_server: DevServer, unique_host: str
+) -> None:
     port = free_port()
-    client: Client = await connect(dev_server.address, runtime=prometheus_runtime(f"127.0.0.1:{port}"))
-    # The fake fails verify the first time only: the first rebuild rolls back, the second finishes.
-    fake = FakeHost(fail_at="verify_instance")
-    async with running_workers(client, unique_host, fake) as queue:
-        for instance in ("vm-bad", "vm-ok"):
+    runtime = prometheus_runtime(f"127.0.0.1:{port}", unique_host)
+    client: Client = await connect(dev_server.address, runtime=runtime)
+    for fake, instance in ((FakeHost(fail_at="verify_instance"), "vm-bad"), (FakeHost(), "vm-ok"),
+                           (FailsRollbackToo(fail_at="verify_instance"), "vm-worse")):  # fmt: skip
+        async with running_workers(client, unique_host, fake) as queue:
             handle = await client.start_workflow(
                 RebuildInstance.run,
                 request_for(unique_host, instance=instance),
@@ -29,15 +87,110 @@ async def test_metrics_count_rebuilds_and_time_steps(dev_server: DevServer, uniq
             )
             with contextlib.suppress(WorkflowFailureError):
                 await handle.result()
-    metrics = f"http://127.0.0.1:{port}/metrics"
-    async with aiohttp.ClientSession() as session, session.get(metrics) as response:
-        lines = (await response.text()).splitlines()
+    metrics = await scrape(port)
+    assert metrics.value("rebuilds_started_total", host=unique_host) == 3
+    assert metrics.value("rebuilds_finished_total") == 1
+    assert metrics.value("rebuilds_rolled_back_total") == 1
+    assert metrics.value("rebuilds_rollback_failed_total", host=unique_host) == 1
+    assert metrics.types["rebuilds_rollback_failed_total"] == "counter"
 
-    def value(name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
 
-    assert value("rebuilds_started") == 2
-    assert value("rebuilds_finished") == 1
-    assert value("rebuilds_rolled_back") == 1
-    assert any(line.startswith("rebuild_step_seconds") and 'step="prepare"' in line for line in lines)
-    assert any(line.startswith("temporal_") for line in lines), "the SDK's own metrics are served too"
+async def test_a_real_worker_serves_conventional_metrics(
+    tmp_path: Path, images: ImageServer, unique_host: str
+) -> None:
+    # Its own Temporal: the session's shared workflow queue has in-process workers whose metrics
+    # would not be this worker's.
+    server = DevServer(tmp_path / "t.db", free_port(), free_port(), tmp_path / "t.log")
+    server.start()
+    port = free_port()
+    (vm,) = make_instances(tmp_path, ["vm-1"])
+    worker = WorkerProcess(
+        host=unique_host,
+        state_dir=tmp_path / "state",
+        address=server.address,
+        log=tmp_path / "worker.log",
+        extra_args=(
+            "--libvirt-uri",
+            vm.libvirt.uri,
+            "--metrics",
+            f"127.0.0.1:{port}",
+            "--log-format",
+            "json",
+        ),
+    )
+    try:
+        worker.start()
+        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
+        url, sha = serve(images, "image B", "qcow2", size=8 << 20)
+        image_bytes = (images.directory / "image-B.qcow2").stat().st_size
+        for instance in ("vm-1", "vm-missing"):
+            handle = await client.start_workflow(
+                RebuildInstance.run,
+                RebuildRequest(
+                    instance=instance, host=unique_host, image_url=url, sha256=sha, stop_timeout_seconds=0
+                ),
+                id=rebuild_workflow_id(unique_host, instance),
+                task_queue=WORKFLOW_TASK_QUEUE,
+            )
+            with contextlib.suppress(WorkflowFailureError):
+                await handle.result()
+        metrics = await scrape(port)
+    finally:
+        worker.stop()
+        server.stop()
+
+    assert metrics.value("rebuilds_started_total") == 2
+    assert metrics.value("rebuilds_finished_total") == 1
+    assert metrics.value("rebuilds_failed_unchanged_total") == 1
+    assert metrics.value("image_download_bytes_total", host=unique_host) == image_bytes
+    # Every counter, the SDK's and ours, ends in _total; no millisecond series are left.
+    counters = [name for name, kind in metrics.types.items() if kind == "counter"]
+    assert counters and all(name.endswith("_total") for name in counters), counters
+    assert not [name for name in metrics.types if name.endswith(("_ms", "_milliseconds"))]
+    # Our series carry the host; the step histogram has buckets from 10 ms to hours, in seconds.
+    ours = [(n, labels) for n, labels, _ in metrics.samples if n.startswith(("rebuild", "image_"))]
+    assert {n.removesuffix("_total") for n, _ in ours} >= set(COUNTERS) - {
+        "rebuilds_rolled_back", "rebuilds_rollback_failed"  # outcomes this test does not cause
+    }  # fmt: skip
+    assert {labels.get("host") for _, labels in ours} == {unique_host}
+    assert metrics.types["rebuild_step_seconds"] == "histogram"
+    bounds = {
+        labels["le"]
+        for labels in metrics.labels("rebuild_step_seconds_bucket")
+        if labels["step"] == "prepare"
+    }
+    assert {"0.01", "3600", "+Inf"} <= bounds
+    assert len(bounds) == len(STEP_BUCKETS_SECONDS) + 1
+    # prepare takes milliseconds: it lands below one second, not in the first or last bucket.
+    assert metrics.value("rebuild_step_seconds_bucket", step="prepare", le="1") == 1
+    # Its log is one JSON object a line; the workflow's lines carry the workflow's identity.
+    entries = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()]
+    phases = [e for e in entries if e.get("temporal_workflow", {}).get("workflow_id") == handle.id]
+    assert any(e["message"].startswith("vm-missing on ") and "phase failed" in e["message"] for e in phases)
+    assert {e["level"] for e in entries} <= {"debug", "info", "warning", "error"}
+    # Every series the Grafana dashboard and the alert rules query is one this worker serves (the two
+    # outcome counters it does not cause here are checked by the test above).
+    served = set(metrics.types) | {
+        f"{name}_{part}" for name in metrics.types for part in ("bucket", "sum", "count")
+    }
+    served |= {"rebuilds_rolled_back_total", "rebuilds_rollback_failed_total", "up"}
+    for path in (
+        ROOT / "deploy" / "grafana" / "durable-rebuild.json",
+        ROOT / "deploy" / "prometheus" / "rebuild-alerts.yml",
+    ):
+        text = path.read_text()
+        exprs = (
+            [target["expr"] for panel in json.loads(text)["panels"] for target in panel["targets"]]
+            if path.suffix == ".json"
+            else [text]
+        )
+        used = {
+            name
+            for expr in exprs
+            for name in re.findall(r"\b(rebuild\w*_(?:total|bucket)|image_\w+_total|temporal_\w+|up)\b", expr)
+        }
+        assert used, path
+        assert used <= served, (path.name, used - served)
+    # The SDK's own durations are seconds too, and say so.
+    assert metrics.types["temporal_activity_execution_latency_seconds"] == "histogram"
+    assert metrics.types["temporal_workflow_endtoend_latency_seconds"] == "histogram"

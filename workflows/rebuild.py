@@ -625,8 +625,9 @@ class RebuildInstance:
         self._current = None
         elapsed = (workflow.now() - began).total_seconds()
         self._step_seconds[phase.value] = self._step_seconds.get(phase.value, 0.0) + elapsed
+        # Seconds, named so: the exporter's unit suffix would make "s" a "_s".
         workflow.metric_meter().create_histogram_float(
-            "rebuild_step_seconds", "Duration of each rebuild step", "s"
+            "rebuild_step_seconds", "Duration of each rebuild step in seconds"
         ).record(elapsed, {"step": phase.value})
 
     def _push(self, name: str, action: Callable[[], Awaitable[Any]]) -> None:
@@ -635,6 +636,7 @@ class RebuildInstance:
 
     def _enter(self, phase: Phase) -> None:
         self._phase = phase
+        workflow.logger.info("%s on %s: phase %s", self._request.instance, self._request.host, phase.value)
         workflow.upsert_search_attributes([sa.REBUILD_PHASE.value_set(phase.value)])
         workflow.set_current_details(self._details())
 
@@ -682,6 +684,7 @@ class RebuildInstance:
                 # the next undo may assume this one worked; a person has to look.
                 reason, _ = describe(undo_err)
                 self._last_error = f"{self._last_error}; rollback step '{undo.name}' failed: {reason}"
+                _count("rebuilds_rollback_failed")
                 self._enter(Phase.FAILED)
                 raise ApplicationError(
                     f"rebuild of {self._request.instance} failed at {failed_step.value} and its "
