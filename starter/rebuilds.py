@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from common.connection import identity_host
@@ -41,6 +41,8 @@ from workflows.models import (
     AbortRequest,
     Decision,
     FetchProgress,
+    Outcome,
+    Phase,
     RebuildRequest,
     RebuildResult,
     RebuildStatus,
@@ -57,6 +59,7 @@ POLLER_FRESH_SECONDS = 120.0
 # A live worker with a free slot picks up an activity within milliseconds: one left scheduled this
 # long means nobody polls the host's queue (or every slot is busy).
 UNCLAIMED_AFTER_SECONDS = 15.0
+_RPC_TIMEOUT = timedelta(seconds=10)
 _FILTER_VALUE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 
 
@@ -119,6 +122,8 @@ class RebuildDescription(BaseModel):
     pending_activities: list[PendingActivity] = []
     # Set while a step waits for a host worker that is not there (wrong host, worker down).
     waiting_for_worker: str | None = None
+    # A finished rebuild's result (its failure's details, when it failed), as the workflow returned it.
+    result: RebuildResult | None = None
 
 
 class RebuildSummary(BaseModel):
@@ -249,10 +254,17 @@ async def describe_rebuild(
     the status says so within that timeout plus ``unclaimed_after``.
     """
     handle, description = await latest_rebuild(client, instance, host)
-    try:
-        status: RebuildStatus | None = await asyncio.wait_for(query_status(handle), 5)
-    except (RPCError, TimeoutError):
-        status = None
+    result = None
+    if description.status == WorkflowExecutionStatus.RUNNING:
+        try:
+            status: RebuildStatus | None = await asyncio.wait_for(query_status(handle), 5)
+        except (RPCError, TimeoutError):
+            status = None
+    else:
+        # Closed: answered from what Temporal holds (its result and search attributes). A query would
+        # need a worker to replay the whole history, and seconds when none polls.
+        result = await _final_result(client, handle.id, description.run_id)
+        status = _final_status(description, result)
     pending = []
     waiting: str | None = None
     now = datetime.now(UTC)
@@ -277,6 +289,53 @@ async def describe_rebuild(
         status=status,
         pending_activities=pending,
         waiting_for_worker=waiting,
+        result=result,
+    )
+
+
+async def _final_result(client: Client, workflow_id: str, run_id: str) -> RebuildResult | None:
+    """The closed run's RebuildResult: its return value, or the details of the failure it ended with."""
+    run = client.get_workflow_handle(workflow_id, run_id=run_id)
+    try:
+        return RebuildResult.model_validate(await run.result(follow_runs=False, rpc_timeout=_RPC_TIMEOUT))
+    except WorkflowFailureError as failure:
+        cause = failure.cause
+        if isinstance(cause, ApplicationError) and cause.details:
+            try:
+                return RebuildResult.model_validate(cause.details[0])
+            except ValidationError:
+                return None
+        return None  # terminated, cancelled, timed out: no result was written
+    except ValidationError:
+        return None
+
+
+def _final_status(description: Any, result: RebuildResult | None) -> RebuildStatus | None:
+    attributes = {pair.key.name: pair.value for pair in description.typed_search_attributes}
+    instance, host = attributes.get(sa.INSTANCE_ID.name), attributes.get(sa.HYPERVISOR_HOST.name)
+    phase_name = attributes.get(sa.REBUILD_PHASE.name)
+    if result is not None:
+        instance, host = result.instance, result.host
+        fallback = Phase.DONE if result.outcome == Outcome.REBUILT else Phase.FAILED
+        if result.outcome == Outcome.ROLLED_BACK:
+            fallback = Phase.ROLLED_BACK
+    else:
+        fallback = Phase.FAILED
+    if instance is None or host is None:
+        return None
+    try:
+        phase = Phase(phase_name) if phase_name else fallback
+    except ValueError:
+        phase = fallback
+    return RebuildStatus(
+        instance=instance,
+        host=host,
+        phase=phase,
+        image_url=None,
+        image_sha256=result.image_sha256 if result else None,
+        step_seconds=dict(result.step_seconds) if result else {},
+        last_error=result.error if result else None,
+        started_at=description.start_time,
     )
 
 

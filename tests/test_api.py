@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 
 from starter.api import create_app, openapi_document
+from starter.api_clients import ApiClients
 from tests.fake_host import FakeHost
 from workflows.models import rebuild_workflow_id
 
-TOKEN = "s3cret"
+TOKEN = "s3cret-of-the-ci-client"
+OTHER_TOKEN = "s3cret-of-the-deploy-bot"
+CLIENTS = ApiClients.parse(f"# name token\nci {TOKEN}\ndeploy-bot {OTHER_TOKEN}\n")
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
 async def api(client: Client) -> AsyncIterator[TestClient[Any, Any]]:
-    test_client = TestClient(TestServer(create_app(client, TOKEN)))
+    test_client = TestClient(TestServer(create_app(client, CLIENTS)))
     await test_client.start_server()
     yield test_client
     await test_client.close()
@@ -126,7 +131,6 @@ async def test_openapi_describes_every_route(api: TestClient[Any, Any]) -> None:
     documented = {(path, method.upper()) for path, ops in document["paths"].items() for method in ops}
     served = {(path.replace("{verdict}", v), m) for path, m in routes for v in
               (["approve", "confirm", "revert"] if "{verdict}" in path else [""])}  # fmt: skip
-    served = {(p, m) for p, m in served if p != "/openapi.json"}
     assert served == documented
     assert "RebuildRequest" in document["components"]["schemas"]
 
@@ -169,3 +173,105 @@ async def test_identity_through_the_api_hashes_the_password_and_refuses_bad_inpu
     response = await api.post("/v1/rebuilds", json=bad, headers=AUTH)
     assert response.status == 400
     assert "RFC 1123" in (await response.json())["error"]
+
+
+async def test_healthz_needs_no_token_and_reports_temporal(api: TestClient[Any, Any]) -> None:
+    response = await api.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok", "temporal": "serving"}
+
+
+async def test_every_error_is_json_with_its_status(api: TestClient[Any, Any]) -> None:
+    unknown = await api.get("/v2/nothing", headers=AUTH)
+    assert unknown.status == 404
+    assert await unknown.json() == {"error": "not found", "status": 404}
+    wrong_method = await api.delete("/v1/rebuilds", headers=AUTH)
+    assert wrong_method.status == 405
+    assert (await wrong_method.json())["status"] == 405
+    assert "GET" in wrong_method.headers["Allow"]
+    anonymous = await api.get("/v1/rebuilds")
+    assert anonymous.status == 401
+    assert anonymous.headers["WWW-Authenticate"] == "Bearer"
+    assert anonymous.content_type == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("limit", "fragment"),
+    [("abc", "limit must be a whole number from 1 to 1000, not 'abc'"), ("0", "not 0"), ("5000", "not 5000")],
+)
+async def test_a_bad_limit_is_400_with_a_message(
+    api: TestClient[Any, Any], limit: str, fragment: str
+) -> None:
+    response = await api.get("/v1/rebuilds", params={"limit": limit}, headers=AUTH)
+    assert response.status == 400
+    assert fragment in (await response.json())["error"]
+
+
+async def test_the_token_names_the_requester_whatever_the_body_claims(
+    api: TestClient[Any, Any], client: Client, unique_host: str, fake_host: FakeHost
+) -> None:
+    bot = {"Authorization": f"Bearer {OTHER_TOKEN}"}
+    claimed = start_body(unique_host, require_approval=True, requested_by="alice")
+    assert (await api.post("/v1/rebuilds", json=claimed, headers=bot)).status == 201
+    handle = client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-1"))
+    details = await (await handle.describe()).static_details()
+    assert details is not None
+    assert "requested by: deploy-bot (for alice)" in details
+    aborted = await api.post(f"/v1/rebuilds/{unique_host}/vm-1/abort", json={"reason": "r"}, headers=AUTH)
+    assert (await aborted.json())["accepted"] is True
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+
+    plain = start_body(unique_host, instance="vm-2")
+    assert (await api.post("/v1/rebuilds", json=plain, headers=AUTH)).status == 201
+    second = client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-2"))
+    assert "requested by: ci\n" in ((await (await second.describe()).static_details()) or "") + "\n"
+
+
+async def test_openapi_document_is_valid_and_names_every_operation(api: TestClient[Any, Any]) -> None:
+    from openapi_spec_validator import validate
+
+    document = await (await api.get("/openapi.json")).json()
+    validate(document)
+    operations = [op for ops in document["paths"].values() for op in ops.values()]
+    ids = [op["operationId"] for op in operations]
+    assert len(ids) == len(set(ids))
+    assert all(op["tags"] for op in operations)
+    for path, ops in document["paths"].items():
+        for method, op in ops.items():
+            if path not in ("/openapi.json",):
+                assert "503" in op["responses"], (method, path)
+            if op.get("security") != []:
+                assert "401" in op["responses"], (method, path)
+    assert "400" in document["paths"]["/v1/rebuilds"]["get"]["responses"]
+
+
+async def test_a_finished_rebuild_is_answered_without_a_worker(
+    api: TestClient[Any, Any], client: Client, unique_host: str
+) -> None:
+    """No worker polls its workflow queue any more: a status query would wait seconds for one."""
+    from tests.fake_host import request_for, running_workers
+
+    for fake, instance in ((FakeHost(), "vm-ok"), (FakeHost(fail_at="verify_instance"), "vm-bad")):
+        async with running_workers(client, unique_host, fake) as queue:
+            handle = await client.start_workflow(
+                "RebuildInstance",
+                request_for(unique_host, instance=instance),
+                id=rebuild_workflow_id(unique_host, instance),
+                task_queue=queue,
+            )
+            with contextlib.suppress(WorkflowFailureError):
+                await handle.result()
+    began = time.monotonic()
+    ok = await (await api.get(f"/v1/rebuilds/{unique_host}/vm-ok", headers=AUTH)).json()
+    bad = await (await api.get(f"/v1/rebuilds/{unique_host}/vm-bad", headers=AUTH)).json()
+    assert time.monotonic() - began < 1.0
+    assert ok["workflow_status"] == "COMPLETED"
+    assert ok["status"]["phase"] == "done"
+    assert ok["result"]["outcome"] == "rebuilt"
+    assert set(ok["status"]["step_seconds"]) >= {"inspect", "fetch", "stop", "prepare", "start", "verify"}
+    assert bad["workflow_status"] == "FAILED"
+    assert bad["status"]["phase"] == "rolled-back"
+    assert bad["result"]["outcome"] == "rolled-back"
+    assert bad["result"]["failed_step"] == "verify"
+    assert "verify_instance failed on purpose" in bad["status"]["last_error"]
