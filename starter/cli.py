@@ -36,11 +36,12 @@ from temporalio.client import (
     WorkflowHandle,
 )
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, TimeoutError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
+from starter.cli_settings import connection_options
 from starter.identity_options import IdentityOptionError, identity_change
 from starter.rebuilds import (
     BadFilter,
@@ -86,7 +87,6 @@ EXIT_FOR_WORKFLOW_STATUS = {
 EXIT_CODES_HELP = "Exit codes (every command):\n\n" + exit_code_table()
 
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     help="Rebuild KVM/libvirt instances durably: a fresh root disk from a new image, or the old one back.",
     epilog=EXIT_CODES_HELP,
@@ -95,7 +95,10 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 HostOption = Annotated[
-    str, typer.Option(help="Hypervisor host of the instance (its worker polls rebuild-host-HOST).")
+    str,
+    typer.Option(
+        envvar="REBUILD_HOST", help="Hypervisor host of the instance (its worker polls rebuild-host-HOST)."
+    ),
 ]
 AddressOption = Annotated[
     str | None,
@@ -119,20 +122,26 @@ def _finish(code: int) -> NoReturn:
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
+    message: str | None
     try:
-        code = asyncio.run(coro)
+        code, message = asyncio.run(coro), None
     except CliExit as exc:
-        if exc.message:
-            err.print(f"rebuild: {exc.message}", markup=False)
-        code = exc.code
+        code, message = exc.code, exc.message
     except (RebuildAlreadyRunning, UnknownRebuild, RebuildNotRunning, NoWorkerOnHost, ValueError) as exc:
-        err.print(f"rebuild: {exc}", markup=False)
-        code = EXIT_BAD_INPUT
+        code, message = EXIT_BAD_INPUT, str(exc)
     except TemporalUnavailable as exc:
-        err.print(f"rebuild: {exc}", markup=False)
-        code = EXIT_UNAVAILABLE
+        code, message = EXIT_UNAVAILABLE, str(exc)
+    except RPCError as exc:
+        # Temporal refused the call (an unknown namespace, a denied API key): its message, no traceback.
+        unavailable = exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+        code, message = (EXIT_UNAVAILABLE if unavailable else EXIT_FAILED), f"Temporal: {exc.message}"
     except KeyboardInterrupt:
-        code = ExitCode.INTERRUPTED
+        code, message = ExitCode.INTERRUPTED, None
+    if message:
+        if "--json" in sys.argv[1:]:
+            print(json.dumps({"error": message, "exit_code": code}))
+        else:
+            err.print(f"rebuild: {message}", markup=False)
     _finish(code)
 
 
@@ -594,9 +603,14 @@ cache_app = typer.Typer(
 )
 app.add_typer(cache_app, name="cache")
 StateDirOption = Annotated[
-    Path | None, typer.Option(help="The worker's state directory (default: the worker's default).")
+    Path | None,
+    typer.Option(
+        envvar="REBUILD_STATE_DIR", help="The worker's state directory (default: the worker's default)."
+    ),
 ]
-LibvirtOption = Annotated[str, typer.Option(help="libvirt URI, to find which instances use an image.")]
+LibvirtOption = Annotated[
+    str, typer.Option(envvar="REBUILD_LIBVIRT_URI", help="libvirt URI, to find which instances use an image.")
+]
 
 
 @cache_app.command("list")
@@ -677,13 +691,25 @@ def _size(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
-@app.callback(epilog=EXIT_CODES_HELP)
-def _root() -> None:
-    """Rebuild KVM/libvirt instances durably through Temporal."""
+app.callback(epilog=EXIT_CODES_HELP)(connection_options)
 
 
 def main() -> None:
+    as_json = "--json" in sys.argv[1:]
     try:
-        app()
+        # Under --json, usage errors come back here to be shown as JSON too.
+        code = app(standalone_mode=not as_json)
+    except typer.Exit as exc:
+        _finish(exc.exit_code)
+    except typer.Abort:
+        _finish(ExitCode.INTERRUPTED)
     except SystemExit as exc:
         _finish(exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT)
+    except Exception as exc:
+        # typer's usage errors (its vendored click's) carry an exit code and a message.
+        exit_code, describe = getattr(exc, "exit_code", None), getattr(exc, "format_message", None)
+        if not (as_json and isinstance(exit_code, int) and callable(describe)):
+            raise
+        print(json.dumps({"error": describe(), "exit_code": exit_code}))
+        _finish(exit_code)
+    _finish(code if isinstance(code, int) else EXIT_REBUILT)

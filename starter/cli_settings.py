@@ -1,0 +1,104 @@
+"""How the ``rebuild`` CLI reaches Temporal: the connection options the ``temporal`` CLI has, by the
+same names, each also read from the environment variable ``temporalio.envconfig`` uses.
+
+A flag wins over its environment variable, which wins over the profile in the config file
+(``--profile``, ``--config-file``): the flags are handed to envconfig as those variables, so there is
+one way settings are resolved, the SDK's.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
+import typer
+
+PACKAGE = "durable-rebuild"
+
+
+class BadSetting(ValueError):
+    """A connection option that cannot be used (a --grpc-meta without '=')."""
+
+
+def package_version() -> str:
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"rebuild ({PACKAGE}) {package_version()}")
+        raise typer.Exit(0)
+
+
+def connection_options(
+    address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_ADDRESS", help="Temporal frontend, host:port (default localhost:7233)."
+        ),
+    ] = None,
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", "-n", envvar="TEMPORAL_NAMESPACE", help="Temporal namespace.")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_PROFILE", help="Profile in the envconfig TOML file.")
+    ] = None,
+    config_file: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_CONFIG_FILE", help="The envconfig TOML file.")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_API_KEY", help="API key (implies TLS).", show_default=False)
+    ] = None,
+    tls: Annotated[
+        bool | None, typer.Option("--tls/--no-tls", envvar="TEMPORAL_TLS", help="Connect with TLS.")
+    ] = None,
+    tls_cert_path: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_TLS_CLIENT_CERT_PATH", help="Client certificate (mTLS).")
+    ] = None,
+    tls_key_path: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_TLS_CLIENT_KEY_PATH", help="Client private key (mTLS).")
+    ] = None,
+    tls_ca_path: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_TLS_SERVER_CA_CERT_PATH", help="CA of the server.")
+    ] = None,
+    tls_server_name: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_TLS_SERVER_NAME", help="Server name to verify.")
+    ] = None,
+    tls_disable_host_verification: Annotated[
+        bool,
+        typer.Option(envvar="TEMPORAL_TLS_DISABLE_HOST_VERIFICATION", help="Skip the server name check."),
+    ] = False,
+    grpc_meta: Annotated[
+        list[str] | None, typer.Option(help="gRPC metadata KEY=VALUE on every call (repeatable).")
+    ] = None,
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Rebuild KVM/libvirt instances durably through Temporal."""
+    given: dict[str, str | None] = {
+        "TEMPORAL_ADDRESS": address,
+        "TEMPORAL_NAMESPACE": namespace,
+        "TEMPORAL_PROFILE": profile,
+        "TEMPORAL_CONFIG_FILE": config_file,
+        "TEMPORAL_API_KEY": api_key,
+        "TEMPORAL_TLS": None if tls is None else str(tls).lower(),
+        "TEMPORAL_TLS_CLIENT_CERT_PATH": tls_cert_path,
+        "TEMPORAL_TLS_CLIENT_KEY_PATH": tls_key_path,
+        "TEMPORAL_TLS_SERVER_CA_CERT_PATH": tls_ca_path,
+        "TEMPORAL_TLS_SERVER_NAME": tls_server_name,
+        "TEMPORAL_TLS_DISABLE_HOST_VERIFICATION": "true" if tls_disable_host_verification else None,
+    }
+    for pair in grpc_meta or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, not {pair!r}", param_hint="--grpc-meta")
+        given[f"TEMPORAL_GRPC_META_{key.upper().replace('-', '_')}"] = value
+    for name, setting in given.items():
+        if setting is not None:
+            os.environ[name] = setting
