@@ -1,4 +1,5 @@
-"""Writing and hashing a download off the event loop, overlapped with reading the next chunk.
+"""Writing and hashing a download off the event loop, overlapped with reading the next chunk, and
+its write-back to disk overlapped with both (``activities/writeback.py``).
 
 Measured on the 2-core dev machine (bench/download.py): doing both inline on the loop reached about a
 quarter of curl's speed; two single-thread executors (one writes, one hashes; both release the GIL)
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 from activities.digests import Digests
+from activities.writeback import WriteBack
 
 IN_FLIGHT_CHUNKS = 8
 
@@ -26,17 +28,25 @@ class PipelinedSink:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="image-write")
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="image-hash")
         self._pending: deque[tuple[asyncio.Future[object], asyncio.Future[None]]] = deque()
+        out.flush()
+        self._writeback = WriteBack(out.fileno(), out.tell())
 
     async def put(self, chunk: bytes) -> None:
         loop = asyncio.get_running_loop()
         self._pending.append(
             (
-                loop.run_in_executor(self._writer, self.out.write, chunk),
+                loop.run_in_executor(self._writer, self._write, chunk),
                 loop.run_in_executor(self._hasher, self.digests.update, chunk),
             )
         )
         if len(self._pending) > self.depth:
             await self._settle_oldest()
+
+    def _write(self, chunk: bytes) -> None:
+        """In the writer thread: the chunk to the kernel, and its write-back started as due."""
+        self.out.write(chunk)
+        self.out.flush()
+        self._writeback.advance(len(chunk))
 
     async def drain(self) -> None:
         """Every chunk put so far is written (to the page cache) and hashed."""
