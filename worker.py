@@ -162,7 +162,7 @@ async def serve(config: WorkerConfig) -> None:
     client = await connect(config.address, runtime=runtime)
     swept = await asyncio.to_thread(preflight_activities(config).sweep)
     if swept:
-        print(f"removed pre-flight sandboxes left by a crashed worker: {', '.join(swept)}", flush=True)
+        log.warning("removed pre-flight sandboxes left by a crashed worker: %s", ", ".join(swept))
     workers = build_workers(client, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
