@@ -32,6 +32,7 @@ from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoin
 from activities.hypervisor import HypervisorActivities
 from activities.identity import IdentityActivities
 from activities.images import ImageActivities
+from activities.inventory import InventoryActivities
 from activities.libvirt_domain import Libvirt
 from activities.network import AddressPolicy, parse_networks
 from activities.preflight import PreflightActivities
@@ -42,6 +43,7 @@ from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from common.logs import LogFormat, configure_logging
 from common.metrics import prometheus_runtime
+from workflows.fleet import FleetRebuild
 from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 
@@ -119,6 +121,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         identity.restore_seed,
         identity.remove_seed_backup,
         preflight.preflight_image,
+        InventoryActivities(conn).list_instances,
     ]
 
 
@@ -142,7 +145,7 @@ def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
         Worker(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
-            workflows=[RebuildInstance],
+            workflows=[RebuildInstance, FleetRebuild],
             identity=identity,
             deployment_config=deployment,
         ),

@@ -1,0 +1,280 @@
+"""The FleetRebuild workflow on the real dev server, with simulated hosts on libvirt's test driver.
+
+Every child is the real RebuildInstance running the real host activities (real qemu-img, real disk
+files); failures are injected at the boot check, so a failed child really rolls its disk back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+
+from starter.rebuilds import RebuildAlreadyRunning, start_rebuild
+from tests.fleet_support import Gate, SimulatedFleet, simulated_fleet
+from workflows.fleet_models import (
+    BatchSize,
+    ControlAnswer,
+    FleetAbort,
+    FleetInstances,
+    FleetReport,
+    FleetStatus,
+    FleetTarget,
+    InstancesPage,
+    InstanceState,
+    RebuildOptions,
+    Selection,
+)
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def report_of(handle: WorkflowHandle[Any, Any]) -> FleetReport:
+    return FleetReport.model_validate(await asyncio.wait_for(handle.result(), 240))
+
+
+async def status_of(handle: WorkflowHandle[Any, Any]) -> FleetStatus:
+    status: FleetStatus = await handle.query("status", result_type=FleetStatus)
+    return status
+
+
+async def instances_of(handle: WorkflowHandle[Any, Any]) -> FleetInstances:
+    page: FleetInstances = await handle.query("instances", InstancesPage(), result_type=FleetInstances)
+    return page
+
+
+async def until(predicate: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.1)
+
+
+def on_new_image(fleet: SimulatedFleet) -> list[str]:
+    return [vm.name for host, vm in fleet.all_instances() if fleet.image_of(host, vm) == fleet.sha256]
+
+
+async def test_rolls_in_batches_within_the_unavailability_and_per_host_limits(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=3, per_host=6) as fleet:
+        handle = await fleet.start(
+            fleet.request("limits", batch_size=6, max_unavailable=4, per_host=2, max_failures=5)
+        )
+        report = await report_of(handle)
+        order = [item.instance for item in (await instances_of(handle)).items]
+        await record_history(handle, "fleet-rolling")
+
+    assert report.counts.rebuilt == 18 and report.stop_reason is None
+    assert sorted(on_new_image(fleet)) == sorted(vm.name for _, vm in fleet.all_instances())
+    assert fleet.half_done() == []
+    assert fleet.tracker.max_busy == 4, "the fleet did not use its unavailability allowance"
+    assert max(fleet.tracker.max_busy_per_host.values()) == 2
+    assert fleet.tracker.max_down <= 4 and max(fleet.tracker.max_down_per_host.values()) <= 2
+    # Hosts are interleaved, so each batch of 6 holds two instances of each of the 3 hosts.
+    assert [name.split("-")[1] for name in order[:6]] == ["0", "1", "2", "0", "1", "2"]
+    # A batch begins only when the one before has finished: every stop of batch n+1 comes after every
+    # start of batch n.
+    stops = fleet.tracker.stops
+    for number in range(2):
+        batch, following = (
+            set(order[number * 6 : number * 6 + 6]),
+            set(order[number * 6 + 6 : number * 6 + 12]),
+        )
+        last_of_batch = max(i for i, name in enumerate(stops) if name in batch)
+        first_of_next = min(i for i, name in enumerate(stops) if name in following)
+        assert last_of_batch < first_of_next
+
+
+async def test_failure_budget_stops_at_exactly_max_failures_and_leaves_nothing_half_done(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    failing = {f"vm-{h}-{i:04d}" for h in range(2) for i in (1, 3, 4, 6)}
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=2, per_host=10, failing=failing) as fleet:
+        handle = await fleet.start(fleet.request("budget", batch_size=20, max_unavailable=4, max_failures=3))
+        report = await report_of(handle)
+        rolled_back = await handle.query(
+            "instances", InstancesPage(state=InstanceState.ROLLED_BACK), result_type=FleetInstances
+        )
+
+    assert report.counts.rolled_back == 3 and report.counts.failed == 0
+    assert report.stop_reason == "failure budget spent: 3 of 3 failed"
+    assert report.counts.running == 0
+    assert report.counts.waiting > 0, "the fleet went on past its budget"
+    assert {p.instance for p in report.problems} == {i.instance for i in rolled_back.items} <= failing
+    assert all("failed its boot check" in (p.note or "") for p in report.problems)
+    # Every instance is whole: running, on its new image or (rolled back, not started) on its old one.
+    assert fleet.half_done() == []
+    rebuilt = set(on_new_image(fleet))
+    assert len(rebuilt) == report.counts.rebuilt and not rebuilt & failing
+
+
+async def test_pause_stops_new_rebuilds_until_resume(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=2, per_host=5) as fleet:
+        handle = await fleet.start(fleet.request("pause", batch_size=10, max_unavailable=1))
+        answer = await handle.execute_update("pause", result_type=ControlAnswer)
+        assert answer.accepted and answer.paused
+        again = await handle.execute_update("pause", result_type=ControlAnswer)
+        assert not again.accepted
+
+        async def idle() -> bool:
+            return (await status_of(handle)).counts.running == 0
+
+        await until(idle)
+        held = await status_of(handle)
+        await asyncio.sleep(2)
+        later = await status_of(handle)
+        assert later.paused and later.counts.rebuilt == held.counts.rebuilt < 10
+        assert later.counts.waiting > 0 and len(fleet.tracker.stops) == held.counts.rebuilt
+
+        resumed = await handle.execute_update("resume", result_type=ControlAnswer)
+        assert resumed.accepted and not resumed.paused
+        report = await report_of(handle)
+    assert report.counts.rebuilt == 10
+
+
+async def test_abort_rolls_back_running_rebuilds_and_starts_no_more(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=1, per_host=6) as fleet:
+        held = fleet.hosts[f"{unique_host}-h0"][0]
+        fleet.gate = Gate(held.name)
+        old_disk = held.disk.read_bytes()
+        handle = await fleet.start(fleet.request("abort", batch_size=6, max_unavailable=1))
+        await asyncio.wait_for(fleet.gate.reached.wait(), 60)
+
+        # The fleet holds the instance's rebuild ID: a single rebuild of it is refused meanwhile.
+        single = fleet.request("x").rebuild.request_for(
+            FleetTarget(host=f"{unique_host}-h0", instance=held.name)
+        )
+        with pytest.raises(RebuildAlreadyRunning):
+            await start_rebuild(client, single)
+
+        answer = await handle.execute_update(
+            "abort_fleet", FleetAbort(reason="wrong image", requested_by="test"), result_type=ControlAnswer
+        )
+        assert answer.accepted, answer.message
+        assert "1 running rebuild(s) asked to roll back" in answer.message
+        report = await report_of(handle)
+
+    assert report.stop_reason == "aborted: wrong image (by test)"
+    assert report.counts.aborted == 1 and report.counts.waiting == 5 and report.counts.rebuilt == 0
+    assert held.disk.read_bytes() == old_disk
+    assert fleet.half_done() == []
+    assert on_new_image(fleet) == []
+
+
+async def test_continues_as_new_before_the_history_grows_and_loses_nothing(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=2, per_host=8) as fleet:
+        request = fleet.request(
+            "can", batch_size=5, max_unavailable=3, max_failures=5, history_event_limit=40
+        )
+        handle = await fleet.start(request)
+        report = await report_of(handle)
+        status = await status_of(handle)
+    runs = [run async for run in client.list_workflows(f"WorkflowId = '{handle.id}'")]
+    assert report.runs >= 3 and len(runs) == report.runs
+    assert report.counts.rebuilt == 16 and len(set(on_new_image(fleet))) == 16
+    # Each instance was rebuilt once: no run started a child its predecessor had already finished.
+    assert sorted(fleet.tracker.stops) == sorted(vm.name for _, vm in fleet.all_instances())
+    assert status.history_length < 200
+
+
+async def test_selects_from_the_hosts_listing_and_a_rerun_skips_what_runs_the_image(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=2, per_host=4) as fleet:
+        hosts = list(fleet.hosts)
+        selection = Selection(hosts=hosts, name_pattern="vm-*-000[01]")
+        first = await report_of(
+            await fleet.start(fleet.request("select", selection, max_unavailable=2, max_failures=2))
+        )
+        inspected = len(fleet.inspected)
+        second = await report_of(
+            await fleet.start(fleet.request("select", selection, max_unavailable=2, max_failures=2))
+        )
+
+        listed = Selection(
+            instances=[
+                FleetTarget(host=hosts[0], instance="vm-0-0000"),
+                FleetTarget(host=hosts[0], instance="vm-0-0002"),
+                FleetTarget(host=hosts[1], instance="no-such-vm"),
+            ]
+        )
+        third = await fleet.start(fleet.request("listed", listed))
+        third_report = await report_of(third)
+        items = {i.instance: i for i in (await instances_of(third)).items}
+
+    assert first.counts.rebuilt == 4 and first.counts.total == 4
+    assert sorted(on_new_image(fleet)) == sorted(
+        ["vm-0-0000", "vm-0-0001", "vm-1-0000", "vm-1-0001", "vm-0-0002"]
+    )
+    assert second.counts.skipped == 4 and second.counts.rebuilt == 0
+    assert len(fleet.inspected) == inspected + 1  # only vm-0-0002 of the third fleet
+    assert third_report.counts.rebuilt == 1 and third_report.counts.skipped == 2
+    assert items["vm-0-0000"].state == InstanceState.SKIPPED
+    assert items["no-such-vm"].note == f"not defined on {hosts[1]}"
+
+
+async def test_preflight_refuses_a_bad_image_before_any_instance_stops(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=2, per_host=2) as fleet:
+        request = fleet.request("preflight", preflight=True, sha256="00" * 32)
+        handle = await fleet.start(request)
+        with pytest.raises(WorkflowFailureError) as failed:
+            await asyncio.wait_for(handle.result(), 120)
+    cause = failed.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "FleetPreflightFailed"
+    assert "nothing was started" in cause.message
+    assert fleet.tracker.stops == [] and fleet.inspected == []
+
+
+async def test_batch_size_changes_from_the_next_batch(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=1, per_host=6) as fleet:
+        handle = await fleet.start(fleet.request("batch", batch_size=1, max_unavailable=1))
+        answer = await handle.execute_update(
+            "set_batch_size", BatchSize(batch_size=5), result_type=ControlAnswer
+        )
+        report = await report_of(handle)
+        status = await status_of(handle)
+    assert answer.accepted and answer.batch_size == 5
+    assert report.counts.rebuilt == 6
+    assert status.limits.batch_size == 5 and status.batches <= 3
+
+
+def test_fleet_requests_are_checked_at_the_edge() -> None:
+    with pytest.raises(ValidationError, match="either by a list or by a name pattern"):
+        Selection(hosts=["kvm-1"])
+    with pytest.raises(ValidationError, match="needs the hosts"):
+        Selection(name_pattern="web-*")
+    with pytest.raises(ValidationError, match="listed twice"):
+        Selection(instances=[FleetTarget(host="a", instance="b")] * 2)
+    with pytest.raises(ValidationError, match="image URL must be"):
+        RebuildOptions(image_url="ftp://x/y")
+    with pytest.raises(ValidationError, match="not a usable host name"):
+        FleetTarget(host="kvm:1", instance="web")
+
+
+async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """Save the history for the replay test when asked to (REBUILD_RECORD_HISTORIES=1)."""
+    if os.environ.get("REBUILD_RECORD_HISTORIES") != "1":
+        return
+    history = await handle.fetch_history()
+    HISTORIES.mkdir(exist_ok=True)
+    (HISTORIES / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1))

@@ -1,0 +1,299 @@
+"""What crosses Temporal for a fleet: the rolling rebuild of many instances on many hosts.
+
+The ``FleetRebuild`` workflow owns these models, as ``RebuildInstance`` owns ``workflows/models.py``.
+They ignore fields they do not know, so a newer client or a newer carried state never breaks an older
+run. The state a run carries into its successor (``FleetProgress``) holds one short entry per
+instance, so 10,000 instances stay far below Temporal's 2 MB payload limit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workflows.models import HOST_NAME, INSTANCE_NAME, MAX_REQUESTED_BY, DiskFormat, RebuildRequest
+
+FLEET_WORKFLOW = "FleetRebuild"
+FLEET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+# Errors kept per instance are cut to this: the carried state must stay small.
+MAX_NOTE = 300
+# A run continues as new after this many events at the latest (Temporal refuses a history of 51,200).
+DEFAULT_HISTORY_EVENT_LIMIT = 10_000
+
+
+def fleet_workflow_id(name: str) -> str:
+    return f"fleet:{name}"
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class InstanceState(StrEnum):
+    """An instance's state in a fleet; one name everywhere (query, CLI, API)."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    REBUILT = "rebuilt"
+    ROLLED_BACK = "rolled-back"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    ABORTED = "aborted"
+
+
+# What the failure budget counts: a rebuild that was rolled back, or failed (with nothing changed, or
+# with a rollback that needs a person).
+FAILURES = frozenset({InstanceState.ROLLED_BACK, InstanceState.FAILED})
+FINISHED = frozenset(InstanceState) - {InstanceState.WAITING, InstanceState.RUNNING}
+
+
+class FleetPhase(StrEnum):
+    DISCOVER = "discover"
+    PREFLIGHT = "preflight"
+    ROLLING = "rolling"
+    STOPPING = "stopping"
+    DONE = "done"
+
+
+class FleetTarget(_Wire):
+    host: str
+    instance: str
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not HOST_NAME.match(value):
+            raise ValueError(f"not a usable host name: {value!r}")
+        return value
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, value: str) -> str:
+        if not INSTANCE_NAME.match(value):
+            raise ValueError(f"not a usable instance name: {value!r}")
+        return value
+
+    @property
+    def key(self) -> str:
+        # Host names hold no ':', so this names one instance on one host.
+        return f"{self.host}:{self.instance}"
+
+
+class RebuildOptions(_Wire):
+    """Everything of a ``RebuildRequest`` but the instance and its host: the same for every child."""
+
+    image_url: str | None = None
+    sha256: str | None = None
+    sha512: str | None = None
+    disk_format: DiskFormat | None = None
+    glance_url: str | None = None
+    glance_image_id: str | None = None
+    start_after: bool | None = None
+    stop_timeout_seconds: float = Field(default=60.0, ge=0, le=3600)
+    boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
+    boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
+    requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
+
+    @model_validator(mode="after")
+    def _valid_for_a_rebuild(self) -> RebuildOptions:
+        # The image fields are checked exactly as a single rebuild checks them, once, at the edge.
+        try:
+            self.request_for(FleetTarget(host="h", instance="i"))
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            ) from None
+        return self
+
+    def request_for(self, target: FleetTarget) -> RebuildRequest:
+        return RebuildRequest(instance=target.instance, host=target.host, **self.model_dump())
+
+    @property
+    def image_label(self) -> str:
+        return self.image_url or f"glance:{self.glance_image_id}"
+
+
+class Selection(_Wire):
+    """Which instances: an explicit list, or the hosts' own listings filtered by a name pattern."""
+
+    hosts: list[str] = Field(default_factory=list)
+    # fnmatch pattern on instance names, applied to what each host's worker reports.
+    name_pattern: str | None = Field(default=None, min_length=1, max_length=200)
+    instances: list[FleetTarget] = Field(default_factory=list)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not HOST_NAME.match(host):
+                raise ValueError(f"not a usable host name: {host!r}")
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Selection:
+        if (self.name_pattern is None) == (not self.instances):
+            raise ValueError("select instances either by a list or by a name pattern on hosts, not both")
+        if self.name_pattern is not None and not self.hosts:
+            raise ValueError("a name pattern needs the hosts whose instances it selects")
+        keys = [t.key for t in self.instances]
+        if len(keys) != len(set(keys)):
+            raise ValueError("an instance is listed twice")
+        return self
+
+    def all_hosts(self) -> list[str]:
+        return list(dict.fromkeys([*self.hosts, *(t.host for t in self.instances)]))
+
+    def matches(self, instance: str) -> bool:
+        return self.name_pattern is not None and fnmatch.fnmatchcase(instance, self.name_pattern)
+
+
+class FleetLimits(_Wire):
+    batch_size: int = Field(default=10, ge=1, le=100_000)
+    # Never more than this many instances in a rebuild (and so possibly down) at once.
+    max_unavailable: int = Field(default=1, ge=1, le=10_000)
+    # Never more than this many rebuilds at once on one host; None: only max_unavailable.
+    per_host: int | None = Field(default=None, ge=1, le=10_000)
+    # Stop starting rebuilds once this many have failed.
+    max_failures: int = Field(default=1, ge=1, le=100_000)
+    pause_between_seconds: float = Field(default=0.0, ge=0, le=7 * 86400)
+
+
+class FleetProgress(_Wire):
+    """What a run hands to the run it continues as: the instances, their states, the controls."""
+
+    targets: list[FleetTarget]
+    states: list[InstanceState]
+    # Why an instance was skipped or failed, by index (only those with something to say).
+    notes: dict[int, str] = Field(default_factory=dict)
+    batch_start: int = 0
+    batch_end: int = 0
+    batch_number: int = 0
+    limits: FleetLimits
+    paused: bool = False
+    abort_reason: str | None = None
+    image_sha256: str | None = None
+    runs: int = 1
+    started_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> FleetProgress:
+        if len(self.targets) != len(self.states):
+            raise ValueError("every target needs a state")
+        return self
+
+
+class FleetRequest(_Wire):
+    name: str = Field(pattern=FLEET_NAME_PATTERN)
+    rebuild: RebuildOptions
+    selection: Selection
+    limits: FleetLimits = Field(default_factory=FleetLimits)
+    # Fetch and check the image on every host before the first instance stops.
+    preflight: bool = False
+    history_event_limit: int = Field(default=DEFAULT_HISTORY_EVENT_LIMIT, ge=20, le=40_000)
+    # Set only when a run continues as new.
+    carried: FleetProgress | None = None
+
+
+class ListInstancesInput(_Wire):
+    # fnmatch pattern; None lists every domain.
+    name_pattern: str | None = None
+
+
+class InventoryEntry(_Wire):
+    instance: str
+    running: bool
+    # From the domain's <metadata>, written by the last successful rebuild.
+    image_sha256: str | None = None
+
+
+class HostInventory(_Wire):
+    instances: list[InventoryEntry]
+
+
+class FleetInstance(_Wire):
+    host: str
+    instance: str
+    state: InstanceState
+    note: str | None = None
+    workflow_id: str
+
+
+class FleetCounts(_Wire):
+    total: int = 0
+    waiting: int = 0
+    running: int = 0
+    rebuilt: int = 0
+    rolled_back: int = 0
+    failed: int = 0
+    skipped: int = 0
+    aborted: int = 0
+
+    @property
+    def failures(self) -> int:
+        return self.rolled_back + self.failed
+
+    @property
+    def finished(self) -> int:
+        return self.total - self.waiting - self.running
+
+
+class FleetStatus(_Wire):
+    name: str
+    phase: FleetPhase
+    paused: bool
+    image: str
+    image_sha256: str | None = None
+    limits: FleetLimits
+    counts: FleetCounts
+    batch_number: int
+    batches: int
+    running: list[FleetInstance]
+    # Failed and rolled-back instances, newest last, at most 100.
+    problems: list[FleetInstance]
+    abort_reason: str | None = None
+    stop_reason: str | None = None
+    runs: int = 1
+    history_length: int = 0
+    started_at: datetime | None = None
+
+
+class InstancesPage(_Wire):
+    """The ``instances`` query's argument: one page of instances, optionally of one state."""
+
+    state: InstanceState | None = None
+    offset: int = Field(default=0, ge=0)
+    limit: int = Field(default=1000, ge=1, le=5000)
+
+
+class FleetInstances(_Wire):
+    total: int
+    items: list[FleetInstance]
+
+
+class FleetReport(_Wire):
+    name: str
+    counts: FleetCounts
+    # None: every selected instance was dealt with.
+    stop_reason: str | None = None
+    problems: list[FleetInstance]
+    runs: int
+
+
+class FleetAbort(_Wire):
+    reason: str = Field(min_length=1, max_length=500)
+    requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
+
+
+class BatchSize(_Wire):
+    batch_size: int = Field(ge=1, le=100_000)
+
+
+class ControlAnswer(_Wire):
+    accepted: bool
+    message: str
+    paused: bool
+    batch_size: int
