@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from pydantic import ValidationError
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
+from devtools.temporal_dev import DevServer, stop_process
 from starter.rebuilds import RebuildAlreadyRunning, start_rebuild
 from tests.fleet_support import Gate, SimulatedFleet, simulated_fleet
 from workflows.fleet_models import (
@@ -278,3 +282,52 @@ async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
     history = await handle.fetch_history()
     HISTORIES.mkdir(exist_ok=True)
     (HISTORIES / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1))
+
+
+def start_workflow_worker(address: str, queue: str, log: Path) -> subprocess.Popen[bytes]:
+    """The fleet's workflow worker as its own process, so a test can SIGKILL it like a crashed host."""
+    before = log.read_bytes().count(b"workflow worker ready") if log.exists() else 0
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tests.workflow_worker", address, queue],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    deadline = time.monotonic() + 30
+    while log.read_bytes().count(b"workflow worker ready") == before:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"workflow worker did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return process
+
+
+async def test_a_worker_crash_mid_fleet_loses_nothing_and_keeps_the_limits(
+    client: Client, dev_server: DevServer, unique_host: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "workflow-worker.log"
+    hosts = simulated_fleet(client, tmp_path, unique_host, hosts=3, per_host=6, workflow_worker=False)
+    async with hosts as fleet:
+        process = start_workflow_worker(dev_server.address, fleet.queue, log)
+        try:
+            request = fleet.request("crash", batch_size=9, max_unavailable=3, per_host=1, max_failures=3)
+            handle = await fleet.start(request)
+
+            async def some_rebuilt() -> bool:
+                return (await status_of(handle)).counts.rebuilt >= 5
+
+            await until(some_rebuilt)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            killed_at = len(fleet.tracker.stops)
+            await asyncio.sleep(1)
+            process = start_workflow_worker(dev_server.address, fleet.queue, log)
+            report = await report_of(handle)
+        finally:
+            stop_process(process)
+    assert killed_at < 18, "the crash came after the fleet was over"
+    assert report.counts.rebuilt == 18 and report.stop_reason is None
+    assert sorted(fleet.tracker.stops) == sorted(vm.name for _, vm in fleet.all_instances())
+    assert fleet.tracker.max_busy <= 3 and max(fleet.tracker.max_busy_per_host.values()) == 1
+    assert fleet.half_done() == []
+    assert len(on_new_image(fleet)) == 18
