@@ -42,6 +42,7 @@ from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from starter.cli_settings import connection_options
+from starter.fleet_cli import fleet_app
 from starter.identity_options import IdentityOptionError, identity_change
 from starter.rebuilds import (
     BadFilter,
@@ -602,6 +603,7 @@ cache_app = typer.Typer(
     epilog=EXIT_CODES_HELP,
 )
 app.add_typer(cache_app, name="cache")
+app.add_typer(fleet_app, name="fleet")
 StateDirOption = Annotated[
     Path | None,
     typer.Option(

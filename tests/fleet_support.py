@@ -249,11 +249,12 @@ async def simulated_fleet(
     failing: set[str] | None = None,
     workflow_worker: bool = True,
     max_concurrent_activities: int = 100,
+    queue: str | None = None,
 ) -> AsyncIterator[SimulatedFleet]:
     made = make_hosts(root, prefix, hosts, per_host)
     fleet = SimulatedFleet(
         client=client,
-        queue=f"fleet-wf-{prefix}",
+        queue=queue or f"fleet-wf-{prefix}",
         hosts=made["hosts"],
         sha256=made["sha256"],
         tracker=DownTracker(),
