@@ -28,6 +28,7 @@ from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from common.logs import LogFormat, configure_logging
 from starter.api_clients import ApiClients, TokensFileError
+from starter.fleet_api import FLEET_MODELS, add_fleet_routes, fleet_openapi_paths
 from starter.identity_options import hash_password
 from starter.rebuilds import (
     DECISIONS,
@@ -272,6 +273,7 @@ def create_app(
     verdicts = "|".join(DECISIONS)
     app.router.add_post(f"/v1/rebuilds/{{host}}/{{instance}}/{{verdict:{verdicts}}}", decide)
     app.router.add_get("/openapi.json", openapi)
+    add_fleet_routes(app, CLIENT, requester)
     return app
 
 
@@ -279,7 +281,7 @@ def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1, its schemas taken from the same pydantic models the API validates with."""
     models: list[type[BaseModel]] = [
         StrictRebuildRequest, Started, RebuildDescription, RebuildSummary, StrictDecision, Sent,
-        StrictAbortRequest, AbortAnswer, ErrorBody, Health,
+        StrictAbortRequest, AbortAnswer, ErrorBody, Health, *FLEET_MODELS,
     ]  # fmt: skip
     schemas: dict[str, Any] = {}
     for model in models:
@@ -356,6 +358,7 @@ def openapi_document() -> dict[str, Any]:
                      "parameters": target, "requestBody": {"required": False, **ref("Decision")},
                      "responses": answers(202, "Sent", 400, 404, 409)},
         }  # fmt: skip
+    paths.update(fleet_openapi_paths(ref, answers))
     return {
         "openapi": "3.1.0",
         "info": {"title": "durable-rebuild API", "version": "1"},

@@ -297,3 +297,38 @@ class ControlAnswer(_Wire):
     message: str
     paused: bool
     batch_size: int
+
+
+# What callers of the HTTP API send is checked strictly: a misspelt limit must not pass unnoticed as
+# its default. The wire models above stay tolerant, so running workflows always decode.
+class StrictRebuildOptions(RebuildOptions):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="RebuildOptions")
+
+
+class StrictSelection(Selection):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Selection")
+
+
+class StrictFleetLimits(FleetLimits):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="FleetLimits")
+
+
+class StrictFleetRequest(FleetRequest):
+    """A new fleet as a caller asks for it: strict, and never with carried state."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="FleetRequest")
+    rebuild: StrictRebuildOptions
+    selection: StrictSelection
+    limits: StrictFleetLimits = Field(default_factory=StrictFleetLimits)
+    carried: None = None
+
+    def wire(self) -> FleetRequest:
+        return FleetRequest.model_validate(self.model_dump())
+
+
+class StrictFleetAbort(FleetAbort):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="FleetAbort")
+
+
+class StrictBatchSize(BatchSize):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="BatchSize")
