@@ -109,6 +109,7 @@ async def test_failure_budget_stops_at_exactly_max_failures_and_leaves_nothing_h
         rolled_back = await handle.query(
             "instances", InstancesPage(state=InstanceState.ROLLED_BACK), result_type=FleetInstances
         )
+        await record_history(handle, "fleet-failure-budget")
 
     assert report.counts.rolled_back == 3 and report.counts.failed == 0
     assert report.stop_reason == "failure budget spent: 3 of 3 failed"
@@ -189,6 +190,9 @@ async def test_continues_as_new_before_the_history_grows_and_loses_nothing(
         handle = await fleet.start(request)
         report = await report_of(handle)
         status = await status_of(handle)
+        # The first run: its history ends in the continue-as-new, carrying every instance's state.
+        first_run = client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
+        await record_history(first_run, "fleet-first-run-continued-as-new")
     runs = [run async for run in client.list_workflows(f"WorkflowId = '{handle.id}'")]
     assert report.runs >= 3 and len(runs) == report.runs
     assert report.counts.rebuilt == 16 and len(set(on_new_image(fleet))) == 16

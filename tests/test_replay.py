@@ -17,6 +17,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
 from tests.history_recorder import WORKFLOW_VERSION, history_path
+from workflows.fleet import FleetRebuild
 from workflows.rebuild import RebuildInstance
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -54,5 +55,5 @@ def test_every_path_has_a_history_of_todays_version(name: str) -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(workflows=[RebuildInstance], data_converter=pydantic_data_converter)
+    replayer = Replayer(workflows=[RebuildInstance, FleetRebuild], data_converter=pydantic_data_converter)
     await replayer.replay_workflow(history)
