@@ -17,11 +17,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from temporalio import activity
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
@@ -221,7 +222,9 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
     return [*keep, *mine]
 
 
-def make_hosts(root: Path, prefix: str, hosts: int, per_host: int, names: str = "vm") -> dict[str, Any]:
+def make_hosts(
+    root: Path, prefix: str, hosts: int, per_host: int, names: str = "vm", disk_size: int = 1 << 20
+) -> dict[str, Any]:
     """Node files and state directories for ``hosts`` hosts, the image cached on each."""
     image = write_image(root / "image.qcow2", "image B", fmt="qcow2", size=1 << 20)
     sha = hashlib.sha256(image.read_bytes()).hexdigest()
@@ -230,7 +233,8 @@ def make_hosts(root: Path, prefix: str, hosts: int, per_host: int, names: str = 
         host = f"{prefix}-h{number}"
         directory = root / host
         directory.mkdir()
-        instances = make_instances(directory, [f"{names}-{number}-{i:04d}" for i in range(per_host)])
+        names_here = [f"{names}-{number}-{i:04d}" for i in range(per_host)]
+        instances = make_instances(directory, names_here, disk_size=disk_size)
         state = StateDir(directory / "state")
         state.create()
         shutil.copyfile(image, state.image_path(sha))
@@ -250,8 +254,9 @@ async def simulated_fleet(
     workflow_worker: bool = True,
     max_concurrent_activities: int = 100,
     queue: str | None = None,
+    disk_size: int = 1 << 20,
 ) -> AsyncIterator[SimulatedFleet]:
-    made = make_hosts(root, prefix, hosts, per_host)
+    made = make_hosts(root, prefix, hosts, per_host, disk_size=disk_size)
     fleet = SimulatedFleet(
         client=client,
         queue=queue or f"fleet-wf-{prefix}",
@@ -289,3 +294,36 @@ async def simulated_fleet(
                 )
             )
         yield fleet
+
+
+async def down_interval(client: Client, workflow_id: str) -> tuple[datetime, datetime] | None:
+    """From the child's history: its first stop scheduled to its last start (or undo start) done."""
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    names: dict[int, str] = {}
+    first_stop: datetime | None = None
+    last_start: datetime | None = None
+    for event in history.events:
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            name = event.activity_task_scheduled_event_attributes.activity_type.name
+            names[event.event_id] = name
+            if name == "stop_instance" and first_stop is None:
+                first_stop = event.event_time.ToDatetime()
+        elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            scheduled = event.activity_task_completed_event_attributes.scheduled_event_id
+            if names.get(scheduled) == "start_instance":
+                last_start = event.event_time.ToDatetime()
+    if first_stop is None:
+        return None
+    if last_start is None or last_start < first_stop:
+        raise AssertionError(f"{workflow_id}: stopped and never started again")
+    return first_stop, last_start
+
+
+def max_overlap(intervals: list[tuple[datetime, datetime]]) -> int:
+    # At equal times an end comes before a start: touching intervals do not overlap.
+    points = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    current = peak = 0
+    for _, step in points:
+        current += step
+        peak = max(peak, current)
+    return peak
