@@ -94,8 +94,6 @@ def add_fleet_routes(
         fleet = StrictFleetRequest.model_validate(await _body(request)).wire()
         who = requester(request, fleet.rebuild.requested_by)
         fleet = fleet.model_copy(update={"rebuild": fleet.rebuild.model_copy(update={"requested_by": who})})
-        if fleet.carried is not None:
-            raise ValueError("carried is set by the workflow itself, never by a caller")
         handle = await start_fleet(request.app[client_key], fleet)
         return _json(FleetStarted(name=fleet.name, workflow_id=handle.id, run_id=handle.result_run_id), 201)
 

@@ -102,6 +102,8 @@ def default_name(rebuild: RebuildOptions, selection: Selection) -> str:
 async def start_fleet(client: Client, request: FleetRequest) -> WorkflowHandle[Any, Any]:
     check_requested_by(request.rebuild.requested_by)
     selection = request.selection
+    if selection is None or request.carried is not None:
+        raise ValueError("a new fleet needs a selection and no carried state")
     what = (
         f"{len(selection.instances)} listed instances"
         if selection.instances

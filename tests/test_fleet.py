@@ -25,11 +25,14 @@ from devtools.temporal_dev import DevServer, stop_process
 from starter.rebuilds import RebuildAlreadyRunning, start_rebuild
 from tests.fleet_support import Gate, SimulatedFleet, simulated_fleet
 from workflows.fleet_models import (
+    MAX_NOTE,
     BatchSize,
     ControlAnswer,
     FleetAbort,
     FleetInstances,
+    FleetProgress,
     FleetReport,
+    FleetRequest,
     FleetStatus,
     FleetTarget,
     InstancesPage,
@@ -335,3 +338,25 @@ async def test_a_worker_crash_mid_fleet_loses_nothing_and_keeps_the_limits(
     assert fleet.tracker.max_busy <= 3 and max(fleet.tracker.max_busy_per_host.values()) == 1
     assert fleet.half_done() == []
     assert len(on_new_image(fleet)) == 18
+
+
+def test_the_state_carried_across_continue_as_new_stays_small_for_10000_instances() -> None:
+    targets = [FleetTarget(host=f"kvm-{i % 100:03d}", instance=f"web-{i:05d}") for i in range(10_000)]
+    request = FleetRequest(
+        name="big",
+        rebuild=RebuildOptions(image_url="http://images.example/a.qcow2"),
+        selection=Selection(instances=targets),
+    )
+    progress = FleetProgress(
+        targets=targets,
+        states=[InstanceState.REBUILT] * 10_000,
+        limits=request.limits,
+        notes={i: "x" * MAX_NOTE for i in range(100)},
+    )
+    carried = request.model_copy(update={"carried": progress, "selection": None})
+    size = len(carried.model_dump_json())
+    # Temporal refuses payloads over 2 MB; stay well below.
+    assert size < 1_000_000, size
+    assert FleetRequest.model_validate_json(carried.model_dump_json()).carried == progress
+    with pytest.raises(ValidationError, match="needs a selection"):
+        FleetRequest(name="x", rebuild=request.rebuild, selection=None)

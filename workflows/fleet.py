@@ -332,7 +332,8 @@ class FleetRebuild:
             runs=self._runs + 1,
             started_at=self._started_at,
         )
-        return self._request.model_copy(update={"carried": progress})
+        # The selection is in the targets now; carrying it too would double a 10,000-instance payload.
+        return self._request.model_copy(update={"carried": progress, "selection": None})
 
     # ---- one child -----------------------------------------------------------------------------
 
@@ -411,6 +412,7 @@ class FleetRebuild:
         """What each host's worker reports: which instances exist, and the image each one runs."""
         self._phase = FleetPhase.DISCOVER
         selection = request.selection
+        assert selection is not None  # checked by the model: only carried runs lack one
         hosts = selection.all_hosts()
         listings = await asyncio.gather(*(self._list_host(host, selection.name_pattern) for host in hosts))
         inventory = {

@@ -189,13 +189,20 @@ class FleetProgress(_Wire):
 class FleetRequest(_Wire):
     name: str = Field(pattern=FLEET_NAME_PATTERN)
     rebuild: RebuildOptions
-    selection: Selection
+    # None only in a run that continues another: its carried targets are the selection, once.
+    selection: Selection | None
     limits: FleetLimits = Field(default_factory=FleetLimits)
     # Fetch and check the image on every host before the first instance stops.
     preflight: bool = False
     history_event_limit: int = Field(default=DEFAULT_HISTORY_EVENT_LIMIT, ge=20, le=40_000)
     # Set only when a run continues as new.
     carried: FleetProgress | None = None
+
+    @model_validator(mode="after")
+    def _selected(self) -> FleetRequest:
+        if self.selection is None and self.carried is None:
+            raise ValueError("a fleet needs a selection of instances")
+        return self
 
 
 class ListInstancesInput(_Wire):
