@@ -124,6 +124,14 @@ def start(
     batch: Annotated[int, typer.Option(help="Instances per batch; a batch begins when the last ended.")] = 10,
     max_unavailable: Annotated[int, typer.Option(help="Never more than this many rebuilds at once.")] = 1,
     max_failures: Annotated[int, typer.Option(help="Start no more rebuilds once this many have failed.")] = 1,
+    exact_budget: Annotated[
+        bool,
+        typer.Option(
+            "--exact-budget/--allow-overshoot",
+            help="Never run more rebuilds than failures left (stop at exactly --max-failures), or run "
+            "--max-unavailable regardless and let those in flight fail past the budget.",
+        ),
+    ] = True,
     per_host: Annotated[int | None, typer.Option(help="At most this many at once on a host.")] = None,
     pause_between: Annotated[str, typer.Option(help="Wait between batches, e.g. 30s, 5m.")] = "0",
     preflight: Annotated[
@@ -180,6 +188,7 @@ def start(
             max_unavailable=max_unavailable,
             per_host=per_host,
             max_failures=max_failures,
+            exact_budget=exact_budget,
             pause_between_seconds=parse_duration(pause_between),
         )
         request = FleetRequest(

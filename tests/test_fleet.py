@@ -126,6 +126,27 @@ async def test_failure_budget_stops_at_exactly_max_failures_and_leaves_nothing_h
     assert len(rebuilt) == report.counts.rebuilt and not rebuilt & failing
 
 
+async def test_allowing_overshoot_keeps_the_full_window_and_still_stops_starting(
+    client: Client, unique_host: str, tmp_path: Path
+) -> None:
+    failing = {f"vm-{h}-{i:04d}" for h in range(2) for i in range(6)}
+    async with simulated_fleet(client, tmp_path, unique_host, hosts=2, per_host=6, failing=failing) as fleet:
+        limits: dict[str, Any] = {
+            "batch_size": 12,
+            "max_unavailable": 4,
+            "max_failures": 1,
+            "exact_budget": False,
+        }
+        report = await report_of(await fleet.start(fleet.request("overshoot", **limits)))
+    # Every instance fails here. The first 4 start together; when the first fails the others are in
+    # flight and fail too (an exact budget would have run one at a time and stopped at 1); none starts
+    # after the budget is spent.
+    assert len(fleet.inspected) == report.counts.rolled_back > 1
+    assert report.counts.rolled_back <= 4 and report.counts.running == 0
+    assert report.counts.waiting == 12 - report.counts.rolled_back
+    assert fleet.half_done() == []
+
+
 async def test_pause_stops_new_rebuilds_until_resume(
     client: Client, unique_host: str, tmp_path: Path
 ) -> None:

@@ -6,9 +6,9 @@ limits hold at every instant:
 
 - at most ``max_unavailable`` rebuilds run at once (only a running rebuild can have its instance down);
 - at most ``per_host`` of them on one host;
-- never more rebuilds run than failures the budget can still absorb, so the fleet stops at exactly
-  ``max_failures`` failures instead of overshooting by whatever was in flight. Near the budget the
-  rollout slows down; that is the price of never exceeding it.
+- never more rebuilds run than failures the budget can still absorb (``exact_budget``, the default),
+  so the fleet stops at exactly ``max_failures`` failures instead of overshooting by whatever was in
+  flight. The price: the window is min(max_unavailable, failures left), so it narrows near the budget.
 
 Children use the single rebuild's workflow ID (``rebuild:<host>:<instance>``), so a single rebuild of an
 instance the fleet is working on is refused, and an instance someone is already rebuilding is skipped.
@@ -251,7 +251,7 @@ class FleetRebuild:
             return
         limits = self._limits
         while len(self._children) < limits.max_unavailable and (
-            len(self._children) < limits.max_failures - self._count().failures
+            not limits.exact_budget or len(self._children) < limits.max_failures - self._count().failures
         ):
             index = self._next_waiting()
             if index is None:

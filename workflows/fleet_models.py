@@ -159,6 +159,10 @@ class FleetLimits(_Wire):
     per_host: int | None = Field(default=None, ge=1, le=10_000)
     # Stop starting rebuilds once this many have failed.
     max_failures: int = Field(default=1, ge=1, le=100_000)
+    # True: never more rebuilds running than failures the budget can still absorb, so the fleet stops at
+    # exactly max_failures. False: up to max_unavailable regardless; the rebuilds running when the
+    # budget is spent finish and may fail too.
+    exact_budget: bool = True
     pause_between_seconds: float = Field(default=0.0, ge=0, le=7 * 86400)
 
 
