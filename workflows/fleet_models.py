@@ -14,7 +14,14 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workflows.models import HOST_NAME, INSTANCE_NAME, MAX_REQUESTED_BY, DiskFormat, RebuildRequest
+from workflows.models import (
+    HOST_NAME,
+    INSTANCE_NAME,
+    MAX_REQUESTED_BY,
+    DiskFormat,
+    RebuildRequest,
+    StrictRebuildRequest,
+)
 
 FLEET_WORKFLOW = "FleetRebuild"
 FLEET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -102,7 +109,7 @@ class RebuildOptions(_Wire):
     def _valid_for_a_rebuild(self) -> RebuildOptions:
         # The image fields are checked exactly as a single rebuild checks them, once, at the edge.
         try:
-            self.request_for(FleetTarget(host="h", instance="i"))
+            StrictRebuildRequest(instance="i", host="h", **self.model_dump())
         except ValidationError as exc:
             raise ValueError(
                 "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
