@@ -134,9 +134,16 @@ def start(
     ] = True,
     per_host: Annotated[int | None, typer.Option(help="At most this many at once on a host.")] = None,
     pause_between: Annotated[str, typer.Option(help="Wait between batches, e.g. 30s, 5m.")] = "0",
-    preflight: Annotated[
-        bool, typer.Option("--preflight", help="Fetch and check the image on every host before any stop.")
+    prefetch: Annotated[
+        bool, typer.Option("--prefetch", help="Fetch and check the image on every host before any stop.")
     ] = False,
+    preflight: Annotated[
+        bool | None,
+        typer.Option(
+            "--preflight/--no-preflight",
+            help="Each rebuild boots the new image in a sandbox before its stop (default: each worker's).",
+        ),
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="The fleet's name (default: derived from image and selection).")
     ] = None,
@@ -174,6 +181,7 @@ def start(
             boot_marker=boot_marker,
             boot_timeout_seconds=boot_timeout,
             requested_by=requested_by,
+            preflight=preflight,
         )
         if (instances_file is None) == (select is None):
             _bad_input("choose the instances with exactly one of --instances-file and --select")
@@ -196,7 +204,7 @@ def start(
             rebuild=rebuild,
             selection=selection,
             limits=limits,
-            preflight=preflight,
+            prefetch=prefetch,
         )
     except ValidationError as exc:
         _bad_input(f"invalid fleet: {validation_problems(exc)}")

@@ -116,14 +116,14 @@ class SimulatedFleet:
 
     def request(self, name: str, selection: Selection | None = None, **limits: Any) -> FleetRequest:
         history_event_limit = limits.pop("history_event_limit", 10_000)
-        preflight = limits.pop("preflight", False)
+        prefetch = limits.pop("prefetch", False)
         sha256 = limits.pop("sha256", self.sha256)
         return FleetRequest(
             name=name,
             rebuild=RebuildOptions(image_url=IMAGE_URL, sha256=sha256, stop_timeout_seconds=0),
             selection=selection or Selection(hosts=list(self.hosts), name_pattern="*"),
             limits=FleetLimits(**limits),
-            preflight=preflight,
+            prefetch=prefetch,
             history_event_limit=history_event_limit,
         )
 

@@ -261,16 +261,16 @@ async def test_selects_from_the_hosts_listing_and_a_rerun_skips_what_runs_the_im
     assert items["no-such-vm"].note == f"not defined on {hosts[1]}"
 
 
-async def test_preflight_refuses_a_bad_image_before_any_instance_stops(
+async def test_prefetch_refuses_a_bad_image_before_any_instance_stops(
     client: Client, unique_host: str, tmp_path: Path
 ) -> None:
     async with simulated_fleet(client, tmp_path, unique_host, hosts=2, per_host=2) as fleet:
-        request = fleet.request("preflight", preflight=True, sha256="00" * 32)
+        request = fleet.request("prefetch", prefetch=True, sha256="00" * 32)
         handle = await fleet.start(request)
         with pytest.raises(WorkflowFailureError) as failed:
             await asyncio.wait_for(handle.result(), 120)
     cause = failed.value.cause
-    assert isinstance(cause, ApplicationError) and cause.type == "FleetPreflightFailed"
+    assert isinstance(cause, ApplicationError) and cause.type == "FleetPrefetchFailed"
     assert "nothing was started" in cause.message
     assert fleet.tracker.stops == [] and fleet.inspected == []
 

@@ -34,7 +34,7 @@ async def test_rolling_rebuild_of_three_real_guests_one_at_a_time(
     args = [
         "fleet", "start", "--image", url, "--sha256", sha, "--select", f"{DOMAIN_PREFIX}*",
         "--host", worker.host, "--batch", "3", "--max-unavailable", "1", "--max-failures", "1",
-        "--stop-timeout", "1", "--boot-marker", "image B", "--preflight", "--name", f"e2e-{worker.host}",
+        "--stop-timeout", "1", "--boot-marker", "image B", "--prefetch", "--name", f"e2e-{worker.host}",
     ]  # fmt: skip
 
     result = await rebuild_cli(dev_server.address, *args, "--wait", "--json", timeout=300)

@@ -75,13 +75,9 @@ with workflow.unsafe.imports_passed_through():
 REBUILD_WORKFLOW = "RebuildInstance"
 # A host whose worker does not answer its listing within this is reported, before anything changes.
 DISCOVERY_SCHEDULE_TO_START = timedelta(minutes=2)
-PREFLIGHT_FETCH = timedelta(hours=6)
+PREFETCH_TIMEOUT = timedelta(hours=6)
 MAX_PROBLEMS_SHOWN = 100
 DOWNLOAD_SLACK_BYTES = 64 << 20
-
-
-class FleetPreflightFailed(Exception):
-    pass
 
 
 @workflow.defn
@@ -199,8 +195,8 @@ class FleetRebuild:
         if request.carried is None:
             self._started_at = workflow.now()
             await self._discover(request)
-            if request.preflight:
-                await self._preflight(request)
+            if request.prefetch:
+                await self._prefetch_everywhere(request)
             self._skip_current()
             self._begin_batch()
         else:
@@ -461,9 +457,9 @@ class FleetRebuild:
                 non_retryable=True,
             ) from None
 
-    async def _preflight(self, request: FleetRequest) -> None:
+    async def _prefetch_everywhere(self, request: FleetRequest) -> None:
         """Fetch and check the image on every host with work, before the first instance stops."""
-        self._phase = FleetPhase.PREFLIGHT
+        self._phase = FleetPhase.PREFETCH
         hosts = list(
             dict.fromkeys(
                 t.host for t, s in zip(self._targets, self._states, strict=True) if s == InstanceState.WAITING
@@ -473,7 +469,7 @@ class FleetRebuild:
         if len(set(digests)) > 1:
             raise ApplicationError(
                 "the hosts fetched different images for the same source; nothing was started",
-                type="FleetPreflightFailed",
+                type="FleetPrefetchFailed",
                 non_retryable=True,
             )
         if digests:
@@ -515,10 +511,10 @@ class FleetRebuild:
                 ),
                 result_type=CachedImage,
                 task_queue=queue,
-                start_to_close_timeout=PREFLIGHT_FETCH,
+                start_to_close_timeout=PREFETCH_TIMEOUT,
                 heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=retry,
-                summary=f"preflight fetch: {host}",
+                summary=f"prefetch: {host}",
             )
             await workflow.execute_activity(
                 "check_image",
@@ -532,12 +528,12 @@ class FleetRebuild:
                 start_to_close_timeout=timedelta(minutes=3),
                 heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=RetryPolicy(maximum_attempts=3),
-                summary=f"preflight check: {host}",
+                summary=f"prefetch check: {host}",
             )
         except ActivityError as err:
             raise ApplicationError(
-                f"preflight failed on host {host}: {_innermost(err)}; nothing was started",
-                type="FleetPreflightFailed",
+                f"prefetch failed on host {host}: {_innermost(err)}; nothing was started",
+                type="FleetPrefetchFailed",
                 non_retryable=True,
             ) from None
         return cached.sha256

@@ -59,7 +59,7 @@ FINISHED = frozenset(InstanceState) - {InstanceState.WAITING, InstanceState.RUNN
 
 class FleetPhase(StrEnum):
     DISCOVER = "discover"
-    PREFLIGHT = "preflight"
+    PREFETCH = "prefetch"
     ROLLING = "rolling"
     STOPPING = "stopping"
     DONE = "done"
@@ -104,6 +104,8 @@ class RebuildOptions(_Wire):
     boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
     max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
     requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
+    # Each rebuild boots the new image in a sandbox before its stop; None: the host worker's default.
+    preflight: bool | None = None
 
     @model_validator(mode="after")
     def _valid_for_a_rebuild(self) -> RebuildOptions:
@@ -204,7 +206,7 @@ class FleetRequest(_Wire):
     selection: Selection | None
     limits: FleetLimits = Field(default_factory=FleetLimits)
     # Fetch and check the image on every host before the first instance stops.
-    preflight: bool = False
+    prefetch: bool = False
     history_event_limit: int = Field(default=DEFAULT_HISTORY_EVENT_LIMIT, ge=20, le=40_000)
     # Set only when a run continues as new.
     carried: FleetProgress | None = None
@@ -304,6 +306,8 @@ class FleetReport(_Wire):
 class FleetAbort(_Wire):
     reason: str = Field(min_length=1, max_length=500)
     requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
+    # Each rebuild boots the new image in a sandbox before its stop; None: the host worker's default.
+    preflight: bool | None = None
 
 
 class BatchSize(_Wire):
