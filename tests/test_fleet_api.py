@@ -16,7 +16,7 @@ from starter.api_clients import ApiClients
 from tests.fleet_support import IMAGE_URL, simulated_fleet
 from workflows.models import WORKFLOW_TASK_QUEUE
 
-TOKEN = "s3cret"
+TOKEN = "s3cret-fleet-token-0123456789"
 CLIENTS = ApiClients.parse(f"# name token\nci {TOKEN}\n")
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
