@@ -160,38 +160,47 @@ def fleet_openapi_paths(
     ref: Callable[[str], dict[str, Any]], answers: Callable[..., dict[str, Any]]
 ) -> dict[str, Any]:
     name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    query = [
+        {"name": n, "in": "query", "schema": {"type": t}}
+        for n, t in (("state", "string"), ("offset", "integer"), ("limit", "integer"))
+    ]
+    listing = {"type": "array", "items": {"$ref": "#/components/schemas/FleetSummary"}}
     paths: dict[str, Any] = {
         "/v1/fleets": {
-            "post": {"summary": "Start a fleet (rolling rebuild)", "requestBody": ref("FleetRequest"),
+            "post": {"operationId": "startFleet", "tags": ["fleets"], "summary": "Start a rolling rebuild",
+                     "requestBody": {"required": True, **ref("FleetRequest")},
                      "responses": answers(201, "FleetStarted", 400, 409)},
-            "get": {"summary": "List fleets", "parameters": [
-                {"name": n, "in": "query", "schema": {"type": "string"}} for n in ("running", "limit")
-            ], "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {
-                "type": "array", "items": {"$ref": "#/components/schemas/FleetSummary"}}}}}}},
+            "get": {"operationId": "listFleets", "tags": ["fleets"], "summary": "List fleets",
+                    "parameters": [{"name": n, "in": "query", "schema": {"type": t}}
+                                   for n, t in (("running", "boolean"), ("limit", "integer"))],
+                    "responses": answers(200, "FleetSummary list", 400, schema=listing)},
         },
         "/v1/fleets/{name}": {
-            "get": {"summary": "A fleet's progress", "parameters": name,
-                    "responses": answers(200, "FleetDescription", 404)},
+            "get": {"operationId": "getFleet", "tags": ["fleets"], "summary": "A fleet's progress",
+                    "parameters": name, "responses": answers(200, "FleetDescription", 404)},
         },
         "/v1/fleets/{name}/instances": {
-            "get": {"summary": "Every instance's state, paged", "parameters": name + [
-                {"name": n, "in": "query", "schema": {"type": "string"}} for n in ("state", "offset", "limit")
-            ], "responses": answers(200, "FleetInstances", 400, 404)},
+            "get": {"operationId": "listFleetInstances", "tags": ["fleets"],
+                    "summary": "Every instance's state, paged", "parameters": name + query,
+                    "responses": answers(200, "FleetInstances", 400, 404)},
         },
         "/v1/fleets/{name}/batch-size": {
-            "post": {"summary": "Change the batch size from the next batch on", "parameters": name,
-                     "requestBody": ref("BatchSize"),
+            "post": {"operationId": "setFleetBatchSize", "tags": ["fleets"],
+                     "summary": "Change the batch size from the next batch on", "parameters": name,
+                     "requestBody": {"required": True, **ref("BatchSize")},
                      "responses": answers(200, "ControlAnswer", 400, 404, 409)},
         },
         "/v1/fleets/{name}/abort": {
-            "post": {"summary": "Abort: start nothing more, running rebuilds roll back", "parameters": name,
-                     "requestBody": ref("FleetAbort"),
+            "post": {"operationId": "abortFleet", "tags": ["fleets"],
+                     "summary": "Abort: start nothing more, running rebuilds roll back", "parameters": name,
+                     "requestBody": {"required": True, **ref("FleetAbort")},
                      "responses": answers(200, "ControlAnswer", 400, 404, 409)},
         },
     }  # fmt: skip
     for action in CONTROLS:
         paths[f"/v1/fleets/{{name}}/{action}"] = {
-            "post": {"summary": f"{action.capitalize()} the fleet", "parameters": name,
+            "post": {"operationId": f"{action}Fleet", "tags": ["fleets"],
+                     "summary": f"{action.capitalize()} the fleet", "parameters": name,
                      "responses": answers(200, "ControlAnswer", 404, 409)},
         }  # fmt: skip
     return paths
