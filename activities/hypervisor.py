@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,20 +22,30 @@ from activities.errors import BootCheckFailed, InstanceStartFailed, UnsupportedI
 from activities.heartbeat import keep_alive
 from activities.identity import current_identity
 from workflows.models import (
+    DEFAULT_RUNNING_SECONDS,
     InspectInstanceInput,
     InstanceInfo,
     RecordImageInput,
     StartInstanceInput,
     StartResult,
     StopInstanceInput,
+    StopMethod,
     StopResult,
     VerifyInstanceInput,
+    VerifyResult,
+    VerifySpec,
 )
 
 T = TypeVar("T")
 POLL_SECONDS = 0.1
 # How much of a serial log the boot check reads at most: a guest can print without end.
 MAX_CONSOLE_READ = 4 << 20
+# The ACPI button gets this share of the stop timeout (at most AGENT_AFTER_SECONDS) before the guest
+# agent is asked too: a guest whose ACPI handling is broken or slow still stops without force.
+AGENT_SHARE = 1 / 3
+AGENT_AFTER_SECONDS = 10.0
+# How long one guest agent command may take; the agent of a booting guest is not there yet.
+AGENT_COMMAND_SECONDS = 2
 
 
 def _console_size(log: ld.SerialLog | None) -> int:
@@ -82,27 +93,47 @@ class HypervisorActivities:
 
     @activity.defn
     async def stop_instance(self, request: StopInstanceInput) -> StopResult:
-        """ACPI shutdown, then forced off after the timeout. An instance already off is a success."""
+        """ACPI first, then the guest agent's shutdown too, then forced off after the timeout.
+
+        An instance already off is a success.
+        """
         was_running = await self._on_domain(request.instance, ld.is_active)
-        forced = False
+        stopped_by: StopMethod | None = None
         if was_running:
-            await self._on_domain(request.instance, _request_shutdown)
-            deadline = time.monotonic() + request.timeout_seconds
-            while await self._on_domain(request.instance, ld.is_active):
-                activity.heartbeat("waiting for guest shutdown")
-                if time.monotonic() >= deadline:
-                    forced = True
-                    await self._on_domain(request.instance, _force_off)
-                    continue
-                await asyncio.sleep(POLL_SECONDS)
+            stopped_by = await self._shut_down(request.instance, request.timeout_seconds)
         await self.checkpoints.reach("stop.after-off")
         log = await self._on_domain(request.instance, lambda d: ld.serial_log(ld.inactive_xml(d)))
         return StopResult(
             was_running=was_running,
-            forced=forced,
+            forced=stopped_by == "forced",
             stopped_at=datetime.now(UTC),
             console_offset=_console_size(log),
+            stopped_by=stopped_by,
         )
+
+    async def _shut_down(self, instance: str, timeout_seconds: float) -> StopMethod:
+        began = time.monotonic()
+        deadline = began + timeout_seconds
+        if timeout_seconds <= 0:
+            await self._on_domain(instance, _force_off)
+            return "forced"
+        await self._on_domain(instance, _press_power_button)
+        asked: StopMethod = "acpi"
+        agent_at = began + min(timeout_seconds * AGENT_SHARE, AGENT_AFTER_SECONDS)
+        while await self._on_domain(instance, ld.is_active):
+            activity.heartbeat(f"waiting for guest shutdown ({asked})")
+            now = time.monotonic()
+            if now >= deadline:
+                await self._on_domain(instance, _force_off)
+                return "forced"
+            if asked == "acpi" and now >= agent_at:
+                asked = "agent"
+                if not await self._on_domain(instance, _ask_agent_to_shut_down):
+                    # No agent to ask: what stops the guest now is still its ACPI handling.
+                    asked = "acpi"
+                    agent_at = deadline
+            await asyncio.sleep(POLL_SECONDS)
+        return asked
 
     @activity.defn
     async def start_instance(self, request: StartInstanceInput) -> StartResult:
@@ -115,29 +146,129 @@ class HypervisorActivities:
             return StartResult(started_at=started_at, already_running=already_running)
 
     @activity.defn
-    async def verify_instance(self, request: VerifyInstanceInput) -> None:
-        """Running, and when a boot marker is given, the marker printed on this boot's serial log."""
-        if request.boot_marker is None:
-            if not await self._on_domain(request.instance, ld.is_active):
-                raise BootCheckFailed(f"instance {request.instance!r} is not running after start")
-            return
+    async def verify_instance(self, request: VerifyInstanceInput) -> VerifyResult | None:
+        """The new image booted, as the request's verify mode proves it (see ``VerifySpec``).
+
+        With no mode: the boot marker on the file console when one is given, else the guest agent where
+        the domain has its channel, else the domain still running a few seconds after start.
+        """
+        began = time.monotonic()
+        xml = await self._on_domain(request.instance, ld.inactive_xml)
+        if request.verify is not None:
+            spec = VerifySpec.parse(request.verify)
+        elif request.boot_marker is not None:
+            await self._wait_for_marker(request)
+            return VerifyResult(
+                verified_by=f"marker:{request.boot_marker}",
+                detail="boot marker on the serial log",
+                seconds=time.monotonic() - began,
+            )
+        elif ld.has_agent_channel(xml):
+            spec = VerifySpec(kind="agent")
+        else:
+            spec = VerifySpec(
+                kind="running", seconds=min(DEFAULT_RUNNING_SECONDS, request.boot_timeout_seconds)
+            )
+        if spec.kind == "agent":
+            detail = await self._wait_for_agent(request)
+        elif spec.kind == "console":
+            assert spec.pattern is not None
+            detail = await self._wait_for_console(request, xml, spec.pattern)
+        else:
+            assert spec.seconds is not None
+            detail = await self._keep_running(request.instance, spec.seconds)
+        return VerifyResult(verified_by=spec.label(), detail=detail, seconds=time.monotonic() - began)
+
+    async def _ensure_running(self, instance: str, waiting_for: str) -> None:
+        if not await self._on_domain(instance, ld.is_active):
+            raise BootCheckFailed(f"instance {instance!r} stopped before {waiting_for}")
+
+    async def _keep_running(self, instance: str, seconds: float) -> str:
+        if not await self._on_domain(instance, ld.is_active):
+            raise BootCheckFailed(f"instance {instance!r} is not running after start")
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            activity.heartbeat("checking that the instance keeps running")
+            await asyncio.sleep(POLL_SECONDS)
+            await self._ensure_running(instance, f"it had run {seconds:g} s")
+        return f"still running after {seconds:g} s"
+
+    async def _wait_for_agent(self, request: VerifyInstanceInput) -> str:
+        deadline = time.monotonic() + request.boot_timeout_seconds
+        while True:
+            await self._ensure_running(request.instance, "its guest agent answered")
+            osinfo = await self._on_domain(request.instance, _agent_osinfo)
+            if osinfo is not None:
+                return osinfo
+            if time.monotonic() >= deadline:
+                raise BootCheckFailed(
+                    f"the guest agent of {request.instance!r} did not answer guest-ping within "
+                    f"{request.boot_timeout_seconds:g} s"
+                )
+            activity.heartbeat("waiting for the guest agent")
+            await asyncio.sleep(POLL_SECONDS * 5)
+
+    async def _wait_for_console(self, request: VerifyInstanceInput, xml: Any, pattern: str) -> str:
+        regex = re.compile(pattern.encode())
+        log = ld.serial_log(xml)
+        if log is not None:
+            return await self._wait_for_log(request, log.path, regex, f"console:{pattern}")
+        if not ld.has_pty_console(xml):
+            raise UnsupportedInstance(
+                f"instance {request.instance!r} has neither a file nor a pty serial console to read"
+            )
+        stream = await self._on_domain(request.instance, ld.ConsoleStream)
+        try:
+            seen = b""
+            deadline = time.monotonic() + request.boot_timeout_seconds
+            while True:
+                data = await asyncio.to_thread(_read_console, stream, request.instance)
+                if data is None:
+                    await self._ensure_running(request.instance, f"printing a match of {pattern!r}")
+                    # The console closed under a running domain (another client forced it): reopen.
+                    stream.close()
+                    stream = await self._on_domain(request.instance, ld.ConsoleStream)
+                    continue
+                seen = (seen + data)[-MAX_CONSOLE_READ:]
+                found = regex.search(seen)
+                if found:
+                    return found.group(0).decode(errors="replace")
+                if not data:
+                    await self._ensure_running(request.instance, f"printing a match of {pattern!r}")
+                    if time.monotonic() >= deadline:
+                        raise BootCheckFailed(
+                            f"instance {request.instance!r} printed no match of {pattern!r} on its "
+                            f"console within {request.boot_timeout_seconds:g} s"
+                        )
+                    activity.heartbeat("waiting for the console")
+                    await asyncio.sleep(POLL_SECONDS)
+        finally:
+            await asyncio.to_thread(stream.close)
+
+    async def _wait_for_marker(self, request: VerifyInstanceInput) -> None:
+        assert request.boot_marker is not None
         log = await self._on_domain(request.instance, lambda d: ld.serial_log(ld.inactive_xml(d)))
         if log is None:
             raise UnsupportedInstance(
                 f"instance {request.instance!r} has no file serial console to read a boot marker from"
             )
-        marker = request.boot_marker.encode()
+        await self._wait_for_log(
+            request, log.path, re.compile(re.escape(request.boot_marker.encode())), request.boot_marker
+        )
+
+    async def _wait_for_log(
+        self, request: VerifyInstanceInput, path: str, regex: re.Pattern[bytes], what: str
+    ) -> str:
         deadline = time.monotonic() + request.boot_timeout_seconds
         while True:
-            if await asyncio.to_thread(_log_contains, log.path, request.console_offset, marker):
-                return
+            found = await asyncio.to_thread(_log_search, path, request.console_offset, regex)
+            if found is not None:
+                return found
             if not await self._on_domain(request.instance, ld.is_active):
-                raise BootCheckFailed(
-                    f"instance {request.instance!r} stopped before printing {request.boot_marker!r}"
-                )
+                raise BootCheckFailed(f"instance {request.instance!r} stopped before printing {what!r}")
             if time.monotonic() >= deadline:
                 raise BootCheckFailed(
-                    f"instance {request.instance!r} did not print {request.boot_marker!r} on its "
+                    f"instance {request.instance!r} did not print {what!r} on its "
                     f"serial console within {request.boot_timeout_seconds:g} s"
                 )
             activity.heartbeat("waiting for boot marker")
@@ -169,12 +300,41 @@ def _start_domain(domain: Any) -> bool:
     return False
 
 
-def _request_shutdown(domain: Any) -> None:
+def _press_power_button(domain: Any) -> None:
+    """ACPI only: libvirt's default would pick the guest agent first where one is configured."""
     try:
-        domain.shutdown()
-    except libvirt.libvirtError:
-        if ld.is_active(domain):
+        domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+    except libvirt.libvirtError as err:
+        if not ld.is_active(domain):
+            return
+        if err.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
             raise
+        # A driver without the ACPI flag (libvirt's test driver) takes a plain shutdown request.
+        domain.shutdown()
+
+
+def _ask_agent_to_shut_down(domain: Any) -> bool:
+    """``guest-shutdown`` through the agent, when the domain has one that answers; True when asked."""
+    if not ld.has_agent_channel(ld.inactive_xml(domain)):
+        return False
+    try:
+        ld.agent_command(domain, "guest-ping", AGENT_COMMAND_SECONDS)
+        domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+    except libvirt.libvirtError:
+        # No agent, or it went away because the guest is already going down.
+        return False
+    return True
+
+
+def _agent_osinfo(domain: Any) -> str | None:
+    """The guest's OS as its agent reports it, or None while the agent does not answer."""
+    try:
+        ld.agent_command(domain, "guest-ping", AGENT_COMMAND_SECONDS)
+        info = ld.agent_command(domain, "guest-get-osinfo", AGENT_COMMAND_SECONDS)
+    except libvirt.libvirtError:
+        return None
+    name = info.get("pretty-name") if isinstance(info, dict) else None
+    return f"guest agent answers: {name or 'unknown OS'}"
 
 
 def _force_off(domain: Any) -> None:
@@ -185,12 +345,20 @@ def _force_off(domain: Any) -> None:
             raise
 
 
-def _log_contains(path: str, offset: int, marker: bytes) -> bool:
+def _read_console(stream: ld.ConsoleStream, instance: str) -> bytes | None:
+    try:
+        return stream.read()
+    except libvirt.libvirtError as err:
+        raise ld.translate(err, instance) from None
+
+
+def _log_search(path: str, offset: int, regex: re.Pattern[bytes]) -> str | None:
     try:
         with open(path, "rb") as log:
             size = os.fstat(log.fileno()).st_size
             # A log that shrank was emptied by a start with append='off': read it all.
             log.seek(offset if offset <= size else 0)
-            return marker in log.read(MAX_CONSOLE_READ)
+            found = regex.search(log.read(MAX_CONSOLE_READ))
     except FileNotFoundError:
-        return False
+        return None
+    return found.group(0).decode(errors="replace") if found else None

@@ -7,6 +7,7 @@ change it only by defining a new inactive definition through libvirt.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
+import libvirt_qemu
 
 from activities.errors import (
     HypervisorError,
@@ -24,6 +26,7 @@ from activities.errors import (
 
 METADATA_NAMESPACE = "https://github.com/durable-rebuild/rebuild/1"
 METADATA_PREFIX = "rebuild"
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 T = TypeVar("T")
 
@@ -40,6 +43,28 @@ def _silence_libvirt(_ctx: object, _err: object) -> None:
 
 
 libvirt.registerErrorHandler(_silence_libvirt, None)
+
+_events_lock = threading.Lock()
+_events_running = False
+
+
+def _run_events() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+def ensure_event_loop() -> None:
+    """Run libvirt's default event loop in a thread, once per process, before any connection opens.
+
+    A console stream delivers the guest's output only through an event loop; without one, ``recv`` on a
+    non-blocking stream never sees data (checked against qemu:///system).
+    """
+    global _events_running
+    with _events_lock:
+        if not _events_running:
+            libvirt.virEventRegisterDefaultImpl()
+            threading.Thread(target=_run_events, name="libvirt-events", daemon=True).start()
+            _events_running = True
 
 
 @dataclass(frozen=True)
@@ -80,6 +105,7 @@ class Libvirt:
                         return self._conn
                 except libvirt.libvirtError:
                     pass
+            ensure_event_loop()
             try:
                 self._conn = libvirt.open(self.uri)
             except libvirt.libvirtError as err:
@@ -195,3 +221,51 @@ def set_image_metadata(domain: Any, attributes: dict[str, str]) -> None:
         METADATA_NAMESPACE,
         libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if is_active(domain) else 0),
     )
+
+
+def has_agent_channel(xml: ET.Element) -> bool:
+    """Whether the definition gives the guest a QEMU guest agent channel (the agent may still be absent)."""
+    return any(
+        target.get("type") == "virtio" and target.get("name") == GUEST_AGENT_CHANNEL
+        for target in xml.findall("./devices/channel/target")
+    )
+
+
+def has_pty_console(xml: ET.Element) -> bool:
+    """A serial port or console on a pty: what libvirt's console stream can read."""
+    return any(
+        dev.get("type") == "pty" for kind in ("serial", "console") for dev in xml.findall(f"./devices/{kind}")
+    )
+
+
+def agent_command(domain: Any, command: str, timeout_seconds: int) -> Any:
+    """One guest agent command; the agent's ``return`` value. Raises libvirtError when it does not answer."""
+    answer = libvirt_qemu.qemuAgentCommand(domain, json.dumps({"execute": command}), timeout_seconds, 0)
+    return json.loads(answer).get("return") if answer else None
+
+
+class ConsoleStream:
+    """The domain's first serial console, read through libvirt's stream (works for ``pty`` consoles).
+
+    Opened with FORCE: a console left open by an earlier attempt of the same check must not block it.
+    """
+
+    def __init__(self, domain: Any) -> None:
+        self._stream = domain.connect().newStream(libvirt.VIR_STREAM_NONBLOCK)
+        try:
+            domain.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        except libvirt.libvirtError:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._stream.abort()
+            raise
+
+    def read(self) -> bytes | None:
+        """What arrived since the last read (b"" when nothing did); None once the console closed."""
+        data = self._stream.recv(64 << 10)
+        if data == -2:
+            return b""
+        return bytes(data) or None
+
+    def close(self) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._stream.abort()

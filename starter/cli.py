@@ -175,13 +175,26 @@ def start(
         ),
     ] = None,
     stop_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for a graceful (ACPI) shutdown before forcing it off.")
+        float,
+        typer.Option(
+            help="Seconds to wait for a graceful shutdown (ACPI, then the guest agent) before forcing it off."
+        ),
     ] = 60.0,
     boot_marker: Annotated[
         str | None,
         typer.Option(help="Text the new image must print on the serial console, or it is rolled back."),
     ] = None,
-    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for --boot-marker.")] = 120.0,
+    boot_timeout: Annotated[
+        float, typer.Option(help="Seconds the new image has to pass --boot-marker or --verify.")
+    ] = 120.0,
+    verify: Annotated[
+        str | None,
+        typer.Option(
+            help="How the new image proves it booted, or it is rolled back: agent (the guest agent "
+            "answers), console:REGEX (the serial console prints a match), running:SECONDS. "
+            "Default: agent where the domain has a guest agent channel, else running:5."
+        ),
+    ] = None,
     require_approval: Annotated[
         bool, typer.Option("--require-approval", help="Wait for `rebuild approve` before stopping.")
     ] = False,
@@ -261,6 +274,7 @@ def start(
             stop_timeout_seconds=stop_timeout,
             boot_marker=boot_marker,
             boot_timeout_seconds=boot_timeout,
+            verify=verify,
             require_approval=require_approval,
             approval_timeout_seconds=approval_timeout,
             confirm_within_seconds=confirm_within,
@@ -369,6 +383,10 @@ def _print_result(result: RebuildResult) -> None:
     if result.downtime_seconds is not None:
         forced = " (forced off after the graceful timeout)" if result.forced_stop else ""
         out.print(f"  downtime: {result.downtime_seconds:.2f}s{forced}")
+    if result.stopped_by is not None:
+        out.print(f"  stopped by: {result.stopped_by}")
+    if result.verified_by is not None:
+        out.print(f"  verified by: {result.verified_by}", markup=False)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -405,6 +423,9 @@ async def _status(instance: str, host: str, address: str | None, as_json: bool) 
         if state.step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in state.step_seconds.items())
             out.print(f"  steps: {timings}")
+        out.print(f"  verify: {state.verified_by or state.verify}", markup=False)
+        if state.stopped_by is not None:
+            out.print(f"  stopped by: {state.stopped_by}")
         if state.last_error:
             out.print(f"  last error: {state.last_error}", markup=False)
         for ignored in state.ignored_signals:

@@ -41,6 +41,11 @@ DiskFormat = Literal["raw", "qcow2"]
 # or a file name without quoting.
 INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,199}$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# How a stop ended: the guest powered off on the ACPI button or on the guest agent's request, or it was
+# forced off after the stop timeout. None: it was off already.
+StopMethod = Literal["acpi", "agent", "forced"]
+# With no --verify, a domain without a guest agent channel must still run this long after start.
+DEFAULT_RUNNING_SECONDS = 5.0
 
 
 def host_task_queue(host: str) -> str:
@@ -110,6 +115,47 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class VerifySpec(_Model):
+    """How the new image proves it booted, parsed from ``agent``, ``console:REGEX`` or ``running:SECONDS``.
+
+    - agent: the QEMU guest agent answers ``guest-ping`` and ``guest-get-osinfo`` within the boot timeout.
+    - console: the serial console (a file log, else libvirt's console stream) prints a match of the regex.
+    - running: the domain is still running that many seconds after start.
+    """
+
+    kind: Literal["agent", "console", "running"]
+    pattern: str | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> VerifySpec:
+        kind, sep, argument = value.partition(":")
+        if kind == "agent" and not sep:
+            return cls(kind="agent")
+        if kind == "console" and argument:
+            try:
+                re.compile(argument)
+            except re.error as err:
+                raise ValueError(f"console:REGEX has a bad regular expression: {err}") from None
+            return cls(kind="console", pattern=argument)
+        if kind == "running" and argument:
+            try:
+                seconds = float(argument)
+            except ValueError:
+                raise ValueError(f"running:SECONDS needs a number, not {argument!r}") from None
+            if not 0 <= seconds <= 3600:
+                raise ValueError("running:SECONDS must be between 0 and 3600")
+            return cls(kind="running", seconds=seconds)
+        raise ValueError(f"verify must be agent, console:REGEX or running:SECONDS, not {value!r}")
+
+    def label(self) -> str:
+        if self.kind == "console":
+            return f"console:{self.pattern}"
+        if self.kind == "running":
+            return f"running:{self.seconds:g}"
+        return self.kind
+
+
 class RebuildRequest(_Model):
     """What an operator asks for. Nothing here names a disk path: those come from libvirt.
 
@@ -127,6 +173,9 @@ class RebuildRequest(_Model):
     stop_timeout_seconds: float = 60.0
     boot_marker: str | None = None
     boot_timeout_seconds: float = 120.0
+    # agent, console:REGEX or running:SECONDS; None: the boot marker if given, else agent where the
+    # domain has a guest agent channel, else running for a few seconds.
+    verify: str | None = None
     max_virtual_size_bytes: int = 1 << 40
     requested_by: str = "unknown"
     sha512: str | None = None
@@ -160,6 +209,7 @@ class StrictRebuildRequest(RebuildRequest):
     stop_timeout_seconds: float = Field(default=60.0, ge=0, le=3600)
     boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
     boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    verify: str | None = Field(default=None, max_length=300)
     max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
     approval_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
     confirm_within_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
@@ -191,6 +241,11 @@ class StrictRebuildRequest(RebuildRequest):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"image URL must be http://, https:// or file:///: {value!r}")
         return value
+
+    @field_validator("verify")
+    @classmethod
+    def _verify(cls, value: str | None) -> str | None:
+        return None if value is None else VerifySpec.parse(value).label()
 
     @field_validator("glance_url")
     @classmethod
@@ -236,6 +291,12 @@ class StrictRebuildRequest(RebuildRequest):
             raise ValueError("a Glance image needs both the image ID and the Glance URL")
         if glance == (self.image_url is not None):
             raise ValueError("name the image by exactly one of: an image URL, or a Glance image ID")
+        return self
+
+    @model_validator(mode="after")
+    def _one_boot_check(self) -> StrictRebuildRequest:
+        if self.boot_marker is not None and self.verify is not None:
+            raise ValueError("give either a boot marker or a verify mode, not both")
         return self
 
 
@@ -323,6 +384,7 @@ class StopResult(_Model):
     stopped_at: datetime
     # Where the serial log ends while the instance is off: the boot check reads only what follows.
     console_offset: int = 0
+    stopped_by: StopMethod | None = None
 
 
 class PrepareRootDiskInput(_Model):
@@ -392,6 +454,15 @@ class VerifyInstanceInput(_Model):
     boot_marker: str | None = None
     boot_timeout_seconds: float = 120.0
     console_offset: int = 0
+    verify: str | None = None
+
+
+class VerifyResult(_Model):
+    """What proved the boot: the mode used (after the default was chosen) and what it saw."""
+
+    verified_by: str
+    detail: str = ""
+    seconds: float = 0.0
 
 
 class PreflightInput(_Model):
@@ -477,6 +548,10 @@ class RebuildStatus(_Model):
     rebuild_id: str | None = None
     # What the guest's cloud-init seed gives it (nothing secret), once the seed step ran.
     identity: str | None = None
+    # The verify mode asked for ("default" when none), how the stop ended and what proved the boot.
+    verify: str = "default"
+    stopped_by: StopMethod | None = None
+    verified_by: str | None = None
 
 
 class RebuildResult(_Model):
@@ -496,3 +571,5 @@ class RebuildResult(_Model):
     undone: list[str] = Field(default_factory=list)
     # Rebuilt, but the backup could not be removed or the image not recorded (for a person to look at).
     cleanup_error: str | None = None
+    stopped_by: StopMethod | None = None
+    verified_by: str | None = None

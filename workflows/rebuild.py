@@ -62,6 +62,7 @@ with workflow.unsafe.imports_passed_through():
         RestoreSeedInput,
         StartInstanceInput,
         StopInstanceInput,
+        StopMethod,
         StopResult,
         VerifyInstanceInput,
         host_task_queue,
@@ -190,6 +191,8 @@ class RebuildInstance:
         self._rebuild_id: str | None = None
         self._cleanup_error: str | None = None
         self._identity: str | None = None
+        self._stopped_by: StopMethod | None = None
+        self._verified_by: str | None = None
 
     @workflow.query(name=STATUS_QUERY)
     def status(self) -> RebuildStatus:
@@ -211,6 +214,9 @@ class RebuildInstance:
             summary=summary,
             rebuild_id=self._rebuild_id,
             identity=self._identity,
+            verify=self._request.verify or "default",
+            stopped_by=self._stopped_by,
+            verified_by=self._verified_by,
         )
 
     @workflow.signal(name=ABORT_SIGNAL)
@@ -310,6 +316,8 @@ class RebuildInstance:
             downtime_seconds=downtime,
             forced_stop=stopped.forced,
             cleanup_error=self._cleanup_error,
+            stopped_by=self._stopped_by,
+            verified_by=self._verified_by,
         )
 
     async def _inspect(self, request: RebuildRequest) -> InstanceInfo:
@@ -385,7 +393,7 @@ class RebuildInstance:
     async def _stop(self, request: RebuildRequest, instance: InstanceInfo) -> StopResult:
         if instance.was_running:
             self._push("start instance again", self._undo_stop)
-        return await self._step(
+        stopped = await self._step(
             Phase.STOP,
             HypervisorActivities.stop_instance,
             StopInstanceInput(instance=request.instance, timeout_seconds=request.stop_timeout_seconds),
@@ -394,6 +402,8 @@ class RebuildInstance:
                 heartbeat=timedelta(seconds=10),
             ),
         )
+        self._stopped_by = stopped.stopped_by
+        return stopped
 
     async def _prepare(self, instance: InstanceInfo, image: _NewImage) -> None:
         """The old disk becomes the backup, named by the rebuild ID: the undo finds it even after a reset."""
@@ -455,7 +465,7 @@ class RebuildInstance:
             StartInstanceInput(instance=request.instance),
             START,
         )
-        await self._step(
+        verified = await self._step(
             Phase.VERIFY,
             HypervisorActivities.verify_instance,
             VerifyInstanceInput(
@@ -463,6 +473,7 @@ class RebuildInstance:
                 boot_marker=request.boot_marker,
                 boot_timeout_seconds=request.boot_timeout_seconds,
                 console_offset=stopped.console_offset,
+                verify=request.verify,
             ),
             StepOptions(
                 start_to_close=timedelta(seconds=request.boot_timeout_seconds + 30),
@@ -470,6 +481,8 @@ class RebuildInstance:
                 maximum_attempts=3,
             ),
         )
+        # None in histories from before verify reported how it verified.
+        self._verified_by = verified.verified_by if verified is not None else None
         if not instance.was_running:
             return None
         return (started.started_at - stopped.stopped_at).total_seconds()
@@ -640,6 +653,13 @@ class RebuildInstance:
         workflow.upsert_search_attributes([sa.REBUILD_PHASE.value_set(phase.value)])
         workflow.set_current_details(self._details())
 
+    def _verify_label(self) -> str:
+        if self._request.verify is not None:
+            return self._request.verify
+        if self._request.boot_marker is not None:
+            return f"marker:{self._request.boot_marker}"
+        return "default (agent if the domain has its channel, else running)"
+
     def _details(self) -> str:
         lines = [
             f"**{self._request.instance}** on `{self._request.host}`: phase **{self._phase.value}**",
@@ -650,6 +670,11 @@ class RebuildInstance:
             lines.append(f"steps: {timings}")
         if self._identity:
             lines.append(f"identity: {self._identity}")
+        stop = f"stopped by {self._stopped_by}" if self._stopped_by else "stop: ACPI, agent, then forced"
+        verify = (
+            f"verified by {self._verified_by}" if self._verified_by else f"verify: {self._verify_label()}"
+        )
+        lines.append(f"{stop}; {verify}")
         if self._last_error:
             lines.append(f"error: {self._last_error}")
         return "\n\n".join(lines)
@@ -719,6 +744,8 @@ class RebuildInstance:
             error_type=self._last_error_type,
             step_seconds=dict(self._step_seconds),
             undone=list(self._undone),
+            stopped_by=self._stopped_by,
+            verified_by=self._verified_by,
         )
 
     async def _undo_activity(self, activity: Callable[[Any, Any], Awaitable[Any]], arg: Any) -> None:
