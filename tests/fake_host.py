@@ -38,6 +38,7 @@ from workflows.models import (
     StopInstanceInput,
     StopResult,
     VerifyInstanceInput,
+    VerifyResult,
     host_task_queue,
 )
 from workflows.rebuild import RebuildInstance
@@ -121,7 +122,9 @@ class FakeHost:
         @activity.defn(name="stop_instance")
         async def stop_instance(request: StopInstanceInput) -> StopResult:
             await self._enter("stop_instance")
-            return StopResult(was_running=True, forced=False, stopped_at=T0, console_offset=7)
+            return StopResult(
+                was_running=True, forced=False, stopped_at=T0, console_offset=7, stopped_by="acpi"
+            )
 
         @activity.defn(name="prepare_root_disk")
         async def prepare_root_disk(request: PrepareRootDiskInput) -> PreparedRootDisk:
@@ -136,8 +139,9 @@ class FakeHost:
             return StartResult(started_at=T0 + timedelta(seconds=0.5))
 
         @activity.defn(name="verify_instance")
-        async def verify_instance(request: VerifyInstanceInput) -> None:
+        async def verify_instance(request: VerifyInstanceInput) -> VerifyResult:
             await self._enter("verify_instance")
+            return VerifyResult(verified_by=request.verify or "running:5")
 
         @activity.defn(name="restore_root_disk")
         async def restore_root_disk(request: RestoreRootDiskInput) -> None:

@@ -200,3 +200,23 @@ async def test_a_rebuild_whose_host_worker_vanished_says_so_in_status(
         await handle.terminate("test over")
     assert status.code == 0, status.stderr
     assert f"no worker on host {unique_host}: stop_instance has waited" in status.stdout
+
+
+async def test_verify_mode_reaches_the_host_and_the_result_says_how_it_stopped_and_verified(
+    dev_server: DevServer, unique_host: str, fake_host: FakeHost
+) -> None:
+    done = await rebuild_cli(
+        dev_server.address, "start", "vm-1", "--host", unique_host, "--image", URL,
+        "--verify", "console:login:", "--wait", "--json",
+    )  # fmt: skip
+    assert done.code == 0, done.stderr
+    assert (done.json()["stopped_by"], done.json()["verified_by"]) == ("acpi", "console:login:")
+    status = await rebuild_cli(dev_server.address, "status", "vm-1", "--host", unique_host)
+    assert "verify: console:login:" in status.stdout
+    assert "stopped by: acpi" in status.stdout
+
+
+async def test_a_bad_verify_mode_is_refused_before_anything_starts(dev_server: DevServer) -> None:
+    refused = await rebuild_cli(dev_server.address, "start", "vm-1", "--image", URL, "--verify", "ping")
+    assert refused.code == 2
+    assert "agent, console:REGEX or running:SECONDS" in refused.stderr

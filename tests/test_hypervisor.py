@@ -17,6 +17,7 @@ from workflows.models import (
     StartInstanceInput,
     StopInstanceInput,
     VerifyInstanceInput,
+    VerifySpec,
 )
 
 env = ActivityEnvironment()
@@ -119,3 +120,66 @@ async def test_record_image_is_seen_by_the_next_inspect(tmp_path: Path) -> None:
     await env.run(hypervisor.record_image, record)
     info = await env.run(hypervisor.inspect_instance, InspectInstanceInput(instance="vm-1"))
     assert info.current_image_sha256 == "cd" * 32
+
+
+async def test_stop_says_how_the_instance_went_off(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    hypervisor = HypervisorActivities(vm.libvirt)
+    graceful = await env.run(hypervisor.stop_instance, StopInstanceInput(instance="vm-1", timeout_seconds=5))
+    assert (graceful.stopped_by, graceful.forced) == ("acpi", False)
+    await env.run(hypervisor.start_instance, StartInstanceInput(instance="vm-1"))
+    forced = await env.run(hypervisor.stop_instance, StopInstanceInput(instance="vm-1", timeout_seconds=0))
+    assert (forced.stopped_by, forced.forced) == ("forced", True)
+    off = await env.run(hypervisor.stop_instance, StopInstanceInput(instance="vm-1", timeout_seconds=5))
+    assert off.stopped_by is None
+
+
+async def test_verify_without_a_mode_checks_that_a_domain_without_agent_keeps_running(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    result = await env.run(
+        HypervisorActivities(vm.libvirt).verify_instance,
+        VerifyInstanceInput(instance="vm-1", boot_timeout_seconds=0.3),
+    )
+    assert result is not None
+    assert result.verified_by == "running:0.3"
+    assert result.seconds >= 0.3
+
+
+async def test_verify_console_regex_reads_the_file_console_of_this_boot(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    vm.serial.write_bytes(b"real image B reached multi-user\r\n")
+    offset = vm.serial.stat().st_size
+    hypervisor = HypervisorActivities(vm.libvirt)
+    check = VerifyInstanceInput(
+        instance="vm-1", verify="console:image [AB] reached", boot_timeout_seconds=0.5, console_offset=offset
+    )
+    with pytest.raises(BootCheckFailed, match="did not print"):
+        await env.run(hypervisor.verify_instance, check)
+    with open(vm.serial, "ab") as log:
+        log.write(b"real image A reached multi-user\r\n")
+    result = await env.run(hypervisor.verify_instance, check)
+    assert result is not None
+    assert (result.verified_by, result.detail) == ("console:image [AB] reached", "image A reached")
+
+
+async def test_verify_agent_fails_when_no_agent_answers(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    with pytest.raises(BootCheckFailed, match="guest agent"):
+        await env.run(
+            HypervisorActivities(vm.libvirt).verify_instance,
+            VerifyInstanceInput(instance="vm-1", verify="agent", boot_timeout_seconds=0.3),
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [("agent", "agent"), ("console:real image B", "console:real image B"), ("running:30", "running:30")],
+)
+def test_verify_modes_are_parsed(text: str, label: str) -> None:
+    assert VerifySpec.parse(text).label() == label
+
+
+@pytest.mark.parametrize("text", ["agent:1", "console:", "console:(", "running:x", "running:-1", "ping"])
+def test_bad_verify_modes_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        VerifySpec.parse(text)
