@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both install what is missing first.
-.PHONY: setup demo test lint typecheck unit bench bench-quick ui-screenshot
+.PHONY: setup demo test lint typecheck unit bench bench-quick ui-screenshot real-guest
 
 VENV := .venv/bin
 
@@ -21,11 +21,17 @@ test: setup lint typecheck
 
 # Fast loop while developing: no libvirtd guests.
 unit:
-	$(VENV)/pytest --ignore=tests/test_end_to_end.py
+	$(VENV)/pytest --ignore=tests/test_end_to_end.py --ignore=tests/test_real_guest.py
+
+# The real Debian guest of tests/test_real_guest.py, built from Debian's packages once per machine
+# (about two minutes; the tests build it themselves on first use too).
+real-guest:
+	$(VENV)/python -m devtools.real_guest
 
 # Benchmarks: every figure as a ratio against a reference run in the same script.
 # `make bench` is the full run behind the README's table; `make bench-quick` is a smaller one.
-BENCHES := bench.download bench.prepare bench.downtime bench.orchestration bench.scale bench.preflight bench.status_load bench.fleet
+BENCHES := bench.download bench.prepare bench.downtime bench.orchestration bench.scale bench.preflight \
+	bench.status_load bench.fleet bench.real_guest
 
 bench: setup
 	@for b in $(BENCHES); do $(VENV)/python -m $$b || exit 1; done

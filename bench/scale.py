@@ -45,7 +45,15 @@ async def rebuild(client: Client, queue: str, name: str, url: str, sha: str) -> 
     with timed() as took:
         result = await client.execute_workflow(
             RebuildInstance.run,
-            RebuildRequest(instance=name, host=HOST, image_url=url, sha256=sha, stop_timeout_seconds=0),
+            # running:0: the figure is orchestration under load, not the default few seconds' watch.
+            RebuildRequest(
+                instance=name,
+                host=HOST,
+                image_url=url,
+                sha256=sha,
+                stop_timeout_seconds=0,
+                verify="running:0",
+            ),
             id=rebuild_workflow_id(HOST, name),
             task_queue=queue,
         )
