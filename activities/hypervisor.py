@@ -170,6 +170,11 @@ class HypervisorActivities:
                 kind="running", seconds=min(DEFAULT_RUNNING_SECONDS, request.boot_timeout_seconds)
             )
         if spec.kind == "agent":
+            if not ld.has_agent_channel(xml):
+                raise UnsupportedInstance(
+                    f"instance {request.instance!r} has no guest agent channel ({ld.GUEST_AGENT_CHANNEL}) "
+                    "to verify by"
+                )
             detail = await self._wait_for_agent(request)
         elif spec.kind == "console":
             assert spec.pattern is not None

@@ -162,9 +162,9 @@ async def test_verify_console_regex_reads_the_file_console_of_this_boot(tmp_path
     assert (result.verified_by, result.detail) == ("console:image [AB] reached", "image A reached")
 
 
-async def test_verify_agent_fails_when_no_agent_answers(tmp_path: Path) -> None:
+async def test_verify_by_agent_needs_the_agent_channel(tmp_path: Path) -> None:
     vm = make_instance(tmp_path)
-    with pytest.raises(BootCheckFailed, match="guest agent"):
+    with pytest.raises(UnsupportedInstance, match="no guest agent channel"):
         await env.run(
             HypervisorActivities(vm.libvirt).verify_instance,
             VerifyInstanceInput(instance="vm-1", verify="agent", boot_timeout_seconds=0.3),

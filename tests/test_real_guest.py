@@ -24,13 +24,17 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 import pytest
+from temporalio.testing import ActivityEnvironment
 
+from activities.hypervisor import HypervisorActivities
+from activities.libvirt_domain import Libvirt
 from devtools.guest import SECTOR
 from devtools.image_server import ImageServer
 from devtools.real_guest import RealGuestBuildError, RealGuestImages, ensure_images
 from devtools.real_guest_domain import overlay, real_domain_xml
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import Guest, WorkerProcess, rebuild_cli
+from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess, rebuild_cli
+from workflows.models import VerifyInstanceInput
 
 # Real guests need directories QEMU's unprivileged user can traverse (pytest's tmp_path is 0700).
 REACHABLE_ROOT = Path("/var/tmp/durable-rebuild-tests")
@@ -240,7 +244,17 @@ async def test_image_that_never_reaches_multi_user_is_rolled_back(
     assert "printed no match" in outcome["error"]
     assert outcome["stopped_by"] in ("acpi", "agent")
     assert "Kernel panic" in _read(real_guest.serial)[offset:]
-    _wait_for_log(real_guest, f"real image {before} reached multi-user", offset, BOOT_SECONDS)
+    # The rollback started the old image: the same check, now through the pty stream, must pass.
+    check = VerifyInstanceInput(
+        instance=real_guest.name, verify=f"console:{MULTI_USER}", boot_timeout_seconds=BOOT_SECONDS
+    )
+    host = Libvirt(LIBVIRT_URI)
+    try:
+        verified = await ActivityEnvironment().run(HypervisorActivities(host).verify_instance, check)
+    finally:
+        host.close()
+    assert verified is not None
+    assert verified.detail == f"real image {before} reached multi-user"
     _wait_for_agent(real_guest, BOOT_SECONDS)
     assert _image_in_guest(real_guest) == before
     assert real_guest.leftovers() == []
