@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -36,10 +35,11 @@ from activities.hypervisor import HypervisorActivities
 from activities.images import ImageActivities
 from activities.state import StateDir
 from bench.common import QUICK, GiB, start_image_server, table, timed
+from devtools import reachable
 from devtools.real_guest import ensure_images
 from devtools.real_guest_domain import overlay, real_domain_xml
 from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LIBVIRT_URI
+from tests.e2e_support import LIBVIRT_URI, LOOPBACK_NETWORKS, LOOPBACK_POLICY
 from worker import WorkerConfig, host_activities
 from workflows.models import (
     CheckImageInput,
@@ -93,7 +93,12 @@ async def ours(name: str, url: str, sha: str, workdir: Path) -> tuple[float, flo
     server.start()
     try:
         client = await Client.connect(server.address, data_converter=pydantic_data_converter)
-        config = WorkerConfig(host="bench-real", libvirt_uri=LIBVIRT_URI, state_dir=workdir / "wf-state")
+        config = WorkerConfig(
+            host="bench-real",
+            libvirt_uri=LIBVIRT_URI,
+            state_dir=workdir / "wf-state",
+            allowed_image_networks=LOOPBACK_NETWORKS,
+        )
         async with (
             Worker(client, task_queue="bench-wf", workflows=[RebuildInstance]),
             Worker(client, task_queue=host_task_queue(config.host), activities=host_activities(config)),
@@ -121,7 +126,7 @@ async def nova_order(name: str, url: str, sha: str, state_dir: Path) -> tuple[fl
     state = StateDir(state_dir)
     hypervisor, images, disks = (
         HypervisorActivities(conn),
-        ImageActivities(state),
+        ImageActivities(state, address_policy=LOOPBACK_POLICY),
         DiskActivities(conn, state),
     )
     env = ActivityEnvironment()
@@ -162,8 +167,8 @@ def sha256_of(path: Path) -> str:
 def main() -> None:
     images = ensure_images()
     conn = ld.Libvirt(LIBVIRT_URI)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-real-guest-", dir="/var/tmp"))
-    workdir.chmod(0o755)  # QEMU's user reads the worker's image cache (the overlay's backing file)
+    # QEMU's user reads the worker's image cache (the overlay's backing file): a reachable directory.
+    workdir = reachable.make_dir("bench-real-guest-")
     name = f"bench-real-{uuid.uuid4().hex[:8]}"
     served = workdir / "served"
     served.mkdir()

@@ -28,28 +28,19 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.hypervisor import HypervisorActivities
 from activities.libvirt_domain import Libvirt
+from devtools import reachable
 from devtools.guest import SECTOR
 from devtools.image_server import ImageServer
 from devtools.real_guest import RealGuestBuildError, RealGuestImages, ensure_images
 from devtools.real_guest_domain import overlay, real_domain_xml
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess, rebuild_cli
+from tests.e2e_support import DOMAIN_PREFIX, LIBVIRT_URI, Guest, WorkerProcess, rebuild_cli
 from workflows.models import VerifyInstanceInput
 
-# Real guests need directories QEMU's unprivileged user can traverse (pytest's tmp_path is 0700).
-REACHABLE_ROOT = Path("/var/tmp/durable-rebuild-tests")
 BOOT_SECONDS = 300.0
 MARKER_A = RealGuestImages.marker("A")
 MARKER_B = RealGuestImages.marker("B")
 MULTI_USER = r"real image [A-Z] reached multi-user"
-
-
-def _reachable_dir(name: str) -> Path:
-    REACHABLE_ROOT.mkdir(mode=0o755, exist_ok=True)
-    REACHABLE_ROOT.chmod(0o755)
-    path = REACHABLE_ROOT / f"{name}-{uuid.uuid4().hex[:8]}"
-    path.mkdir(mode=0o755)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +56,9 @@ def real_images() -> RealGuestImages:
 
 
 @pytest.fixture(scope="module")
-def real_dir() -> Iterator[Path]:
-    path = _reachable_dir("real-guest")
+def real_dir(reachable_root: Path) -> Iterator[Path]:
+    """Guest disks, console logs and the worker's image cache, where QEMU's own user can reach them."""
+    path = reachable.make_dir("real-guest-", reachable_root)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -99,8 +91,7 @@ def domain_type(libvirt_conn: Any, real_images: RealGuestImages, real_dir: Path)
 @pytest.fixture(scope="module")
 def real_worker(dev_server: DevServer, real_dir: Path) -> Iterator[WorkerProcess]:
     """A worker whose image cache QEMU can read (the overlay's backing file lives there)."""
-    state = real_dir / "worker"
-    state.mkdir(mode=0o755)
+    state = reachable.make_dir("worker-", real_dir)
     process = WorkerProcess(
         host=f"test-real-{uuid.uuid4().hex[:8]}",
         state_dir=state / "state",
@@ -143,7 +134,7 @@ def real_guest(
 
 
 def _define(conn: Any, directory: Path, base: Path, domain_type: str, *, agent: bool) -> Guest:
-    name = f"e2e-real-{uuid.uuid4().hex[:8]}"
+    name = f"{DOMAIN_PREFIX}real-{uuid.uuid4().hex[:8]}"
     disk = overlay(base, directory / f"{name}.qcow2")
     data = directory / f"{name}-data.img"
     data.write_bytes(b"precious data" * 1000)
