@@ -234,7 +234,8 @@ async def test_image_that_never_reaches_multi_user_is_rolled_back(
     assert outcome["failed_step"] == "verify"
     assert "printed no match" in outcome["error"]
     assert outcome["stopped_by"] in ("acpi", "agent")
-    assert "Kernel panic" in _read(real_guest.serial)[offset:]
+    # The new image really booted (its kernel line); how far it got before the timeout depends on load.
+    assert "init=/bin/false" in _read(real_guest.serial)[offset:]
     # The rollback started the old image: the same check, now through the pty stream, must pass.
     check = VerifyInstanceInput(
         instance=real_guest.name, verify=f"console:{MULTI_USER}", boot_timeout_seconds=BOOT_SECONDS
