@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -219,4 +221,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    # A CI timeout's SIGTERM must still run the cleanup: the guest and its directory go with the run.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     main()
