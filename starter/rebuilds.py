@@ -336,6 +336,8 @@ def _final_status(description: Any, result: RebuildResult | None) -> RebuildStat
         step_seconds=dict(result.step_seconds) if result else {},
         last_error=result.error if result else None,
         started_at=description.start_time,
+        stopped_by=result.stopped_by if result else None,
+        verified_by=result.verified_by if result else None,
     )
 
 
