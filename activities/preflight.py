@@ -20,9 +20,8 @@ import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import libvirt
 from temporalio import activity
@@ -126,15 +125,12 @@ class PreflightActivities:
                 await asyncio.to_thread(self._create, definition)
                 await self.checkpoints.reach("preflight.after-create")
                 # The same check the rebuild's verify step makes, on the sandbox instead.
-                verify: Callable[[VerifyInstanceInput], Awaitable[Any]] = self.hypervisor.verify_instance
-                verified = await verify(
-                    VerifyInstanceInput.model_validate(
-                        {
-                            "instance": name,
-                            "verify": request.verify,
-                            "boot_marker": request.boot_marker,
-                            "boot_timeout_seconds": request.boot_timeout_seconds,
-                        }
+                verified = await self.hypervisor.verify_instance(
+                    VerifyInstanceInput(
+                        instance=name,
+                        verify=request.verify,
+                        boot_marker=request.boot_marker,
+                        boot_timeout_seconds=request.boot_timeout_seconds,
                     )
                 )
             except BootCheckFailed as err:
@@ -144,12 +140,9 @@ class PreflightActivities:
                 ) from None
             finally:
                 await asyncio.to_thread(self._remove_sandbox, name)
-        verified_by = getattr(verified, "verified_by", None) or (
-            f"marker:{request.boot_marker}" if request.boot_marker else "running"
-        )
         return PreflightResult(
-            verified_by=verified_by,
-            detail=getattr(verified, "detail", ""),
+            verified_by=verified.verified_by if verified else "running",
+            detail=verified.detail if verified else "",
             seconds=time.monotonic() - began,
             waited_seconds=waited,
         )

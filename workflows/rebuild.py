@@ -377,7 +377,7 @@ class RebuildInstance:
                 image_format=image.checked.format,
                 image_virtual_size=image.checked.virtual_size,
                 min_virtual_size=image.source.min_disk_bytes,
-                verify=getattr(request, "verify", None),
+                verify=request.verify,
                 boot_marker=request.boot_marker,
                 boot_timeout_seconds=request.boot_timeout_seconds,
                 change=request.identity,
