@@ -60,11 +60,16 @@ def worker_start(address: str, state: Path) -> float:
     worker = subprocess.Popen(
         [str(BIN / "rebuild-worker"), "--host", "bench-start", "--libvirt-uri", "test:///default",
          "--state-dir", str(state), "--address", address],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )  # fmt: skip
-    assert worker.stdout is not None
-    worker.stdout.readline()
+    # The worker logs to stderr; it is ready when it says so (a process that died says so too).
+    assert worker.stderr is not None
+    for line in worker.stderr:
+        if b"worker ready" in line:
+            break
+    else:
+        raise SystemExit(f"bench.orchestration: the worker exited ({worker.wait()}) before it was ready")
     took = time.perf_counter() - began
     worker.terminate()
     worker.wait()
