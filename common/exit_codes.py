@@ -5,7 +5,10 @@ Scripts branch on these, so a code keeps its meaning across commands and release
 
 from __future__ import annotations
 
+import os
+import sys
 from enum import IntEnum
+from typing import NoReturn
 
 
 class ExitCode(IntEnum):
@@ -38,3 +41,10 @@ MEANING = {
 def table() -> str:
     """The table as shown in every command's ``--help`` (one paragraph per code) and in the README."""
     return "\n\n".join(f"{code.value}: {MEANING[code]}" for code in ExitCode)
+
+
+def leave(code: int) -> NoReturn:
+    """Exit without interpreter finalisation: the Temporal client can crash it (sdk-python#300)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -39,7 +39,7 @@ from temporalio.exceptions import ApplicationError, CancelledError, TerminatedEr
 from temporalio.service import RPCError, RPCStatusCode
 
 from common.connection import TemporalUnavailable, connect
-from common.exit_codes import ExitCode
+from common.exit_codes import ExitCode, leave
 from common.exit_codes import table as exit_code_table
 from starter.cli_settings import connection_options
 from starter.fleet_cli import fleet_app
@@ -115,13 +115,6 @@ class CliExit(Exception):
         self.message = message
 
 
-def _finish(code: int) -> NoReturn:
-    """Leave without interpreter finalisation: the Temporal client can crash it (sdk-python#300)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
     message: str | None
     try:
@@ -143,7 +136,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
             print(json.dumps({"error": message, "exit_code": code}))
         else:
             err.print(f"rebuild: {message}", markup=False)
-    _finish(code)
+    leave(code)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -297,14 +290,14 @@ def start(
         )
     except IdentityOptionError as exc:
         err.print(f"rebuild: {exc}", markup=False)
-        _finish(EXIT_BAD_INPUT)
+        leave(EXIT_BAD_INPUT)
     except ValidationError as exc:
         problems = validation_problems(exc)
         err.print(f"rebuild: invalid request: {problems}", markup=False)
-        _finish(EXIT_BAD_INPUT)
+        leave(EXIT_BAD_INPUT)
     except CliExit as exc:
         err.print(f"rebuild: {exc.message}", markup=False)
-        _finish(exc.code)
+        leave(exc.code)
     _run(_start(request, wait, address, as_json))
 
 
@@ -524,7 +517,7 @@ def abort(
         request = StrictAbortRequest(reason=reason, requested_by=requested_by)
     except ValidationError as exc:
         err.print(f"rebuild: invalid abort: {validation_problems(exc)}", markup=False)
-        _finish(EXIT_BAD_INPUT)
+        leave(EXIT_BAD_INPUT)
     _run(_abort(instance, host, request, address, as_json))
 
 
@@ -556,7 +549,7 @@ def _decision_command(verdict: str, summary: str) -> None:
             decision = StrictDecision(reason=reason, requested_by=requested_by)
         except ValidationError as exc:
             err.print(f"rebuild: invalid {verdict}: {validation_problems(exc)}", markup=False)
-            _finish(EXIT_BAD_INPUT)
+            leave(EXIT_BAD_INPUT)
         _run(_signal(instance, host, verdict, decision, address, as_json))
 
     command.__doc__ = f"{summary}\n\nExample: rebuild {verdict} web-1 --host kvm-07"
@@ -601,7 +594,7 @@ def list_command(
         query = list_query(phase, host, running)
     except BadFilter as exc:
         err.print(f"rebuild: {exc}", markup=False)
-        _finish(EXIT_BAD_INPUT)
+        leave(EXIT_BAD_INPUT)
     _run(_list(query, limit, address, as_json))
 
 
@@ -653,13 +646,13 @@ def cache_list(
     entries = list_cache(StateDir(state_dir or DEFAULT_STATE_DIR), conn)
     if as_json:
         print(json.dumps([dataclasses.asdict(e) for e in entries]))
-        _finish(EXIT_REBUILT)
+        leave(EXIT_REBUILT)
     table = Table("sha256", "size", "last used", "used by", box=None)
     for entry in entries:
         last_used = datetime.fromtimestamp(entry.last_used).strftime("%Y-%m-%d %H:%M")
         table.add_row(entry.sha256[:16], _size(entry.size), last_used, ", ".join(entry.users) or "-")
     out.print(table)
-    _finish(EXIT_REBUILT)
+    leave(EXIT_REBUILT)
 
 
 @cache_app.command("prune")
@@ -691,7 +684,7 @@ def cache_prune(
             f"{verb} {len(report.removed)} image(s), {_size(report.freed_bytes)}; "
             f"kept {len(report.kept_in_use)} in use; {report.partials_removed} stale partial download(s)"
         )
-    _finish(EXIT_REBUILT)
+    leave(EXIT_REBUILT)
 
 
 def _open_libvirt(uri: str) -> Any:
@@ -703,7 +696,7 @@ def _open_libvirt(uri: str) -> Any:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
         err.print(f"rebuild: cannot connect to libvirt at {uri}: {exc.get_error_message()}", markup=False)
-        _finish(EXIT_UNAVAILABLE)
+        leave(EXIT_UNAVAILABLE)
 
 
 def _size(size: float) -> str:
@@ -723,16 +716,16 @@ def main() -> None:
         # Under --json, usage errors come back here to be shown as JSON too.
         code = app(standalone_mode=not as_json)
     except typer.Exit as exc:
-        _finish(exc.exit_code)
+        leave(exc.exit_code)
     except typer.Abort:
-        _finish(ExitCode.INTERRUPTED)
+        leave(ExitCode.INTERRUPTED)
     except SystemExit as exc:
-        _finish(exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT)
+        leave(exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT)
     except Exception as exc:
         # typer's usage errors (its vendored click's) carry an exit code and a message.
         exit_code, describe = getattr(exc, "exit_code", None), getattr(exc, "format_message", None)
         if not (as_json and isinstance(exit_code, int) and callable(describe)):
             raise
         print(json.dumps({"error": describe(), "exit_code": exit_code}))
-        _finish(exit_code)
-    _finish(code if isinstance(code, int) else EXIT_REBUILT)
+        leave(exit_code)
+    leave(code if isinstance(code, int) else EXIT_REBUILT)

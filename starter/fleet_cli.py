@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -23,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.connection import TemporalUnavailable, connect
-from common.exit_codes import ExitCode
+from common.exit_codes import ExitCode, leave
 from common.exit_codes import table as exit_code_table
 from starter.fleets import (
     BadInstancesFile,
@@ -77,13 +76,6 @@ AddressOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _finish(code: int) -> NoReturn:
-    """Leave without interpreter finalisation: the Temporal client can crash it (sdk-python#300)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
     try:
         code = asyncio.run(coro)
@@ -95,12 +87,12 @@ def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
         code = EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         code = ExitCode.INTERRUPTED
-    _finish(code)
+    leave(code)
 
 
 def _bad_input(message: str) -> NoReturn:
     err.print(f"rebuild fleet: {message}", markup=False)
-    _finish(EXIT_BAD_INPUT)
+    leave(EXIT_BAD_INPUT)
 
 
 @fleet_app.command(epilog=EXIT_CODES_HELP, name="start")
