@@ -16,7 +16,6 @@ minute under TCG.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import shutil
 import signal
 import subprocess
@@ -38,7 +37,7 @@ from activities.images import ImageActivities
 from activities.state import StateDir
 from bench.common import QUICK, GiB, start_image_server, table, timed
 from devtools import reachable
-from devtools.real_guest import ensure_images
+from devtools.real_guest import ensure_images, image_sha256
 from devtools.real_guest_domain import overlay, real_domain_xml
 from devtools.temporal_dev import DevServer, free_port
 from tests.e2e_support import LIBVIRT_URI, LOOPBACK_NETWORKS, LOOPBACK_POLICY
@@ -158,14 +157,6 @@ async def nova_order(name: str, url: str, sha: str, state_dir: Path) -> tuple[fl
     return running, time.perf_counter() - off
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as image:
-        while block := image.read(16 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def main() -> None:
     images = ensure_images()
     conn = ld.Libvirt(LIBVIRT_URI)
@@ -187,7 +178,7 @@ def main() -> None:
         first_boot = time.perf_counter() - began
         ref_stop, ref_running, ref_agent = bare_virsh(conn, name)
         our_stop, our_running, our_agent, stopped_by = asyncio.run(
-            ours(name, f"http://127.0.0.1:{port}/b.qcow2", sha256_of(images.b), workdir)
+            ours(name, f"http://127.0.0.1:{port}/b.qcow2", image_sha256(images.b), workdir)
         )
         rows = [
             ("graceful stop (ours: ACPI, agent after a third of the timeout)", f"{our_stop:.1f} s "
@@ -199,7 +190,7 @@ def main() -> None:
         ]  # fmt: skip
         if not QUICK:
             nova_running, nova_agent = asyncio.run(
-                nova_order(name, f"http://127.0.0.1:{port}/a.qcow2", sha256_of(images.a), workdir / "nova")
+                nova_order(name, f"http://127.0.0.1:{port}/a.qcow2", image_sha256(images.a), workdir / "nova")
             )
             rows += [
                 ("off → running, Nova's order (download while off)", f"{our_running:.2f} s (ours)",

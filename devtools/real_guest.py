@@ -8,6 +8,8 @@ guest agent and sshd; each variant is an unpartitioned 2 GiB ext4 disk booted by
 - ``a`` and ``b``: reach multi-user, then print ``real image A`` (or ``B``) on ttyS0 and keep the same
   name in ``/etc/rebuild-image``, where the guest agent's ``guest-exec`` can read it.
 - ``panic``: the kernel is told to run ``/bin/false`` as init, so it panics and never reaches multi-user.
+- ``stuck``: a sound kernel and systemd told to boot into ``emergency.target``: it runs, prints, and waits
+  at a locked root account's prompt for ever, never reaching multi-user (nor starting the guest agent).
 
 The result lives under ``/var/cache/durable-rebuild/real-guest/<key>/``, where the key is a hash of the
 recipe (the constants and the functions that build): a change to it builds anew, an unchanged recipe is
@@ -47,7 +49,9 @@ PACKAGES = (
     "netbase",
 )
 DISK_BYTES = 2 << 30
-VARIANTS = ("a", "b", "panic")
+VARIANTS = ("a", "b", "panic", "stuck")
+# What each broken variant adds to the kernel command line.
+BROKEN_BOOTS = {"panic": " init=/bin/false", "stuck": " systemd.unit=emergency.target"}
 KERNEL_ARGS = "root=/dev/vda rw console=ttyS0"
 MARKER_UNIT = """[Unit]
 Description=Tell the serial console which image booted
@@ -64,6 +68,9 @@ WantedBy=multi-user.target
 # cloud-init stays as a stock image has it: its generator (ds-identify) finds no datasource here and
 # disables it for the boot. (A one-entry datasource_list would force it on: 60 s more under TCG.)
 FSTAB = "/dev/vda / ext4 rw,errors=remount-ro 0 1\n"
+# As Debian's cloud images have it. Without it cloud-init's locale module asks Debian's locale-gen (which
+# ignores its argument) for en_US.UTF-8, and update-locale then fails: cloud-init reports an error.
+LOCALE = "LANG=C.UTF-8\n"
 INTERFACES = "auto lo\niface lo inet loopback\n"
 
 
@@ -77,6 +84,7 @@ class RealGuestImages:
     a: Path
     b: Path
     panic: Path
+    stuck: Path
     # Seconds the build took on this machine, when it was built (read back from build.json).
     build_seconds: float
     built_now: bool
@@ -88,7 +96,18 @@ class RealGuestImages:
 
 
 def recipe_key() -> str:
-    recipe = [SUITE, PACKAGES, DISK_BYTES, VARIANTS, KERNEL_ARGS, MARKER_UNIT, FSTAB, INTERFACES]
+    recipe = [
+        SUITE,
+        PACKAGES,
+        DISK_BYTES,
+        VARIANTS,
+        BROKEN_BOOTS,
+        KERNEL_ARGS,
+        MARKER_UNIT,
+        FSTAB,
+        LOCALE,
+        INTERFACES,
+    ]
     code = [inspect.getsource(step) for step in (_customize, _build_disk, build)]
     return hashlib.sha256(repr((recipe, code)).encode()).hexdigest()[:16]
 
@@ -127,6 +146,7 @@ def _kernel_and_initrd(root: Path) -> tuple[str, str]:
 
 def _customize(root: Path, variant: str) -> None:
     _write(root / "etc/fstab", FSTAB)
+    _write(root / "etc/default/locale", LOCALE)
     _write(root / "etc/hostname", f"real-guest-{variant}\n")
     _write(root / "etc/network/interfaces", INTERFACES)
     name = variant.upper()
@@ -137,7 +157,7 @@ def _customize(root: Path, variant: str) -> None:
     with contextlib.suppress(FileExistsError):
         (wants / "rebuild-marker.service").symlink_to("/etc/systemd/system/rebuild-marker.service")
     kernel, initrd = _kernel_and_initrd(root)
-    extra = " init=/bin/false" if variant == "panic" else ""
+    extra = BROKEN_BOOTS.get(variant, "")
     _write(
         root / "boot/extlinux/extlinux.conf",
         f"DEFAULT linux\nTIMEOUT 0\nPROMPT 0\nLABEL linux\n  KERNEL {kernel}\n  INITRD {initrd}\n"
@@ -214,9 +234,19 @@ def ensure_images(cache_root: Path = CACHE_ROOT) -> RealGuestImages:
         a=directory / "a.qcow2",
         b=directory / "b.qcow2",
         panic=directory / "panic.qcow2",
+        stuck=directory / "stuck.qcow2",
         build_seconds=float(info["seconds"]),
         built_now=built_now,
     )
+
+
+def image_sha256(path: Path) -> str:
+    """The digest a rebuild of this image is asked for (``--sha256``)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as image:
+        while block := image.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main() -> None:
@@ -229,7 +259,7 @@ def main() -> None:
         raise SystemExit(1) from None
     state = "built now" if images.built_now else "cached"
     print(f"real guest images ({state}; the build took {images.build_seconds:.1f} s): {images.directory}")
-    for path in (images.a, images.b, images.panic):
+    for path in (images.a, images.b, images.panic, images.stuck):
         print(f"  {path} ({path.stat().st_size >> 20} MiB)")
 
 
