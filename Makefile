@@ -21,9 +21,9 @@ test: setup lint typecheck
 
 # Fast loop while developing: no libvirtd guests.
 unit:
-	$(VENV)/pytest --ignore=tests/test_end_to_end.py --ignore=tests/test_real_guest.py
+	$(VENV)/pytest --ignore=tests/test_end_to_end.py --ignore=tests/real_guest
 
-# The real Debian guest of tests/test_real_guest.py, built from Debian's packages once per machine
+# The real Debian guest of tests/real_guest/, built from Debian's packages once per machine
 # (about two minutes; the tests build it themselves on first use too).
 real-guest:
 	$(VENV)/python -m devtools.real_guest

@@ -1,0 +1,121 @@
+"""A real Debian guest stopped gracefully, booted on its new image, and rolled back when that fails.
+
+The guest has what real domains have: a ``pty`` serial console (mirrored into a log file the test
+reads), a guest agent channel, two NICs and a data disk. Variants A and B print "real image A/B reached
+multi-user" on the console and keep their name in ``/etc/rebuild-image``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from temporalio.testing import ActivityEnvironment
+
+from activities.hypervisor import HypervisorActivities
+from activities.libvirt_domain import Libvirt
+from devtools.image_server import ImageServer
+from devtools.real_guest import RealGuestImages, image_sha256
+from devtools.temporal_dev import DevServer
+from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess
+from tests.real_guest.support import (
+    BOOT_SECONDS,
+    MULTI_USER,
+    image_in_guest,
+    read,
+    rebuild,
+    wait_for_agent,
+    wait_for_log,
+)
+from workflows.models import VerifyInstanceInput
+
+pytestmark = pytest.mark.timeout(1800)
+MARKER_B = RealGuestImages.marker("B")
+
+
+async def test_image_that_never_reaches_multi_user_is_rolled_back(
+    real_guest: Guest, real_worker: WorkerProcess, served: ImageServer, dev_server: DevServer
+) -> None:
+    """Its kernel panics (init=/bin/false): the console never shows multi-user, read via libvirt's stream."""
+    before = image_in_guest(real_guest)
+    offset = len(read(real_guest.serial))
+
+    result = await rebuild(
+        real_worker, dev_server, real_guest, served.url("panic.qcow2"),
+        "--verify", f"console:{MULTI_USER}", "--boot-timeout", "45",
+    )  # fmt: skip
+
+    assert result.code != 0, result.stdout
+    outcome = result.json()
+    assert outcome["outcome"] == "rolled-back", outcome
+    assert outcome["failed_step"] == "verify"
+    assert "printed no match" in outcome["error"]
+    assert outcome["stopped_by"] in ("acpi", "agent")
+    # The new image really booted (its kernel line); how far it got before the timeout depends on load.
+    assert "init=/bin/false" in read(real_guest.serial)[offset:]
+    # The rollback started the old image: the same check, now through the pty stream, must pass.
+    check = VerifyInstanceInput(
+        instance=real_guest.name, verify=f"console:{MULTI_USER}", boot_timeout_seconds=BOOT_SECONDS
+    )
+    host = Libvirt(LIBVIRT_URI)
+    try:
+        verified = await ActivityEnvironment().run(HypervisorActivities(host).verify_instance, check)
+    finally:
+        host.close()
+    assert verified is not None
+    assert verified.detail == f"real image {before} reached multi-user"
+    wait_for_agent(real_guest, BOOT_SECONDS)
+    assert image_in_guest(real_guest) == before
+    assert real_guest.leftovers() == []
+
+
+async def test_image_that_boots_nothing_is_rolled_back_by_default(
+    real_guest: Guest, real_worker: WorkerProcess, served: ImageServer, dev_server: DevServer
+) -> None:
+    """No --verify: the domain has a guest agent channel, so the agent must answer, and none does."""
+    before = image_in_guest(real_guest)
+    offset = len(read(real_guest.serial))
+
+    result = await rebuild(
+        real_worker, dev_server, real_guest, served.url("halts.raw"), "--boot-timeout", "30"
+    )
+
+    assert result.code != 0, result.stdout
+    outcome = result.json()
+    assert outcome["outcome"] == "rolled-back", outcome
+    assert outcome["failed_step"] == "verify"
+    assert "guest agent" in outcome["error"]
+    wait_for_log(real_guest, f"real image {before} reached multi-user", offset, BOOT_SECONDS)
+    wait_for_agent(real_guest, BOOT_SECONDS)
+    assert image_in_guest(real_guest) == before
+
+
+async def test_running_guest_is_stopped_gracefully_and_boots_the_new_image(
+    real_guest: Guest,
+    real_worker: WorkerProcess,
+    served: ImageServer,
+    dev_server: DevServer,
+    real_images: RealGuestImages,
+) -> None:
+    before = real_guest.identity()
+    data_before = real_guest.data_disk.read_bytes()
+    offset = len(read(real_guest.serial))
+    sha = image_sha256(real_images.b)
+
+    result = await rebuild(
+        real_worker, dev_server, real_guest, served.url("b.qcow2"),
+        "--sha256", sha, "--verify", "agent", "--boot-timeout", str(BOOT_SECONDS),
+    )  # fmt: skip
+
+    assert result.code == 0, result.stderr
+    outcome = result.json()
+    assert outcome["outcome"] == "rebuilt"
+    assert outcome["stopped_by"] in ("acpi", "agent")
+    assert outcome["forced_stop"] is False
+    assert outcome["verified_by"] == "agent"
+    print(f"rebuild A -> B: stopped by {outcome['stopped_by']}, steps {outcome['step_seconds']}")
+    console = read(real_guest.serial)[offset:]
+    assert "reboot: Power down" in console  # the guest shut itself down
+    wait_for_log(real_guest, MARKER_B, offset, 60)
+    assert image_in_guest(real_guest) == "B"
+    assert real_guest.identity() == before
+    assert real_guest.data_disk.read_bytes() == data_before
+    assert real_guest.leftovers() == []
