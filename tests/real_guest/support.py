@@ -12,6 +12,7 @@ from typing import Any
 
 import libvirt
 import libvirt_qemu
+import pytest
 
 from devtools.guest import SECTOR
 from devtools.real_guest_domain import overlay, real_domain_xml
@@ -21,6 +22,8 @@ from tests.e2e_support import DOMAIN_PREFIX, CliResult, Guest, WorkerProcess, re
 # TCG boots it to multi-user in about 15 s on an idle 2-core host; a loaded one took 230 s.
 BOOT_SECONDS = 600.0
 MULTI_USER = r"real image [A-Z] reached multi-user"
+# Every test of the package runs in the same pytest-xdist worker, where its one booted guest lives.
+REAL_GUEST_GROUP = pytest.mark.xdist_group("real-guest")
 
 
 @dataclass(frozen=True)

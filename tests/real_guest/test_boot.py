@@ -19,6 +19,7 @@ from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess
 from tests.real_guest.support import (
     BOOT_SECONDS,
     MULTI_USER,
+    REAL_GUEST_GROUP,
     image_in_guest,
     read,
     rebuild,
@@ -27,7 +28,7 @@ from tests.real_guest.support import (
 )
 from workflows.models import VerifyInstanceInput
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = [pytest.mark.timeout(1800), REAL_GUEST_GROUP]
 MARKER_B = RealGuestImages.marker("B")
 
 
