@@ -9,6 +9,7 @@ retry; a worker that starts removes sandboxes a crashed one left.
 from __future__ import annotations
 
 import contextlib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
@@ -24,8 +25,16 @@ from tests.history_recorder import record_history
 from tests.test_faults import assert_nothing_left, assert_runs, handle_for, start_args
 
 
-def sandboxes(conn: libvirt.virConnect) -> list[str]:
-    return [d.name() for d in conn.listAllDomains() if d.name().startswith(SANDBOX_PREFIX)]
+def sandboxes(conn: libvirt.virConnect, owner: WorkerProcess | None = None) -> list[str]:
+    """The pre-flight sandboxes on the host; of ``owner``'s state directory only, where one is given
+    (tests that run at the same time have their own)."""
+    mark = None if owner is None else f"sandbox of {StateDir(owner.state_dir).root},"
+    return [
+        d.name()
+        for d in conn.listAllDomains()
+        if d.name().startswith(SANDBOX_PREFIX)
+        and (mark is None or mark in (ET.fromstring(d.XMLDesc(0)).findtext("description") or ""))
+    ]
 
 
 def sandbox_files(worker: WorkerProcess) -> list[str]:
@@ -45,7 +54,7 @@ async def test_a_good_image_passes_preflight_and_the_rebuild_completes(
     assert "preflight" in result.json()["step_seconds"]
     await record_history(handle_for(client, worker, guest), "rebuild-with-preflight")
     assert_runs(guest, "image B", since)
-    assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
+    assert sandboxes(guest.conn, worker) == [] and sandbox_files(worker) == []
     assert_nothing_left(guest, worker)
 
 
@@ -67,7 +76,7 @@ async def test_a_broken_image_fails_preflight_and_the_instance_never_stops(
     await record_history(handle_for(client, worker, guest), "rebuild-failed-in-preflight")
     assert guest.domain.isActive() and guest.domain.ID() == domain_id
     assert guest.console().count("image A") == boots
-    assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
+    assert sandboxes(guest.conn, worker) == [] and sandbox_files(worker) == []
     assert_nothing_left(guest, worker)
 
 
@@ -81,13 +90,13 @@ async def test_a_worker_killed_during_preflight_leaves_no_sandbox(
     started = await rebuild_cli(dev_server.address, *start_args(guest, worker, url, sha, "--preflight"))
     assert started.code == 0, started.stderr
     await wait_for_file(worker.pause_dir / "preflight.after-create.reached")
-    assert len(sandboxes(guest.conn)) == 1
+    assert len(sandboxes(guest.conn, worker)) == 1
     worker.kill()
     gate.unlink()
     worker.start()
     result = await handle_for(client, worker, guest).result()
     assert result.outcome == "rebuilt"
-    assert sandboxes(guest.conn) == [] and sandbox_files(worker) == []
+    assert sandboxes(guest.conn, worker) == [] and sandbox_files(worker) == []
 
 
 def test_a_starting_worker_removes_sandboxes_a_crashed_one_left(

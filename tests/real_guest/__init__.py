@@ -1,1 +1,1 @@
-"""Rebuilds of a real Debian guest, as operators run them; one booted guest serves the whole package."""
+"""Rebuilds of a real Debian guest, as operators run them, on guests booted once per test group."""

@@ -1,4 +1,5 @@
-"""One real Debian guest, booted once, for every test of the package (a TCG boot takes a minute or more).
+"""One real Debian guest, booted once for all the package's tests that one process runs (a TCG boot
+takes a minute or more; under pytest-xdist each test group gets its own, see ``support.guest_group``).
 
 The images come from ``devtools.real_guest`` (built from Debian's packages on first use, then cached on
 the machine). Each test starts from whatever image the guest runs and says which one it needs; a test

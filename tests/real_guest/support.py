@@ -22,8 +22,12 @@ from tests.e2e_support import DOMAIN_PREFIX, CliResult, Guest, WorkerProcess, re
 # TCG boots it to multi-user in about 15 s on an idle 2-core host; a loaded one took 230 s.
 BOOT_SECONDS = 600.0
 MULTI_USER = r"real image [A-Z] reached multi-user"
-# Every test of the package runs in the same pytest-xdist worker, where its one booted guest lives.
-REAL_GUEST_GROUP = pytest.mark.xdist_group("real-guest")
+
+
+def guest_group(name: str) -> pytest.MarkDecorator:
+    """Tests of one group run in one pytest-xdist worker, on the one guest booted there; two groups
+    can run at once, each on its own guest."""
+    return pytest.mark.xdist_group(f"real-guest-{name}")
 
 
 @dataclass(frozen=True)

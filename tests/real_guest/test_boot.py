@@ -19,7 +19,7 @@ from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess
 from tests.real_guest.support import (
     BOOT_SECONDS,
     MULTI_USER,
-    REAL_GUEST_GROUP,
+    guest_group,
     image_in_guest,
     read,
     rebuild,
@@ -28,7 +28,7 @@ from tests.real_guest.support import (
 )
 from workflows.models import VerifyInstanceInput
 
-pytestmark = [pytest.mark.timeout(1800), REAL_GUEST_GROUP]
+pytestmark = [pytest.mark.timeout(1800), guest_group("rollback-and-preflight")]
 MARKER_B = RealGuestImages.marker("B")
 
 
@@ -66,27 +66,6 @@ async def test_image_that_never_reaches_multi_user_is_rolled_back(
     wait_for_agent(real_guest, BOOT_SECONDS)
     assert image_in_guest(real_guest) == before
     assert real_guest.leftovers() == []
-
-
-async def test_image_that_boots_nothing_is_rolled_back_by_default(
-    real_guest: Guest, real_worker: WorkerProcess, served: ImageServer, dev_server: DevServer
-) -> None:
-    """No --verify: the domain has a guest agent channel, so the agent must answer, and none does."""
-    before = image_in_guest(real_guest)
-    offset = len(read(real_guest.serial))
-
-    result = await rebuild(
-        real_worker, dev_server, real_guest, served.url("halts.raw"), "--boot-timeout", "30"
-    )
-
-    assert result.code != 0, result.stdout
-    outcome = result.json()
-    assert outcome["outcome"] == "rolled-back", outcome
-    assert outcome["failed_step"] == "verify"
-    assert "guest agent" in outcome["error"]
-    wait_for_log(real_guest, f"real image {before} reached multi-user", offset, BOOT_SECONDS)
-    wait_for_agent(real_guest, BOOT_SECONDS)
-    assert image_in_guest(real_guest) == before
 
 
 async def test_running_guest_is_stopped_gracefully_and_boots_the_new_image(

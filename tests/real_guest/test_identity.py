@@ -27,8 +27,8 @@ from devtools.temporal_dev import DevServer
 from tests.e2e_support import CliResult, Guest, WorkerProcess
 from tests.real_guest.support import (
     BOOT_SECONDS,
-    REAL_GUEST_GROUP,
     guest_exec,
+    guest_group,
     image_in_guest,
     read_in_guest,
     rebuild,
@@ -36,7 +36,7 @@ from tests.real_guest.support import (
 )
 from workflows.identity import GuestIdentity
 
-pytestmark = [pytest.mark.timeout(2400), REAL_GUEST_GROUP]
+pytestmark = [pytest.mark.timeout(2400), guest_group("identity")]
 # Debian's cloud-init puts the keys with its default user, "debian".
 AUTHORIZED_KEYS = "/home/debian/.ssh/authorized_keys"
 SCRIPT_OUTPUT = "/var/lib/rebuild-user-data"
@@ -174,7 +174,10 @@ async def test_identity_reaches_the_guest_is_kept_rolled_back_and_removed(
         "--no-ssh-keys", "--hostname", "not-kept", "--boot-timeout", "30",
     )  # fmt: skip
     assert result.code != 0, result.stdout
-    assert result.json()["outcome"] == "rolled-back"
+    # No --verify: the domain has a guest agent channel, so the agent must answer, and none does.
+    failed = result.json()
+    assert (failed["outcome"], failed["failed_step"]) == ("rolled-back", "verify"), failed
+    assert "guest agent" in failed["error"]
     assert seed_of(real_guest) == second
     back = seen_in(real_guest)
     assert image_in_guest(real_guest) == "A"
