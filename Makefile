@@ -16,8 +16,12 @@ lint:
 typecheck:
 	$(VENV)/mypy .
 
+# Most tests wait (on a guest, a timeout, a worker's retry) rather than compute: four processes share
+# two cores well. Each real-guest test group stays in one process, on the guest it booted.
+TEST_WORKERS ?= 4
+
 test: setup lint typecheck
-	$(VENV)/pytest
+	$(VENV)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Fast loop while developing: no libvirtd guests.
 unit:
