@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import libvirt
@@ -35,9 +35,13 @@ from activities.identity import current_identity
 from activities.seed import build_seed
 from activities.state import StateDir
 from workflows.identity import GuestIdentity
-from workflows.models import PreflightInput, PreflightResult, VerifyInstanceInput
+from workflows.models import PreflightInput, PreflightResult, VerifyInstanceInput, VerifyResult
 
 SANDBOX_PREFIX = "rebuild-preflight-"
+# What a sandbox's console shows once its boot is over for good: pre-flight fails there and then rather
+# than at the boot timeout (a panicked kernel never recovers, and spins a host core meanwhile).
+FATAL_CONSOLE = re.compile(rb"Kernel panic - not syncing[^\r\n]*")
+CONSOLE_POLL_SECONDS = 0.5
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 CONSOLE_TAIL_LINES = 15
 # Devices a sandbox never gets: anything that reaches outside it or belongs to the instance alone.
@@ -125,13 +129,16 @@ class PreflightActivities:
                 await asyncio.to_thread(self._create, definition)
                 await self.checkpoints.reach("preflight.after-create")
                 # The same check the rebuild's verify step makes, on the sandbox instead.
-                verified = await self.hypervisor.verify_instance(
-                    VerifyInstanceInput(
-                        instance=name,
-                        verify=request.verify,
-                        boot_marker=request.boot_marker,
-                        boot_timeout_seconds=request.boot_timeout_seconds,
-                    )
+                verified = await verified_unless_fatal(
+                    self.hypervisor.verify_instance(
+                        VerifyInstanceInput(
+                            instance=name,
+                            verify=request.verify,
+                            boot_marker=request.boot_marker,
+                            boot_timeout_seconds=request.boot_timeout_seconds,
+                        )
+                    ),
+                    console,
                 )
             except BootCheckFailed as err:
                 raise PreflightFailed(
@@ -310,6 +317,44 @@ def _mib(element: ET.Element) -> int:
     }
     factor = units.get(element.get("unit", "KiB").lower(), 1 / 1024)
     return max(1, int(int(element.text or "0") * factor))
+
+
+async def verified_unless_fatal(check: Awaitable[VerifyResult | None], console: Path) -> VerifyResult | None:
+    """The verification's result, unless the console shows a fatal line first."""
+    verify = asyncio.ensure_future(check)
+    watch = asyncio.ensure_future(_watch_for_fatal(console))
+    try:
+        done, _ = await asyncio.wait({verify, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if watch in done:
+            watch.result()
+        return verify.result()
+    finally:
+        for task in (verify, watch):
+            task.cancel()
+        await asyncio.gather(verify, watch, return_exceptions=True)
+
+
+async def _watch_for_fatal(console: Path) -> None:
+    """Raise BootCheckFailed once the console shows a fatal line; until then, watch it grow."""
+    offset = 0
+    while True:
+        await asyncio.sleep(CONSOLE_POLL_SECONDS)
+        # Back a little, for a line split between two reads; at most 1 MiB a round, however much it prints.
+        start = max(0, offset - 256)
+        try:
+            chunk = await asyncio.to_thread(_read_at, console, start, 1 << 20)
+        except FileNotFoundError:
+            continue
+        offset = start + len(chunk)
+        if match := FATAL_CONSOLE.search(chunk):
+            line = match.group().decode(errors="replace").strip()
+            raise BootCheckFailed(f"its console says {line!r}, so it will never boot")
+
+
+def _read_at(path: Path, offset: int, size: int) -> bytes:
+    with open(path, "rb") as log:
+        log.seek(offset)
+        return log.read(size)
 
 
 def _tail(console: Path) -> str:

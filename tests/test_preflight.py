@@ -8,14 +8,18 @@ retry; a worker that starts removes sandboxes a crashed one left.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import libvirt
+import pytest
 from temporalio.client import Client
 
-from activities.preflight import SANDBOX_PREFIX
+from activities.errors import BootCheckFailed
+from activities.preflight import SANDBOX_PREFIX, verified_unless_fatal
 from activities.state import StateDir
 from devtools.guest import domain_xml, write_image
 from devtools.image_server import ImageServer
@@ -23,6 +27,7 @@ from devtools.temporal_dev import DevServer
 from tests.e2e_support import Guest, WorkerProcess, rebuild_cli, serve, wait_for_file
 from tests.history_recorder import record_history
 from tests.test_faults import assert_nothing_left, assert_runs, handle_for, start_args
+from workflows.models import VerifyResult
 
 
 def sandboxes(conn: libvirt.virConnect, owner: WorkerProcess | None = None) -> list[str]:
@@ -127,3 +132,47 @@ def test_a_starting_worker_removes_sandboxes_a_crashed_one_left(
         for leftover in (name, foreign):
             with contextlib.suppress(libvirt.libvirtError):
                 libvirt_conn.lookupByName(leftover).destroy()
+
+
+# --- a console that says the boot is over ends the check at once -----------------------------------
+
+
+async def test_a_kernel_panic_on_the_console_fails_the_check_before_its_timeout(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_bytes(b"[    0.000000] Linux version 6.1.0\r\n")
+
+    async def boot_then_panic() -> None:
+        await asyncio.sleep(0.7)
+        with open(console, "ab") as log:  # the line arrives in two writes, split mid-word
+            log.write(b"[    9.1] Kernel panic - not syn")
+            log.flush()
+            await asyncio.sleep(0.8)
+            log.write(b"cing: Attempted to kill init! exitcode=0x00000100\r\n[    9.2] Call Trace:\r\n")
+
+    writer = asyncio.create_task(boot_then_panic())
+    began = time.monotonic()
+    with pytest.raises(BootCheckFailed) as failed:
+        await verified_unless_fatal(asyncio.sleep(15), console)
+    await writer
+    assert time.monotonic() - began < 10
+    assert "Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100" in failed.value.message
+
+
+async def test_without_a_fatal_line_the_verification_decides(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_bytes(b"panic=10 set on the command line; no kernel panic here\r\n")
+
+    async def agent_answers() -> VerifyResult:
+        await asyncio.sleep(1.2)
+        return VerifyResult(verified_by="agent", detail="debian 12")
+
+    assert await verified_unless_fatal(agent_answers(), console) == VerifyResult(
+        verified_by="agent", detail="debian 12"
+    )
+    with pytest.raises(BootCheckFailed, match="no answer"):
+        await verified_unless_fatal(_fails_after(0.3, BootCheckFailed("no answer")), console)
+
+
+async def _fails_after(seconds: float, error: Exception) -> VerifyResult:
+    await asyncio.sleep(seconds)
+    raise error
