@@ -34,12 +34,17 @@ def sandboxes(conn: libvirt.virConnect, owner: WorkerProcess | None = None) -> l
     """The pre-flight sandboxes on the host; of ``owner``'s state directory only, where one is given
     (tests that run at the same time have their own)."""
     mark = None if owner is None else f"sandbox of {StateDir(owner.state_dir).root},"
-    return [
-        d.name()
-        for d in conn.listAllDomains()
-        if d.name().startswith(SANDBOX_PREFIX)
-        and (mark is None or mark in (ET.fromstring(d.XMLDesc(0)).findtext("description") or ""))
-    ]
+    found = []
+    for domain in conn.listAllDomains():
+        if not domain.name().startswith(SANDBOX_PREFIX):
+            continue
+        try:
+            description = ET.fromstring(domain.XMLDesc(0)).findtext("description") or ""
+        except libvirt.libvirtError:
+            continue  # a transient sandbox that went away after the listing
+        if mark is None or mark in description:
+            found.append(domain.name())
+    return found
 
 
 def sandbox_files(worker: WorkerProcess) -> list[str]:
