@@ -71,6 +71,30 @@ def domain_xml(
     instance_uuid: str | None = None,
 ) -> str:
     """A minimal domain: root disk first, optional data disks and NICs, serial console to a file."""
+    disks, nics = disk_and_nic_xml(root_disk, root_format, data_disks, macs)
+    return f"""<domain type={quoteattr(domain_type)}>
+  <name>{name}</name>
+  <uuid>{instance_uuid or uuid.uuid4()}</uuid>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>{vcpus}</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    {disks}
+    {nics}
+    <serial type='file'><source path={quoteattr(str(serial_log))} append='on'/><target port='0'/></serial>
+    <video><model type='none'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+def disk_and_nic_xml(
+    root_disk: Path, root_format: str, data_disks: tuple[Path, ...], macs: tuple[str, ...]
+) -> tuple[str, str]:
+    """The ``<disk>`` elements (the root disk ``vda`` boots, raw data disks follow) and the user-mode NICs."""
     disks = [
         f"<disk type='file' device='disk'><driver name='qemu' type={quoteattr(root_format)}/>"
         f"<source file={quoteattr(str(root_disk))}/><target dev='vda' bus='virtio'/>"
@@ -86,23 +110,7 @@ def domain_xml(
         f"<interface type='user'><mac address={quoteattr(mac)}/><model type='virtio'/></interface>"
         for mac in macs
     ]
-    return f"""<domain type={quoteattr(domain_type)}>
-  <name>{name}</name>
-  <uuid>{instance_uuid or uuid.uuid4()}</uuid>
-  <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>{vcpus}</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    {"".join(disks)}
-    {"".join(nics)}
-    <serial type='file'><source path={quoteattr(str(serial_log))} append='on'/><target port='0'/></serial>
-    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
+    return "".join(disks), "".join(nics)
 
 
 def remove_domain(conn: Any, name: str) -> None:

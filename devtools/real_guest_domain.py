@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from devtools.guest import disk_and_nic_xml
+
 # TCG unless told otherwise: under nested KVM extlinux stops with "emulation failure".
 DOMAIN_TYPE = os.environ.get("REBUILD_REAL_GUEST_DOMAIN_TYPE", "qemu")
 
@@ -41,21 +43,7 @@ def real_domain_xml(
     agent: bool = True,
     instance_uuid: str | None = None,
 ) -> str:
-    disks = [
-        f"<disk type='file' device='disk'><driver name='qemu' type={quoteattr(root_format)}/>"
-        f"<source file={quoteattr(str(root_disk))}/><target dev='vda' bus='virtio'/>"
-        "<boot order='1'/></disk>"
-    ]
-    for index, data in enumerate(data_disks):
-        dev = "vd" + chr(ord("b") + index)
-        disks.append(
-            f"<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
-            f"<source file={quoteattr(str(data))}/><target dev='{dev}' bus='virtio'/></disk>"
-        )
-    nics = [
-        f"<interface type='user'><mac address={quoteattr(mac)}/><model type='virtio'/></interface>"
-        for mac in macs
-    ]
+    disks, nics = disk_and_nic_xml(root_disk, root_format, data_disks, macs)
     channel = (
         "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
         if agent
@@ -72,8 +60,8 @@ def real_domain_xml(
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    {"".join(disks)}
-    {"".join(nics)}
+    {disks}
+    {nics}
     <serial type='pty'><log file={quoteattr(str(serial_log))} append='on'/><target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
     {channel}
