@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import ActivityEnvironment
-from temporalio.worker import Worker
 
 from activities.disks import DiskActivities
 from activities.hypervisor import HypervisorActivities
@@ -27,11 +24,11 @@ from activities.images import ImageActivities
 from activities.libvirt_domain import Libvirt
 from activities.state import StateDir
 from bench.common import QUICK, GiB, MiB, random_file, start_image_server, table, timed
+from bench.rebuild_service import WORKFLOW_QUEUE, rebuild_service
 from devtools.guest import boot_sector
 from devtools.reachable import reachable_dir
-from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LIBVIRT_URI, LOOPBACK_NETWORKS, LOOPBACK_POLICY, make_guest
-from worker import WorkerConfig, host_activities
+from devtools.temporal_dev import free_port
+from tests.e2e_support import LIBVIRT_URI, LOOPBACK_POLICY, make_guest
 from workflows.models import (
     CheckImageInput,
     FetchImageInput,
@@ -39,7 +36,6 @@ from workflows.models import (
     RebuildRequest,
     StartInstanceInput,
     StopInstanceInput,
-    host_task_queue,
     rebuild_workflow_id,
 )
 from workflows.rebuild import RebuildInstance
@@ -97,32 +93,16 @@ async def one_order(nova: bool, name: str, url: str, sha: str, state_dir: Path) 
 
 
 async def workflow_downtime(name: str, url: str, sha: str, workdir: Path) -> tuple[float, float]:
-    server = DevServer(workdir / "t.db", free_port(), free_port(), workdir / "t.log")
-    server.start()
-    try:
-        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
-        config = WorkerConfig(
-            host="bench-downtime",
-            libvirt_uri=LIBVIRT_URI,
-            state_dir=workdir / "wf-state",
-            allowed_image_networks=LOOPBACK_NETWORKS,
+    host = "bench-downtime"
+    async with rebuild_service(workdir, host, workdir / "wf-state") as client:
+        result = await client.execute_workflow(
+            RebuildInstance.run,
+            RebuildRequest(instance=name, host=host, image_url=url, sha256=sha, stop_timeout_seconds=0),
+            id=rebuild_workflow_id(host, name),
+            task_queue=WORKFLOW_QUEUE,
         )
-        async with (
-            Worker(client, task_queue="bench-wf", workflows=[RebuildInstance]),
-            Worker(client, task_queue=host_task_queue(config.host), activities=host_activities(config)),
-        ):
-            result = await client.execute_workflow(
-                RebuildInstance.run,
-                RebuildRequest(
-                    instance=name, host=config.host, image_url=url, sha256=sha, stop_timeout_seconds=0
-                ),
-                id=rebuild_workflow_id(config.host, name),
-                task_queue="bench-wf",
-            )
-        assert result.downtime_seconds is not None
-        return result.downtime_seconds, result.step_seconds["stop"]
-    finally:
-        server.stop()
+    assert result.downtime_seconds is not None
+    return result.downtime_seconds, result.step_seconds["stop"]
 
 
 def main() -> None:

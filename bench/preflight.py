@@ -17,33 +17,27 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import libvirt
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import ActivityEnvironment
-from temporalio.worker import Worker
 
 from activities.images import ImageActivities
 from activities.state import StateDir
 from bench.common import QUICK, GiB, table
+from bench.rebuild_service import WORKFLOW_QUEUE, rebuild_service
 from devtools.image_server import ImageServer
 from devtools.reachable import reachable_dir
 from devtools.real_guest import ensure_images, image_sha256
 from devtools.real_guest_domain import DOMAIN_TYPE
-from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LIBVIRT_URI, LOOPBACK_NETWORKS, LOOPBACK_POLICY, Guest, make_guest, serve
+from tests.e2e_support import LIBVIRT_URI, LOOPBACK_POLICY, Guest, make_guest, serve
 from tests.real_guest.support import define, wait_for_agent
-from worker import WorkerConfig, host_activities
 from workflows.models import (
     CheckImageInput,
     FetchImageInput,
     RebuildRequest,
-    host_task_queue,
     rebuild_workflow_id,
 )
 from workflows.rebuild import RebuildInstance
@@ -97,28 +91,6 @@ class DowntimeWatch:
         self._thread.join()
 
 
-@asynccontextmanager
-async def rebuild_service(workdir: Path) -> AsyncIterator[Client]:
-    """The dev server and a worker for the workflow and the host's activities, all in this run."""
-    server = DevServer(workdir / "t.db", free_port(), free_port(), workdir / "t.log")
-    server.start()
-    try:
-        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
-        config = WorkerConfig(
-            host=HOST,
-            libvirt_uri=LIBVIRT_URI,
-            state_dir=workdir / "state",
-            allowed_image_networks=LOOPBACK_NETWORKS,
-        )
-        async with (
-            Worker(client, task_queue="bench-wf", workflows=[RebuildInstance]),
-            Worker(client, task_queue=host_task_queue(HOST), activities=host_activities(config)),
-        ):
-            yield client
-    finally:
-        server.stop()
-
-
 async def rebuild(client: Client, guest: Guest, url: str, sha: str, preflight: bool, **how: Any) -> Any:
     """("rebuilt" or "failed", seconds) of one rebuild; ``how`` says how to stop and verify."""
     request = RebuildRequest(
@@ -127,7 +99,7 @@ async def rebuild(client: Client, guest: Guest, url: str, sha: str, preflight: b
     began = time.perf_counter()
     try:
         await client.execute_workflow(
-            RebuildInstance.run, request, id=rebuild_workflow_id(HOST, guest.name), task_queue="bench-wf"
+            RebuildInstance.run, request, id=rebuild_workflow_id(HOST, guest.name), task_queue=WORKFLOW_QUEUE
         )
         outcome = "rebuilt"
     except WorkflowFailureError:
@@ -254,7 +226,7 @@ async def run(workdir: Path) -> tuple[list[Row], list[Row]]:
     images.directory.mkdir()
     await images.start()
     try:
-        async with rebuild_service(workdir) as client:
+        async with rebuild_service(workdir, HOST, workdir / "state") as client:
             tiny = await boot_sector_figures(client, conn, images, workdir)
             real = await real_guest_figures(client, conn, workdir)
     finally:

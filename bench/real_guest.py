@@ -25,10 +25,7 @@ import uuid
 from pathlib import Path
 
 import libvirt
-from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import ActivityEnvironment
-from temporalio.worker import Worker
 
 from activities import libvirt_domain as ld
 from activities.disks import DiskActivities
@@ -36,12 +33,12 @@ from activities.hypervisor import HypervisorActivities
 from activities.images import ImageActivities
 from activities.state import StateDir
 from bench.common import QUICK, GiB, start_image_server, table, timed
+from bench.rebuild_service import WORKFLOW_QUEUE, rebuild_service
 from devtools import reachable
 from devtools.real_guest import ensure_images, image_sha256
 from devtools.real_guest_domain import overlay, real_domain_xml
-from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LIBVIRT_URI, LOOPBACK_NETWORKS, LOOPBACK_POLICY
-from worker import WorkerConfig, host_activities
+from devtools.temporal_dev import free_port
+from tests.e2e_support import LIBVIRT_URI, LOOPBACK_POLICY
 from workflows.models import (
     CheckImageInput,
     FetchImageInput,
@@ -50,7 +47,6 @@ from workflows.models import (
     StartInstanceInput,
     StopInstanceInput,
     VerifyInstanceInput,
-    host_task_queue,
     rebuild_workflow_id,
 )
 from workflows.rebuild import RebuildInstance
@@ -90,35 +86,21 @@ def bare_virsh(conn: ld.Libvirt, name: str) -> tuple[float, float, float]:
 
 async def ours(name: str, url: str, sha: str, workdir: Path) -> tuple[float, float, float, str]:
     """(stop step, off → running, off → agent) of the real workflow, and how the stop ended."""
-    server = DevServer(workdir / "t.db", free_port(), free_port(), workdir / "t.log")
-    server.start()
-    try:
-        client = await Client.connect(server.address, data_converter=pydantic_data_converter)
-        config = WorkerConfig(
-            host="bench-real",
-            libvirt_uri=LIBVIRT_URI,
-            state_dir=workdir / "wf-state",
-            allowed_image_networks=LOOPBACK_NETWORKS,
-        )
-        async with (
-            Worker(client, task_queue="bench-wf", workflows=[RebuildInstance]),
-            Worker(client, task_queue=host_task_queue(config.host), activities=host_activities(config)),
-        ):
-            result = await client.execute_workflow(
-                RebuildInstance.run,
-                RebuildRequest(
-                    instance=name, host=config.host, image_url=url, sha256=sha,
-                    stop_timeout_seconds=STOP_SECONDS, verify="agent", boot_timeout_seconds=BOOT_SECONDS,
-                ),
-                id=rebuild_workflow_id(config.host, name),
-                task_queue="bench-wf",
-            )  # fmt: skip
-        assert result.downtime_seconds is not None and result.stopped_by is not None
-        # Verify starts one activity round trip after start returned: off → agent is the sum.
-        agent = result.downtime_seconds + result.step_seconds["verify"]
-        return result.step_seconds["stop"], result.downtime_seconds, agent, result.stopped_by
-    finally:
-        server.stop()
+    host = "bench-real"
+    async with rebuild_service(workdir, host, workdir / "wf-state") as client:
+        result = await client.execute_workflow(
+            RebuildInstance.run,
+            RebuildRequest(
+                instance=name, host=host, image_url=url, sha256=sha,
+                stop_timeout_seconds=STOP_SECONDS, verify="agent", boot_timeout_seconds=BOOT_SECONDS,
+            ),
+            id=rebuild_workflow_id(host, name),
+            task_queue=WORKFLOW_QUEUE,
+        )  # fmt: skip
+    assert result.downtime_seconds is not None and result.stopped_by is not None
+    # Verify starts one activity round trip after start returned: off → agent is the sum.
+    agent = result.downtime_seconds + result.step_seconds["verify"]
+    return result.step_seconds["stop"], result.downtime_seconds, agent, result.stopped_by
 
 
 async def nova_order(name: str, url: str, sha: str, state_dir: Path) -> tuple[float, float]:
