@@ -55,7 +55,9 @@ class Guest:
         deadline = time.monotonic() + timeout
         while marker not in self.console()[after:]:
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not print {marker!r}; console: {self.console()!r}")
+                raise AssertionError(
+                    f"{self.name} did not print {marker!r}; console: {self.console()[-2000:]!r}"
+                )
             time.sleep(0.05)
 
     def identity(self) -> dict[str, Any]:

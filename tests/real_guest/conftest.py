@@ -29,7 +29,6 @@ from tests.real_guest.support import (
     halting_boot_sector,
     read,
     wait_for_agent,
-    wait_for_log,
 )
 
 
@@ -120,7 +119,7 @@ def real_guest(
     try:
         began = time.monotonic()
         guest.domain.create()
-        wait_for_log(guest, RealGuestImages.marker("A"), 0, BOOT_SECONDS)
+        guest.wait_for_console(RealGuestImages.marker("A"), 0, BOOT_SECONDS)
         wait_for_agent(guest)
         print(f"real guest {guest.name} reached multi-user in {time.monotonic() - began:.1f} s")
         yield guest

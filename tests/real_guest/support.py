@@ -63,14 +63,6 @@ def read(path: Path) -> str:
     return path.read_bytes().decode(errors="replace") if path.exists() else ""
 
 
-def wait_for_log(guest: Guest, marker: str, after: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while marker not in read(guest.serial)[after:]:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{guest.name} did not print {marker!r}: {read(guest.serial)[-2000:]!r}")
-        time.sleep(0.2)
-
-
 def agent(guest: Guest, command: dict[str, Any], timeout: int = 5) -> Any:
     answer = libvirt_qemu.qemuAgentCommand(guest.domain, json.dumps(command), timeout, 0)
     return json.loads(answer)["return"]

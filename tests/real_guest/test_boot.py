@@ -21,10 +21,8 @@ from tests.real_guest.support import (
     MULTI_USER,
     guest_group,
     image_in_guest,
-    read,
     rebuild,
     wait_for_agent,
-    wait_for_log,
 )
 from workflows.models import VerifyInstanceInput
 
@@ -37,7 +35,7 @@ async def test_image_that_never_reaches_multi_user_is_rolled_back(
 ) -> None:
     """Its kernel panics (init=/bin/false): the console never shows multi-user, read via libvirt's stream."""
     before = image_in_guest(real_guest)
-    offset = len(read(real_guest.serial))
+    offset = len(real_guest.console())
 
     result = await rebuild(
         real_worker, dev_server, real_guest, served.url("panic.qcow2"),
@@ -51,7 +49,7 @@ async def test_image_that_never_reaches_multi_user_is_rolled_back(
     assert "printed no match" in outcome["error"]
     assert outcome["stopped_by"] in ("acpi", "agent")
     # The new image really booted (its kernel line); how far it got before the timeout depends on load.
-    assert "init=/bin/false" in read(real_guest.serial)[offset:]
+    assert "init=/bin/false" in real_guest.console()[offset:]
     # The rollback started the old image: the same check, now through the pty stream, must pass.
     check = VerifyInstanceInput(
         instance=real_guest.name, verify=f"console:{MULTI_USER}", boot_timeout_seconds=BOOT_SECONDS
@@ -77,7 +75,7 @@ async def test_running_guest_is_stopped_gracefully_and_boots_the_new_image(
 ) -> None:
     before = real_guest.identity()
     data_before = real_guest.data_disk.read_bytes()
-    offset = len(read(real_guest.serial))
+    offset = len(real_guest.console())
     sha = image_sha256(real_images.b)
 
     result = await rebuild(
@@ -92,9 +90,9 @@ async def test_running_guest_is_stopped_gracefully_and_boots_the_new_image(
     assert outcome["forced_stop"] is False
     assert outcome["verified_by"] == "agent"
     print(f"rebuild A -> B: stopped by {outcome['stopped_by']}, steps {outcome['step_seconds']}")
-    console = read(real_guest.serial)[offset:]
+    console = real_guest.console()[offset:]
     assert "reboot: Power down" in console  # the guest shut itself down
-    wait_for_log(real_guest, MARKER_B, offset, 60)
+    real_guest.wait_for_console(MARKER_B, offset, 60)
     assert image_in_guest(real_guest) == "B"
     assert real_guest.identity() == before
     assert real_guest.data_disk.read_bytes() == data_before

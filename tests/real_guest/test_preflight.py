@@ -21,7 +21,6 @@ from tests.real_guest.support import (
     BOOT_SECONDS,
     guest_group,
     image_in_guest,
-    read,
     rebuild,
     wait_for_agent,
 )
@@ -38,7 +37,7 @@ def assert_untouched(
     guest: Guest, domain_id: int, image: str, console_before: int, worker: WorkerProcess
 ) -> None:
     assert guest.domain.isActive() and guest.domain.ID() == domain_id
-    assert "reached multi-user" not in read(guest.serial)[console_before:]  # it never booted again
+    assert "reached multi-user" not in guest.console()[console_before:]  # it never booted again
     wait_for_agent(guest, 10)
     assert image_in_guest(guest) == image
     assert sandboxes(guest.conn, worker) == [] and sandbox_files(worker) == []
@@ -65,7 +64,7 @@ async def test_an_image_that_does_not_boot_fails_preflight_and_the_instance_neve
     at_once: bool,
 ) -> None:
     domain_id, running = real_guest.domain.ID(), image_in_guest(real_guest)
-    console_before = len(read(real_guest.serial))
+    console_before = len(real_guest.console())
 
     result = await rebuild(
         real_worker,
@@ -93,7 +92,7 @@ async def test_an_empty_image_is_refused_before_preflight_and_the_instance_never
     real_guest: Guest, real_worker: WorkerProcess, served: ImageServer, dev_server: DevServer
 ) -> None:
     domain_id, running = real_guest.domain.ID(), image_in_guest(real_guest)
-    console_before = len(read(real_guest.serial))
+    console_before = len(real_guest.console())
 
     result = await rebuild(real_worker, dev_server, real_guest, served.url("empty.raw"), "--preflight")
 
