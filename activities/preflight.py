@@ -260,7 +260,10 @@ class PreflightActivities:
             for domain in self.libvirt.connection().listAllDomains():
                 if not domain.name().startswith(SANDBOX_PREFIX):
                     continue
-                description = ET.fromstring(domain.XMLDesc(0)).findtext("description") or ""
+                try:
+                    description = ET.fromstring(domain.XMLDesc(0)).findtext("description") or ""
+                except libvirt.libvirtError:
+                    continue  # another worker's transient sandbox, gone since the listing
                 if description == self._owner_mark:
                     self._remove_sandbox(domain.name())
                     removed.append(domain.name())
