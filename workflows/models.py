@@ -41,6 +41,8 @@ DiskFormat = Literal["raw", "qcow2"]
 # or a file name without quoting.
 INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+:-]{0,199}$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# A disk's target device as libvirt names it: vda, sdb, hdc, xvda, ...
+DISK_TARGET = re.compile(r"^[a-z][a-z0-9]{1,31}$")
 # How a stop ended: the guest powered off on the ACPI button or on the guest agent's request, or it was
 # forced off after the stop timeout. None: it was off already.
 StopMethod = Literal["acpi", "agent", "forced"]
@@ -194,6 +196,12 @@ class RebuildRequest(_Model):
     identity: IdentityChange | None = None
     # Boot the new image in a throwaway sandbox before the stop; None: the host worker's default.
     preflight: bool | None = None
+    # The root disk's target device (vda, sda, ...) where the boot order leaves it ambiguous; None:
+    # the disk that comes first in the domain's boot order.
+    root_disk: str | None = None
+    # Drop the instance's snapshots (their metadata once the rebuild is confirmed; their data lives in
+    # the old disk, kept until cleanup so a rollback brings them back). Without it they are refused.
+    discard_snapshots: bool = False
 
     @property
     def image_label(self) -> str:
@@ -213,6 +221,7 @@ class StrictRebuildRequest(RebuildRequest):
     max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
     approval_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
     confirm_within_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
+    root_disk: str | None = Field(default=None, pattern=DISK_TARGET.pattern)
 
     @field_validator("instance")
     @classmethod
@@ -302,6 +311,9 @@ class StrictRebuildRequest(RebuildRequest):
 
 class InspectInstanceInput(_Model):
     instance: str
+    # The operator's choice of root disk (a target device); None: the first disk in the boot order.
+    root_disk: str | None = None
+    discard_snapshots: bool = False
 
 
 class InstanceInfo(_Model):
@@ -400,12 +412,18 @@ class PrepareRootDiskInput(_Model):
     rebuild_id: str
     # The request's limit on the new disk's size, min_virtual_size included.
     max_virtual_size: int | None = None
+    # The root disk inspect found (its target device): every step works on that disk. None in
+    # rebuilds started before it was passed: the step finds it again by the same rule.
+    root_disk_target: str | None = None
 
 
 class PrepareSeedInput(_Model):
     instance: str
     rebuild_id: str
     change: IdentityChange | None = None
+    # The root disk inspect found (its target device): every step works on that disk. None in
+    # rebuilds started before it was passed: the step finds it again by the same rule.
+    root_disk_target: str | None = None
 
 
 class SeedResult(_Model):
@@ -419,11 +437,17 @@ class SeedResult(_Model):
 class RestoreSeedInput(_Model):
     instance: str
     rebuild_id: str
+    # The root disk inspect found (its target device): every step works on that disk. None in
+    # rebuilds started before it was passed: the step finds it again by the same rule.
+    root_disk_target: str | None = None
 
 
 class RemoveSeedBackupInput(_Model):
     instance: str
     rebuild_id: str
+    # The root disk inspect found (its target device): every step works on that disk. None in
+    # rebuilds started before it was passed: the step finds it again by the same rule.
+    root_disk_target: str | None = None
 
 
 class PreparedRootDisk(_Model):
@@ -438,6 +462,9 @@ class RestoreRootDiskInput(_Model):
     original_format: str
     # The image the new disk is an overlay on: tells a new disk from an old one made by an earlier rebuild.
     image_sha256: str | None = None
+    # The root disk inspect found (its target device): every step works on that disk. None in
+    # rebuilds started before it was passed: the step finds it again by the same rule.
+    root_disk_target: str | None = None
 
 
 class StartInstanceInput(_Model):
@@ -477,6 +504,9 @@ class PreflightInput(_Model):
     boot_timeout_seconds: float = 120.0
     # The request's identity change: the sandbox gets the seed the rebuild would attach.
     change: IdentityChange | None = None
+    # The root disk inspect found (its target device): every step works on that disk. None in
+    # rebuilds started before it was passed: the step finds it again by the same rule.
+    root_disk_target: str | None = None
 
 
 class PreflightResult(_Model):
@@ -490,6 +520,11 @@ class PreflightResult(_Model):
 class RemoveBackupInput(_Model):
     instance: str
     rebuild_id: str
+    # The root disk inspect found (its target device): every step works on that disk. None in
+    # rebuilds started before it was passed: the step finds it again by the same rule.
+    root_disk_target: str | None = None
+    # The instance's snapshots go with the old disk (their metadata is removed here).
+    discard_snapshots: bool = False
 
 
 class RecordImageInput(_Model):
