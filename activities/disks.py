@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
-import struct
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from temporalio import activity
 
+from activities import domain_xml as dx
 from activities import libvirt_domain as ld
-from activities import qemu_img
+from activities import qcow2, qemu_img, rebuildable
 from activities.checkpoints import Checkpoints
 from activities.errors import DiskMissing, HostOutOfSpace, ImageTooLarge, InstanceNotStopped, InvalidRequest
 from activities.heartbeat import keep_alive
-from activities.state import StateDir, backup_path, fsync_dir, new_disk_path, original_format_path
+from activities.state import (
+    StateDir,
+    backup_path,
+    fsync_dir,
+    new_disk_path,
+    original_disk_path,
+    original_format_path,
+    snapshots_record_path,
+    write_atomically,
+)
 from workflows.models import (
     PreparedRootDisk,
     PrepareRootDiskInput,
@@ -45,6 +56,20 @@ def _validate_prepare(request: PrepareRootDiskInput) -> None:
             raise ImageTooLarge(f"{what} size {size} bytes is over the limit of {limit} bytes")
 
 
+@dataclass(frozen=True)
+class _RootFile:
+    """The root disk as a rebuild works on it: its definition, and the file it really is."""
+
+    xml: ET.Element
+    disk: ld.RootDisk
+    # The definition's path with symlinks resolved: backups and the new disk go next to the file
+    # itself, and the swap replaces the file, never the link.
+    real: str
+
+    def record(self, rebuild_id: str) -> Path:
+        return original_disk_path(self.real, rebuild_id)
+
+
 class DiskActivities:
     def __init__(
         self, libvirt_conn: ld.Libvirt, state: StateDir, checkpoints: Checkpoints | None = None
@@ -53,19 +78,35 @@ class DiskActivities:
         self.state = state
         self.checkpoints = checkpoints or Checkpoints()
 
-    async def _stopped_root_disk(self, instance: str) -> tuple[ET.Element, ld.RootDisk]:
-        def read(domain: Any) -> tuple[ET.Element, ld.RootDisk]:
-            if ld.is_active(domain):
+    async def _root_file(
+        self,
+        instance: str,
+        target: str | None,
+        *,
+        stopped: bool = True,
+        check_discarding: bool | None = None,
+    ) -> _RootFile:
+        """The root disk; with ``check_discarding`` set, refused where a rebuild may not replace it
+        (snapshots allowed when it is True)."""
+
+        def read(domain: Any) -> _RootFile:
+            if stopped and ld.is_active(domain):
                 raise InstanceNotStopped(f"instance {instance!r} is running; its disk stays")
             xml = ld.inactive_xml(domain)
-            return xml, ld.root_disk(xml, instance)
+            disk = dx.step_root_disk(xml, instance, target)
+            if check_discarding is not None:
+                conn = self.libvirt.connection()
+                rebuildable.refuse_unrebuildable(conn, domain, disk, check_discarding)
+            return _RootFile(xml, disk, os.path.realpath(disk.path))
 
         return await asyncio.to_thread(self.libvirt.with_domain, instance, read)
 
-    async def _set_format(self, instance: str, xml: ET.Element, disk: ld.RootDisk, fmt: str) -> None:
-        if disk.format != fmt:
-            definition = ld.with_root_disk_format(xml, disk.target, fmt)
-            await asyncio.to_thread(self.libvirt.define, instance, definition)
+    async def _define_disk(self, instance: str, root: _RootFile, disk: ET.Element) -> None:
+        def update(domain: Any) -> None:
+            if ET.tostring(dx.disk_element(root.xml, root.disk.target)) != ET.tostring(disk):
+                ld.update_disk(self.libvirt.connection(), domain, root.xml, disk)
+
+        await asyncio.to_thread(self.libvirt.with_domain, instance, update)
 
     @activity.defn
     async def prepare_root_disk(self, request: PrepareRootDiskInput) -> PreparedRootDisk:
@@ -73,19 +114,32 @@ class DiskActivities:
         _validate_prepare(request)
         base = self.state.image_path(request.image_sha256)
         async with keep_alive():
-            xml, disk = await self._stopped_root_disk(request.instance)
-            backup = backup_path(disk.path, request.rebuild_id)
-            fresh = new_disk_path(disk.path, request.rebuild_id)
-            recorded = original_format_path(disk.path, request.rebuild_id)
-            directory = Path(disk.path).parent
+            first = not backup_path(await self._real_path(request), request.rebuild_id).exists()
+            # The first attempt asks again what inspect asked: snapshots or a saved state may have
+            # appeared while the instance stopped. A retry finds its own backup and finishes.
+            root = await self._root_file(
+                request.instance,
+                request.root_disk_target,
+                check_discarding=request.discard_snapshots if first else None,
+            )
+            backup = backup_path(root.real, request.rebuild_id)
+            fresh = new_disk_path(root.real, request.rebuild_id)
+            recorded = original_format_path(root.real, request.rebuild_id)
+            directory = Path(root.real).parent
             if not backup.exists():
-                if not Path(disk.path).exists():
-                    raise DiskMissing(f"root disk {disk.path} of {request.instance!r} does not exist")
-                # The old format comes from libvirt's definition, before anything changes it, and
-                # is what restore trusts: never a request's word (a guest can write a qcow2 header
+                if not Path(root.real).exists():
+                    raise DiskMissing(f"root disk {root.disk.path} of {request.instance!r} does not exist")
+                # The old disk's definition comes from libvirt, before anything changes it, and is
+                # what restore trusts: never a request's word (a guest can write a qcow2 header
                 # naming any host file into its raw disk; opening that as qcow2 would follow it).
-                _write_small(recorded, disk.format)
-                await asyncio.to_thread(_keep_as_backup, disk.path, backup)
+                write_atomically(recorded, root.disk.format)
+                write_atomically(root.record(request.rebuild_id), dx.to_string(_element(root)))
+                if request.discard_snapshots:
+                    names = await asyncio.to_thread(
+                        self.libvirt.with_domain, request.instance, ld.snapshot_names
+                    )
+                    write_atomically(snapshots_record_path(root.real, request.rebuild_id), json.dumps(names))
+                await asyncio.to_thread(_keep_as_backup, root.real, backup)
             await self.checkpoints.reach("prepare.after-backup")
             original_format = _recorded_format(recorded, request.original_format)
             old = await qemu_img.image_info(str(backup), original_format)
@@ -99,48 +153,63 @@ class DiskActivities:
                 raise
             _copy_ownership(backup, fresh)
             await self.checkpoints.reach("prepare.before-swap")
-            os.replace(fresh, disk.path)
+            os.replace(fresh, root.real)
             await asyncio.to_thread(fsync_dir, directory)
-            await self._set_format(request.instance, xml, disk, "qcow2")
+            original = _recorded_disk(root, request.rebuild_id)
+            await self._define_disk(
+                request.instance, root, dx.rebuilt_disk(original, str(base), request.image_format)
+            )
             await self.checkpoints.reach("prepare.after-new-disk")
-            return PreparedRootDisk(disk_path=disk.path, backup_path=str(backup), virtual_size=size)
+            return PreparedRootDisk(disk_path=root.disk.path, backup_path=str(backup), virtual_size=size)
+
+    async def _real_path(self, request: PrepareRootDiskInput) -> str:
+        root = await self._root_file(request.instance, request.root_disk_target, stopped=False)
+        return root.real
 
     @activity.defn
     async def restore_root_disk(self, request: RestoreRootDiskInput) -> None:
-        """Put the backup back. A disk already restored, or never replaced, is a success.
+        """Put the backup back, and the old disk's definition with it. A disk already restored, or
+        never replaced, is a success.
 
         Without a backup, a disk that is an overlay on our image cache is a new disk whose old one is
         somewhere else (a backup under another rebuild ID): refusing is the only safe answer, because
         calling that "restored" would lose the old disk and leave the instance on the new one.
         """
         async with keep_alive():
-            xml, disk = await self._stopped_root_disk(request.instance)
-            backup = backup_path(disk.path, request.rebuild_id)
-            recorded = original_format_path(disk.path, request.rebuild_id)
+            root = await self._root_file(request.instance, request.root_disk_target)
+            backup = backup_path(root.real, request.rebuild_id)
+            recorded = original_format_path(root.real, request.rebuild_id)
             if not backup.exists():
-                self._refuse_if_new_disk(request, disk.path, backup)
+                self._refuse_if_new_disk(request, root.real, backup)
             if not backup.exists() and not recorded.exists():
                 # Nothing of this rebuild is here to put back: the definition is left alone, since
                 # a format from the request alone could make QEMU read a raw disk as qcow2.
-                new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+                new_disk_path(root.real, request.rebuild_id).unlink(missing_ok=True)
                 return
             original_format = _recorded_format(recorded, request.original_format)
             await self.checkpoints.reach("restore.before-swap")
             if backup.exists():
-                if Path(disk.path).exists() and os.path.samefile(backup, disk.path):
+                if Path(root.real).exists() and os.path.samefile(backup, root.real):
                     backup.unlink()
                 else:
-                    os.replace(backup, disk.path)
-                await asyncio.to_thread(fsync_dir, Path(disk.path).parent)
-            new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
-            await self._set_format(request.instance, xml, disk, original_format)
-            original_format_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+                    os.replace(backup, root.real)
+                await asyncio.to_thread(fsync_dir, Path(root.real).parent)
+            new_disk_path(root.real, request.rebuild_id).unlink(missing_ok=True)
+            if root.record(request.rebuild_id).exists():
+                original = _recorded_disk(root, request.rebuild_id)
+            else:
+                # Prepared by a worker from before the whole element was recorded: its format only.
+                original = _with_format(_element(root), original_format)
+            await self._define_disk(request.instance, root, original)
+            for record in (recorded, root.record(request.rebuild_id)):
+                record.unlink(missing_ok=True)
+            snapshots_record_path(root.real, request.rebuild_id).unlink(missing_ok=True)
 
     def _refuse_if_new_disk(self, request: RestoreRootDiskInput, disk: str, backup: Path) -> None:
-        backing = _qcow2_backing_file(Path(disk))
-        if backing is None:
+        backing = qcow2.read_header(Path(disk))
+        if backing is None or not backing.backing_file:
             return
-        resolved = (Path(disk).parent / backing).resolve()
+        resolved = (Path(disk).parent / backing.backing_file).resolve()
         if resolved.parent != self.state.images.resolve():
             return
         # An instance rebuilt before already runs on an overlay: unless it is on this rebuild's image,
@@ -157,19 +226,46 @@ class DiskActivities:
 
     @activity.defn
     async def remove_backup(self, request: RemoveBackupInput) -> None:
-        def find(domain: Any) -> ld.RootDisk:
-            return ld.root_disk(ld.inactive_xml(domain), request.instance)
+        """The rebuild is kept: the old disk goes, and with --discard-snapshots its snapshots' metadata
+        (first, so that a crash in between never leaves snapshots whose disk is gone unannounced)."""
+        root = await self._root_file(request.instance, request.root_disk_target, stopped=False)
+        snapshots = snapshots_record_path(root.real, request.rebuild_id)
+        if snapshots.exists():
+            names = [str(n) for n in json.loads(snapshots.read_text())]
+            await asyncio.to_thread(
+                self.libvirt.with_domain,
+                request.instance,
+                lambda domain: ld.drop_snapshot_metadata(domain, names),
+            )
+        backup_path(root.real, request.rebuild_id).unlink(missing_ok=True)
+        for path in (
+            new_disk_path(root.real, request.rebuild_id),
+            original_format_path(root.real, request.rebuild_id),
+            root.record(request.rebuild_id),
+            snapshots,
+        ):
+            path.unlink(missing_ok=True)
 
-        disk = await asyncio.to_thread(self.libvirt.with_domain, request.instance, find)
-        backup_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
-        new_disk_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
-        original_format_path(disk.path, request.rebuild_id).unlink(missing_ok=True)
+
+def _element(root: _RootFile) -> ET.Element:
+    return dx.disk_element(root.xml, root.disk.target)
 
 
-def _write_small(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+def _recorded_disk(root: _RootFile, rebuild_id: str) -> ET.Element:
+    """The old ``<disk>`` as prepare recorded it; the definition's own where no record was made."""
+    try:
+        return dx.parse(root.record(rebuild_id).read_text())
+    except FileNotFoundError:
+        return _element(root)
+
+
+def _with_format(disk: ET.Element, fmt: str) -> ET.Element:
+    copy = ET.fromstring(ET.tostring(disk))
+    driver = copy.find("driver")
+    if driver is None:
+        driver = ET.SubElement(copy, "driver", {"name": "qemu"})
+    driver.set("type", fmt)
+    return copy
 
 
 def _recorded_format(recorded: Path, requested: str) -> str:
@@ -202,19 +298,3 @@ def _copy_ownership(reference: Path, target: Path) -> None:
     stat = reference.stat()
     os.chown(target, stat.st_uid, stat.st_gid)
     os.chmod(target, stat.st_mode & 0o7777)
-
-
-def _qcow2_backing_file(path: Path) -> str | None:
-    """The backing file a qcow2 header names, read from the header itself (None for anything else)."""
-    try:
-        with open(path, "rb") as disk:
-            header = disk.read(20)
-            if len(header) < 20 or not header.startswith(b"QFI\xfb"):
-                return None
-            offset, size = struct.unpack(">QI", header[8:20])
-            if offset == 0 or size == 0 or size > 1023:
-                return None
-            disk.seek(offset)
-            return disk.read(size).decode(errors="replace")
-    except FileNotFoundError:
-        return None

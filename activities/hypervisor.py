@@ -11,18 +11,22 @@ import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import libvirt
 from temporalio import activity
 
+from activities import domain_xml as dx
 from activities import libvirt_domain as ld
+from activities import rebuildable
 from activities.checkpoints import Checkpoints
-from activities.errors import BootCheckFailed, InstanceStartFailed, UnsupportedInstance
+from activities.errors import BootCheckFailed, InstanceStartFailed, InvalidRequest, UnsupportedInstance
 from activities.heartbeat import keep_alive
 from activities.identity import current_identity
 from workflows.models import (
     DEFAULT_RUNNING_SECONDS,
+    DISK_TARGET,
     InspectInstanceInput,
     InstanceInfo,
     RecordImageInput,
@@ -46,6 +50,9 @@ AGENT_SHARE = 1 / 3
 AGENT_AFTER_SECONDS = 10.0
 # How long one guest agent command may take; the agent of a booting guest is not there yet.
 AGENT_COMMAND_SECONDS = 2
+# Inspect asks libvirt whether it would accept the new disk's definition before the image is known:
+# any cached image's path stands for it (the path is never opened).
+PLANNED_BASE = "/var/lib/durable-rebuild/images/" + "0" * 64
 
 
 def _console_size(log: ld.SerialLog | None) -> int:
@@ -73,9 +80,17 @@ class HypervisorActivities:
 
     @activity.defn
     async def inspect_instance(self, request: InspectInstanceInput) -> InstanceInfo:
+        """What the rebuild needs to know, and every refusal that can be made while the instance runs."""
+        if request.root_disk is not None and not DISK_TARGET.match(request.root_disk):
+            raise InvalidRequest(f"not a disk target device: {request.root_disk[:40]!r}")
+
         def read(domain: Any) -> InstanceInfo:
             xml = ld.inactive_xml(domain)
-            disk = ld.root_disk(xml, request.instance)
+            disk = dx.root_disk(xml, request.instance, request.root_disk)
+            conn = self.libvirt.connection()
+            rebuildable.refuse_unrebuildable(conn, domain, disk, request.discard_snapshots)
+            planned = dx.rebuilt_disk(dx.disk_element(xml, disk.target), PLANNED_BASE, "qcow2")
+            ld.refuse_invalid_definition(conn, request.instance, xml, planned)
             meta = ld.image_metadata(domain)
             return InstanceInfo(
                 name=domain.name(),
@@ -97,10 +112,13 @@ class HypervisorActivities:
 
         An instance already off is a success.
         """
-        was_running = await self._on_domain(request.instance, ld.is_active)
+        state = await self._on_domain(request.instance, _power_state)
+        was_running = state != "off"
         stopped_by: StopMethod | None = None
         if was_running:
-            stopped_by = await self._shut_down(request.instance, request.timeout_seconds)
+            # A crashed guest (on_crash='preserve') answers nothing: it is forced off at once.
+            timeout = 0 if state == "crashed" else request.timeout_seconds
+            stopped_by = await self._shut_down(request.instance, timeout)
         await self.checkpoints.reach("stop.after-off")
         log = await self._on_domain(request.instance, lambda d: ld.serial_log(ld.inactive_xml(d)))
         return StopResult(
@@ -154,13 +172,19 @@ class HypervisorActivities:
         """
         began = time.monotonic()
         xml = await self._on_domain(request.instance, ld.inactive_xml)
+        disk = ""
+        if request.root_disk_target is not None and request.image_sha256 is not None:
+            target, sha256 = request.root_disk_target, request.image_sha256
+            disk = "; " + await self._on_domain(
+                request.instance, lambda domain: _running_on_image(domain, target, sha256)
+            )
         if request.verify is not None:
             spec = VerifySpec.parse(request.verify)
         elif request.boot_marker is not None:
             await self._wait_for_marker(request)
             return VerifyResult(
                 verified_by=f"marker:{request.boot_marker}",
-                detail="boot marker on the serial log",
+                detail="boot marker on the serial log" + disk,
                 seconds=time.monotonic() - began,
             )
         elif ld.has_agent_channel(xml):
@@ -182,7 +206,7 @@ class HypervisorActivities:
         else:
             assert spec.seconds is not None
             detail = await self._keep_running(request.instance, spec.seconds)
-        return VerifyResult(verified_by=spec.label(), detail=detail, seconds=time.monotonic() - began)
+        return VerifyResult(verified_by=spec.label(), detail=detail + disk, seconds=time.monotonic() - began)
 
     async def _ensure_running(self, instance: str, waiting_for: str) -> None:
         if not await self._on_domain(instance, ld.is_active):
@@ -196,7 +220,7 @@ class HypervisorActivities:
             activity.heartbeat("checking that the instance keeps running")
             await asyncio.sleep(POLL_SECONDS)
             await self._ensure_running(instance, f"it had run {seconds:g} s")
-        return f"still running after {seconds:g} s"
+        return f"still running after {seconds:g} s (which an empty disk would be too)"
 
     async def _wait_for_agent(self, request: VerifyInstanceInput) -> str:
         deadline = time.monotonic() + request.boot_timeout_seconds
@@ -288,6 +312,32 @@ class HypervisorActivities:
             "rebuilt-at": request.rebuilt_at.isoformat(),
         }
         await self._on_domain(request.instance, lambda domain: ld.set_image_metadata(domain, attributes))
+
+
+def _running_on_image(domain: Any, target: str, sha256: str) -> str:
+    """The running root disk, as QEMU opened it, is an overlay on the new image and nothing else.
+
+    Proof at the storage level, whatever the verify mode: a definition that kept an old chain would
+    run the old base, one that kept ``<backingStore/>`` an empty disk, and ``running:N`` sees neither.
+    """
+    chain = dx.chain(dx.disk_element(ld.live_xml(domain), target))
+    base = chain[-1][0] if len(chain) == 2 else None
+    if base is None or Path(base).name != sha256:
+        layers = " on ".join(str(path) for path, _ in chain)
+        raise BootCheckFailed(
+            f"instance {domain.name()!r} runs its root disk {target} as {layers}, not as an overlay "
+            f"on image {sha256[:12]}"
+        )
+    return f"root disk {target} runs on image {sha256[:12]}"
+
+
+def _power_state(domain: Any) -> Literal["off", "running", "crashed"]:
+    """Whether there is a guest to stop; a paused or suspended one, or a transient domain, is refused
+    (a paused guest ignores ACPI, and a transient domain would vanish at the stop)."""
+    rebuildable.refuse_domain_state(domain)
+    if not ld.is_active(domain):
+        return "off"
+    return "crashed" if domain.state()[0] == libvirt.VIR_DOMAIN_CRASHED else "running"
 
 
 def _start_domain(domain: Any) -> bool:

@@ -17,15 +17,16 @@ from typing import Any
 from pydantic import BaseModel
 from temporalio import activity
 
+from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities.errors import InvalidRequest, UnsupportedInstance
 from activities.seed import build_seed
-from activities.state import seed_path, seed_undo_path
+from activities.state import seed_path, seed_undo_path, write_atomically
 from workflows.identity import GuestIdentity, identity_problems
 from workflows.models import PrepareSeedInput, RemoveSeedBackupInput, RestoreSeedInput, SeedResult
 
 IDENTITY_NAMESPACE = "https://durable-rebuild.dev/xmlns/identity/1"
-SEED_ALIAS = "ua-rebuild-seed"
+SEED_ALIAS = dx.SEED_ALIAS
 _IDE_TARGETS = ("hda", "hdb", "hdc", "hdd")
 _SATA_TARGETS = tuple(f"sd{chr(ord('a') + n)}" for n in range(26))
 
@@ -105,10 +106,10 @@ class IdentityActivities:
     def __init__(self, libvirt_conn: ld.Libvirt) -> None:
         self.libvirt = libvirt_conn
 
-    async def _definition(self, instance: str) -> tuple[ET.Element, ld.RootDisk]:
+    async def _definition(self, instance: str, target: str | None) -> tuple[ET.Element, ld.RootDisk]:
         def read(domain: Any) -> tuple[ET.Element, ld.RootDisk]:
             xml = ld.inactive_xml(domain)
-            return xml, ld.root_disk(xml, instance)
+            return xml, dx.step_root_disk(xml, instance, target)
 
         return await asyncio.to_thread(self.libvirt.with_domain, instance, read)
 
@@ -117,7 +118,7 @@ class IdentityActivities:
         """Build the new seed from the instance's identity and the request's change, and attach it."""
         if request.change is not None and (problems := identity_problems(request.change)):
             raise InvalidRequest("; ".join(problems))
-        xml, disk = await self._definition(request.instance)
+        xml, disk = await self._definition(request.instance, request.root_disk_target)
         undo = seed_undo_path(disk.path, request.rebuild_id)
         if undo.exists():
             # A retry: the definition may already hold the new seed; what came before is recorded.
@@ -128,7 +129,7 @@ class IdentityActivities:
             before = _Before(
                 seed_path=source.get("file") if source is not None else None, identity=current_identity(xml)
             )
-            _write_atomically(undo, before.model_dump_json())
+            write_atomically(undo, before.model_dump_json(), mode=0o600)
         identity = before.identity or GuestIdentity()
         if request.change is not None:
             identity = request.change.applied_to(identity)
@@ -147,7 +148,7 @@ class IdentityActivities:
     @activity.defn
     async def restore_seed(self, request: RestoreSeedInput) -> None:
         """Put the old seed and identity back. Nothing recorded: nothing of ours to undo."""
-        xml, disk = await self._definition(request.instance)
+        xml, disk = await self._definition(request.instance, request.root_disk_target)
         undo = seed_undo_path(disk.path, request.rebuild_id)
         if not undo.exists():
             return
@@ -162,7 +163,7 @@ class IdentityActivities:
     @activity.defn
     async def remove_seed_backup(self, request: RemoveSeedBackupInput) -> None:
         """The rebuild is kept: the old seed file goes (only one this project made, beside the disk)."""
-        _, disk = await self._definition(request.instance)
+        _, disk = await self._definition(request.instance, request.root_disk_target)
         undo = seed_undo_path(disk.path, request.rebuild_id)
         if not undo.exists():
             return
@@ -193,10 +194,3 @@ def describe_identity(identity: GuestIdentity) -> str:
     if identity.metadata:
         parts.append(f"{len(identity.metadata)} metadata item(s)")
     return ", ".join(parts)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.chmod(0o600)
-    temporary.replace(path)

@@ -42,7 +42,7 @@ from activities.glance import GlanceEndpoint
 from activities.heartbeat import keep_alive
 from activities.network import AddressPolicy, GuardedConnector
 from activities.sink import PipelinedSink
-from activities.state import StateDir, fsync_dir, require_digest
+from activities.state import StateDir, fsync_dir, require_digest, write_atomically
 from workflows.models import CachedImage, CheckedImage, CheckImageInput, FetchImageInput, FetchProgress
 
 CHUNK_BYTES = 1 << 20
@@ -109,8 +109,8 @@ class ImageActivities:
             else:
                 cached = await self._download(request, self.state.partial_path(key, ".part"))
             if request.sha512:
-                _write_atomically(self.state.sha512_index(request.sha512), cached.sha256)
-            _write_atomically(self.state.partial_path(key, ".done"), cached.sha256)
+                write_atomically(self.state.sha512_index(request.sha512), cached.sha256)
+            write_atomically(self.state.partial_path(key, ".done"), cached.sha256)
             return cached
 
     async def _download(self, request: FetchImageInput, partial: Path) -> CachedImage:
@@ -298,7 +298,7 @@ class ImageActivities:
                     path.unlink(missing_ok=True)
                     raise UnsafeImage(f"image {request.sha256} refused: {err.message}") from None
             passed = CheckedImage(sha256=request.sha256, format=fmt, virtual_size=virtual_size)
-            _write_atomically(verdict, passed.model_dump_json())
+            write_atomically(verdict, passed.model_dump_json())
         if request.declared_format and fmt != request.declared_format:
             # The image is what its header says, and other instances may use it: it stays cached.
             raise UnsafeImage(
@@ -362,12 +362,6 @@ def _copy_hashing(source: Path, target: Path, digests: Digests) -> None:
                 target.unlink(missing_ok=True)
                 raise HostOutOfSpace(f"host ran out of space in {target.parent} while copying") from None
             raise
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def _fetched_since(state: StateDir, key: str, since: float) -> Path | None:

@@ -17,7 +17,11 @@ from typing import Any, TypeVar
 import libvirt
 import libvirt_qemu
 
+from activities import domain_xml as dx
+from activities.domain_xml import RootDisk as RootDisk
+from activities.domain_xml import root_disk as root_disk
 from activities.errors import (
+    DefinitionRefused,
     HypervisorError,
     HypervisorUnavailable,
     InstanceNotFound,
@@ -35,6 +39,16 @@ _CONNECTION_LOST = {
     libvirt.VIR_ERR_INVALID_CONN,
     libvirt.VIR_ERR_SYSTEM_ERROR,
     libvirt.VIR_ERR_RPC,
+}
+
+
+# What libvirt answers to a definition it will never accept: no retry changes that.
+_DEFINITION_REFUSED = {
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_XML_ERROR,
+    libvirt.VIR_ERR_XML_DETAIL,
+    libvirt.VIR_ERR_INVALID_ARG,
+    libvirt.VIR_ERR_NO_SECRET,
 }
 
 
@@ -67,13 +81,6 @@ def ensure_event_loop() -> None:
             _events_running = True
 
 
-@dataclass(frozen=True)
-class RootDisk:
-    path: str
-    format: str
-    target: str
-
-
 def translate(err: libvirt.libvirtError, instance: str) -> Exception:
     """Turn libvirt's C-style error into one of ours, without chaining the noise."""
     code = err.get_error_code()
@@ -82,6 +89,8 @@ def translate(err: libvirt.libvirtError, instance: str) -> Exception:
         return InstanceNotFound(f"instance {instance!r} is not defined on this host")
     if code in _CONNECTION_LOST:
         return HypervisorUnavailable(f"libvirt is unreachable: {message}")
+    if code in _DEFINITION_REFUSED:
+        return DefinitionRefused(f"libvirt refused the definition of {instance!r}: {message}")
     return HypervisorError(f"libvirt refused an operation on {instance!r}: {message}")
 
 
@@ -139,50 +148,16 @@ class Libvirt:
 def inactive_xml(domain: Any) -> ET.Element:
     """The persistent definition: what the next start will use, and what we change."""
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-    return ET.fromstring(domain.XMLDesc(flags))
+    return dx.parse(domain.XMLDesc(flags))
+
+
+def live_xml(domain: Any) -> ET.Element:
+    """What runs now: for a running domain, the disks' backing chains as QEMU opened them."""
+    return dx.parse(domain.XMLDesc(0))
 
 
 def is_active(domain: Any) -> bool:
     return bool(domain.isActive())
-
-
-def root_disk(xml: ET.Element, instance: str) -> RootDisk:
-    """The disk the instance boots from: the one with boot order 1, else the first disk.
-
-    Data disks, CD-ROMs and NICs are never touched by a rebuild.
-    """
-    disks = [d for d in xml.findall("./devices/disk") if d.get("device", "disk") == "disk"]
-    if not disks:
-        raise UnsupportedInstance(f"instance {instance!r} has no disk")
-    ordered = [d for d in disks if d.find("boot[@order='1']") is not None]
-    disk = (ordered or disks)[0]
-    source = disk.find("source")
-    target = disk.find("target")
-    path = source.get("file") if source is not None else None
-    if disk.get("type", "file") != "file" or not path:
-        raise UnsupportedInstance(
-            f"instance {instance!r}: root disk is not a file (type={disk.get('type')!r}); "
-            "only file-backed root disks can be rebuilt"
-        )
-    if target is None or not target.get("dev"):
-        raise UnsupportedInstance(f"instance {instance!r}: root disk has no target device")
-    driver = disk.find("driver")
-    fmt = driver.get("type", "raw") if driver is not None else "raw"
-    return RootDisk(path=path, format=fmt, target=str(target.get("dev")))
-
-
-def with_root_disk_format(xml: ET.Element, target: str, fmt: str) -> str:
-    """The same definition with the root disk's driver type set to ``fmt``."""
-    for disk in xml.findall("./devices/disk"):
-        found = disk.find("target")
-        if found is not None and found.get("dev") == target:
-            driver = disk.find("driver")
-            if driver is None:
-                driver = ET.Element("driver", {"name": "qemu"})
-                disk.insert(0, driver)
-            driver.set("type", fmt)
-            return ET.tostring(xml, encoding="unicode")
-    raise UnsupportedInstance(f"root disk {target!r} vanished from the definition")
 
 
 @dataclass(frozen=True)
@@ -269,3 +244,90 @@ class ConsoleStream:
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self._stream.abort()
+
+
+def optional(call: Callable[[], T], unsupported: T) -> T:
+    """A query some drivers lack (the test driver has no jobs): its absence means "none"."""
+    try:
+        return call()
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_INVALID):
+            return unsupported
+        raise
+
+
+def snapshot_names(domain: Any) -> list[str]:
+    snapshots: list[Any] = optional(lambda: domain.listAllSnapshots(0), [])
+    return sorted(s.getName() for s in snapshots)
+
+
+def drop_snapshot_metadata(domain: Any, names: list[str]) -> None:
+    """Forget these snapshots in libvirt (their data went with the old disk); gone ones are fine."""
+    for name in names:
+        try:
+            domain.snapshotLookupByName(name, 0).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                raise
+
+
+def domains_using(conn: Any, skip: tuple[str, str] | None = None) -> list[tuple[str, str, list[str]]]:
+    """(domain, disk target, files) for every disk of every domain: its source and written chain.
+
+    ``skip`` is a (domain name, target) pair left out: the root disk whose users are sought.
+    """
+    found = []
+    for domain in conn.listAllDomains(0):
+        try:
+            definitions = [inactive_xml(domain)] if domain.isPersistent() else []
+            if is_active(domain):
+                definitions.append(live_xml(domain))
+            name = domain.name()
+        except libvirt.libvirtError:
+            continue  # gone since the listing
+        for xml in definitions:
+            for disk in xml.findall("./devices/disk"):
+                target = disk.find("target")
+                dev = target.get("dev", "") if target is not None else ""
+                if skip is not None and (name, dev) == skip:
+                    continue
+                files = [path for path, _ in dx.chain(disk) if path]
+                if files:
+                    found.append((name, dev, files))
+    return found
+
+
+def refuse_invalid_definition(conn: Any, instance: str, xml: ET.Element, new_disk: ET.Element) -> None:
+    """Ask libvirt, before anything changes, whether it would accept the new disk's definition.
+
+    ``domainXMLToNative`` parses and validates a definition as ``define`` does, without defining or
+    starting anything. Only a refusal of the new definition where the current one passes counts: the
+    conversion itself may not know every device a host uses.
+    """
+    if conn.getType() != "QEMU":
+        return
+    try:
+        conn.domainXMLToNative("qemu-argv", dx.to_string(xml), 0)
+    except libvirt.libvirtError:
+        return
+    try:
+        conn.domainXMLToNative("qemu-argv", dx.to_string(dx.with_disk(xml, new_disk)), 0)
+    except libvirt.libvirtError as err:
+        raise UnsupportedInstance(
+            f"instance {instance!r}: libvirt would refuse its root disk as a qcow2 overlay: "
+            f"{err.get_error_message()}"
+        ) from None
+
+
+def update_disk(conn: Any, domain: Any, xml: ET.Element, disk: ET.Element) -> None:
+    """Change one disk of the persistent definition, and nothing else of it.
+
+    ``updateDeviceFlags`` on the config replaces that disk as libvirt parsed it; drivers without it
+    (the test driver) get the whole definition with the disk replaced.
+    """
+    try:
+        domain.updateDeviceFlags(dx.to_string(disk), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+        conn.defineXML(dx.to_string(dx.with_disk(xml, disk)))

@@ -26,6 +26,7 @@ from pathlib import Path
 import libvirt
 from temporalio import activity
 
+from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities import qemu_img
 from activities.checkpoints import Checkpoints
@@ -111,7 +112,7 @@ class PreflightActivities:
             waited = time.monotonic() - began
             try:
                 xml = await asyncio.to_thread(self.libvirt.with_domain, request.instance, ld.inactive_xml)
-                disk = ld.root_disk(xml, request.instance)
+                disk = dx.step_root_disk(xml, request.instance, request.root_disk_target)
                 old = await qemu_img.image_info(disk.path, disk.format)
                 size = max(int(old["virtual-size"]), request.image_virtual_size, request.min_virtual_size)
                 overlay.unlink(missing_ok=True)
@@ -125,7 +126,14 @@ class PreflightActivities:
                     # The seed the rebuild will attach, under a throwaway instance-id.
                     seed_path = seed
                     await asyncio.to_thread(build_seed, identity, f"preflight-{request.rebuild_id}", seed)
-                definition = self.sandbox_xml(xml, name, overlay, console, seed_path, disk.target)
+                definition = self.sandbox_xml(
+                    xml,
+                    name,
+                    dx.rebuilt_disk(dx.disk_element(xml, disk.target), str(image), request.image_format),
+                    overlay,
+                    console,
+                    seed_path,
+                )
                 await asyncio.to_thread(self._create, definition)
                 await self.checkpoints.reach("preflight.after-create")
                 # The same check the rebuild's verify step makes, on the sandbox instead.
@@ -136,6 +144,8 @@ class PreflightActivities:
                             verify=request.verify,
                             boot_marker=request.boot_marker,
                             boot_timeout_seconds=request.boot_timeout_seconds,
+                            root_disk_target=disk.target,
+                            image_sha256=request.image_sha256,
                         )
                     ),
                     console,
@@ -158,12 +168,18 @@ class PreflightActivities:
         self,
         instance: ET.Element,
         name: str,
+        new_disk: ET.Element,
         overlay: Path,
         console: Path,
         seed: Path | None,
-        root_target: str,
     ) -> str:
-        """The instance's definition, reduced to what booting its new image needs and nothing more."""
+        """The instance's definition, reduced to what booting its new image needs and nothing more.
+
+        Its root disk is ``new_disk``, the definition the rebuild will give the instance, on the
+        sandbox's own overlay: what passes here is what the instance will boot.
+        """
+        root_target = new_disk.find("target")
+        assert root_target is not None
         xml = ET.fromstring(ET.tostring(instance))
         for tag in ("uuid", "metadata", "seclabel", "description", "title"):
             for element in xml.findall(tag):
@@ -196,10 +212,10 @@ class PreflightActivities:
                 devices.remove(child)
             elif child.tag == "disk":
                 target = child.find("target")
-                if target is None or target.get("dev") != root_target:
+                if target is None or target.get("dev") != root_target.get("dev"):
                     devices.remove(child)
                 else:
-                    _point_at(child, overlay)
+                    _point_at(child, new_disk, overlay)
         serial = ET.SubElement(devices, "serial", {"type": "file"})
         ET.SubElement(serial, "source", {"path": str(console)})
         ET.SubElement(serial, "target", {"port": "0"})
@@ -295,14 +311,15 @@ class PreflightActivities:
             await asyncio.sleep(0.5)
 
 
-def _point_at(disk: ET.Element, overlay: Path) -> None:
-    """The sandbox's root disk: the throwaway overlay, writable, whatever the instance's was."""
-    disk.set("type", "file")
-    for tag in ("source", "backingStore", "driver", "readonly"):
-        for element in disk.findall(tag):
-            disk.remove(element)
-    disk.insert(0, ET.Element("driver", {"name": "qemu", "type": "qcow2"}))
-    disk.insert(1, ET.Element("source", {"file": str(overlay)}))
+def _point_at(disk: ET.Element, new_disk: ET.Element, overlay: Path) -> None:
+    """The sandbox's root disk: the rebuild's new disk, on the throwaway overlay."""
+    disk.clear()
+    disk.attrib.update(new_disk.attrib)
+    disk.extend(ET.fromstring(ET.tostring(new_disk)))
+    source = disk.find("source")
+    assert source is not None
+    source.clear()
+    source.set("file", str(overlay))
 
 
 def _mib(element: ET.Element) -> int:

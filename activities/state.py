@@ -118,6 +118,29 @@ def original_format_path(disk_path: str, rebuild_id: str) -> Path:
     return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.format")
 
 
+def original_disk_path(disk_path: str, rebuild_id: str) -> Path:
+    """The old disk's whole ``<disk>`` element as libvirt defined it: restore puts exactly it back."""
+    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.disk.xml")
+
+
+def snapshots_record_path(disk_path: str, rebuild_id: str) -> Path:
+    """The snapshots a rebuild with --discard-snapshots found at the swap: cleanup forgets just these."""
+    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.snapshots.json")
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """A small record that appears whole or not at all, and survives a power cut once written."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` survive a power cut."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

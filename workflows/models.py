@@ -412,6 +412,8 @@ class PrepareRootDiskInput(_Model):
     rebuild_id: str
     # The request's limit on the new disk's size, min_virtual_size included.
     max_virtual_size: int | None = None
+    # The instance's snapshots may go with the old disk (recorded here, forgotten at cleanup).
+    discard_snapshots: bool = False
     # The root disk inspect found (its target device): every step works on that disk. None in
     # rebuilds started before it was passed: the step finds it again by the same rule.
     root_disk_target: str | None = None
@@ -482,6 +484,9 @@ class VerifyInstanceInput(_Model):
     boot_timeout_seconds: float = 120.0
     console_offset: int = 0
     verify: str | None = None
+    # With both: the running domain's root disk must be an overlay on this image, as QEMU opened it.
+    root_disk_target: str | None = None
+    image_sha256: str | None = None
 
 
 class VerifyResult(_Model):

@@ -288,7 +288,7 @@ class RebuildInstance:
             stopped = await self._stop(request, instance)
             await self._prepare(instance, image)
             seeded = await self._seed(request, instance)
-            downtime = await self._start_and_verify(request, instance, stopped)
+            downtime = await self._start_and_verify(request, instance, stopped, image)
             if request.confirm_within_seconds is not None:
                 await self._confirm_window(request.confirm_within_seconds, request.revert_by_default)
         except (
@@ -303,7 +303,7 @@ class RebuildInstance:
             raise AssertionError("unreachable") from None
         # The new disk is in place and verified: from here on nothing is undone.
         self._undo.clear()
-        await self._clean_up(image, seeded)
+        await self._clean_up(instance, image, seeded)
         self._enter(Phase.DONE)
         _count("rebuilds_finished")
         return RebuildResult(
@@ -324,7 +324,11 @@ class RebuildInstance:
         return await self._step(
             Phase.INSPECT,
             HypervisorActivities.inspect_instance,
-            InspectInstanceInput(instance=request.instance),
+            InspectInstanceInput(
+                instance=request.instance,
+                root_disk=request.root_disk,
+                discard_snapshots=request.discard_snapshots,
+            ),
             INSPECT,
         )
 
@@ -381,6 +385,7 @@ class RebuildInstance:
                 boot_marker=request.boot_marker,
                 boot_timeout_seconds=request.boot_timeout_seconds,
                 change=request.identity,
+                root_disk_target=instance.root_disk_target,
             ),
             StepOptions(
                 # Waiting for a sandbox slot counts too: it heartbeats meanwhile.
@@ -413,6 +418,7 @@ class RebuildInstance:
             rebuild_id=self._rebuild_id,
             original_format=instance.root_disk_format,
             image_sha256=image.checked.sha256,
+            root_disk_target=instance.root_disk_target,
         )
         self._push("restore old root disk", lambda: self._undo_prepare(restore))
         await self._step(
@@ -427,6 +433,8 @@ class RebuildInstance:
                 rebuild_id=self._rebuild_id,
                 min_virtual_size=image.source.min_disk_bytes,
                 max_virtual_size=self._request.max_virtual_size_bytes,
+                discard_snapshots=self._request.discard_snapshots,
+                root_disk_target=instance.root_disk_target,
             ),
             PREPARE,
         )
@@ -440,19 +448,26 @@ class RebuildInstance:
         if request.identity is None and not instance.has_identity:
             return False
         assert self._rebuild_id is not None
-        restore = RestoreSeedInput(instance=request.instance, rebuild_id=self._rebuild_id)
+        restore = RestoreSeedInput(
+            instance=request.instance, rebuild_id=self._rebuild_id, root_disk_target=instance.root_disk_target
+        )
         self._push("restore old seed", lambda: self._undo_activity(IdentityActivities.restore_seed, restore))
         seeded = await self._step(
             Phase.SEED,
             IdentityActivities.prepare_seed,
-            PrepareSeedInput(instance=request.instance, rebuild_id=self._rebuild_id, change=request.identity),
+            PrepareSeedInput(
+                instance=request.instance,
+                rebuild_id=self._rebuild_id,
+                change=request.identity,
+                root_disk_target=instance.root_disk_target,
+            ),
             SEED,
         )
         self._identity = seeded.summary
         return True
 
     async def _start_and_verify(
-        self, request: RebuildRequest, instance: InstanceInfo, stopped: StopResult
+        self, request: RebuildRequest, instance: InstanceInfo, stopped: StopResult, image: _NewImage
     ) -> float | None:
         """Boot the new disk where the instance should run; returns the downtime, if it was running."""
         should_start = instance.was_running if request.start_after is None else request.start_after
@@ -474,6 +489,8 @@ class RebuildInstance:
                 boot_timeout_seconds=request.boot_timeout_seconds,
                 console_offset=stopped.console_offset,
                 verify=request.verify,
+                root_disk_target=instance.root_disk_target,
+                image_sha256=image.checked.sha256,
             ),
             StepOptions(
                 start_to_close=timedelta(seconds=request.boot_timeout_seconds + 30),
@@ -487,7 +504,7 @@ class RebuildInstance:
             return None
         return (started.started_at - stopped.stopped_at).total_seconds()
 
-    async def _clean_up(self, image: _NewImage, seeded: bool) -> None:
+    async def _clean_up(self, instance_info: InstanceInfo, image: _NewImage, seeded: bool) -> None:
         """Drop the backup and record the new image. Retried without a limit; an error no retry can
         fix (the instance was undefined meanwhile) is reported with the result, not as a failure."""
         assert self._rebuild_id is not None
@@ -496,14 +513,23 @@ class RebuildInstance:
             await self._step(
                 Phase.CLEANUP,
                 DiskActivities.remove_backup,
-                RemoveBackupInput(instance=instance, rebuild_id=self._rebuild_id),
+                RemoveBackupInput(
+                    instance=instance,
+                    rebuild_id=self._rebuild_id,
+                    root_disk_target=instance_info.root_disk_target,
+                    discard_snapshots=self._request.discard_snapshots,
+                ),
                 CLEANUP,
             )
             if seeded:
                 await self._step(
                     Phase.CLEANUP,
                     IdentityActivities.remove_seed_backup,
-                    RemoveSeedBackupInput(instance=instance, rebuild_id=self._rebuild_id),
+                    RemoveSeedBackupInput(
+                        instance=instance,
+                        rebuild_id=self._rebuild_id,
+                        root_disk_target=instance_info.root_disk_target,
+                    ),
                     CLEANUP,
                 )
             await self._step(
