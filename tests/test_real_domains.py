@@ -1,0 +1,539 @@
+"""Domains shaped the way operators' tools define them, on a real libvirtd with boot-sector guests.
+
+Each shape is rebuilt correctly or refused before the stop. A rebuild proves which image booted (the
+console), that every other disk is byte for byte what it was, that the definition describes the new
+disk (its chain spelled out, down to the cached image) and that nothing else in it changed. A refusal
+proves the instance was never stopped: same domain ID, no new boot on its console, same definition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+import libvirt
+import pytest
+
+from devtools.guest import write_image
+from devtools.image_server import ImageServer
+from devtools.temporal_dev import DevServer
+from tests.e2e_support import DOMAIN_PREFIX, DOMAIN_TYPE, CliResult, WorkerProcess, rebuild_cli, serve
+
+INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+
+
+def disk_xml(path: Path, target: str, fmt: str = "raw", extra: str = "", source_extra: str = "") -> str:
+    return (
+        f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}'/>"
+        f"<source file={quoteattr(str(path))}>{source_extra}</source>"
+        f"<target dev='{target}' bus='virtio'/>{extra}</disk>"
+    )
+
+
+@dataclass
+class Shaped:
+    """A guest defined from hand-written devices; ``files`` are every disk file it has."""
+
+    conn: Any
+    name: str
+    serial: Path
+    root: Path
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def domain(self) -> Any:
+        return self.conn.lookupByName(self.name)
+
+    def console(self) -> str:
+        return self.serial.read_bytes().decode(errors="replace") if self.serial.exists() else ""
+
+    def wait_for_console(self, marker: str, after: int = 0, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in self.console()[after:]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not print {marker!r}: {self.console()[-500:]!r}")
+            time.sleep(0.05)
+
+    def definition(self) -> str:
+        return str(self.domain.XMLDesc(INACTIVE))
+
+    def checksums(self, but: Path | None = None) -> dict[str, str]:
+        return {
+            str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in self.files
+            if path != but and path.exists()
+        }
+
+
+def shaped_xml(name: str, serial: Path, devices: str, os_extra: str = "") -> str:
+    return f"""<domain type='{DOMAIN_TYPE}'>
+  <name>{name}</name>
+  <uuid>{uuid.uuid4()}</uuid>
+  <metadata>
+    <libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0">
+      <libosinfo:os id="http://debian.org/debian/12"/>
+    </libosinfo:libosinfo>
+  </metadata>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
+  <on_crash>destroy</on_crash>
+  <devices>
+    {devices}
+    <serial type='file'><source path={quoteattr(str(serial))} append='on'/><target port='0'/></serial>
+    <video><model type='none'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>"""
+
+
+@pytest.fixture
+def shaped(libvirt_conn: Any, guest_dir: Path) -> Iterator[list[Shaped]]:
+    made: list[Shaped] = []
+    yield made
+    for guest in made:
+        try:
+            domain = libvirt_conn.lookupByName(guest.name)
+        except libvirt.libvirtError:
+            continue
+        persistent = domain.isPersistent()
+        if domain.isActive():
+            domain.destroy()
+        if persistent:
+            for snapshot in domain.listAllSnapshots(0):
+                snapshot.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+            if domain.hasManagedSaveImage(0):
+                domain.managedSaveRemove(0)
+            domain.undefine()
+
+
+def define(
+    conn: Any,
+    made: list[Shaped],
+    directory: Path,
+    root: Path,
+    devices: str,
+    *,
+    files: tuple[Path, ...] = (),
+    os_extra: str = "",
+    start: bool = True,
+    transient: bool = False,
+    marker: str = "image A",
+) -> Shaped:
+    name = f"{DOMAIN_PREFIX}{uuid.uuid4().hex[:8]}"
+    serial = directory / f"{name}.serial.log"
+    guest = Shaped(conn, name, serial, root, [root, *files])
+    made.append(guest)
+    xml = shaped_xml(name, serial, devices, os_extra)
+    if transient:
+        conn.createXML(xml, 0)
+    else:
+        conn.defineXML(xml)
+        if start:
+            guest.domain.create()
+    if start or transient:
+        guest.wait_for_console(marker)
+    return guest
+
+
+def data_disk(directory: Path, name: str) -> Path:
+    path = directory / name
+    path.write_bytes(os.urandom(64 << 10))
+    return path
+
+
+async def rebuild(
+    server: DevServer, worker: WorkerProcess, guest: Shaped, url: str, sha: str, *extra: str
+) -> CliResult:
+    return await rebuild_cli(
+        server.address,
+        "start", guest.name, "--image", url, "--sha256", sha, "--host", worker.host,
+        "--stop-timeout", "0", "--boot-marker", "image B", "--boot-timeout", "10", "--wait", *extra,
+    )  # fmt: skip
+
+
+OUR_METADATA = "{https://github.com/durable-rebuild/rebuild/1}image"
+
+
+def without_disk(definition: str, target: str) -> str:
+    """The definition but for the root disk and the image record a rebuild writes (on purpose)."""
+    xml = ET.fromstring(definition)
+    devices = xml.find("devices")
+    assert devices is not None
+    for disk in devices.findall("disk"):
+        found = disk.find("target")
+        if found is not None and found.get("dev") == target:
+            devices.remove(disk)
+    metadata = xml.find("metadata")
+    if metadata is not None:
+        for record in metadata.findall(OUR_METADATA):
+            metadata.remove(record)
+        if not len(metadata):
+            xml.remove(metadata)
+    return ET.canonicalize(ET.tostring(xml, encoding="unicode"), strip_text=True)
+
+
+def disk_of(definition: str, target: str) -> ET.Element:
+    for disk in ET.fromstring(definition).findall("./devices/disk"):
+        found = disk.find("target")
+        if found is not None and found.get("dev") == target:
+            return disk
+    raise AssertionError(f"no disk {target}")
+
+
+def assert_describes_new_disk(disk: ET.Element, path: Path, cached: Path, image_format: str) -> None:
+    """The root disk's definition: a qcow2 overlay at its old path on the cached image, nothing else."""
+    driver, source, backing = disk.find("driver"), disk.find("source"), disk.find("backingStore")
+    assert driver is not None and driver.get("type") == "qcow2"
+    assert source is not None and source.get("file") == str(path)
+    assert backing is not None, "the new disk's chain is spelled out"
+    base_format, base_source = backing.find("format"), backing.find("source")
+    assert base_format is not None and base_format.get("type") == image_format
+    assert base_source is not None and base_source.get("file") == str(cached)
+    end = backing.find("backingStore")
+    assert end is not None and end.find("source") is None, "the cached image has no backing file"
+
+
+def assert_rebuilt(
+    result: CliResult, guest: Shaped, target: str, before: str, sums: dict[str, str], cache: Path, sha: str
+) -> None:
+    assert result.code == 0, result.stderr
+    console = guest.console()
+    assert console.rindex("image B") > console.rindex("image A"), "the new image booted"
+    assert guest.checksums(but=guest.root) == sums, "every other disk is unchanged"
+    after = guest.definition()
+    assert without_disk(after, target) == without_disk(before, target), "nothing else was changed"
+    assert "<libosinfo:os id=" in after, "other tools' metadata keeps its prefix"
+    assert_describes_new_disk(disk_of(after, target), _defined_path(before, target), cache / sha, "raw")
+    # What QEMU really opened: the live definition's chain ends at the cached image.
+    live = disk_of(guest.domain.XMLDesc(0), target)
+    chain = [s.get("file") for s in live.iter("source")]
+    assert chain == [str(_defined_path(before, target)), str(cache / sha)]
+    leftovers = list(Path(os.path.realpath(guest.root)).parent.glob("*.rebuild-*"))
+    assert leftovers == []
+
+
+def _defined_path(definition: str, target: str) -> Path:
+    source = disk_of(definition, target).find("source")
+    assert source is not None
+    return Path(str(source.get("file")))
+
+
+def assert_refused_before_stop(
+    result: CliResult, guest: Shaped, before: str, sums: dict[str, str], domain_id: int, why: str
+) -> None:
+    assert result.code == 2, (result.stdout, result.stderr)
+    assert why in result.stderr, result.stderr
+    assert "nothing was changed" in result.stderr
+    assert "Traceback" not in result.stderr
+    if domain_id != -1:
+        assert guest.domain.ID() == domain_id, "the instance was never stopped"
+    assert "image B" not in guest.console()
+    assert guest.console().count("image A") <= 1
+    assert guest.definition() == before
+    assert guest.checksums() == sums
+
+
+def cache_of(worker: WorkerProcess) -> Path:
+    return worker.state_dir / "images"
+
+
+async def test_the_root_disk_is_the_first_disk_in_the_boot_order_not_the_first_disk(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+) -> None:
+    """PXE first, then vdb; vda is a data disk without a boot order (it was the one replaced)."""
+    data = data_disk(guest_dir, "data.img")
+    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+    devices = (
+        disk_xml(data, "vda")
+        + disk_xml(root, "vdb", extra="<boot order='2'/>")
+        + "<interface type='user'><mac address='52:54:00:ab:00:01'/><model type='virtio'/>"
+        "<boot order='1'/><rom enabled='no'/></interface>"
+    )
+    guest = define(libvirt_conn, shaped, guest_dir, root, devices, files=(data,))
+    before, sums = guest.definition(), guest.checksums(but=root)
+    url, sha = serve(images, "image B", "raw")
+
+    result = await rebuild(dev_server, worker, guest, url, sha)
+
+    assert_rebuilt(result, guest, "vdb", before, sums, cache_of(worker), sha)
+    assert disk_of(guest.definition(), "vda").find("backingStore") is None
+
+
+async def test_a_cdrom_with_media_first_in_the_boot_order_needs_the_operators_word(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+) -> None:
+    """An installer ISO left attached before the disk: which one boots is not the rebuild's guess."""
+    iso = guest_dir / "installer.iso"
+    iso.write_bytes(b"\0" * (1 << 20))
+    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+    devices = (
+        "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+        f"<source file={quoteattr(str(iso))}/><target dev='hdc' bus='ide'/><readonly/>"
+        "<boot order='1'/></disk>" + disk_xml(root, "vda", extra="<boot order='2'/>")
+    )
+    guest = define(libvirt_conn, shaped, guest_dir, root, devices, files=(iso,))
+    before, domain_id = guest.definition(), guest.domain.ID()
+    url, sha = serve(images, "image B", "raw")
+
+    refused = await rebuild(dev_server, worker, guest, url, sha)
+    assert_refused_before_stop(refused, guest, before, guest.checksums(), domain_id, "--root-disk TARGET")
+    assert "cdrom hdc" in refused.stderr
+
+    result = await rebuild(dev_server, worker, guest, url, sha, "--root-disk", "vda")
+    assert_rebuilt(result, guest, "vda", before, guest.checksums(but=root), cache_of(worker), sha)
+
+
+@pytest.mark.parametrize("chain", ["old base", "no base"])
+async def test_a_definition_that_spells_out_its_chain_gets_the_new_chain(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+    chain: str,
+) -> None:
+    """As `virsh dumpxml` of a running domain prints it: <backingStore> naming the old base, or
+    <backingStore/> for none. Kept, QEMU booted the old base, or an empty disk."""
+    if chain == "old base":
+        base = write_image(guest_dir / "base-a.raw", "image A", size=4 << 20)
+        root = guest_dir / "root.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(root)], check=True
+        )
+        written = (
+            f"<backingStore type='file'><format type='raw'/><source file={quoteattr(str(base))}/>"
+            "<backingStore/></backingStore>"
+        )
+        files: tuple[Path, ...] = (base,)
+    else:
+        root = write_image(guest_dir / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
+        written, files = "<backingStore/>", ()
+    devices = disk_xml(root, "vda", "qcow2", extra=written + "<boot order='1'/>")
+    guest = define(libvirt_conn, shaped, guest_dir, root, devices, files=files)
+    before, sums = guest.definition(), guest.checksums(but=root)
+    assert disk_of(before, "vda").find("backingStore") is not None
+    url, sha = serve(images, "image B", "raw")
+
+    result = await rebuild(dev_server, worker, guest, url, sha)
+
+    assert_rebuilt(result, guest, "vda", before, sums, cache_of(worker), sha)
+
+
+async def test_a_managed_save_image_is_refused_before_anything(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+) -> None:
+    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+    guest = define(libvirt_conn, shaped, guest_dir, root, disk_xml(root, "vda", extra="<boot order='1'/>"))
+    guest.domain.managedSave(0)
+    before, sums = guest.definition(), guest.checksums()
+    url, sha = serve(images, "image B", "raw")
+
+    result = await rebuild(dev_server, worker, guest, url, sha)
+
+    assert_refused_before_stop(result, guest, before, sums, -1, "managed save image")
+    assert guest.domain.hasManagedSaveImage(0) == 1
+    assert not guest.domain.isActive()
+
+
+async def test_snapshots_are_refused_unless_discarded_and_a_rollback_keeps_them(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+) -> None:
+    root = write_image(guest_dir / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
+    guest = define(
+        libvirt_conn, shaped, guest_dir, root, disk_xml(root, "vda", "qcow2", extra="<boot order='1'/>")
+    )
+    # As `virsh snapshot-create-as`: internal, with the running guest's memory.
+    guest.domain.snapshotCreateXML("<domainsnapshot><name>before-upgrade</name></domainsnapshot>", 0)
+    before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
+    good_url, good_sha = serve(images, "image B", "raw")
+
+    refused = await rebuild(dev_server, worker, guest, good_url, good_sha)
+    assert_refused_before_stop(refused, guest, before, sums, domain_id, "before-upgrade")
+    assert "--discard-snapshots" in refused.stderr
+
+    # Discarded, but the image does not boot: the rollback brings the disk and its snapshot back.
+    bad_url, bad_sha = serve(images, "image C", "raw")
+    rolled_back = await rebuild(dev_server, worker, guest, bad_url, bad_sha, "--discard-snapshots")
+    assert rolled_back.code == 1, rolled_back.stderr
+    assert "rolled back" in rolled_back.stderr
+    guest.wait_for_console("image A", after=guest.console().index("image C"))
+    assert guest.domain.snapshotListNames(0) == ["before-upgrade"]
+    listed = subprocess.run(
+        ["qemu-img", "snapshot", "-U", "-l", str(root)], capture_output=True, text=True, check=True
+    )
+    assert "before-upgrade" in listed.stdout
+    assert guest.definition() == before
+
+    before = guest.definition()
+    rebuilt = await rebuild(dev_server, worker, guest, good_url, good_sha, "--discard-snapshots")
+    assert_rebuilt(rebuilt, guest, "vda", before, {}, cache_of(worker), good_sha)
+    assert guest.domain.snapshotListNames(0) == []
+
+
+async def test_a_transient_domain_is_refused_and_keeps_running(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+) -> None:
+    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+    devices = disk_xml(root, "vda", extra="<boot order='1'/>")
+    guest = define(libvirt_conn, shaped, guest_dir, root, devices, transient=True)
+    before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
+    url, sha = serve(images, "image B", "raw")
+
+    result = await rebuild(dev_server, worker, guest, url, sha)
+
+    assert_refused_before_stop(result, guest, before, sums, domain_id, "transient")
+    assert guest.domain.isActive()
+
+
+async def test_a_paused_domain_is_refused_and_stays_paused(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+) -> None:
+    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+    guest = define(libvirt_conn, shaped, guest_dir, root, disk_xml(root, "vda", extra="<boot order='1'/>"))
+    guest.domain.suspend()
+    before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
+    url, sha = serve(images, "image B", "raw")
+
+    began = time.monotonic()
+    result = await rebuild(dev_server, worker, guest, url, sha)
+
+    assert_refused_before_stop(result, guest, before, sums, domain_id, "paused")
+    assert time.monotonic() - began < 30, "refused at once, not after a stop's retries"
+    assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+
+
+@pytest.mark.parametrize("shape", ["shareable", "luks"])
+async def test_disks_libvirt_would_refuse_as_an_overlay_are_refused_before_the_stop(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+    shape: str,
+) -> None:
+    """A shareable raw disk (libvirt refuses a qcow2 one) and a LUKS-encrypted qcow2 disk (a new
+    overlay would be a plain one): both were found only after the stop, at define or at start."""
+    secret = None
+    if shape == "shareable":
+        root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+        devices = disk_xml(root, "vda", extra="<shareable/><boot order='1'/>").replace(
+            "type='raw'/>", "type='raw' cache='none'/>", 1
+        )
+        why = "shareable"
+    else:
+        plain = write_image(guest_dir / "plain.raw", "image A", size=4 << 20)
+        root = guest_dir / "root.qcow2"
+        subprocess.run(
+            [
+                "qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
+                "--object", "secret,id=sec0,data=passphrase",
+                "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(plain), str(root),
+            ],
+            check=True,
+        )  # fmt: skip
+        plain.unlink()
+        secret_uuid = str(uuid.uuid4())
+        secret = libvirt_conn.secretDefineXML(
+            f"<secret ephemeral='no' private='yes'><uuid>{secret_uuid}</uuid>"
+            f"<usage type='volume'><volume>{root}</volume></usage></secret>"
+        )
+        secret.setValue(b"passphrase")
+        devices = disk_xml(
+            root,
+            "vda",
+            "qcow2",
+            extra="<boot order='1'/>",
+            source_extra=f"<encryption format='luks'><secret type='passphrase' uuid='{secret_uuid}'/>"
+            "</encryption>",
+        )
+        why = "encrypted"
+    try:
+        guest = define(libvirt_conn, shaped, guest_dir, root, devices)
+        before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
+        url, sha = serve(images, "image B", "raw")
+
+        result = await rebuild(dev_server, worker, guest, url, sha)
+
+        assert_refused_before_stop(result, guest, before, sums, domain_id, why)
+    finally:
+        if secret is not None:
+            for made in shaped:
+                libvirt_conn.lookupByName(made.name).destroy()
+            secret.undefine()
+
+
+async def test_a_root_disk_behind_a_symlink_is_rebuilt_where_the_link_points(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+) -> None:
+    """Disks on another file system, linked: the link stays a link, the file it names is the new disk."""
+    elsewhere = guest_dir / "other-fs"
+    elsewhere.mkdir()
+    real = write_image(elsewhere / "root.img", "image A", size=4 << 20)
+    link = guest_dir / "root.img"
+    link.symlink_to(real)
+    data = data_disk(guest_dir, "data.img")
+    devices = disk_xml(link, "vda", extra="<boot order='1'/>") + disk_xml(data, "vdb")
+    guest = define(libvirt_conn, shaped, guest_dir, link, devices, files=(data,))
+    before, sums = guest.definition(), guest.checksums(but=link)
+    url, sha = serve(images, "image B", "raw")
+
+    result = await rebuild(dev_server, worker, guest, url, sha)
+
+    assert result.code == 0, result.stderr
+    console = guest.console()
+    assert console.rindex("image B") > console.rindex("image A")
+    assert link.is_symlink() and link.resolve() == real
+    assert real.read_bytes()[:4] == b"QFI\xfb", "the file the link names is the new overlay"
+    assert guest.checksums(but=link) == sums
+    assert list(guest_dir.glob("root.img.rebuild-*")) == []
+    assert list(elsewhere.glob("root.img.rebuild-*")) == []
+    after = guest.definition()
+    assert without_disk(after, "vda") == without_disk(before, "vda")
+    assert_describes_new_disk(disk_of(after, "vda"), link, cache_of(worker) / sha, "raw")
