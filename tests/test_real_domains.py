@@ -292,11 +292,11 @@ async def test_a_cdrom_with_media_first_in_the_boot_order_needs_the_operators_wo
         "<boot order='1'/></disk>" + disk_xml(root, "vda", extra="<boot order='2'/>")
     )
     guest = define(libvirt_conn, shaped, guest_dir, root, devices, files=(iso,))
-    before, domain_id = guest.definition(), guest.domain.ID()
+    before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
     url, sha = serve(images, "image B", "raw")
 
     refused = await rebuild(dev_server, worker, guest, url, sha)
-    assert_refused_before_stop(refused, guest, before, guest.checksums(), domain_id, "--root-disk TARGET")
+    assert_refused_before_stop(refused, guest, before, sums, domain_id, "--root-disk TARGET")
     assert "cdrom hdc" in refused.stderr
 
     result = await rebuild(dev_server, worker, guest, url, sha, "--root-disk", "vda")
@@ -537,3 +537,47 @@ async def test_a_root_disk_behind_a_symlink_is_rebuilt_where_the_link_points(
     after = guest.definition()
     assert without_disk(after, "vda") == without_disk(before, "vda")
     assert_describes_new_disk(disk_of(after, "vda"), link, cache_of(worker) / sha, "raw")
+
+
+@pytest.mark.parametrize("busy", ["checkpoint", "block job"])
+async def test_a_checkpointed_or_busy_root_disk_is_refused_before_the_stop(
+    libvirt_conn: Any,
+    shaped: list[Shaped],
+    guest_dir: Path,
+    worker: WorkerProcess,
+    images: ImageServer,
+    dev_server: DevServer,
+    busy: str,
+) -> None:
+    """A checkpoint's bitmap lives in the old disk; a block copy would be cut off by the stop."""
+    root = write_image(guest_dir / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
+    guest = define(
+        libvirt_conn, shaped, guest_dir, root, disk_xml(root, "vda", "qcow2", extra="<boot order='1'/>")
+    )
+    if busy == "checkpoint":
+        guest.domain.checkpointCreateXML(
+            "<domaincheckpoint><name>nightly</name><disks><disk name='vda' checkpoint='bitmap'/>"
+            "</disks></domaincheckpoint>",
+            0,
+        )
+        why = "checkpoints of its root disk vda (nightly)"
+    else:
+        copy = guest_dir / "copy.qcow2"
+        guest.domain.blockCopy(
+            "vda",
+            f"<disk type='file'><driver type='qcow2'/><source file={quoteattr(str(copy))}/></disk>",
+            {},
+            libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB,
+        )
+        why = "block job on its root disk vda"
+    before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
+    url, sha = serve(images, "image B", "raw")
+    try:
+        result = await rebuild(dev_server, worker, guest, url, sha)
+        assert_refused_before_stop(result, guest, before, sums, domain_id, why)
+    finally:
+        if busy == "checkpoint":
+            for checkpoint in guest.domain.listAllCheckpoints(0):
+                checkpoint.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+        else:
+            guest.domain.blockJobAbort("vda", 0)
