@@ -100,7 +100,8 @@ def test_the_new_disk_keeps_the_device_and_spells_out_the_new_chain() -> None:
     old = dx.parse(
         "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none' io='native'/>"
         "<source file='/d/root.qcow2' index='3'><seclabel model='dac' relabel='no'/>"
-        "<dataStore type='file'><format type='raw'/><source file='/d/data'/></dataStore></source>"
+        "<dataStore type='file'><format type='raw'/><source file='/d/data'/></dataStore>"
+        "<slices><slice type='storage' offset='0' size='1048576'/></slices></source>"
         "<backingStore type='file' index='2'><format type='raw'/><source file='/d/old-base'/>"
         "<backingStore/></backingStore><target dev='vda' bus='virtio'/><serial>ROOT-1</serial>"
         "<iotune><total_iops_sec>500</total_iops_sec></iotune><boot order='1'/>"
