@@ -29,9 +29,8 @@ from activities.state import (
     backup_path,
     fsync_dir,
     new_disk_path,
-    original_disk_path,
     original_format_path,
-    snapshots_record_path,
+    record_path,
     write_atomically,
 )
 from workflows.models import (
@@ -67,7 +66,7 @@ class _RootFile:
     real: str
 
     def record(self, rebuild_id: str) -> Path:
-        return original_disk_path(self.real, rebuild_id)
+        return record_path(self.real, rebuild_id, "disk.xml")
 
 
 class DiskActivities:
@@ -138,7 +137,9 @@ class DiskActivities:
                     names = await asyncio.to_thread(
                         self.libvirt.with_domain, request.instance, ld.snapshot_names
                     )
-                    write_atomically(snapshots_record_path(root.real, request.rebuild_id), json.dumps(names))
+                    write_atomically(
+                        record_path(root.real, request.rebuild_id, "snapshots.json"), json.dumps(names)
+                    )
                 await asyncio.to_thread(_keep_as_backup, root.real, backup)
             await self.checkpoints.reach("prepare.after-backup")
             original_format = _recorded_format(recorded, request.original_format)
@@ -203,7 +204,7 @@ class DiskActivities:
             await self._define_disk(request.instance, root, original)
             for record in (recorded, root.record(request.rebuild_id)):
                 record.unlink(missing_ok=True)
-            snapshots_record_path(root.real, request.rebuild_id).unlink(missing_ok=True)
+            record_path(root.real, request.rebuild_id, "snapshots.json").unlink(missing_ok=True)
 
     def _refuse_if_new_disk(self, request: RestoreRootDiskInput, disk: str, backup: Path) -> None:
         backing = qcow2.read_header(Path(disk))
@@ -229,7 +230,7 @@ class DiskActivities:
         """The rebuild is kept: the old disk goes, and with --discard-snapshots its snapshots' metadata
         (first, so that a crash in between never leaves snapshots whose disk is gone unannounced)."""
         root = await self._root_file(request.instance, request.root_disk_target, stopped=False)
-        snapshots = snapshots_record_path(root.real, request.rebuild_id)
+        snapshots = record_path(root.real, request.rebuild_id, "snapshots.json")
         if snapshots.exists():
             names = [str(n) for n in json.loads(snapshots.read_text())]
             await asyncio.to_thread(

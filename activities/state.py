@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from activities.errors import InvalidRequest
 
@@ -113,19 +114,19 @@ def seed_undo_path(disk_path: str, rebuild_id: str) -> Path:
     return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.seed-undo.json")
 
 
+# What prepare records beside the root disk, for restore and cleanup to trust (never a request's word):
+# ``format``, the old disk's format as libvirt defined it; ``disk.xml``, its whole ``<disk>`` element,
+# which restore puts back as it was; ``snapshots.json``, the snapshots a rebuild with
+# --discard-snapshots found at the swap, which cleanup forgets, and only those.
+RecordKind = Literal["format", "disk.xml", "snapshots.json"]
+
+
+def record_path(disk_path: str, rebuild_id: str, kind: RecordKind) -> Path:
+    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.{kind}")
+
+
 def original_format_path(disk_path: str, rebuild_id: str) -> Path:
-    """The old disk's format as libvirt defined it, recorded by prepare for restore to trust."""
-    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.format")
-
-
-def original_disk_path(disk_path: str, rebuild_id: str) -> Path:
-    """The old disk's whole ``<disk>`` element as libvirt defined it: restore puts exactly it back."""
-    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.disk.xml")
-
-
-def snapshots_record_path(disk_path: str, rebuild_id: str) -> Path:
-    """The snapshots a rebuild with --discard-snapshots found at the swap: cleanup forgets just these."""
-    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.snapshots.json")
+    return record_path(disk_path, rebuild_id, "format")
 
 
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:

@@ -23,7 +23,7 @@ from xml.sax.saxutils import quoteattr
 import libvirt
 import pytest
 
-from devtools.guest import write_image
+from devtools.guest import shaped_domain_xml, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
 from tests.e2e_support import DOMAIN_PREFIX, DOMAIN_TYPE, CliResult, WorkerProcess, rebuild_cli, serve
@@ -43,10 +43,10 @@ def disk_xml(path: Path, target: str, fmt: str = "raw", extra: str = "", source_
 class Shaped:
     """A guest defined from hand-written devices; ``files`` are every disk file it has."""
 
-    conn: Any
     name: str
-    serial: Path
     root: Path
+    serial: Path
+    conn: Any
     files: list[Path] = field(default_factory=list)
 
     @property
@@ -74,91 +74,94 @@ class Shaped:
         }
 
 
-def shaped_xml(name: str, serial: Path, devices: str, os_extra: str = "") -> str:
-    return f"""<domain type='{DOMAIN_TYPE}'>
-  <name>{name}</name>
-  <uuid>{uuid.uuid4()}</uuid>
+OTHER_TOOLS_METADATA = """
   <metadata>
     <libosinfo:libosinfo xmlns:libosinfo="http://libosinfo.org/xmlns/libvirt/domain/1.0">
       <libosinfo:os id="http://debian.org/debian/12"/>
     </libosinfo:libosinfo>
-  </metadata>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
-  <on_crash>destroy</on_crash>
-  <devices>
-    {devices}
-    <serial type='file'><source path={quoteattr(str(serial))} append='on'/><target port='0'/></serial>
-    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
+  </metadata>"""
+
+
+class Bed:
+    """What every test here needs: libvirtd, a directory QEMU reaches, a worker, an image server."""
+
+    def __init__(
+        self, conn: Any, directory: Path, worker: WorkerProcess, images: ImageServer, server: DevServer
+    ) -> None:
+        self.conn, self.directory, self.worker, self.images, self.server = (
+            conn, directory, worker, images, server
+        )  # fmt: skip
+        self.made: list[Shaped] = []
+
+    @property
+    def cache(self) -> Path:
+        return self.worker.state_dir / "images"
+
+    def serve(self, marker: str, fmt: str) -> tuple[str, str]:
+        return serve(self.images, marker, fmt)
+
+    def define(
+        self,
+        root: Path,
+        devices: str,
+        *,
+        files: tuple[Path, ...] = (),
+        os_extra: str = "",
+        transient: bool = False,
+    ) -> Shaped:
+        """A guest with these devices, started, once it printed "image A" (its boot sector's)."""
+        name = f"{DOMAIN_PREFIX}{uuid.uuid4().hex[:8]}"
+        serial = self.directory / f"{name}.serial.log"
+        guest = Shaped(name, root, serial, self.conn, [root, *files])
+        self.made.append(guest)
+        xml = shaped_domain_xml(
+            name, serial, devices, os_extra=os_extra, metadata=OTHER_TOOLS_METADATA, domain_type=DOMAIN_TYPE
+        )
+        if transient:
+            self.conn.createXML(xml, 0)
+        else:
+            self.conn.defineXML(xml)
+            guest.domain.create()
+        guest.wait_for_console("image A")
+        return guest
+
+    async def rebuild(self, guest: Shaped, url: str, sha: str, *extra: str) -> CliResult:
+        return await rebuild_cli(
+            self.server.address,
+            "start", guest.name, "--image", url, "--sha256", sha, "--host", self.worker.host,
+            "--stop-timeout", "0", "--boot-marker", "image B", "--boot-timeout", "10", "--wait", *extra,
+        )  # fmt: skip
+
+    def remove_guests(self) -> None:
+        for guest in self.made:
+            try:
+                domain = self.conn.lookupByName(guest.name)
+            except libvirt.libvirtError:
+                continue
+            persistent = domain.isPersistent()
+            if domain.isActive():
+                domain.destroy()
+            if persistent:
+                for snapshot in domain.listAllSnapshots(0):
+                    snapshot.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+                if domain.hasManagedSaveImage(0):
+                    domain.managedSaveRemove(0)
+                domain.undefine()
 
 
 @pytest.fixture
-def shaped(libvirt_conn: Any, guest_dir: Path) -> Iterator[list[Shaped]]:
-    made: list[Shaped] = []
+def bed(
+    libvirt_conn: Any, guest_dir: Path, worker: WorkerProcess, images: ImageServer, dev_server: DevServer
+) -> Iterator[Bed]:
+    made = Bed(libvirt_conn, guest_dir, worker, images, dev_server)
     yield made
-    for guest in made:
-        try:
-            domain = libvirt_conn.lookupByName(guest.name)
-        except libvirt.libvirtError:
-            continue
-        persistent = domain.isPersistent()
-        if domain.isActive():
-            domain.destroy()
-        if persistent:
-            for snapshot in domain.listAllSnapshots(0):
-                snapshot.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
-            if domain.hasManagedSaveImage(0):
-                domain.managedSaveRemove(0)
-            domain.undefine()
-
-
-def define(
-    conn: Any,
-    made: list[Shaped],
-    directory: Path,
-    root: Path,
-    devices: str,
-    *,
-    files: tuple[Path, ...] = (),
-    os_extra: str = "",
-    start: bool = True,
-    transient: bool = False,
-    marker: str = "image A",
-) -> Shaped:
-    name = f"{DOMAIN_PREFIX}{uuid.uuid4().hex[:8]}"
-    serial = directory / f"{name}.serial.log"
-    guest = Shaped(conn, name, serial, root, [root, *files])
-    made.append(guest)
-    xml = shaped_xml(name, serial, devices, os_extra)
-    if transient:
-        conn.createXML(xml, 0)
-    else:
-        conn.defineXML(xml)
-        if start:
-            guest.domain.create()
-    if start or transient:
-        guest.wait_for_console(marker)
-    return guest
+    made.remove_guests()
 
 
 def data_disk(directory: Path, name: str) -> Path:
     path = directory / name
     path.write_bytes(os.urandom(64 << 10))
     return path
-
-
-async def rebuild(
-    server: DevServer, worker: WorkerProcess, guest: Shaped, url: str, sha: str, *extra: str
-) -> CliResult:
-    return await rebuild_cli(
-        server.address,
-        "start", guest.name, "--image", url, "--sha256", sha, "--host", worker.host,
-        "--stop-timeout", "0", "--boot-marker", "image B", "--boot-timeout", "10", "--wait", *extra,
-    )  # fmt: skip
 
 
 OUR_METADATA = "{https://github.com/durable-rebuild/rebuild/1}image"
@@ -243,81 +246,62 @@ def assert_refused_before_stop(
     assert guest.checksums() == sums
 
 
-def cache_of(worker: WorkerProcess) -> Path:
-    return worker.state_dir / "images"
-
-
 async def test_the_root_disk_is_the_first_disk_in_the_boot_order_not_the_first_disk(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
 ) -> None:
     """PXE first, then vdb; vda is a data disk without a boot order (it was the one replaced)."""
-    data = data_disk(guest_dir, "data.img")
-    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+    data = data_disk(bed.directory, "data.img")
+    root = write_image(bed.directory / "root.img", "image A", size=4 << 20)
     devices = (
         disk_xml(data, "vda")
         + disk_xml(root, "vdb", extra="<boot order='2'/>")
         + "<interface type='user'><mac address='52:54:00:ab:00:01'/><model type='virtio'/>"
         "<boot order='1'/><rom enabled='no'/></interface>"
     )
-    guest = define(libvirt_conn, shaped, guest_dir, root, devices, files=(data,))
+    guest = bed.define(root, devices, files=(data,))
     before, sums = guest.definition(), guest.checksums(but=root)
-    url, sha = serve(images, "image B", "raw")
+    url, sha = bed.serve("image B", "raw")
 
-    result = await rebuild(dev_server, worker, guest, url, sha)
+    result = await bed.rebuild(guest, url, sha)
 
-    assert_rebuilt(result, guest, "vdb", before, sums, cache_of(worker), sha)
+    assert_rebuilt(result, guest, "vdb", before, sums, bed.cache, sha)
     assert disk_of(guest.definition(), "vda").find("backingStore") is None
 
 
 async def test_a_cdrom_with_media_first_in_the_boot_order_needs_the_operators_word(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
 ) -> None:
     """An installer ISO left attached before the disk: which one boots is not the rebuild's guess."""
-    iso = guest_dir / "installer.iso"
+    iso = bed.directory / "installer.iso"
     iso.write_bytes(b"\0" * (1 << 20))
-    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+    root = write_image(bed.directory / "root.img", "image A", size=4 << 20)
     devices = (
         "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
         f"<source file={quoteattr(str(iso))}/><target dev='hdc' bus='ide'/><readonly/>"
         "<boot order='1'/></disk>" + disk_xml(root, "vda", extra="<boot order='2'/>")
     )
-    guest = define(libvirt_conn, shaped, guest_dir, root, devices, files=(iso,))
+    guest = bed.define(root, devices, files=(iso,))
     before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
-    url, sha = serve(images, "image B", "raw")
+    url, sha = bed.serve("image B", "raw")
 
-    refused = await rebuild(dev_server, worker, guest, url, sha)
+    refused = await bed.rebuild(guest, url, sha)
     assert_refused_before_stop(refused, guest, before, sums, domain_id, "--root-disk TARGET")
     assert "cdrom hdc" in refused.stderr
 
-    result = await rebuild(dev_server, worker, guest, url, sha, "--root-disk", "vda")
-    assert_rebuilt(result, guest, "vda", before, guest.checksums(but=root), cache_of(worker), sha)
+    result = await bed.rebuild(guest, url, sha, "--root-disk", "vda")
+    assert_rebuilt(result, guest, "vda", before, guest.checksums(but=root), bed.cache, sha)
 
 
 @pytest.mark.parametrize("chain", ["old base", "no base"])
 async def test_a_definition_that_spells_out_its_chain_gets_the_new_chain(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
     chain: str,
 ) -> None:
     """As `virsh dumpxml` of a running domain prints it: <backingStore> naming the old base, or
     <backingStore/> for none. Kept, QEMU booted the old base, or an empty disk."""
     if chain == "old base":
-        base = write_image(guest_dir / "base-a.raw", "image A", size=4 << 20)
-        root = guest_dir / "root.qcow2"
+        base = write_image(bed.directory / "base-a.raw", "image A", size=4 << 20)
+        root = bed.directory / "root.qcow2"
         subprocess.run(
             ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(root)], check=True
         )
@@ -327,34 +311,29 @@ async def test_a_definition_that_spells_out_its_chain_gets_the_new_chain(
         )
         files: tuple[Path, ...] = (base,)
     else:
-        root = write_image(guest_dir / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
+        root = write_image(bed.directory / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
         written, files = "<backingStore/>", ()
     devices = disk_xml(root, "vda", "qcow2", extra=written + "<boot order='1'/>")
-    guest = define(libvirt_conn, shaped, guest_dir, root, devices, files=files)
+    guest = bed.define(root, devices, files=files)
     before, sums = guest.definition(), guest.checksums(but=root)
     assert disk_of(before, "vda").find("backingStore") is not None
-    url, sha = serve(images, "image B", "raw")
+    url, sha = bed.serve("image B", "raw")
 
-    result = await rebuild(dev_server, worker, guest, url, sha)
+    result = await bed.rebuild(guest, url, sha)
 
-    assert_rebuilt(result, guest, "vda", before, sums, cache_of(worker), sha)
+    assert_rebuilt(result, guest, "vda", before, sums, bed.cache, sha)
 
 
 async def test_a_managed_save_image_is_refused_before_anything(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
 ) -> None:
-    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
-    guest = define(libvirt_conn, shaped, guest_dir, root, disk_xml(root, "vda", extra="<boot order='1'/>"))
+    root = write_image(bed.directory / "root.img", "image A", size=4 << 20)
+    guest = bed.define(root, disk_xml(root, "vda", extra="<boot order='1'/>"))
     guest.domain.managedSave(0)
     before, sums = guest.definition(), guest.checksums()
-    url, sha = serve(images, "image B", "raw")
+    url, sha = bed.serve("image B", "raw")
 
-    result = await rebuild(dev_server, worker, guest, url, sha)
+    result = await bed.rebuild(guest, url, sha)
 
     assert_refused_before_stop(result, guest, before, sums, -1, "managed save image")
     assert guest.domain.hasManagedSaveImage(0) == 1
@@ -362,29 +341,22 @@ async def test_a_managed_save_image_is_refused_before_anything(
 
 
 async def test_snapshots_are_refused_unless_discarded_and_a_rollback_keeps_them(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
 ) -> None:
-    root = write_image(guest_dir / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
-    guest = define(
-        libvirt_conn, shaped, guest_dir, root, disk_xml(root, "vda", "qcow2", extra="<boot order='1'/>")
-    )
+    root = write_image(bed.directory / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
+    guest = bed.define(root, disk_xml(root, "vda", "qcow2", extra="<boot order='1'/>"))
     # As `virsh snapshot-create-as`: internal, with the running guest's memory.
     guest.domain.snapshotCreateXML("<domainsnapshot><name>before-upgrade</name></domainsnapshot>", 0)
     before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
-    good_url, good_sha = serve(images, "image B", "raw")
+    good_url, good_sha = bed.serve("image B", "raw")
 
-    refused = await rebuild(dev_server, worker, guest, good_url, good_sha)
+    refused = await bed.rebuild(guest, good_url, good_sha)
     assert_refused_before_stop(refused, guest, before, sums, domain_id, "before-upgrade")
     assert "--discard-snapshots" in refused.stderr
 
     # Discarded, but the image does not boot: the rollback brings the disk and its snapshot back.
-    bad_url, bad_sha = serve(images, "image C", "raw")
-    rolled_back = await rebuild(dev_server, worker, guest, bad_url, bad_sha, "--discard-snapshots")
+    bad_url, bad_sha = bed.serve("image C", "raw")
+    rolled_back = await bed.rebuild(guest, bad_url, bad_sha, "--discard-snapshots")
     assert rolled_back.code == 1, rolled_back.stderr
     assert "rolled back" in rolled_back.stderr
     guest.wait_for_console("image A", after=guest.console().index("image C"))
@@ -396,47 +368,37 @@ async def test_snapshots_are_refused_unless_discarded_and_a_rollback_keeps_them(
     assert guest.definition() == before
 
     before = guest.definition()
-    rebuilt = await rebuild(dev_server, worker, guest, good_url, good_sha, "--discard-snapshots")
-    assert_rebuilt(rebuilt, guest, "vda", before, {}, cache_of(worker), good_sha)
+    rebuilt = await bed.rebuild(guest, good_url, good_sha, "--discard-snapshots")
+    assert_rebuilt(rebuilt, guest, "vda", before, {}, bed.cache, good_sha)
     assert guest.domain.snapshotListNames(0) == []
 
 
 async def test_a_transient_domain_is_refused_and_keeps_running(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
 ) -> None:
-    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+    root = write_image(bed.directory / "root.img", "image A", size=4 << 20)
     devices = disk_xml(root, "vda", extra="<boot order='1'/>")
-    guest = define(libvirt_conn, shaped, guest_dir, root, devices, transient=True)
+    guest = bed.define(root, devices, transient=True)
     before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
-    url, sha = serve(images, "image B", "raw")
+    url, sha = bed.serve("image B", "raw")
 
-    result = await rebuild(dev_server, worker, guest, url, sha)
+    result = await bed.rebuild(guest, url, sha)
 
     assert_refused_before_stop(result, guest, before, sums, domain_id, "transient")
     assert guest.domain.isActive()
 
 
 async def test_a_paused_domain_is_refused_and_stays_paused(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
 ) -> None:
-    root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
-    guest = define(libvirt_conn, shaped, guest_dir, root, disk_xml(root, "vda", extra="<boot order='1'/>"))
+    root = write_image(bed.directory / "root.img", "image A", size=4 << 20)
+    guest = bed.define(root, disk_xml(root, "vda", extra="<boot order='1'/>"))
     guest.domain.suspend()
     before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
-    url, sha = serve(images, "image B", "raw")
+    url, sha = bed.serve("image B", "raw")
 
     began = time.monotonic()
-    result = await rebuild(dev_server, worker, guest, url, sha)
+    result = await bed.rebuild(guest, url, sha)
 
     assert_refused_before_stop(result, guest, before, sums, domain_id, "paused")
     assert time.monotonic() - began < 30, "refused at once, not after a stop's retries"
@@ -445,37 +407,34 @@ async def test_a_paused_domain_is_refused_and_stays_paused(
 
 @pytest.mark.parametrize("shape", ["shareable", "luks"])
 async def test_disks_libvirt_would_refuse_as_an_overlay_are_refused_before_the_stop(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
     shape: str,
 ) -> None:
     """A shareable raw disk (libvirt refuses a qcow2 one) and a LUKS-encrypted qcow2 disk (a new
     overlay would be a plain one): both were found only after the stop, at define or at start."""
     secret = None
     if shape == "shareable":
-        root = write_image(guest_dir / "root.img", "image A", size=4 << 20)
+        root = write_image(bed.directory / "root.img", "image A", size=4 << 20)
         devices = disk_xml(root, "vda", extra="<shareable/><boot order='1'/>").replace(
             "type='raw'/>", "type='raw' cache='none'/>", 1
         )
         why = "shareable"
     else:
-        plain = write_image(guest_dir / "plain.raw", "image A", size=4 << 20)
-        root = guest_dir / "root.qcow2"
+        plain = write_image(bed.directory / "plain.raw", "image A", size=4 << 20)
+        root = bed.directory / "root.qcow2"
         subprocess.run(
             [
                 "qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2",
                 "--object", "secret,id=sec0,data=passphrase",
-                "-o", "encrypt.format=luks,encrypt.key-secret=sec0", str(plain), str(root),
+                "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                str(plain), str(root),
             ],
             check=True,
+            capture_output=True,
         )  # fmt: skip
         plain.unlink()
         secret_uuid = str(uuid.uuid4())
-        secret = libvirt_conn.secretDefineXML(
+        secret = bed.conn.secretDefineXML(
             f"<secret ephemeral='no' private='yes'><uuid>{secret_uuid}</uuid>"
             f"<usage type='volume'><volume>{root}</volume></usage></secret>"
         )
@@ -490,41 +449,36 @@ async def test_disks_libvirt_would_refuse_as_an_overlay_are_refused_before_the_s
         )
         why = "encrypted"
     try:
-        guest = define(libvirt_conn, shaped, guest_dir, root, devices)
+        guest = bed.define(root, devices)
         before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
-        url, sha = serve(images, "image B", "raw")
+        url, sha = bed.serve("image B", "raw")
 
-        result = await rebuild(dev_server, worker, guest, url, sha)
+        result = await bed.rebuild(guest, url, sha)
 
         assert_refused_before_stop(result, guest, before, sums, domain_id, why)
     finally:
         if secret is not None:
-            for made in shaped:
-                libvirt_conn.lookupByName(made.name).destroy()
+            for made in bed.made:
+                bed.conn.lookupByName(made.name).destroy()
             secret.undefine()
 
 
 async def test_a_root_disk_behind_a_symlink_is_rebuilt_where_the_link_points(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
 ) -> None:
     """Disks on another file system, linked: the link stays a link, the file it names is the new disk."""
-    elsewhere = guest_dir / "other-fs"
+    elsewhere = bed.directory / "other-fs"
     elsewhere.mkdir()
     real = write_image(elsewhere / "root.img", "image A", size=4 << 20)
-    link = guest_dir / "root.img"
+    link = bed.directory / "root.img"
     link.symlink_to(real)
-    data = data_disk(guest_dir, "data.img")
+    data = data_disk(bed.directory, "data.img")
     devices = disk_xml(link, "vda", extra="<boot order='1'/>") + disk_xml(data, "vdb")
-    guest = define(libvirt_conn, shaped, guest_dir, link, devices, files=(data,))
+    guest = bed.define(link, devices, files=(data,))
     before, sums = guest.definition(), guest.checksums(but=link)
-    url, sha = serve(images, "image B", "raw")
+    url, sha = bed.serve("image B", "raw")
 
-    result = await rebuild(dev_server, worker, guest, url, sha)
+    result = await bed.rebuild(guest, url, sha)
 
     assert result.code == 0, result.stderr
     console = guest.console()
@@ -532,28 +486,21 @@ async def test_a_root_disk_behind_a_symlink_is_rebuilt_where_the_link_points(
     assert link.is_symlink() and link.resolve() == real
     assert real.read_bytes()[:4] == b"QFI\xfb", "the file the link names is the new overlay"
     assert guest.checksums(but=link) == sums
-    assert list(guest_dir.glob("root.img.rebuild-*")) == []
+    assert list(bed.directory.glob("root.img.rebuild-*")) == []
     assert list(elsewhere.glob("root.img.rebuild-*")) == []
     after = guest.definition()
     assert without_disk(after, "vda") == without_disk(before, "vda")
-    assert_describes_new_disk(disk_of(after, "vda"), link, cache_of(worker) / sha, "raw")
+    assert_describes_new_disk(disk_of(after, "vda"), link, bed.cache / sha, "raw")
 
 
 @pytest.mark.parametrize("busy", ["checkpoint", "block job"])
 async def test_a_checkpointed_or_busy_root_disk_is_refused_before_the_stop(
-    libvirt_conn: Any,
-    shaped: list[Shaped],
-    guest_dir: Path,
-    worker: WorkerProcess,
-    images: ImageServer,
-    dev_server: DevServer,
+    bed: Bed,
     busy: str,
 ) -> None:
     """A checkpoint's bitmap lives in the old disk; a block copy would be cut off by the stop."""
-    root = write_image(guest_dir / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
-    guest = define(
-        libvirt_conn, shaped, guest_dir, root, disk_xml(root, "vda", "qcow2", extra="<boot order='1'/>")
-    )
+    root = write_image(bed.directory / "root.qcow2", "image A", fmt="qcow2", size=4 << 20)
+    guest = bed.define(root, disk_xml(root, "vda", "qcow2", extra="<boot order='1'/>"))
     if busy == "checkpoint":
         guest.domain.checkpointCreateXML(
             "<domaincheckpoint><name>nightly</name><disks><disk name='vda' checkpoint='bitmap'/>"
@@ -562,7 +509,7 @@ async def test_a_checkpointed_or_busy_root_disk_is_refused_before_the_stop(
         )
         why = "checkpoints of its root disk vda (nightly)"
     else:
-        copy = guest_dir / "copy.qcow2"
+        copy = bed.directory / "copy.qcow2"
         guest.domain.blockCopy(
             "vda",
             f"<disk type='file'><driver type='qcow2'/><source file={quoteattr(str(copy))}/></disk>",
@@ -571,9 +518,9 @@ async def test_a_checkpointed_or_busy_root_disk_is_refused_before_the_stop(
         )
         why = "block job on its root disk vda"
     before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
-    url, sha = serve(images, "image B", "raw")
+    url, sha = bed.serve("image B", "raw")
     try:
-        result = await rebuild(dev_server, worker, guest, url, sha)
+        result = await bed.rebuild(guest, url, sha)
         assert_refused_before_stop(result, guest, before, sums, domain_id, why)
     finally:
         if busy == "checkpoint":
