@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from activities import libvirt_domain as ld
-from activities.image_format import QCOW2_MAGIC
+from activities import qcow2
 from activities.state import StateDir
 
 SHA256_NAME_LENGTH = 64
@@ -41,22 +40,15 @@ class PruneReport:
 
 def backing_file(path: Path) -> str | None:
     """The backing file a qcow2 header names, read without any tool; None for anything else."""
-    try:
-        with open(path, "rb") as disk:
-            header = disk.read(32)
-            if len(header) < 20 or not header.startswith(QCOW2_MAGIC):
-                return None
-            offset, length = struct.unpack_from(">QI", header, 8)
-            if not offset or not 0 < length <= 1023:
-                return None
-            disk.seek(offset)
-            return disk.read(length).decode(errors="replace")
-    except OSError:
-        return None
+    header = qcow2.read_header(path)
+    return header.backing_file if header is not None else None
 
 
 def image_users(state: StateDir, conn: Any) -> dict[str, set[str]]:
-    """sha256 -> names of the domains whose disks (or rebuild backups) are backed by it."""
+    """sha256 -> names of the domains whose disks (or rebuild backups) are backed by it.
+
+    Backups lie beside the file a disk path names, through any symlink: they are looked for there.
+    """
     users: dict[str, set[str]] = defaultdict(set)
     images = state.images.resolve()
     for domain in conn.listAllDomains(0):
@@ -65,10 +57,11 @@ def image_users(state: StateDir, conn: Any) -> dict[str, set[str]]:
             path = source.get("file")
             if not path:
                 continue
-            candidates = [Path(path), *Path(path).parent.glob(f"{Path(path).name}.rebuild-*")]
+            real = Path(os.path.realpath(path))
+            candidates = [real, *real.parent.glob(f"{real.name}.rebuild-*")]
             for candidate in candidates:
                 backing = backing_file(candidate)
-                if backing and Path(backing).parent.resolve() == images:
+                if backing and (candidate.parent / backing).resolve().parent == images:
                     users[Path(backing).name].add(domain.name())
     return users
 

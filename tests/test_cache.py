@@ -137,3 +137,25 @@ def test_cache_cli_without_libvirt_says_so(tmp_path: Path) -> None:
     assert done.returncode == 3
     assert "cannot connect to libvirt" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_backup_beside_a_symlinked_root_disk_keeps_its_image(tmp_path: Path) -> None:
+    """Backups lie beside the file a link names (the rebuild works there): prune looks there too."""
+    (vm,) = make_instances(tmp_path, ["web-1"])
+    state = StateDir(tmp_path / "state")
+    in_backup = cache(state, "backup only", age_days=30)
+    elsewhere = tmp_path / "other-fs"
+    elsewhere.mkdir()
+    real = elsewhere / vm.disk.name
+    vm.disk.rename(real)
+    vm.disk.symlink_to(real)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(state.image_path(in_backup)), "-F", "raw",
+         str(backup_path(str(real), "run-1"))],
+        check=True,
+    )  # fmt: skip
+
+    report = prune_cache(state, vm.libvirt.connection(), max_age_seconds=7 * DAY)
+
+    assert report.kept_in_use == [in_backup]
+    assert state.image_path(in_backup).exists()
