@@ -35,7 +35,17 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
+    from workflows import contract
     from workflows import search_attributes as sa
+    from workflows.activity_models import (
+        CachedImage,
+        CheckImageInput,
+        FetchImageInput,
+        HostInventory,
+        ListInstancesInput,
+        ResolvedImage,
+        ResolveGlanceImageInput,
+    )
     from workflows.fleet_models import (
         FAILURES,
         MAX_NOTE,
@@ -52,27 +62,24 @@ with workflow.unsafe.imports_passed_through():
         FleetRequest,
         FleetStatus,
         FleetTarget,
-        HostInventory,
         InstancesPage,
         InstanceState,
-        ListInstancesInput,
     )
-    from workflows.models import (
-        AbortRequest,
-        CachedImage,
-        CheckedImage,
-        CheckImageInput,
-        FetchImageInput,
-        Outcome,
-        RebuildResult,
-        ResolvedImage,
-        ResolveGlanceImageInput,
+    from workflows.models import AbortRequest, Outcome, RebuildResult
+    from workflows.names import (
+        ABORT_FLEET_UPDATE,
+        ABORT_SIGNAL,
+        FLEET_INSTANCES_QUERY,
+        FLEET_STATUS_QUERY,
+        FLEET_WORKFLOW,
+        PAUSE_UPDATE,
+        RESUME_UPDATE,
+        SET_BATCH_SIZE_UPDATE,
+        WORKFLOW_NAME,
         host_task_queue,
         rebuild_workflow_id,
     )
 
-# Referred to by name: the fleet needs the child's contract, not its code.
-REBUILD_WORKFLOW = "RebuildInstance"
 # A host whose worker does not answer its listing within this is reported, before anything changes.
 DISCOVERY_SCHEDULE_TO_START = timedelta(minutes=2)
 PREFETCH_TIMEOUT = timedelta(hours=6)
@@ -80,7 +87,7 @@ MAX_PROBLEMS_SHOWN = 100
 DOWNLOAD_SLACK_BYTES = 64 << 20
 
 
-@workflow.defn
+@workflow.defn(name=FLEET_WORKFLOW)
 class FleetRebuild:
     @workflow.init
     def __init__(self, request: FleetRequest) -> None:
@@ -114,7 +121,7 @@ class FleetRebuild:
 
     # ---- queries -------------------------------------------------------------------------------
 
-    @workflow.query
+    @workflow.query(name=FLEET_STATUS_QUERY)
     def status(self) -> FleetStatus:
         remaining = max(len(self._targets) - self._batch_end, 0)
         batches = self._batch_number + 1 + -(-remaining // self._limits.batch_size)
@@ -137,7 +144,7 @@ class FleetRebuild:
             started_at=self._started_at,
         )
 
-    @workflow.query
+    @workflow.query(name=FLEET_INSTANCES_QUERY)
     def instances(self, page: InstancesPage) -> FleetInstances:
         """Every instance's state, a page at a time (a fleet can be too large for one answer)."""
         chosen = [i for i, s in enumerate(self._states) if page.state is None or s == page.state]
@@ -146,7 +153,7 @@ class FleetRebuild:
 
     # ---- controls ------------------------------------------------------------------------------
 
-    @workflow.update
+    @workflow.update(name=PAUSE_UPDATE)
     def pause(self) -> ControlAnswer:
         """Start no new rebuilds; those running finish."""
         if self._paused:
@@ -155,7 +162,7 @@ class FleetRebuild:
         self._poke()
         return self._answer(True, "paused: running rebuilds finish, no new ones start")
 
-    @workflow.update
+    @workflow.update(name=RESUME_UPDATE)
     def resume(self) -> ControlAnswer:
         if not self._paused:
             return self._answer(False, "not paused")
@@ -163,14 +170,14 @@ class FleetRebuild:
         self._poke()
         return self._answer(True, "resumed")
 
-    @workflow.update
+    @workflow.update(name=SET_BATCH_SIZE_UPDATE)
     def set_batch_size(self, change: BatchSize) -> ControlAnswer:
         """Takes effect with the next batch."""
         self._limits = self._limits.model_copy(update={"batch_size": change.batch_size})
         self._poke()
         return self._answer(True, f"batch size {change.batch_size} from the next batch on")
 
-    @workflow.update
+    @workflow.update(name=ABORT_FLEET_UPDATE)
     async def abort_fleet(self, request: FleetAbort) -> ControlAnswer:
         """Start nothing more, and abort every running rebuild: each puts its instance back."""
         if self._abort_reason is not None:
@@ -339,7 +346,7 @@ class FleetRebuild:
         request = options.request_for(target)
         try:
             handle = await workflow.start_child_workflow(
-                REBUILD_WORKFLOW,
+                WORKFLOW_NAME,
                 request,
                 id=rebuild_workflow_id(target.host, target.instance),
                 result_type=RebuildResult,
@@ -388,7 +395,7 @@ class FleetRebuild:
         # A child that finished meanwhile refuses the signal; its result tells what happened.
         with contextlib.suppress(FailureError):
             await handle.signal(
-                "abort", AbortRequest(reason=reason, requested_by=f"fleet {self._request.name}")
+                ABORT_SIGNAL, AbortRequest(reason=reason, requested_by=f"fleet {self._request.name}")
             )
 
     def _finish(self, index: int, state: InstanceState, note: str | None) -> None:
@@ -439,10 +446,8 @@ class FleetRebuild:
 
     async def _list_host(self, host: str, pattern: str | None) -> HostInventory:
         try:
-            listing: HostInventory = await workflow.execute_activity(
-                "list_instances",
+            listing: HostInventory = await contract.list_instances.start(
                 ListInstancesInput(name_pattern=pattern),
-                result_type=HostInventory,
                 task_queue=host_task_queue(host),
                 schedule_to_start_timeout=DISCOVERY_SCHEDULE_TO_START,
                 start_to_close_timeout=timedelta(minutes=1),
@@ -481,14 +486,12 @@ class FleetRebuild:
         retry = RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(seconds=30))
         try:
             if options.glance_image_id and options.glance_url:
-                source = await workflow.execute_activity(
-                    "resolve_glance_image",
+                source = await contract.resolve_glance_image.start(
                     ResolveGlanceImageInput(
                         glance_url=options.glance_url,
                         image_id=options.glance_image_id,
                         max_virtual_size_bytes=options.max_virtual_size_bytes,
                     ),
-                    result_type=ResolvedImage,
                     task_queue=queue,
                     start_to_close_timeout=timedelta(minutes=1),
                     retry_policy=retry,
@@ -501,29 +504,25 @@ class FleetRebuild:
                     sha512=options.sha512,
                     disk_format=options.disk_format,
                 )
-            cached: CachedImage = await workflow.execute_activity(
-                "fetch_image",
+            cached: CachedImage = await contract.fetch_image.start(
                 FetchImageInput(
                     url=source.url,
                     sha256=options.sha256 or source.sha256,
                     sha512=options.sha512 or source.sha512,
                     max_bytes=options.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
                 ),
-                result_type=CachedImage,
                 task_queue=queue,
                 start_to_close_timeout=PREFETCH_TIMEOUT,
                 heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=retry,
                 summary=f"prefetch: {host}",
             )
-            await workflow.execute_activity(
-                "check_image",
+            await contract.check_image.start(
                 CheckImageInput(
                     sha256=cached.sha256,
                     max_virtual_size_bytes=options.max_virtual_size_bytes,
                     declared_format=options.disk_format or source.disk_format,
                 ),
-                result_type=CheckedImage,
                 task_queue=queue,
                 start_to_close_timeout=timedelta(minutes=3),
                 heartbeat_timeout=timedelta(seconds=10),

@@ -12,31 +12,21 @@ import fnmatch
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workflows.models import (
-    HOST_NAME,
-    INSTANCE_NAME,
-    MAX_REQUESTED_BY,
-    DiskFormat,
-    RebuildRequest,
-    StrictRebuildRequest,
-)
+from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
+from workflows.checks import HOST_NAME, INSTANCE_NAME, MAX_REQUESTED_BY
+from workflows.models import DiskFormat, RebuildRequest, StrictRebuildRequest
+from workflows.names import FLEET_WORKFLOW, fleet_workflow_id
+from workflows.wire import Wire
 
-FLEET_WORKFLOW = "FleetRebuild"
+__all__ = ["FLEET_WORKFLOW", "HostInventory", "InventoryEntry", "ListInstancesInput", "fleet_workflow_id"]
+
 FLEET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 # Errors kept per instance are cut to this: the carried state must stay small.
 MAX_NOTE = 300
 # A run continues as new after this many events at the latest (Temporal refuses a history of 51,200).
 DEFAULT_HISTORY_EVENT_LIMIT = 10_000
-
-
-def fleet_workflow_id(name: str) -> str:
-    return f"fleet:{name}"
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class InstanceState(StrEnum):
@@ -65,7 +55,7 @@ class FleetPhase(StrEnum):
     DONE = "done"
 
 
-class FleetTarget(_Wire):
+class FleetTarget(Wire):
     host: str
     instance: str
 
@@ -89,7 +79,7 @@ class FleetTarget(_Wire):
         return f"{self.host}:{self.instance}"
 
 
-class RebuildOptions(_Wire):
+class RebuildOptions(Wire):
     """Everything of a ``RebuildRequest`` but the instance and its host: the same for every child."""
 
     image_url: str | None = None
@@ -126,7 +116,7 @@ class RebuildOptions(_Wire):
         return self.image_url or f"glance:{self.glance_image_id}"
 
 
-class Selection(_Wire):
+class Selection(Wire):
     """Which instances: an explicit list, or the hosts' own listings filtered by a name pattern."""
 
     hosts: list[str] = Field(default_factory=list)
@@ -160,7 +150,7 @@ class Selection(_Wire):
         return self.name_pattern is not None and fnmatch.fnmatchcase(instance, self.name_pattern)
 
 
-class FleetLimits(_Wire):
+class FleetLimits(Wire):
     batch_size: int = Field(default=10, ge=1, le=100_000)
     # Never more than this many instances in a rebuild (and so possibly down) at once.
     max_unavailable: int = Field(default=1, ge=1, le=10_000)
@@ -175,7 +165,7 @@ class FleetLimits(_Wire):
     pause_between_seconds: float = Field(default=0.0, ge=0, le=7 * 86400)
 
 
-class FleetProgress(_Wire):
+class FleetProgress(Wire):
     """What a run hands to the run it continues as: the instances, their states, the controls."""
 
     targets: list[FleetTarget]
@@ -199,7 +189,7 @@ class FleetProgress(_Wire):
         return self
 
 
-class FleetRequest(_Wire):
+class FleetRequest(Wire):
     name: str = Field(pattern=FLEET_NAME_PATTERN)
     rebuild: RebuildOptions
     # None only in a run that continues another: its carried targets are the selection, once.
@@ -218,23 +208,7 @@ class FleetRequest(_Wire):
         return self
 
 
-class ListInstancesInput(_Wire):
-    # fnmatch pattern; None lists every domain.
-    name_pattern: str | None = None
-
-
-class InventoryEntry(_Wire):
-    instance: str
-    running: bool
-    # From the domain's <metadata>, written by the last successful rebuild.
-    image_sha256: str | None = None
-
-
-class HostInventory(_Wire):
-    instances: list[InventoryEntry]
-
-
-class FleetInstance(_Wire):
+class FleetInstance(Wire):
     host: str
     instance: str
     state: InstanceState
@@ -242,7 +216,7 @@ class FleetInstance(_Wire):
     workflow_id: str
 
 
-class FleetCounts(_Wire):
+class FleetCounts(Wire):
     total: int = 0
     waiting: int = 0
     running: int = 0
@@ -261,7 +235,7 @@ class FleetCounts(_Wire):
         return self.total - self.waiting - self.running
 
 
-class FleetStatus(_Wire):
+class FleetStatus(Wire):
     name: str
     phase: FleetPhase
     paused: bool
@@ -281,7 +255,7 @@ class FleetStatus(_Wire):
     started_at: datetime | None = None
 
 
-class InstancesPage(_Wire):
+class InstancesPage(Wire):
     """The ``instances`` query's argument: one page of instances, optionally of one state."""
 
     state: InstanceState | None = None
@@ -289,12 +263,12 @@ class InstancesPage(_Wire):
     limit: int = Field(default=1000, ge=1, le=5000)
 
 
-class FleetInstances(_Wire):
+class FleetInstances(Wire):
     total: int
     items: list[FleetInstance]
 
 
-class FleetReport(_Wire):
+class FleetReport(Wire):
     name: str
     counts: FleetCounts
     # None: every selected instance was dealt with.
@@ -303,18 +277,18 @@ class FleetReport(_Wire):
     runs: int
 
 
-class FleetAbort(_Wire):
+class FleetAbort(Wire):
     reason: str = Field(min_length=1, max_length=500)
     requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
     # Each rebuild boots the new image in a sandbox before its stop; None: the host worker's default.
     preflight: bool | None = None
 
 
-class BatchSize(_Wire):
+class BatchSize(Wire):
     batch_size: int = Field(ge=1, le=100_000)
 
 
-class ControlAnswer(_Wire):
+class ControlAnswer(Wire):
     accepted: bool
     message: str
     paused: bool

@@ -21,38 +21,18 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from activities.disks import DiskActivities
-    from activities.glance import GlanceActivities
-    from activities.hypervisor import HypervisorActivities
-    from activities.identity import IdentityActivities
-    from activities.images import ImageActivities
-    from activities.preflight import PreflightActivities
+    from workflows import contract
     from workflows import search_attributes as sa
-    from workflows.models import (
-        ABORT_SIGNAL,
-        ABORT_UPDATE,
-        APPROVE_SIGNAL,
-        CONFIRM_SIGNAL,
-        REVERT_SIGNAL,
-        STATUS_QUERY,
-        WORKFLOW_NAME,
-        AbortAnswer,
-        AbortRequest,
+    from workflows.activity_models import (
         CachedImage,
         CheckedImage,
         CheckImageInput,
-        Decision,
         FetchImageInput,
         InspectInstanceInput,
         InstanceInfo,
-        Outcome,
-        Phase,
         PreflightInput,
         PrepareRootDiskInput,
         PrepareSeedInput,
-        RebuildRequest,
-        RebuildResult,
-        RebuildStatus,
         RecordImageInput,
         RemoveBackupInput,
         RemoveSeedBackupInput,
@@ -65,6 +45,28 @@ with workflow.unsafe.imports_passed_through():
         StopMethod,
         StopResult,
         VerifyInstanceInput,
+    )
+    from workflows.models import (
+        AbortAnswer,
+        AbortRequest,
+        Decision,
+        Outcome,
+        Phase,
+        RebuildRequest,
+        RebuildResult,
+        RebuildStatus,
+    )
+    from workflows.names import (
+        ABORT_SIGNAL,
+        ABORT_UPDATE,
+        APPROVE_SIGNAL,
+        CONFIRM_SIGNAL,
+        PATCH_CLEANUP_NEVER_FAILS,
+        PATCH_IMAGE_ID_AFTER_FETCH,
+        PATCH_REBUILD_ID,
+        REVERT_SIGNAL,
+        STATUS_QUERY,
+        WORKFLOW_NAME,
         host_task_queue,
     )
 
@@ -142,9 +144,6 @@ SUMMARY = {
     Phase.DONE: "rebuilt",
     Phase.ROLLED_BACK: "rolled back to the old root disk",
 }
-# Patch IDs: each guards a change of the workflow's commands, so rebuilds started on older code replay.
-PATCH_REBUILD_ID = "rebuild-id-survives-reset"
-PATCH_CLEANUP_NEVER_FAILS = "cleanup-never-fails-a-rebuild"
 
 
 class _Aborted(Exception):
@@ -323,7 +322,7 @@ class RebuildInstance:
     async def _inspect(self, request: RebuildRequest) -> InstanceInfo:
         return await self._step(
             Phase.INSPECT,
-            HypervisorActivities.inspect_instance,
+            contract.inspect_instance,
             InspectInstanceInput(instance=request.instance),
             INSPECT,
         )
@@ -333,7 +332,7 @@ class RebuildInstance:
         source = await self._image_source(request)
         cached = await self._step(
             Phase.FETCH,
-            ImageActivities.fetch_image,
+            contract.fetch_image,
             FetchImageInput(
                 url=source.url,
                 sha256=source.sha256,
@@ -343,11 +342,11 @@ class RebuildInstance:
             FETCH,
         )
         self._image_sha256 = cached.sha256
-        if workflow.patched("image-id-after-fetch"):
+        if workflow.patched(PATCH_IMAGE_ID_AFTER_FETCH):
             workflow.upsert_search_attributes([sa.IMAGE_ID.value_set(cached.sha256)])
         checked = await self._step(
             Phase.CHECK,
-            ImageActivities.check_image,
+            contract.check_image,
             CheckImageInput(
                 sha256=cached.sha256,
                 max_virtual_size_bytes=request.max_virtual_size_bytes,
@@ -369,7 +368,7 @@ class RebuildInstance:
         assert self._rebuild_id is not None
         await self._step(
             Phase.PREFLIGHT,
-            PreflightActivities.preflight_image,
+            contract.preflight_image,
             PreflightInput(
                 instance=request.instance,
                 rebuild_id=self._rebuild_id,
@@ -395,7 +394,7 @@ class RebuildInstance:
             self._push("start instance again", self._undo_stop)
         stopped = await self._step(
             Phase.STOP,
-            HypervisorActivities.stop_instance,
+            contract.stop_instance,
             StopInstanceInput(instance=request.instance, timeout_seconds=request.stop_timeout_seconds),
             StepOptions(
                 start_to_close=timedelta(seconds=request.stop_timeout_seconds + 60),
@@ -417,7 +416,7 @@ class RebuildInstance:
         self._push("restore old root disk", lambda: self._undo_prepare(restore))
         await self._step(
             Phase.PREPARE,
-            DiskActivities.prepare_root_disk,
+            contract.prepare_root_disk,
             PrepareRootDiskInput(
                 instance=self._request.instance,
                 image_sha256=image.checked.sha256,
@@ -441,10 +440,10 @@ class RebuildInstance:
             return False
         assert self._rebuild_id is not None
         restore = RestoreSeedInput(instance=request.instance, rebuild_id=self._rebuild_id)
-        self._push("restore old seed", lambda: self._undo_activity(IdentityActivities.restore_seed, restore))
+        self._push("restore old seed", lambda: self._undo_activity(contract.restore_seed, restore))
         seeded = await self._step(
             Phase.SEED,
-            IdentityActivities.prepare_seed,
+            contract.prepare_seed,
             PrepareSeedInput(instance=request.instance, rebuild_id=self._rebuild_id, change=request.identity),
             SEED,
         )
@@ -461,13 +460,13 @@ class RebuildInstance:
         self._push("stop instance on new disk", self._undo_start)
         started = await self._step(
             Phase.START,
-            HypervisorActivities.start_instance,
+            contract.start_instance,
             StartInstanceInput(instance=request.instance),
             START,
         )
         verified = await self._step(
             Phase.VERIFY,
-            HypervisorActivities.verify_instance,
+            contract.verify_instance,
             VerifyInstanceInput(
                 instance=request.instance,
                 boot_marker=request.boot_marker,
@@ -495,20 +494,20 @@ class RebuildInstance:
         try:
             await self._step(
                 Phase.CLEANUP,
-                DiskActivities.remove_backup,
+                contract.remove_backup,
                 RemoveBackupInput(instance=instance, rebuild_id=self._rebuild_id),
                 CLEANUP,
             )
             if seeded:
                 await self._step(
                     Phase.CLEANUP,
-                    IdentityActivities.remove_seed_backup,
+                    contract.remove_seed_backup,
                     RemoveSeedBackupInput(instance=instance, rebuild_id=self._rebuild_id),
                     CLEANUP,
                 )
             await self._step(
                 Phase.CLEANUP,
-                HypervisorActivities.record_image,
+                contract.record_image,
                 RecordImageInput(
                     instance=instance,
                     image_sha256=image.checked.sha256,
@@ -578,7 +577,7 @@ class RebuildInstance:
             )
         record = await self._step(
             Phase.RESOLVE,
-            GlanceActivities.resolve_glance_image,
+            contract.resolve_glance_image,
             ResolveGlanceImageInput(
                 glance_url=request.glance_url,
                 image_id=request.glance_image_id,
@@ -601,7 +600,7 @@ class RebuildInstance:
     async def _step(
         self,
         phase: Phase,
-        activity: Callable[[Any, Any], Awaitable[T]],
+        activity: contract.HostActivity[Any, T],
         argument: Any,
         options: StepOptions,
     ) -> T:
@@ -610,8 +609,7 @@ class RebuildInstance:
         self._enter(phase)
         began = workflow.now()
         # Wait for a cancelled activity to really stop: an undo must never race the step it undoes.
-        self._current = workflow.start_activity_method(
-            activity,
+        self._current = activity.start(
             argument,
             task_queue=self._queue,
             start_to_close_timeout=options.start_to_close,
@@ -748,9 +746,8 @@ class RebuildInstance:
             verified_by=self._verified_by,
         )
 
-    async def _undo_activity(self, activity: Callable[[Any, Any], Awaitable[Any]], arg: Any) -> None:
-        await workflow.execute_activity_method(
-            activity,
+    async def _undo_activity(self, activity: contract.HostActivity[Any, Any], arg: Any) -> None:
+        await activity.start(
             arg,
             task_queue=self._queue,
             start_to_close_timeout=UNDO.start_to_close,
@@ -761,16 +758,16 @@ class RebuildInstance:
 
     async def _undo_stop(self) -> None:
         await self._undo_activity(
-            HypervisorActivities.start_instance, StartInstanceInput(instance=self._request.instance)
+            contract.start_instance, StartInstanceInput(instance=self._request.instance)
         )
 
     async def _undo_prepare(self, restore: RestoreRootDiskInput) -> None:
-        await self._undo_activity(DiskActivities.restore_root_disk, restore)
+        await self._undo_activity(contract.restore_root_disk, restore)
 
     async def _undo_start(self) -> None:
         # Forced off at once: the new disk is about to be replaced, nothing on it is worth a wait.
         await self._undo_activity(
-            HypervisorActivities.stop_instance,
+            contract.stop_instance,
             StopInstanceInput(instance=self._request.instance, timeout_seconds=0),
         )
 
