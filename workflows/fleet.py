@@ -23,6 +23,7 @@ import builtins
 import contextlib
 from collections import Counter, deque
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
@@ -35,16 +36,11 @@ from temporalio.exceptions import (
 )
 
 with workflow.unsafe.imports_passed_through():
-    from workflows import contract
+    from workflows import contract, image_steps
     from workflows import search_attributes as sa
     from workflows.activity_models import (
-        CachedImage,
-        CheckImageInput,
-        FetchImageInput,
         HostInventory,
         ListInstancesInput,
-        ResolvedImage,
-        ResolveGlanceImageInput,
     )
     from workflows.fleet_models import (
         FAILURES,
@@ -65,13 +61,15 @@ with workflow.unsafe.imports_passed_through():
         InstancesPage,
         InstanceState,
     )
-    from workflows.models import AbortRequest, Outcome, RebuildResult
+    from workflows.image_steps import In, Out
+    from workflows.models import AbortRequest, Outcome, Phase, RebuildResult
     from workflows.names import (
         ABORT_FLEET_UPDATE,
         ABORT_SIGNAL,
         FLEET_INSTANCES_QUERY,
         FLEET_STATUS_QUERY,
         FLEET_WORKFLOW,
+        PATCH_PREFETCH_REFUSES_CONTRADICTION,
         PAUSE_UPDATE,
         RESUME_UPDATE,
         SET_BATCH_SIZE_UPDATE,
@@ -84,7 +82,6 @@ with workflow.unsafe.imports_passed_through():
 DISCOVERY_SCHEDULE_TO_START = timedelta(minutes=2)
 PREFETCH_TIMEOUT = timedelta(hours=6)
 MAX_PROBLEMS_SHOWN = 100
-DOWNLOAD_SLACK_BYTES = 64 << 20
 
 
 @workflow.defn(name=FLEET_WORKFLOW)
@@ -481,61 +478,26 @@ class FleetRebuild:
             self._image_sha256 = digests[0]
 
     async def _prefetch(self, request: FleetRequest, host: str) -> str:
-        options = request.rebuild
-        queue = host_task_queue(host)
-        retry = RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(seconds=30))
+        """The rebuild's own image steps on one host: what a child would refuse is refused here, once."""
+
+        async def run(phase: Phase, activity: contract.HostActivity[In, Out], argument: In) -> Out:
+            return await activity.start(
+                argument, task_queue=host_task_queue(host), **_prefetch_options(phase, host)
+            )
+
         try:
-            if options.glance_image_id and options.glance_url:
-                source = await contract.resolve_glance_image.start(
-                    ResolveGlanceImageInput(
-                        glance_url=options.glance_url,
-                        image_id=options.glance_image_id,
-                        max_virtual_size_bytes=options.max_virtual_size_bytes,
-                    ),
-                    task_queue=queue,
-                    start_to_close_timeout=timedelta(minutes=1),
-                    retry_policy=retry,
-                )
-            else:
-                assert options.image_url is not None
-                source = ResolvedImage(
-                    url=options.image_url,
-                    sha256=options.sha256,
-                    sha512=options.sha512,
-                    disk_format=options.disk_format,
-                )
-            cached: CachedImage = await contract.fetch_image.start(
-                FetchImageInput(
-                    url=source.url,
-                    sha256=options.sha256 or source.sha256,
-                    sha512=options.sha512 or source.sha512,
-                    max_bytes=options.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
-                ),
-                task_queue=queue,
-                start_to_close_timeout=PREFETCH_TIMEOUT,
-                heartbeat_timeout=timedelta(seconds=10),
-                retry_policy=retry,
-                summary=f"prefetch: {host}",
+            image = await image_steps.fetch_and_check(
+                request.rebuild,
+                run,
+                refuse_contradiction=lambda: workflow.patched(PATCH_PREFETCH_REFUSES_CONTRADICTION),
             )
-            await contract.check_image.start(
-                CheckImageInput(
-                    sha256=cached.sha256,
-                    max_virtual_size_bytes=options.max_virtual_size_bytes,
-                    declared_format=options.disk_format or source.disk_format,
-                ),
-                task_queue=queue,
-                start_to_close_timeout=timedelta(minutes=3),
-                heartbeat_timeout=timedelta(seconds=10),
-                retry_policy=RetryPolicy(maximum_attempts=3),
-                summary=f"prefetch check: {host}",
-            )
-        except ActivityError as err:
+        except (ActivityError, ApplicationError) as err:
             raise ApplicationError(
                 f"prefetch failed on host {host}: {_innermost(err)}; nothing was started",
                 type="FleetPrefetchFailed",
                 non_retryable=True,
             ) from None
-        return cached.sha256
+        return image.cached.sha256
 
     def _skip_current(self) -> None:
         """Re-running a fleet leaves alone what already runs the image."""
@@ -593,6 +555,25 @@ class FleetRebuild:
         if self._stop_reason:
             lines.append(f"stopped: {self._stop_reason}")
         workflow.set_current_details("\n\n".join(lines))
+
+
+def _prefetch_options(phase: Phase, host: str) -> dict[str, Any]:
+    retry = RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(seconds=30))
+    if phase == Phase.RESOLVE:
+        return {"start_to_close_timeout": timedelta(minutes=1), "retry_policy": retry}
+    if phase == Phase.FETCH:
+        return {
+            "start_to_close_timeout": PREFETCH_TIMEOUT,
+            "heartbeat_timeout": timedelta(seconds=10),
+            "retry_policy": retry,
+            "summary": f"prefetch: {host}",
+        }
+    return {
+        "start_to_close_timeout": timedelta(minutes=3),
+        "heartbeat_timeout": timedelta(seconds=10),
+        "retry_policy": RetryPolicy(maximum_attempts=3),
+        "summary": f"prefetch check: {host}",
+    }
 
 
 def _innermost(err: BaseException) -> str:

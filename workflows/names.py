@@ -61,6 +61,9 @@ PATCH_IMAGE_ID_AFTER_FETCH = "image-id-after-fetch"
 PATCH_REBUILD_ID = "rebuild-id-survives-reset"
 # A cleanup error no retry fixes is reported with the rebuilt result instead of failing the rebuild.
 PATCH_CLEANUP_NEVER_FAILS = "cleanup-never-fails-a-rebuild"
+# A fleet's prefetch refuses a request whose disk format contradicts the Glance record (the rebuild
+# always did), instead of letting every child fail at resolve.
+PATCH_PREFETCH_REFUSES_CONTRADICTION = "prefetch-refuses-a-format-glance-contradicts"
 
 
 def host_task_queue(host: str) -> str:

@@ -21,13 +21,10 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from workflows import contract
+    from workflows import contract, image_steps
     from workflows import search_attributes as sa
     from workflows.activity_models import (
         CachedImage,
-        CheckedImage,
-        CheckImageInput,
-        FetchImageInput,
         InspectInstanceInput,
         InstanceInfo,
         PreflightInput,
@@ -36,8 +33,6 @@ with workflow.unsafe.imports_passed_through():
         RecordImageInput,
         RemoveBackupInput,
         RemoveSeedBackupInput,
-        ResolvedImage,
-        ResolveGlanceImageInput,
         RestoreRootDiskInput,
         RestoreSeedInput,
         StartInstanceInput,
@@ -46,6 +41,7 @@ with workflow.unsafe.imports_passed_through():
         StopResult,
         VerifyInstanceInput,
     )
+    from workflows.image_steps import In, NewImage, Out
     from workflows.models import (
         AbortAnswer,
         AbortRequest,
@@ -71,9 +67,6 @@ with workflow.unsafe.imports_passed_through():
     )
 
 T = TypeVar("T")
-
-# Qcow2 metadata can make a file a little larger than its virtual size; allow that much more.
-DOWNLOAD_SLACK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -134,6 +127,7 @@ CLEANUP = StepOptions(start_to_close=timedelta(minutes=1), maximum_attempts=0)
 SEED = StepOptions(start_to_close=timedelta(minutes=1))
 # Compensation must finish whatever happens: it retries without a limit, visibly.
 UNDO = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10), maximum_attempts=0)
+IMAGE_STEPS = {Phase.RESOLVE: RESOLVE, Phase.FETCH: FETCH, Phase.CHECK: CHECK}
 
 
 # What the status says in words, where the phase alone could mislead an operator.
@@ -158,15 +152,6 @@ class _Undo:
     def __init__(self, name: str, action: Callable[[], Awaitable[Any]]) -> None:
         self.name = name
         self.action = action
-
-
-@dataclass(frozen=True)
-class _NewImage:
-    """What fetch and check found: the image to put under the instance, and where it came from."""
-
-    source: ResolvedImage
-    cached: CachedImage
-    checked: CheckedImage
 
 
 @workflow.defn(name=WORKFLOW_NAME)
@@ -327,36 +312,19 @@ class RebuildInstance:
             INSPECT,
         )
 
-    async def _fetch_and_check(self, request: RebuildRequest) -> _NewImage:
+    async def _fetch_and_check(self, request: RebuildRequest) -> NewImage:
         """Download and check the image while the instance still runs: nothing changes on it yet."""
-        source = await self._image_source(request)
-        cached = await self._step(
-            Phase.FETCH,
-            contract.fetch_image,
-            FetchImageInput(
-                url=source.url,
-                sha256=source.sha256,
-                sha512=source.sha512,
-                max_bytes=request.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
-            ),
-            FETCH,
-        )
+        return await image_steps.fetch_and_check(request, self._image_step, after_fetch=self._fetched)
+
+    async def _image_step(self, phase: Phase, activity: contract.HostActivity[In, Out], argument: In) -> Out:
+        return await self._step(phase, activity, argument, IMAGE_STEPS[phase])
+
+    def _fetched(self, cached: CachedImage) -> None:
         self._image_sha256 = cached.sha256
         if workflow.patched(PATCH_IMAGE_ID_AFTER_FETCH):
             workflow.upsert_search_attributes([sa.IMAGE_ID.value_set(cached.sha256)])
-        checked = await self._step(
-            Phase.CHECK,
-            contract.check_image,
-            CheckImageInput(
-                sha256=cached.sha256,
-                max_virtual_size_bytes=request.max_virtual_size_bytes,
-                declared_format=source.disk_format,
-            ),
-            CHECK,
-        )
-        return _NewImage(source, cached, checked)
 
-    async def _preflight(self, request: RebuildRequest, instance: InstanceInfo, image: _NewImage) -> None:
+    async def _preflight(self, request: RebuildRequest, instance: InstanceInfo, image: NewImage) -> None:
         """Boot the new image in a sandbox while the instance still runs: a broken one costs no downtime.
 
         Only rebuilds that ask for it (or whose host worker does by default) have this step: histories
@@ -404,7 +372,7 @@ class RebuildInstance:
         self._stopped_by = stopped.stopped_by
         return stopped
 
-    async def _prepare(self, instance: InstanceInfo, image: _NewImage) -> None:
+    async def _prepare(self, instance: InstanceInfo, image: NewImage) -> None:
         """The old disk becomes the backup, named by the rebuild ID: the undo finds it even after a reset."""
         assert self._rebuild_id is not None
         restore = RestoreRootDiskInput(
@@ -486,7 +454,7 @@ class RebuildInstance:
             return None
         return (started.started_at - stopped.stopped_at).total_seconds()
 
-    async def _clean_up(self, image: _NewImage, seeded: bool) -> None:
+    async def _clean_up(self, image: NewImage, seeded: bool) -> None:
         """Drop the backup and record the new image. Retried without a limit; an error no retry can
         fix (the instance was undefined meanwhile) is reported with the result, not as a failure."""
         assert self._rebuild_id is not None
@@ -560,42 +528,6 @@ class RebuildInstance:
         assert self._decision is not None
         if self._decision[0] == "revert":
             raise _Reverted(self._decision[1])
-
-    async def _image_source(self, request: RebuildRequest) -> ResolvedImage:
-        """Where the image comes from and what it must be: the request, or its Glance record.
-
-        Replay-safe without a patch marker: only requests naming a Glance image, which no earlier
-        history holds, schedule the extra activity.
-        """
-        if request.glance_image_id is None or request.glance_url is None:
-            assert request.image_url is not None
-            return ResolvedImage(
-                url=request.image_url,
-                sha256=request.sha256,
-                sha512=request.sha512,
-                disk_format=request.disk_format,
-            )
-        record = await self._step(
-            Phase.RESOLVE,
-            contract.resolve_glance_image,
-            ResolveGlanceImageInput(
-                glance_url=request.glance_url,
-                image_id=request.glance_image_id,
-                max_virtual_size_bytes=request.max_virtual_size_bytes,
-            ),
-            RESOLVE,
-        )
-        if request.disk_format and request.disk_format != record.disk_format:
-            raise ApplicationError(
-                f"Glance says image {request.glance_image_id} is {record.disk_format}, "
-                f"the request says {request.disk_format}",
-                type="InvalidRequest",
-                non_retryable=True,
-            )
-        # Digests the operator gave win over the record's; both are checked when both exist.
-        return record.model_copy(
-            update={"sha256": request.sha256 or record.sha256, "sha512": request.sha512 or record.sha512}
-        )
 
     async def _step(
         self,

@@ -1,0 +1,102 @@
+"""The FleetRebuild workflow on the real dev server, with fake host activities (tests/fake_host.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+from temporalio.worker import Worker
+
+from tests.fake_host import FakeHost
+from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
+from workflows.fleet import FleetRebuild
+from workflows.fleet_models import (
+    FleetLimits,
+    FleetRequest,
+    RebuildOptions,
+    Selection,
+)
+from workflows.names import FLEET_WORKFLOW, fleet_workflow_id, host_task_queue
+from workflows.rebuild import RebuildInstance
+
+HISTORIES = Path(__file__).parent / "histories"
+GLANCE = {
+    "glance_url": "http://glance.invalid:9292",
+    "glance_image_id": "0b9f2f0e-5c6a-4a4e-9f57-2d7f9c1a0b11",
+}
+
+
+def listing(*names: str) -> Callable[..., Any]:
+    @activity.defn(name="list_instances")
+    async def list_instances(request: ListInstancesInput) -> HostInventory:
+        return HostInventory(instances=[InventoryEntry(instance=name, running=True) for name in names])
+
+    return list_instances
+
+
+@asynccontextmanager
+async def host_worker(client: Client, host: str, fake: FakeHost) -> AsyncIterator[None]:
+    async with Worker(
+        client,
+        task_queue=host_task_queue(host),
+        activities=[*fake.activities(), listing("vm-1")],
+        max_heartbeat_throttle_interval=timedelta(milliseconds=200),
+    ):
+        yield
+
+
+def workflow_worker(client: Client, queue: str) -> Worker:
+    return Worker(client, task_queue=queue, workflows=[FleetRebuild, RebuildInstance])
+
+
+def fleet(name: str, host: str, **rebuild: Any) -> FleetRequest:
+    return FleetRequest(
+        name=name,
+        rebuild=RebuildOptions(**rebuild),
+        selection=Selection(hosts=[host], name_pattern="vm-*"),
+        limits=FleetLimits(max_failures=3),
+        prefetch=True,
+    )
+
+
+async def start(client: Client, request: FleetRequest, queue: str) -> WorkflowHandle[Any, Any]:
+    return await client.start_workflow(
+        FLEET_WORKFLOW, request, id=fleet_workflow_id(request.name), task_queue=queue
+    )
+
+
+async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """Save a new path's history for the replay test (REBUILD_RECORD_HISTORIES=1); never overwrite."""
+    path = HISTORIES / f"{name}.json"
+    if os.environ.get("REBUILD_RECORD_HISTORIES") == "1" and not path.exists():
+        history = await handle.fetch_history()
+        path.write_text(json.dumps(json.loads(history.to_json()), indent=1))
+
+
+async def test_a_disk_format_that_contradicts_glance_fails_the_prefetch_not_every_child(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()  # its Glance record says qcow2
+    queue = f"fleet-{unique_host}"
+    request = fleet(f"format-{unique_host}", unique_host, disk_format="raw", **GLANCE)
+    async with host_worker(client, unique_host, fake), workflow_worker(client, queue):
+        handle = await start(client, request, queue)
+        with pytest.raises(WorkflowFailureError) as failed:
+            await asyncio.wait_for(handle.result(), 60)
+        await record_history(handle, "fleet-prefetch-refused-a-format-glance-contradicts")
+    cause = failed.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "FleetPrefetchFailed"
+    assert f"Glance says image {GLANCE['glance_image_id']} is qcow2, the request says raw" in cause.message
+    assert "nothing was started" in cause.message
+    # Refused at the record, as a single rebuild refuses it: nothing downloaded, no child started.
+    assert fake.calls == ["resolve_glance_image"]
