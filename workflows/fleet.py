@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import (
     ActivityError,
     ApplicationError,
@@ -349,13 +349,8 @@ class FleetRebuild:
                 result_type=RebuildResult,
                 # Terminating the fleet must not cut a rebuild in half: the child rolls back instead.
                 parent_close_policy=workflow.ParentClosePolicy.REQUEST_CANCEL,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(sa.INSTANCE_ID, target.instance),
-                        SearchAttributePair(sa.HYPERVISOR_HOST, target.host),
-                        SearchAttributePair(sa.IMAGE_ID, self._image_sha256 or options.image_label),
-                        SearchAttributePair(sa.REBUILD_PHASE, "pending"),
-                    ]
+                search_attributes=sa.of_new_rebuild(
+                    target.instance, target.host, self._image_sha256 or options.image_label
                 ),
                 static_summary=f"Rebuild {target.instance} on {target.host} (fleet {self._request.name})",
             )

@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from urllib.parse import urlsplit
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # The star imports re-export what used to be defined here, for the code that imports it from here.
 from workflows.activity_models import *  # noqa: F403
@@ -159,24 +159,15 @@ class StrictRebuildRequest(RebuildRequest):
             raise ValueError(f"not a Glance image ID: {value!r}")
         return value
 
-    @field_validator("sha256")
+    @field_validator("sha256", "sha512")
     @classmethod
-    def _sha256(cls, value: str | None) -> str | None:
+    def _digest(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         lowered = value.lower()
-        if not SHA256_HEX.match(lowered):
-            raise ValueError("sha256 must be 64 hexadecimal characters")
-        return lowered
-
-    @field_validator("sha512")
-    @classmethod
-    def _sha512(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        lowered = value.lower()
-        if not SHA512_HEX.match(lowered):
-            raise ValueError("sha512 must be 128 hexadecimal characters")
+        pattern, digits = (SHA256_HEX, 64) if info.field_name == "sha256" else (SHA512_HEX, 128)
+        if not pattern.match(lowered):
+            raise ValueError(f"{info.field_name} must be {digits} hexadecimal characters")
         return lowered
 
     @model_validator(mode="after")
