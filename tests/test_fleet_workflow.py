@@ -21,12 +21,16 @@ from tests.fake_host import FakeHost
 from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
 from workflows.fleet import FleetRebuild
 from workflows.fleet_models import (
+    ControlAnswer,
+    FleetAbort,
     FleetLimits,
+    FleetReport,
     FleetRequest,
     RebuildOptions,
     Selection,
 )
-from workflows.names import FLEET_WORKFLOW, fleet_workflow_id, host_task_queue
+from workflows.names import ABORT_FLEET_UPDATE, FLEET_WORKFLOW, fleet_workflow_id, host_task_queue
+from workflows.names import rebuild_workflow_id as child_id
 from workflows.rebuild import RebuildInstance
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -100,3 +104,34 @@ async def test_a_disk_format_that_contradicts_glance_fails_the_prefetch_not_ever
     assert "nothing was started" in cause.message
     # Refused at the record, as a single rebuild refuses it: nothing downloaded, no child started.
     assert fake.calls == ["resolve_glance_image"]
+
+
+async def test_an_abort_that_is_still_signalling_children_answers_before_the_fleet_ends(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()
+    fake.hold("fetch_image")
+    queue = f"fleet-{unique_host}"
+    request = fleet(f"abort-{unique_host}", unique_host, image_url="http://images.invalid/new.qcow2")
+    request = request.model_copy(update={"prefetch": False})
+    async with host_worker(client, unique_host, fake):
+        async with workflow_worker(client, queue):
+            handle = await start(client, request, queue)
+            await asyncio.wait_for(fake.reached["fetch_image"].wait(), 30)
+        # With no workflow worker, the child's end and the abort reach the fleet in one workflow task:
+        # the abort signals a child that has already ended while the fleet sees it has nothing left.
+        await client.get_workflow_handle(child_id(unique_host, "vm-1")).terminate("test")
+        update = asyncio.create_task(
+            handle.execute_update(
+                ABORT_FLEET_UPDATE,
+                FleetAbort(reason="wrong image", requested_by="test"),
+                result_type=ControlAnswer,
+            )
+        )
+        await asyncio.sleep(1)
+        async with workflow_worker(client, queue):
+            answer = await asyncio.wait_for(update, 60)
+            report = FleetReport.model_validate(await asyncio.wait_for(handle.result(), 60))
+            await record_history(handle, "fleet-abort-answered-before-the-fleet-ends")
+    assert answer.accepted and "1 running rebuild(s) asked to roll back" in answer.message
+    assert report.stop_reason == "aborted: wrong image (by test)"

@@ -69,6 +69,7 @@ with workflow.unsafe.imports_passed_through():
         FLEET_INSTANCES_QUERY,
         FLEET_STATUS_QUERY,
         FLEET_WORKFLOW,
+        PATCH_FLEET_WAITS_FOR_HANDLERS,
         PATCH_PREFETCH_REFUSES_CONTRADICTION,
         PAUSE_UPDATE,
         RESUME_UPDATE,
@@ -214,6 +215,9 @@ class FleetRebuild:
                 await asyncio.gather(*(self._abort_child(h) for h in self._children.values() if h))
             await workflow.wait_condition(lambda: not self._children)
             raise
+        # An abort_fleet update may still be signalling the children: it answers before the fleet ends.
+        if not workflow.all_handlers_finished() and workflow.patched(PATCH_FLEET_WAITS_FOR_HANDLERS):
+            await workflow.wait_condition(workflow.all_handlers_finished)
         self._phase = FleetPhase.DONE
         self._publish()
         return FleetReport(

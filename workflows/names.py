@@ -64,6 +64,8 @@ PATCH_CLEANUP_NEVER_FAILS = "cleanup-never-fails-a-rebuild"
 # A fleet's prefetch refuses a request whose disk format contradicts the Glance record (the rebuild
 # always did), instead of letting every child fail at resolve.
 PATCH_PREFETCH_REFUSES_CONTRADICTION = "prefetch-refuses-a-format-glance-contradicts"
+# A fleet waits for its update handlers (an abort signalling children) before it ends.
+PATCH_FLEET_WAITS_FOR_HANDLERS = "fleet-waits-for-its-handlers"
 
 
 def host_task_queue(host: str) -> str:
