@@ -1,4 +1,8 @@
-"""The FleetRebuild workflow on the real dev server, with fake host activities (tests/fake_host.py)."""
+"""The FleetRebuild workflow on the real dev server, with fake host activities (tests/fake_host.py).
+
+What the pure plan (tests/test_fleet_plan.py) cannot show: how the workflow meets its host's activities,
+its children and its updates.
+"""
 
 from __future__ import annotations
 
