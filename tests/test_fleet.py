@@ -9,8 +9,6 @@ on the pure plan (tests/test_fleet_plan.py); these tests show the workflow keeps
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from temporalio.exceptions import ApplicationError
 from devtools.temporal_dev import DevServer, stop_process
 from starter.rebuilds import RebuildAlreadyRunning, start_rebuild
 from tests.fleet_support import Gate, SimulatedFleet, simulated_fleet
+from tests.history_recorder import record_fleet_history
 from workflows.fleet_models import (
     ControlAnswer,
     FleetAbort,
@@ -35,8 +34,6 @@ from workflows.fleet_models import (
     InstancesPage,
     InstanceState,
 )
-
-HISTORIES = Path(__file__).parent / "histories"
 
 
 async def report_of(handle: WorkflowHandle[Any, Any]) -> FleetReport:
@@ -74,7 +71,7 @@ async def test_rolls_in_batches_within_the_unavailability_and_per_host_limits(
         )
         report = await report_of(handle)
         order = [item.instance for item in (await instances_of(handle)).items]
-        await record_history(handle, "fleet-rolling")
+        await record_fleet_history(handle, "fleet-rolling")
 
     assert report.counts.rebuilt == 12 and report.stop_reason is None
     assert sorted(on_new_image(fleet)) == sorted(vm.name for _, vm in fleet.all_instances())
@@ -103,7 +100,7 @@ async def test_failure_budget_stops_at_exactly_max_failures_and_leaves_nothing_h
         rolled_back = await handle.query(
             "instances", InstancesPage(state=InstanceState.ROLLED_BACK), result_type=FleetInstances
         )
-        await record_history(handle, "fleet-failure-budget")
+        await record_fleet_history(handle, "fleet-failure-budget")
 
     assert report.counts.rolled_back == 3 and report.counts.failed == 0
     assert report.stop_reason == "failure budget spent: 3 of 3 failed"
@@ -160,7 +157,7 @@ async def test_continues_as_new_before_the_history_grows_and_loses_nothing(
         status = await status_of(handle)
         # The first run: its history ends in the continue-as-new, carrying every instance's state.
         first_run = client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
-        await record_history(first_run, "fleet-first-run-continued-as-new")
+        await record_fleet_history(first_run, "fleet-first-run-continued-as-new")
     runs = [run async for run in client.list_workflows(f"WorkflowId = '{handle.id}'")]
     assert report.runs >= 3 and len(runs) == report.runs
     assert report.counts.rebuilt == 16 and len(set(on_new_image(fleet))) == 16
@@ -181,15 +178,6 @@ async def test_prefetch_refuses_a_bad_image_before_any_instance_stops(
     assert isinstance(cause, ApplicationError) and cause.type == "FleetPrefetchFailed"
     assert "nothing was started" in cause.message
     assert fleet.tracker.stops == [] and fleet.inspected == []
-
-
-async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
-    """Save the history for the replay test when asked to (REBUILD_RECORD_HISTORIES=1)."""
-    if os.environ.get("REBUILD_RECORD_HISTORIES") != "1":
-        return
-    history = await handle.fetch_history()
-    HISTORIES.mkdir(exist_ok=True)
-    (HISTORIES / f"{name}.json").write_text(json.dumps(json.loads(history.to_json()), indent=1))
 
 
 def start_workflow_worker(address: str, queue: str, log: Path) -> subprocess.Popen[bytes]:

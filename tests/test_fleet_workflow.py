@@ -7,12 +7,9 @@ its children and its updates.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
 from tests.fake_host import FakeHost
+from tests.history_recorder import record_fleet_history
 from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
 from workflows.fleet import FleetRebuild
 from workflows.fleet_models import (
@@ -37,7 +35,6 @@ from workflows.names import ABORT_FLEET_UPDATE, FLEET_WORKFLOW, fleet_workflow_i
 from workflows.names import rebuild_workflow_id as child_id
 from workflows.rebuild import RebuildInstance
 
-HISTORIES = Path(__file__).parent / "histories"
 GLANCE = {
     "glance_url": "http://glance.invalid:9292",
     "glance_image_id": "0b9f2f0e-5c6a-4a4e-9f57-2d7f9c1a0b11",
@@ -83,14 +80,6 @@ async def start(client: Client, request: FleetRequest, queue: str) -> WorkflowHa
     )
 
 
-async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> None:
-    """Save a new path's history for the replay test (REBUILD_RECORD_HISTORIES=1); never overwrite."""
-    path = HISTORIES / f"{name}.json"
-    if os.environ.get("REBUILD_RECORD_HISTORIES") == "1" and not path.exists():
-        history = await handle.fetch_history()
-        path.write_text(json.dumps(json.loads(history.to_json()), indent=1))
-
-
 async def test_a_disk_format_that_contradicts_glance_fails_the_prefetch_not_every_child(
     client: Client, unique_host: str
 ) -> None:
@@ -101,7 +90,7 @@ async def test_a_disk_format_that_contradicts_glance_fails_the_prefetch_not_ever
         handle = await start(client, request, queue)
         with pytest.raises(WorkflowFailureError) as failed:
             await asyncio.wait_for(handle.result(), 60)
-        await record_history(handle, "fleet-prefetch-refused-a-format-glance-contradicts")
+        await record_fleet_history(handle, "fleet-prefetch-refused-a-format-glance-contradicts")
     cause = failed.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "FleetPrefetchFailed"
     assert f"Glance says image {GLANCE['glance_image_id']} is qcow2, the request says raw" in cause.message
@@ -136,6 +125,6 @@ async def test_an_abort_that_is_still_signalling_children_answers_before_the_fle
         async with workflow_worker(client, queue):
             answer = await asyncio.wait_for(update, 60)
             report = FleetReport.model_validate(await asyncio.wait_for(handle.result(), 60))
-            await record_history(handle, "fleet-abort-answered-before-the-fleet-ends")
+            await record_fleet_history(handle, "fleet-abort-answered-before-the-fleet-ends")
     assert answer.accepted and "1 running rebuild(s) asked to roll back" in answer.message
     assert report.stop_reason == "aborted: wrong image (by test)"

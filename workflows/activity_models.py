@@ -26,6 +26,7 @@ __all__ = [
     "InstanceInfo",
     "InventoryEntry",
     "ListInstancesInput",
+    "OnRootDisk",
     "PreflightInput",
     "PreflightResult",
     "PrepareRootDiskInput",
@@ -190,8 +191,19 @@ class StopResult(Wire):
     stopped_by: StopMethod | None = None
 
 
-class PrepareRootDiskInput(Wire):
+class OnRootDisk(Wire):
+    """What every step on the root disk takes: the instance, and the rebuild that is changing its disk."""
+
     instance: str
+    # Backups and seeds are named by it, so a retried step finds what the first attempt began, after a
+    # reset too (it is the first run's ID).
+    rebuild_id: str
+    # The root disk inspect found (its target device): every step works on that disk. None in
+    # rebuilds started before it was passed: the step finds it again by the same rule.
+    root_disk_target: str | None = None
+
+
+class PrepareRootDiskInput(OnRootDisk):
     image_sha256: str
     image_format: str
     image_virtual_size: int
@@ -199,22 +211,12 @@ class PrepareRootDiskInput(Wire):
     original_format: str
     # The image's own minimum disk size (Glance min_disk): the new disk is grown to at least this.
     min_virtual_size: int = 0
-    # The backup file name is derived from this, so a retried prepare finds what the first began.
-    rebuild_id: str
     # The request's limit on the new disk's size, min_virtual_size included.
     max_virtual_size: int | None = None
-    # The root disk inspect found (its target device): every step works on that disk. None in
-    # rebuilds started before it was passed: the step finds it again by the same rule.
-    root_disk_target: str | None = None
 
 
-class PrepareSeedInput(Wire):
-    instance: str
-    rebuild_id: str
+class PrepareSeedInput(OnRootDisk):
     change: IdentityChange | None = None
-    # The root disk inspect found (its target device): every step works on that disk. None in
-    # rebuilds started before it was passed: the step finds it again by the same rule.
-    root_disk_target: str | None = None
 
 
 class SeedResult(Wire):
@@ -225,20 +227,12 @@ class SeedResult(Wire):
     summary: str
 
 
-class RestoreSeedInput(Wire):
-    instance: str
-    rebuild_id: str
-    # The root disk inspect found (its target device): every step works on that disk. None in
-    # rebuilds started before it was passed: the step finds it again by the same rule.
-    root_disk_target: str | None = None
+class RestoreSeedInput(OnRootDisk):
+    """Put the seed the rebuild replaced back (its undo)."""
 
 
-class RemoveSeedBackupInput(Wire):
-    instance: str
-    rebuild_id: str
-    # The root disk inspect found (its target device): every step works on that disk. None in
-    # rebuilds started before it was passed: the step finds it again by the same rule.
-    root_disk_target: str | None = None
+class RemoveSeedBackupInput(OnRootDisk):
+    """The rebuild is kept: the old seed file goes."""
 
 
 class PreparedRootDisk(Wire):
@@ -247,15 +241,10 @@ class PreparedRootDisk(Wire):
     virtual_size: int
 
 
-class RestoreRootDiskInput(Wire):
-    instance: str
-    rebuild_id: str
+class RestoreRootDiskInput(OnRootDisk):
     original_format: str
     # The image the new disk is an overlay on: tells a new disk from an old one made by an earlier rebuild.
     image_sha256: str | None = None
-    # The root disk inspect found (its target device): every step works on that disk. None in
-    # rebuilds started before it was passed: the step finds it again by the same rule.
-    root_disk_target: str | None = None
 
 
 class StartInstanceInput(Wire):
@@ -283,9 +272,7 @@ class VerifyResult(Wire):
     seconds: float = 0.0
 
 
-class PreflightInput(Wire):
-    instance: str
-    rebuild_id: str
+class PreflightInput(OnRootDisk):
     image_sha256: str
     image_format: str
     image_virtual_size: int
@@ -295,9 +282,6 @@ class PreflightInput(Wire):
     boot_timeout_seconds: float = 120.0
     # The request's identity change: the sandbox gets the seed the rebuild would attach.
     change: IdentityChange | None = None
-    # The root disk inspect found (its target device): every step works on that disk. None in
-    # rebuilds started before it was passed: the step finds it again by the same rule.
-    root_disk_target: str | None = None
 
 
 class PreflightResult(Wire):
@@ -308,12 +292,7 @@ class PreflightResult(Wire):
     waited_seconds: float = 0.0
 
 
-class RemoveBackupInput(Wire):
-    instance: str
-    rebuild_id: str
-    # The root disk inspect found (its target device): every step works on that disk. None in
-    # rebuilds started before it was passed: the step finds it again by the same rule.
-    root_disk_target: str | None = None
+class RemoveBackupInput(OnRootDisk):
     # The instance's snapshots go with the old disk (their metadata is removed here).
     discard_snapshots: bool = False
 
