@@ -43,9 +43,7 @@ from starter.fleets import (
 )
 from starter.rebuilds import validation_problems
 from workflows.fleet_models import (
-    BatchSize,
     ControlAnswer,
-    FleetAbort,
     FleetRequest,
     InstanceState,
     StrictBatchSize,
@@ -397,7 +395,7 @@ def batch_size(
     _run(_resize(name, change, address, as_json))
 
 
-async def _resize(name: str, change: BatchSize, address: str | None, as_json: bool) -> int:
+async def _resize(name: str, change: StrictBatchSize, address: str | None, as_json: bool) -> int:
     client = await connect(address)
     return _print_answer(await resize_fleet(client, name, change), as_json)
 
@@ -421,7 +419,7 @@ def abort(
     _run(_abort(name, request, address, as_json))
 
 
-async def _abort(name: str, request: FleetAbort, address: str | None, as_json: bool) -> int:
+async def _abort(name: str, request: StrictFleetAbort, address: str | None, as_json: bool) -> int:
     client = await connect(address)
     return _print_answer(await abort_fleet(client, name, request), as_json)
 
