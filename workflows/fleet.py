@@ -33,10 +33,7 @@ from temporalio.exceptions import (
 with workflow.unsafe.imports_passed_through():
     from workflows import contract, image_steps
     from workflows import search_attributes as sa
-    from workflows.activity_models import (
-        HostInventory,
-        ListInstancesInput,
-    )
+    from workflows.activity_models import HostInventory, ListInstancesInput
     from workflows.fleet_models import (
         BatchSize,
         ControlAnswer,

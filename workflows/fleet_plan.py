@@ -60,6 +60,8 @@ class Step:
 
 @dataclass
 class FleetPlan:
+    """The fleet's schedule and everything it knows about its instances; see the module's docstring."""
+
     limits: FleetLimits
     targets: list[FleetTarget] = field(default_factory=list)
     states: list[InstanceState] = field(default_factory=list)
@@ -79,11 +81,12 @@ class FleetPlan:
     running: dict[int, str] = field(default_factory=dict)
     # The image each instance ran when the fleet began (from the hosts' listings).
     current_images: dict[int, str | None] = field(default_factory=dict)
-    _counts: Counter[InstanceState] = field(default_factory=Counter)
-    _problems: list[int] = field(default_factory=list)
-    _per_host: Counter[str] = field(default_factory=Counter)
-    _waiting_by_host: dict[str, deque[int]] = field(default_factory=dict)
-    _round_robin: int = 0
+    # Derived from the above, and rebuilt by every run (a continued run starts with nothing running).
+    _counts: Counter[InstanceState] = field(default_factory=Counter, init=False)
+    _problems: list[int] = field(default_factory=list, init=False)
+    _per_host: Counter[str] = field(default_factory=Counter, init=False)
+    _waiting_by_host: dict[str, deque[int]] = field(default_factory=dict, init=False)
+    _round_robin: int = field(default=0, init=False)
 
     @classmethod
     def resume(cls, carried: FleetProgress) -> FleetPlan:
