@@ -43,14 +43,15 @@ from starter.fleets import (
 )
 from starter.rebuilds import validation_problems
 from workflows.fleet_models import (
-    BatchSize,
     ControlAnswer,
-    FleetAbort,
-    FleetLimits,
     FleetRequest,
     InstanceState,
-    RebuildOptions,
-    Selection,
+    StrictBatchSize,
+    StrictFleetAbort,
+    StrictFleetLimits,
+    StrictFleetRequest,
+    StrictRebuildOptions,
+    StrictSelection,
 )
 
 EXIT_OK, EXIT_FAILED = ExitCode.OK, ExitCode.FAILED
@@ -161,7 +162,7 @@ def start(
     --select 'web-*' --host kvm-01 --host kvm-02 --batch 20 --max-unavailable 5 --per-host 2 --max-failures 3
     """
     try:
-        rebuild = RebuildOptions(
+        rebuild = StrictRebuildOptions(
             image_url=image,
             sha256=sha256,
             sha512=sha512,
@@ -180,10 +181,10 @@ def start(
         if instances_file is not None:
             if host:
                 _bad_input("--host goes with --select; an instances file names each instance's host")
-            selection = Selection(instances=read_instances_file(instances_file))
+            selection = StrictSelection(instances=read_instances_file(instances_file))
         else:
-            selection = Selection(hosts=host or [], name_pattern=select)
-        limits = FleetLimits(
+            selection = StrictSelection(hosts=host or [], name_pattern=select)
+        limits = StrictFleetLimits(
             batch_size=batch,
             max_unavailable=max_unavailable,
             per_host=per_host,
@@ -191,13 +192,13 @@ def start(
             exact_budget=exact_budget,
             pause_between_seconds=parse_duration(pause_between),
         )
-        request = FleetRequest(
+        request = StrictFleetRequest(
             name=name or default_name(rebuild, selection),
             rebuild=rebuild,
             selection=selection,
             limits=limits,
             prefetch=prefetch,
-        )
+        ).wire()
     except ValidationError as exc:
         _bad_input(f"invalid fleet: {validation_problems(exc)}")
     except (BadInstancesFile, ValueError) as exc:
@@ -388,13 +389,13 @@ def batch_size(
 ) -> None:
     """Change the batch size from the next batch on. Example: rebuild fleet batch-size fleet-3fa9c2d1e0 50"""
     try:
-        change = BatchSize(batch_size=size)
+        change = StrictBatchSize(batch_size=size)
     except ValidationError as exc:
         _bad_input(f"invalid batch size: {validation_problems(exc)}")
     _run(_resize(name, change, address, as_json))
 
 
-async def _resize(name: str, change: BatchSize, address: str | None, as_json: bool) -> int:
+async def _resize(name: str, change: StrictBatchSize, address: str | None, as_json: bool) -> int:
     client = await connect(address)
     return _print_answer(await resize_fleet(client, name, change), as_json)
 
@@ -412,13 +413,13 @@ def abort(
     Example: rebuild fleet abort fleet-3fa9c2d1e0 --reason "wrong image"
     """
     try:
-        request = FleetAbort(reason=reason, requested_by=requested_by)
+        request = StrictFleetAbort(reason=reason, requested_by=requested_by)
     except ValidationError as exc:
         _bad_input(f"invalid abort: {validation_problems(exc)}")
     _run(_abort(name, request, address, as_json))
 
 
-async def _abort(name: str, request: FleetAbort, address: str | None, as_json: bool) -> int:
+async def _abort(name: str, request: StrictFleetAbort, address: str | None, as_json: bool) -> int:
     client = await connect(address)
     return _print_answer(await abort_fleet(client, name, request), as_json)
 
