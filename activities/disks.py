@@ -14,7 +14,6 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from temporalio import activity
 
@@ -60,7 +59,7 @@ class _RootFile:
     """The root disk as a rebuild works on it: its definition, and the file it really is."""
 
     xml: ET.Element
-    disk: ld.RootDisk
+    disk: dx.RootDisk
     # The definition's path with symlinks resolved: backups and the new disk go next to the file
     # itself, and the swap replaces the file, never the link.
     real: str
@@ -88,24 +87,22 @@ class DiskActivities:
         """The root disk; with ``check_discarding`` set, refused where a rebuild may not replace it
         (snapshots allowed when it is True)."""
 
-        def read(domain: Any) -> _RootFile:
-            if stopped and ld.is_active(domain):
+        domain = self.libvirt.domain(instance)
+
+        def read() -> _RootFile:
+            if stopped and domain.is_active():
                 raise InstanceNotStopped(f"instance {instance!r} is running; its disk stays")
-            xml = ld.inactive_xml(domain)
+            xml = domain.definition()
             disk = dx.step_root_disk(xml, instance, target)
             if check_discarding is not None:
-                conn = self.libvirt.connection()
-                rebuildable.refuse_unrebuildable(conn, domain, disk, check_discarding)
+                rebuildable.refuse_unrebuildable(domain, disk, check_discarding)
             return _RootFile(xml, disk, os.path.realpath(disk.path))
 
-        return await asyncio.to_thread(self.libvirt.with_domain, instance, read)
+        return await asyncio.to_thread(read)
 
     async def _define_disk(self, instance: str, root: _RootFile, disk: ET.Element) -> None:
-        def update(domain: Any) -> None:
-            if ET.tostring(dx.disk_element(root.xml, root.disk.target)) != ET.tostring(disk):
-                ld.update_disk(self.libvirt.connection(), domain, root.xml, disk)
-
-        await asyncio.to_thread(self.libvirt.with_domain, instance, update)
+        if ET.tostring(dx.disk_element(root.xml, root.disk.target)) != ET.tostring(disk):
+            await asyncio.to_thread(self.libvirt.domain(instance).update_disk, root.xml, disk)
 
     @activity.defn
     async def prepare_root_disk(self, request: PrepareRootDiskInput) -> PreparedRootDisk:
@@ -134,9 +131,7 @@ class DiskActivities:
                 write_atomically(recorded, root.disk.format)
                 write_atomically(root.record(request.rebuild_id), dx.to_string(_element(root)))
                 if request.discard_snapshots:
-                    names = await asyncio.to_thread(
-                        self.libvirt.with_domain, request.instance, ld.snapshot_names
-                    )
+                    names = await asyncio.to_thread(self.libvirt.domain(request.instance).snapshot_names)
                     write_atomically(
                         record_path(root.real, request.rebuild_id, "snapshots.json"), json.dumps(names)
                     )
@@ -233,11 +228,7 @@ class DiskActivities:
         snapshots = record_path(root.real, request.rebuild_id, "snapshots.json")
         if snapshots.exists():
             names = [str(n) for n in json.loads(snapshots.read_text())]
-            await asyncio.to_thread(
-                self.libvirt.with_domain,
-                request.instance,
-                lambda domain: ld.drop_snapshot_metadata(domain, names),
-            )
+            await asyncio.to_thread(self.libvirt.domain(request.instance).drop_snapshot_metadata, names)
         backup_path(root.real, request.rebuild_id).unlink(missing_ok=True)
         for path in (
             new_disk_path(root.real, request.rebuild_id),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any
 
 import libvirt
 
@@ -36,18 +35,18 @@ _PAUSE_REASONS = {
 DISCARD = "pass --discard-snapshots (they stay until the rebuild is kept, so a rollback brings them back)"
 
 
-def refuse_unrebuildable(conn: Any, domain: Any, disk: dx.RootDisk, discard_snapshots: bool) -> None:
+def refuse_unrebuildable(domain: ld.Domain, disk: dx.RootDisk, discard_snapshots: bool) -> None:
     """Every check below, cheapest first; the first that fails raises with its reason."""
     refuse_domain_state(domain)
     _refuse_saved_state(domain, disk.target, discard_snapshots)
-    _refuse_unusable_file(domain.name(), disk, discard_snapshots)
-    _refuse_shared_file(conn, domain.name(), disk)
+    _refuse_unusable_file(domain.name, disk, discard_snapshots)
+    _refuse_shared_file(domain.libvirt, domain.name, disk)
 
 
-def refuse_domain_state(domain: Any) -> None:
+def refuse_domain_state(domain: ld.Domain) -> None:
     """A transient domain vanishes at the stop; a paused or suspended one cannot shut down cleanly."""
-    name = domain.name()
-    if not domain.isPersistent():
+    name = domain.name
+    if not domain.is_persistent():
         raise UnsupportedInstance(
             f"instance {name!r} is transient (no persistent definition, as `virsh create` makes it): "
             "a stop would remove it; define it (virsh define) to rebuild it"
@@ -61,48 +60,39 @@ def refuse_domain_state(domain: Any) -> None:
         )
 
 
-def _refuse_saved_state(domain: Any, target: str, discard_snapshots: bool) -> None:
+def _refuse_saved_state(domain: ld.Domain, target: str, discard_snapshots: bool) -> None:
     """Saved memory, snapshots, checkpoints and running jobs belong to the old disk."""
-    name = domain.name()
-    if domain.hasManagedSaveImage(0):
+    name = domain.name
+    if domain.has_managed_save():
         raise UnsupportedInstance(
             f"instance {name!r} has a managed save image: its next start would resume the saved memory "
             "on top of the new disk; start it (virsh start) or discard the saved state "
             "(virsh managedsave-remove) first"
         )
-    snapshots = ld.snapshot_names(domain)
+    snapshots = domain.snapshot_names()
     if snapshots and not discard_snapshots:
         raise UnsupportedInstance(
             f"instance {name!r} has snapshots ({', '.join(snapshots)}) of its current disk; delete them, "
             f"or {DISCARD}"
         )
-    listed: list[Any] = ld.optional(lambda: domain.listAllCheckpoints(0), [])
-    checkpoints = sorted(c.getName() for c in listed if _checkpoint_covers(c.getXMLDesc(0), target))
+    checkpoints = sorted(n for n, xml in domain.checkpoints().items() if dx.checkpoint_covers(xml, target))
     if checkpoints:
         raise UnsupportedInstance(
             f"instance {name!r} has checkpoints of its root disk {target} ({', '.join(checkpoints)}): "
             "their bitmaps live in the old disk; delete them (virsh checkpoint-delete) first"
         )
-    if not ld.is_active(domain):
+    if not domain.is_active():
         return
-    if ld.optional(lambda: domain.blockJobInfo(target, 0), {}):
+    if domain.has_block_job(target):
         raise UnsupportedInstance(
             f"instance {name!r} has a block job on its root disk {target}; let it finish or abort it "
             "(virsh blockjob --abort) first"
         )
-    job = ld.optional(lambda: domain.jobInfo(), [libvirt.VIR_DOMAIN_JOB_NONE])
-    if job and job[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+    if domain.has_job():
         raise UnsupportedInstance(
             f"instance {name!r} has a job running (a migration, backup, dump or save; virsh "
             "domjobinfo shows it); let it finish first"
         )
-
-
-def _checkpoint_covers(xml_text: str, target: str) -> bool:
-    for disk in dx.parse(xml_text).findall("./disks/disk"):
-        if disk.get("name") == target:
-            return disk.get("checkpoint", "bitmap") != "no"
-    return False
 
 
 def _refuse_unusable_file(instance: str, disk: dx.RootDisk, discard_snapshots: bool) -> None:
@@ -142,13 +132,13 @@ def _refuse_unusable_file(instance: str, disk: dx.RootDisk, discard_snapshots: b
         )
 
 
-def _refuse_shared_file(conn: Any, instance: str, disk: dx.RootDisk) -> None:
+def _refuse_shared_file(conn: ld.Libvirt, instance: str, disk: dx.RootDisk) -> None:
     """No other disk uses the root disk's file: as its own source, or anywhere in its backing chain.
 
     A linked clone (another domain's overlay on this file) would read the new disk's bytes as its base.
     """
     real = Path(os.path.realpath(disk.path))
-    for name, target, files in ld.domains_using(conn, skip=(instance, disk.target)):
+    for name, target, files in conn.disk_users(skip=(instance, disk.target)):
         chain = [Path(os.path.realpath(f)) for f in files]
         if len(chain) == 1:
             chain += qcow2.backing_chain(chain[0])

@@ -24,9 +24,9 @@ with workflow.unsafe.imports_passed_through():
     from activities.disks import DiskActivities
     from activities.glance import GlanceActivities
     from activities.hypervisor import HypervisorActivities
-    from activities.identity import IdentityActivities
     from activities.images import ImageActivities
     from activities.preflight import PreflightActivities
+    from activities.seed import SeedActivities
     from workflows import search_attributes as sa
     from workflows.models import (
         ABORT_SIGNAL,
@@ -451,10 +451,10 @@ class RebuildInstance:
         restore = RestoreSeedInput(
             instance=request.instance, rebuild_id=self._rebuild_id, root_disk_target=instance.root_disk_target
         )
-        self._push("restore old seed", lambda: self._undo_activity(IdentityActivities.restore_seed, restore))
+        self._push("restore old seed", lambda: self._undo_activity(SeedActivities.restore_seed, restore))
         seeded = await self._step(
             Phase.SEED,
-            IdentityActivities.prepare_seed,
+            SeedActivities.prepare_seed,
             PrepareSeedInput(
                 instance=request.instance,
                 rebuild_id=self._rebuild_id,
@@ -524,7 +524,7 @@ class RebuildInstance:
             if seeded:
                 await self._step(
                     Phase.CLEANUP,
-                    IdentityActivities.remove_seed_backup,
+                    SeedActivities.remove_seed_backup,
                     RemoveSeedBackupInput(
                         instance=instance,
                         rebuild_id=self._rebuild_id,
