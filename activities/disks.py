@@ -101,7 +101,7 @@ class DiskActivities:
         return await asyncio.to_thread(read)
 
     async def _define_disk(self, instance: str, root: _RootFile, disk: ET.Element) -> None:
-        if ET.tostring(dx.disk_element(root.xml, root.disk.target)) != ET.tostring(disk):
+        if not dx.same(dx.disk_element(root.xml, root.disk.target), disk):
             await asyncio.to_thread(self.libvirt.domain(instance).update_disk, root.xml, disk)
 
     @activity.defn
@@ -195,7 +195,7 @@ class DiskActivities:
                 original = _recorded_disk(root, request.rebuild_id)
             else:
                 # Prepared by a worker from before the whole element was recorded: its format only.
-                original = _with_format(_element(root), original_format)
+                original = dx.with_format(_element(root), original_format)
             await self._define_disk(request.instance, root, original)
             for record in (recorded, root.record(request.rebuild_id)):
                 record.unlink(missing_ok=True)
@@ -249,15 +249,6 @@ def _recorded_disk(root: _RootFile, rebuild_id: str) -> ET.Element:
         return dx.parse(root.record(rebuild_id).read_text())
     except FileNotFoundError:
         return _element(root)
-
-
-def _with_format(disk: ET.Element, fmt: str) -> ET.Element:
-    copy = ET.fromstring(ET.tostring(disk))
-    driver = copy.find("driver")
-    if driver is None:
-        driver = ET.SubElement(copy, "driver", {"name": "qemu"})
-    driver.set("type", fmt)
-    return copy
 
 
 def _recorded_format(recorded: Path, requested: str) -> str:

@@ -44,6 +44,13 @@ _DEFINITION_REFUSED = {
     libvirt.VIR_ERR_INVALID_ARG,
     libvirt.VIR_ERR_NO_SECRET,
 }
+_PAUSE_REASONS = {
+    libvirt.VIR_DOMAIN_PAUSED_USER: " (by a user)",
+    libvirt.VIR_DOMAIN_PAUSED_IOERROR: " (on an I/O error)",
+    libvirt.VIR_DOMAIN_PAUSED_MIGRATION: " (migrating)",
+    libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT: " (taking a snapshot)",
+    libvirt.VIR_DOMAIN_PAUSED_WATCHDOG: " (by its watchdog)",
+}
 # Queries some drivers lack (the test driver has no jobs): their absence means "none".
 _UNSUPPORTED = (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_INVALID)
 
@@ -242,6 +249,15 @@ class Domain:
     def state(self) -> tuple[int, int]:
         state, reason = self._call(lambda d: d.state())
         return int(state), int(reason)
+
+    def frozen(self) -> str | None:
+        """Why the guest can neither run on nor shut down now: paused, or suspended by itself."""
+        state, reason = self.state()
+        if state == libvirt.VIR_DOMAIN_PMSUSPENDED:
+            return "suspended by its guest (S3/S4)"
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            return "paused" + _PAUSE_REASONS.get(reason, "")
+        return None
 
     def power_state(self) -> PowerState:
         if not self.is_active():

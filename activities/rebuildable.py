@@ -10,8 +10,6 @@ import os
 import stat
 from pathlib import Path
 
-import libvirt
-
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities import qcow2
@@ -21,17 +19,6 @@ from activities.errors import DiskMissing, HostOutOfSpace, UnsupportedInstance
 # free would fail after the stop.
 MIN_FREE_BYTES = 64 << 20
 
-_STATE_NAMES = {
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended by its guest (S3/S4)",
-}
-_PAUSE_REASONS = {
-    libvirt.VIR_DOMAIN_PAUSED_USER: " (by a user)",
-    libvirt.VIR_DOMAIN_PAUSED_IOERROR: " (on an I/O error)",
-    libvirt.VIR_DOMAIN_PAUSED_MIGRATION: " (migrating)",
-    libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT: " (taking a snapshot)",
-    libvirt.VIR_DOMAIN_PAUSED_WATCHDOG: " (by its watchdog)",
-}
 DISCARD = "pass --discard-snapshots (they stay until the rebuild is kept, so a rollback brings them back)"
 
 
@@ -51,12 +38,11 @@ def refuse_domain_state(domain: ld.Domain) -> None:
             f"instance {name!r} is transient (no persistent definition, as `virsh create` makes it): "
             "a stop would remove it; define it (virsh define) to rebuild it"
         )
-    state, reason = domain.state()
-    if state in _STATE_NAMES:
-        why = _PAUSE_REASONS.get(reason, "") if state == libvirt.VIR_DOMAIN_PAUSED else ""
+    frozen = domain.frozen()
+    if frozen is not None:
         raise UnsupportedInstance(
-            f"instance {name!r} is {_STATE_NAMES[state]}{why}; resume it (virsh resume, virsh "
-            "dompmwakeup) or shut it off before a rebuild"
+            f"instance {name!r} is {frozen}; resume it (virsh resume, virsh dompmwakeup) or shut it off "
+            "before a rebuild"
         )
 
 

@@ -32,9 +32,11 @@ from activities.domain_xml.disks import (
     rebuilt_disk,
     root_disk,
     root_disk_element,
+    same,
     step_root_disk,
     to_string,
     with_disk,
+    with_format,
 )
 from activities.domain_xml.sandbox import description_of, sandbox_definition
 
@@ -61,6 +63,7 @@ __all__ = [
     "rebuilt_disk",
     "root_disk",
     "root_disk_element",
+    "same",
     "sandbox_definition",
     "seed_disk",
     "seed_file",
@@ -68,5 +71,6 @@ __all__ = [
     "step_root_disk",
     "to_string",
     "with_disk",
+    "with_format",
     "with_seed",
 ]

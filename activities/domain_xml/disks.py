@@ -246,6 +246,24 @@ def rebuilt_disk(old: ET.Element, base: str, base_format: str) -> ET.Element:
     return disk
 
 
+def with_format(disk: ET.Element, fmt: str) -> ET.Element:
+    """A copy of ``disk`` whose driver says ``fmt``."""
+    copy = ET.fromstring(ET.tostring(disk))
+    driver = copy.find("driver")
+    if driver is None:
+        driver = ET.SubElement(copy, "driver", {"name": "qemu"})
+    driver.set("type", fmt)
+    return copy
+
+
+def same(first: ET.Element, second: ET.Element) -> bool:
+    """The same element, whatever the whitespace between its children."""
+    return bool(
+        ET.canonicalize(ET.tostring(first), strip_text=True)
+        == ET.canonicalize(ET.tostring(second), strip_text=True)
+    )
+
+
 def with_disk(xml: ET.Element, disk: ET.Element) -> ET.Element:
     """A copy of the definition with the disk of the same target replaced by ``disk``."""
     copy = ET.fromstring(ET.tostring(xml))
