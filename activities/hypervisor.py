@@ -18,6 +18,7 @@ from activities.boot_check import BootCheck, console_size
 from activities.checkpoints import Checkpoints
 from activities.errors import InvalidRequest
 from activities.heartbeat import keep_alive
+from activities.root_disks import RootDiskAt
 from workflows.models import (
     DISK_TARGET,
     InspectInstanceInput,
@@ -65,7 +66,8 @@ class HypervisorActivities:
         def read() -> InstanceInfo:
             xml = domain.definition()
             disk = dx.root_disk(xml, request.instance, request.root_disk)
-            rebuildable.refuse_unrebuildable(domain, disk, request.discard_snapshots)
+            root = RootDiskAt(domain, xml, disk)
+            rebuildable.refuse_unrebuildable(root, request.discard_snapshots)
             planned = dx.rebuilt_disk(dx.disk_element(xml, disk.target), PLANNED_BASE, "qcow2")
             self.libvirt.refuse_invalid_disk(request.instance, xml, planned)
             record = domain.image_record()
