@@ -12,6 +12,7 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Protocol
 
 from temporalio import activity
 
@@ -21,8 +22,10 @@ from activities.errors import BootCheckFailed, UnsupportedInstance
 from workflows.models import DEFAULT_RUNNING_SECONDS, VerifyInstanceInput, VerifyResult, VerifySpec
 
 POLL_SECONDS = 0.1
-# How much of a serial log the boot check reads at most: a guest can print without end.
-MAX_CONSOLE_READ = 4 << 20
+# How much of a console the boot check reads in one go, and how much of the latest output a pattern
+# is matched against: a guest can print without end, and a match is a line or a few.
+MAX_CONSOLE_READ = 1 << 20
+MATCH_WINDOW = 64 << 10
 # How long one guest agent command may take; the agent of a booting guest is not there yet.
 AGENT_COMMAND_SECONDS = 2
 
@@ -106,41 +109,21 @@ class BootCheck:
     async def _wait_for_console(
         self, domain: ld.Domain, xml: ET.Element, request: VerifyInstanceInput, pattern: str
     ) -> str:
-        regex = re.compile(pattern.encode())
         log = dx.serial_log(xml)
-        if log is not None:
-            return await self._wait_for_log(domain, request, log.path, regex, f"console:{pattern}")
-        if not dx.has_pty_console(xml):
+        if log is None and not dx.has_pty_console(xml):
             raise UnsupportedInstance(
                 f"instance {domain.name!r} has neither a file nor a pty serial console to read"
             )
-        stream = await asyncio.to_thread(domain.console)
+        if log is not None:
+            source: _Console = _FileConsole(log.path, request.console_offset)
+        else:
+            source = await asyncio.to_thread(_StreamConsole, domain)
         try:
-            seen = b""
-            deadline = time.monotonic() + request.boot_timeout_seconds
-            while True:
-                data = await asyncio.to_thread(stream.read)
-                if data is None:
-                    await self._ensure_running(domain, f"printing a match of {pattern!r}")
-                    # The console closed under a running domain (another client forced it): reopen.
-                    stream.close()
-                    stream = await asyncio.to_thread(domain.console)
-                    continue
-                seen = (seen + data)[-MAX_CONSOLE_READ:]
-                found = regex.search(seen)
-                if found:
-                    return found.group(0).decode(errors="replace")
-                if not data:
-                    await self._ensure_running(domain, f"printing a match of {pattern!r}")
-                    if time.monotonic() >= deadline:
-                        raise BootCheckFailed(
-                            f"instance {domain.name!r} printed no match of {pattern!r} on its "
-                            f"console within {request.boot_timeout_seconds:g} s"
-                        )
-                    activity.heartbeat("waiting for the console")
-                    await asyncio.sleep(POLL_SECONDS)
+            return await self._wait_for_output(
+                domain, source, re.compile(pattern.encode()), f"a match of {pattern!r}", request
+            )
         finally:
-            await asyncio.to_thread(stream.close)
+            await asyncio.to_thread(source.close)
 
     async def _wait_for_marker(
         self, domain: ld.Domain, xml: ET.Element, request: VerifyInstanceInput
@@ -152,25 +135,88 @@ class BootCheck:
                 f"instance {domain.name!r} has no file serial console to read a boot marker from"
             )
         regex = re.compile(re.escape(request.boot_marker.encode()))
-        await self._wait_for_log(domain, request, log.path, regex, request.boot_marker)
+        source = _FileConsole(log.path, request.console_offset)
+        await self._wait_for_output(domain, source, regex, repr(request.boot_marker), request)
 
-    async def _wait_for_log(
-        self, domain: ld.Domain, request: VerifyInstanceInput, path: str, regex: re.Pattern[bytes], what: str
+    async def _wait_for_output(
+        self,
+        domain: ld.Domain,
+        source: _Console,
+        regex: re.Pattern[bytes],
+        what: str,
+        request: VerifyInstanceInput,
     ) -> str:
+        """Read what the console prints as it comes, until ``regex`` matches in the last
+        ``MATCH_WINDOW`` bytes, the domain stops, or the boot timeout passes."""
         deadline = time.monotonic() + request.boot_timeout_seconds
+        seen = b""
         while True:
-            found = await asyncio.to_thread(_log_search, path, request.console_offset, regex)
-            if found is not None:
-                return found
-            if not await asyncio.to_thread(domain.is_active):
-                raise BootCheckFailed(f"instance {domain.name!r} stopped before printing {what!r}")
+            data = await asyncio.to_thread(source.read)
+            if data:
+                seen = (seen + data)[-MATCH_WINDOW:]
+                found = regex.search(seen)
+                if found:
+                    return found.group(0).decode(errors="replace")
+                continue
+            await self._ensure_running(domain, f"printing {what}")
             if time.monotonic() >= deadline:
                 raise BootCheckFailed(
-                    f"instance {domain.name!r} did not print {what!r} on its "
-                    f"serial console within {request.boot_timeout_seconds:g} s"
+                    f"instance {domain.name!r} did not print {what} on its serial console within "
+                    f"{request.boot_timeout_seconds:g} s"
                 )
-            activity.heartbeat("waiting for boot marker")
+            activity.heartbeat(f"waiting for {what} on the console")
             await asyncio.sleep(POLL_SECONDS)
+
+
+class _Console(Protocol):
+    def read(self) -> bytes:
+        """What the console printed since the last read (b"" when nothing did)."""
+
+    def close(self) -> None: ...
+
+
+class _FileConsole:
+    """A file serial console, read from where it was when the instance stopped."""
+
+    def __init__(self, path: str, offset: int) -> None:
+        self.path = path
+        self.position = offset
+
+    def read(self) -> bytes:
+        try:
+            with open(self.path, "rb") as log:
+                if os.fstat(log.fileno()).st_size < self.position:
+                    # A log that shrank was emptied by a start with append='off': read it all.
+                    self.position = 0
+                log.seek(self.position)
+                data = log.read(MAX_CONSOLE_READ)
+        except FileNotFoundError:
+            return b""
+        self.position += len(data)
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class _StreamConsole:
+    """A pty console through libvirt's console stream, opened again if another client takes it."""
+
+    def __init__(self, domain: ld.Domain) -> None:
+        self.domain = domain
+        self.stream = domain.console()
+
+    def read(self) -> bytes:
+        data = self.stream.read()
+        if data is None and self.domain.is_active():
+            # The console closed under a running domain (another client forced it): reopen.
+            self.stream.close()
+            self.stream = self.domain.console()
+            return b""
+        return data or b""
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def console_size(log: dx.SerialLog | None) -> int:
@@ -198,15 +244,3 @@ def _running_on_image(domain: ld.Domain, target: str, sha256: str) -> str:
             f"on image {sha256[:12]}"
         )
     return f"root disk {target} runs on image {sha256[:12]}"
-
-
-def _log_search(path: str, offset: int, regex: re.Pattern[bytes]) -> str | None:
-    try:
-        with open(path, "rb") as log:
-            size = os.fstat(log.fileno()).st_size
-            # A log that shrank was emptied by a start with append='off': read it all.
-            log.seek(offset if offset <= size else 0)
-            found = regex.search(log.read(MAX_CONSOLE_READ))
-    except FileNotFoundError:
-        return None
-    return found.group(0).decode(errors="replace") if found else None
