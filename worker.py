@@ -115,6 +115,8 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         glance.resolve_glance_image,
         images.fetch_image,
         images.check_image,
+        disks.stage_root_disk,
+        disks.discard_staged_root_disk,
         disks.prepare_root_disk,
         disks.restore_root_disk,
         disks.remove_backup,

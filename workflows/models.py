@@ -419,6 +419,35 @@ class PrepareRootDiskInput(_Model):
     root_disk_target: str | None = None
 
 
+class StageRootDiskInput(_Model):
+    """Write the new root disk while the instance still runs, beside the old one, never in its place."""
+
+    instance: str
+    rebuild_id: str
+    image_sha256: str
+    image_format: str
+    image_virtual_size: int
+    min_virtual_size: int = 0
+    max_virtual_size: int | None = None
+    root_disk_target: str | None = None
+
+
+class StagedRootDisk(_Model):
+    # Where the new disk waits for the swap (a file beside the old one, or a new volume).
+    staged_at: str
+    virtual_size: int
+    # How the new disk was made: overlay (qcow2 on the cached image), copy, volume.
+    mode: str = "overlay"
+
+
+class DiscardStagedRootDiskInput(_Model):
+    """Stage's undo: the new disk goes if it never took the old one's place."""
+
+    instance: str
+    rebuild_id: str
+    root_disk_target: str | None = None
+
+
 class PrepareSeedInput(_Model):
     instance: str
     rebuild_id: str

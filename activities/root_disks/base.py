@@ -15,10 +15,13 @@ from typing import Protocol
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from workflows.models import (
+    DiscardStagedRootDiskInput,
     PreparedRootDisk,
     PrepareRootDiskInput,
     RemoveBackupInput,
     RestoreRootDiskInput,
+    StagedRootDisk,
+    StageRootDiskInput,
 )
 
 
@@ -45,6 +48,12 @@ class RootDiskBackend(Protocol):
     def refuse_unsupported(root: RootDiskAt, discard_snapshots: bool) -> None:
         """Refuse, with its reason, a disk of this kind that a rebuild could not replace faithfully.
         Asked while the instance runs (inspect) and again before the swap (prepare); blocking."""
+
+    async def stage(self, root: RootDiskAt, request: StageRootDiskInput) -> StagedRootDisk:
+        """The instance still runs: write the new disk beside the old one, never in its place."""
+
+    async def discard_staged(self, root: RootDiskAt, request: DiscardStagedRootDiskInput) -> None:
+        """Stage's undo: the staged disk goes, unless it took the old one's place already."""
 
     def began(self, root: RootDiskAt, rebuild_id: str) -> bool:
         """Whether an attempt of this rebuild's prepare already kept the old disk (a retry finishes it)."""

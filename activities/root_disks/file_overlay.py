@@ -31,10 +31,13 @@ from activities.state import (
     write_atomically,
 )
 from workflows.models import (
+    DiscardStagedRootDiskInput,
     PreparedRootDisk,
     PrepareRootDiskInput,
     RemoveBackupInput,
     RestoreRootDiskInput,
+    StagedRootDisk,
+    StageRootDiskInput,
 )
 
 DISK_FORMATS = ("raw", "qcow2")
@@ -91,15 +94,12 @@ class FileOverlay:
             await asyncio.to_thread(_keep_as_backup, real, backup)
         await self.checkpoints.reach("prepare.after-backup")
         original_format = _recorded_format(recorded, request.original_format)
-        old = await qemu_img.image_info(str(backup), original_format)
-        size = max(int(old["virtual-size"]), request.image_virtual_size, request.min_virtual_size)
-        fresh.unlink(missing_ok=True)
-        try:
-            await qemu_img.create_overlay(str(fresh), str(base), request.image_format, size)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise HostOutOfSpace(f"no space for the new root disk in {directory}") from None
-            raise
+        size = max(
+            await _virtual_size(backup, original_format), request.image_virtual_size, request.min_virtual_size
+        )
+        # Staged while the instance ran (the usual case): only a disk that grew since needs a new one.
+        if not _is_overlay(fresh, base, size):
+            await _create_overlay(fresh, base, request.image_format, size)
         _copy_ownership(backup, fresh)
         await self.checkpoints.reach("prepare.before-swap")
         os.replace(fresh, real)
@@ -108,6 +108,26 @@ class FileOverlay:
         await self._define(root, dx.rebuilt_disk(original, str(base), request.image_format))
         await self.checkpoints.reach("prepare.after-new-disk")
         return PreparedRootDisk(disk_path=root.disk.path, backup_path=str(backup), virtual_size=size)
+
+    async def stage(self, root: RootDiskAt, request: StageRootDiskInput) -> StagedRootDisk:
+        """The new disk, written beside the old one while the instance runs: a qcow2 overlay on the
+        cached image, as large as the old disk at least. A retry finds it and keeps it."""
+        base = self.state.image_path(request.image_sha256)
+        real = real_path(root)
+        fresh = new_disk_path(real, request.rebuild_id)
+        size = max(
+            await _virtual_size(Path(real), root.disk.format),
+            request.image_virtual_size,
+            request.min_virtual_size,
+        )
+        if not _is_overlay(fresh, base, size):
+            await _create_overlay(fresh, base, request.image_format, size)
+        _copy_ownership(Path(real), fresh)
+        return StagedRootDisk(staged_at=str(fresh), virtual_size=size, mode="overlay")
+
+    async def discard_staged(self, root: RootDiskAt, request: DiscardStagedRootDiskInput) -> None:
+        """The staged disk goes; once prepare renamed it into place it has no name of its own left."""
+        _drop_new_disk(real_path(root), request.rebuild_id)
 
     async def restore(self, root: RootDiskAt, request: RestoreRootDiskInput) -> None:
         """Put the backup back, and the old disk's definition with it. A disk already restored, or
@@ -125,7 +145,7 @@ class FileOverlay:
         if not backup.exists() and not recorded.exists():
             # Nothing of this rebuild is here to put back: the definition is left alone, since
             # a format from the request alone could make QEMU read a raw disk as qcow2.
-            new_disk_path(real, request.rebuild_id).unlink(missing_ok=True)
+            _drop_new_disk(real, request.rebuild_id)
             return
         original_format = _recorded_format(recorded, request.original_format)
         await self.checkpoints.reach("restore.before-swap")
@@ -135,7 +155,7 @@ class FileOverlay:
             else:
                 os.replace(backup, real)
             await asyncio.to_thread(fsync_dir, Path(real).parent)
-        new_disk_path(real, request.rebuild_id).unlink(missing_ok=True)
+        _drop_new_disk(real, request.rebuild_id)
         if _disk_record(root, request.rebuild_id).exists():
             original = _recorded_disk(root, request.rebuild_id)
         else:
@@ -174,13 +194,50 @@ class FileOverlay:
             names = [str(n) for n in json.loads(snapshots.read_text())]
             await asyncio.to_thread(root.domain.drop_snapshot_metadata, names)
         backup_path(real, request.rebuild_id).unlink(missing_ok=True)
+        _drop_new_disk(real, request.rebuild_id)
         for path in (
-            new_disk_path(real, request.rebuild_id),
             original_format_path(real, request.rebuild_id),
             _disk_record(root, request.rebuild_id),
             snapshots,
         ):
             path.unlink(missing_ok=True)
+
+
+def _drop_new_disk(real: str, rebuild_id: str) -> None:
+    fresh = new_disk_path(real, rebuild_id)
+    for path in (fresh, fresh.with_name(f"{fresh.name}.partial")):
+        path.unlink(missing_ok=True)
+
+
+async def _virtual_size(path: Path, fmt: str) -> int:
+    """The disk's size as the guest sees it, from the file itself: no tool in the downtime window."""
+    if fmt == "raw":
+        return path.stat().st_size
+    header = qcow2.read_header(path)
+    if header is not None:
+        return header.virtual_size
+    return int((await qemu_img.image_info(str(path), fmt))["virtual-size"])
+
+
+def _is_overlay(path: Path, base: Path, size: int) -> bool:
+    """An overlay on ``base`` of at least ``size`` bytes (``_create_overlay`` names only whole ones)."""
+    header = qcow2.read_header(path)
+    return header is not None and header.backing_file == str(base) and header.virtual_size >= size
+
+
+async def _create_overlay(path: Path, base: Path, fmt: str, size: int) -> None:
+    """Written under a temporary name and renamed once qemu-img is done: a crash mid-write never
+    leaves a half-made disk under the name the swap uses."""
+    partial = path.with_name(f"{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        await qemu_img.create_overlay(str(partial), str(base), fmt, size)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise HostOutOfSpace(f"no space for the new root disk in {path.parent}") from None
+        raise
+    os.replace(partial, path)
 
 
 def _recorded_disk(root: RootDiskAt, rebuild_id: str) -> ET.Element:
