@@ -13,7 +13,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from activities import libvirt_domain as ld
 from activities import qcow2
@@ -44,29 +43,25 @@ def backing_file(path: Path) -> str | None:
     return header.backing_file if header is not None else None
 
 
-def image_users(state: StateDir, conn: Any) -> dict[str, set[str]]:
+def image_users(state: StateDir, conn: ld.Libvirt) -> dict[str, set[str]]:
     """sha256 -> names of the domains whose disks (or rebuild backups) are backed by it.
 
     Backups lie beside the file a disk path names, through any symlink: they are looked for there.
     """
     users: dict[str, set[str]] = defaultdict(set)
     images = state.images.resolve()
-    for domain in conn.listAllDomains(0):
-        xml = ld.inactive_xml(domain)
-        for source in xml.findall("./devices/disk/source"):
-            path = source.get("file")
-            if not path:
-                continue
+    for name, _target, files in conn.disk_users():
+        for path in files[:1]:
             real = Path(os.path.realpath(path))
             candidates = [real, *real.parent.glob(f"{real.name}.rebuild-*")]
             for candidate in candidates:
                 backing = backing_file(candidate)
                 if backing and (candidate.parent / backing).resolve().parent == images:
-                    users[Path(backing).name].add(domain.name())
+                    users[Path(backing).name].add(name)
     return users
 
 
-def list_cache(state: StateDir, conn: Any) -> list[CacheEntry]:
+def list_cache(state: StateDir, conn: ld.Libvirt) -> list[CacheEntry]:
     users = image_users(state, conn)
     entries = []
     for path in _cached_images(state):
@@ -77,7 +72,7 @@ def list_cache(state: StateDir, conn: Any) -> list[CacheEntry]:
 
 def prune_cache(
     state: StateDir,
-    conn: Any,
+    conn: ld.Libvirt,
     max_age_seconds: float,
     max_total_bytes: int | None = None,
     dry_run: bool = False,

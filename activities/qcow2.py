@@ -23,6 +23,7 @@ _SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
 class Qcow2Header:
     backing_file: str | None
     encrypted: bool
+    virtual_size: int
     snapshots: list[str] = field(default_factory=list)
     snapshot_count: int = 0
 
@@ -35,7 +36,12 @@ def read_header(path: Path) -> Qcow2Header | None:
             if len(raw) < _HEADER.size or not raw.startswith(MAGIC):
                 return None
             fields = _HEADER.unpack(raw)
-            backing_offset, backing_size, crypt_method = fields[2], fields[3], fields[6]
+            backing_offset, backing_size, virtual_size, crypt_method = (
+                fields[2],
+                fields[3],
+                fields[5],
+                fields[6],
+            )
             nb_snapshots, snapshots_offset = fields[11], fields[12]
             backing = None
             if backing_offset and 0 < backing_size <= MAX_BACKING_NAME:
@@ -45,7 +51,11 @@ def read_header(path: Path) -> Qcow2Header | None:
     except (FileNotFoundError, IsADirectoryError):
         return None
     return Qcow2Header(
-        backing_file=backing, encrypted=crypt_method != 0, snapshots=names, snapshot_count=nb_snapshots
+        backing_file=backing,
+        encrypted=crypt_method != 0,
+        virtual_size=virtual_size,
+        snapshots=names,
+        snapshot_count=nb_snapshots,
     )
 
 

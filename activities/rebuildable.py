@@ -6,155 +6,66 @@ the way out. Asked again by prepare (the instance is off then) for what may have
 
 from __future__ import annotations
 
-import os
-import stat
-from pathlib import Path
-from typing import Any
-
-import libvirt
-
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
-from activities import qcow2
-from activities.errors import DiskMissing, HostOutOfSpace, UnsupportedInstance
-
-# The new disk's qcow2 metadata and the records next to it need little; a disk with less than this
-# free would fail after the stop.
-MIN_FREE_BYTES = 64 << 20
-
-_STATE_NAMES = {
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended by its guest (S3/S4)",
-}
-_PAUSE_REASONS = {
-    libvirt.VIR_DOMAIN_PAUSED_USER: " (by a user)",
-    libvirt.VIR_DOMAIN_PAUSED_IOERROR: " (on an I/O error)",
-    libvirt.VIR_DOMAIN_PAUSED_MIGRATION: " (migrating)",
-    libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT: " (taking a snapshot)",
-    libvirt.VIR_DOMAIN_PAUSED_WATCHDOG: " (by its watchdog)",
-}
-DISCARD = "pass --discard-snapshots (they stay until the rebuild is kept, so a rollback brings them back)"
+from activities.errors import UnsupportedInstance
+from activities.root_disks import DISCARD, RootDiskAt, refuse_unsupported
 
 
-def refuse_unrebuildable(conn: Any, domain: Any, disk: dx.RootDisk, discard_snapshots: bool) -> None:
-    """Every check below, cheapest first; the first that fails raises with its reason."""
-    refuse_domain_state(domain)
-    _refuse_saved_state(domain, disk.target, discard_snapshots)
-    _refuse_unusable_file(domain.name(), disk, discard_snapshots)
-    _refuse_shared_file(conn, domain.name(), disk)
+def refuse_unrebuildable(root: RootDiskAt, discard_snapshots: bool) -> None:
+    """Every check below, cheapest first, then the root disk's back end's own; the first that fails
+    raises with its reason."""
+    refuse_domain_state(root.domain)
+    _refuse_saved_state(root.domain, root.disk.target, discard_snapshots)
+    refuse_unsupported(root, discard_snapshots)
 
 
-def refuse_domain_state(domain: Any) -> None:
+def refuse_domain_state(domain: ld.Domain) -> None:
     """A transient domain vanishes at the stop; a paused or suspended one cannot shut down cleanly."""
-    name = domain.name()
-    if not domain.isPersistent():
+    name = domain.name
+    if not domain.is_persistent():
         raise UnsupportedInstance(
             f"instance {name!r} is transient (no persistent definition, as `virsh create` makes it): "
             "a stop would remove it; define it (virsh define) to rebuild it"
         )
-    state, reason = domain.state()
-    if state in _STATE_NAMES:
-        why = _PAUSE_REASONS.get(reason, "") if state == libvirt.VIR_DOMAIN_PAUSED else ""
+    frozen = domain.frozen()
+    if frozen is not None:
         raise UnsupportedInstance(
-            f"instance {name!r} is {_STATE_NAMES[state]}{why}; resume it (virsh resume, virsh "
-            "dompmwakeup) or shut it off before a rebuild"
+            f"instance {name!r} is {frozen}; resume it (virsh resume, virsh dompmwakeup) or shut it off "
+            "before a rebuild"
         )
 
 
-def _refuse_saved_state(domain: Any, target: str, discard_snapshots: bool) -> None:
+def _refuse_saved_state(domain: ld.Domain, target: str, discard_snapshots: bool) -> None:
     """Saved memory, snapshots, checkpoints and running jobs belong to the old disk."""
-    name = domain.name()
-    if domain.hasManagedSaveImage(0):
+    name = domain.name
+    if domain.has_managed_save():
         raise UnsupportedInstance(
             f"instance {name!r} has a managed save image: its next start would resume the saved memory "
             "on top of the new disk; start it (virsh start) or discard the saved state "
             "(virsh managedsave-remove) first"
         )
-    snapshots = ld.snapshot_names(domain)
+    snapshots = domain.snapshot_names()
     if snapshots and not discard_snapshots:
         raise UnsupportedInstance(
             f"instance {name!r} has snapshots ({', '.join(snapshots)}) of its current disk; delete them, "
             f"or {DISCARD}"
         )
-    listed: list[Any] = ld.optional(lambda: domain.listAllCheckpoints(0), [])
-    checkpoints = sorted(c.getName() for c in listed if _checkpoint_covers(c.getXMLDesc(0), target))
+    checkpoints = sorted(n for n, xml in domain.checkpoints().items() if dx.checkpoint_covers(xml, target))
     if checkpoints:
         raise UnsupportedInstance(
             f"instance {name!r} has checkpoints of its root disk {target} ({', '.join(checkpoints)}): "
             "their bitmaps live in the old disk; delete them (virsh checkpoint-delete) first"
         )
-    if not ld.is_active(domain):
+    if not domain.is_active():
         return
-    if ld.optional(lambda: domain.blockJobInfo(target, 0), {}):
+    if domain.has_block_job(target):
         raise UnsupportedInstance(
             f"instance {name!r} has a block job on its root disk {target}; let it finish or abort it "
             "(virsh blockjob --abort) first"
         )
-    job = ld.optional(lambda: domain.jobInfo(), [libvirt.VIR_DOMAIN_JOB_NONE])
-    if job and job[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+    if domain.has_job():
         raise UnsupportedInstance(
             f"instance {name!r} has a job running (a migration, backup, dump or save; virsh "
             "domjobinfo shows it); let it finish first"
         )
-
-
-def _checkpoint_covers(xml_text: str, target: str) -> bool:
-    for disk in dx.parse(xml_text).findall("./disks/disk"):
-        if disk.get("name") == target:
-            return disk.get("checkpoint", "bitmap") != "no"
-    return False
-
-
-def _refuse_unusable_file(instance: str, disk: dx.RootDisk, discard_snapshots: bool) -> None:
-    """The root disk is a regular file (a link to one is fine), in a directory the new disk fits in."""
-    real = Path(os.path.realpath(disk.path))
-    where = f"instance {instance!r}: root disk {disk.target} ({disk.path})"
-    try:
-        mode = os.stat(real).st_mode
-    except FileNotFoundError:
-        raise DiskMissing(f"{where} does not exist") from None
-    if not stat.S_ISREG(mode):
-        kind = "a block device" if stat.S_ISBLK(mode) else "not a regular file"
-        raise UnsupportedInstance(f"{where} is {kind}; a file disk is rebuilt only where it is a file")
-    directory = real.parent
-    space = os.statvfs(directory)
-    if space.f_flag & os.ST_RDONLY or not os.access(directory, os.W_OK):
-        raise UnsupportedInstance(
-            f"{where}: its directory {directory} is read-only, and the new disk and the backup go there"
-        )
-    if space.f_bavail * space.f_frsize < MIN_FREE_BYTES:
-        raise HostOutOfSpace(
-            f"{where}: {directory} has less than {MIN_FREE_BYTES >> 20} MiB free for the new disk"
-        )
-    if disk.format != "qcow2":
-        return
-    header = qcow2.read_header(real)
-    if header is None:
-        return
-    if header.encrypted:
-        raise UnsupportedInstance(f"{where} is an encrypted qcow2 file; a new disk would not be")
-    if header.snapshot_count and not discard_snapshots:
-        more = " ..." if header.snapshot_count > len(header.snapshots) else ""
-        names = ", ".join(header.snapshots) + more
-        raise UnsupportedInstance(
-            f"{where} holds {header.snapshot_count} internal snapshot(s) ({names}); delete them "
-            f"(qemu-img snapshot -d), or {DISCARD}"
-        )
-
-
-def _refuse_shared_file(conn: Any, instance: str, disk: dx.RootDisk) -> None:
-    """No other disk uses the root disk's file: as its own source, or anywhere in its backing chain.
-
-    A linked clone (another domain's overlay on this file) would read the new disk's bytes as its base.
-    """
-    real = Path(os.path.realpath(disk.path))
-    for name, target, files in ld.domains_using(conn, skip=(instance, disk.target)):
-        chain = [Path(os.path.realpath(f)) for f in files]
-        if len(chain) == 1:
-            chain += qcow2.backing_chain(chain[0])
-        if real in chain:
-            how = "uses it" if chain[0] == real else "has it in its backing chain"
-            raise UnsupportedInstance(
-                f"instance {instance!r}: root disk {disk.path} is shared: disk {target} of domain "
-                f"{name!r} {how}"
-            )

@@ -707,15 +707,16 @@ def cache_prune(
 
 
 def _open_libvirt(uri: str) -> Any:
-    import libvirt
+    from activities.errors import HypervisorUnavailable
+    from activities.libvirt_domain import Libvirt
 
-    from activities import libvirt_domain as _registers_libvirt_error_handler  # noqa: F401
-
+    conn = Libvirt(uri)
     try:
-        return libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        err.print(f"rebuild: cannot connect to libvirt at {uri}: {exc.get_error_message()}", markup=False)
+        conn.connection()
+    except HypervisorUnavailable as exc:
+        err.print(f"rebuild: {exc.message}", markup=False)
         leave(EXIT_UNAVAILABLE)
+    return conn
 
 
 def _size(size: float) -> str:

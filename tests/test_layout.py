@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,38 @@ def test_the_workflows_answer_to_the_names_clients_and_histories_use() -> None:
     assert set(fleet.updates) == {
         names.PAUSE_UPDATE, names.RESUME_UPDATE, names.SET_BATCH_SIZE_UPDATE, names.ABORT_FLEET_UPDATE,
     }  # fmt: skip
+
+
+PRODUCT = ("activities", "starter", "workflows", "common", "worker.py")
+XML_CALLS = re.compile(r"\bET\.(fromstring|tostring|parse|iterparse|SubElement|XML|canonicalize|Element)\(")
+
+
+def product_files() -> list[Path]:
+    root = Path(__file__).resolve().parent.parent
+    found: list[Path] = []
+    for name in PRODUCT:
+        path = root / name
+        found.extend([path] if path.is_file() else sorted(path.rglob("*.py")))
+    return found
+
+
+def test_only_activities_domain_xml_parses_or_builds_domain_xml() -> None:
+    """One home for the XML rules (Nova's config objects): the rest asks it, or holds its elements."""
+    offenders = [
+        f"{path.relative_to(path.parents[1])}:{number}"
+        for path in product_files()
+        if "domain_xml" not in path.parts
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if XML_CALLS.search(line)
+    ]
+    assert offenders == []
+
+
+def test_only_the_libvirt_layer_imports_libvirt() -> None:
+    """libvirt's C-style API and its errors are met in activities/libvirt_*.py and nowhere else."""
+    importing = [
+        str(path.name)
+        for path in sorted(product_files())
+        if re.search(r"^\s*(import|from) libvirt(_qemu)?\b", path.read_text(), re.MULTILINE)
+    ]
+    assert importing == ["libvirt_console.py", "libvirt_domain.py"]

@@ -18,6 +18,7 @@ __all__ = [
     "CachedImage",
     "CheckImageInput",
     "CheckedImage",
+    "DiscardStagedRootDiskInput",
     "DiskFormat",
     "FetchImageInput",
     "FetchProgress",
@@ -40,6 +41,8 @@ __all__ = [
     "RestoreRootDiskInput",
     "RestoreSeedInput",
     "SeedResult",
+    "StageRootDiskInput",
+    "StagedRootDisk",
     "StartInstanceInput",
     "StartResult",
     "StopInstanceInput",
@@ -215,6 +218,28 @@ class PrepareRootDiskInput(OnRootDisk):
     max_virtual_size: int | None = None
     # The instance's snapshots may go with the old disk (recorded here, forgotten at cleanup).
     discard_snapshots: bool = False
+
+
+class StageRootDiskInput(OnRootDisk):
+    """Write the new root disk while the instance still runs, beside the old one, never in its place."""
+
+    image_sha256: str
+    image_format: str
+    image_virtual_size: int
+    min_virtual_size: int = 0
+    max_virtual_size: int | None = None
+
+
+class StagedRootDisk(Wire):
+    # Where the new disk waits for the swap (a file beside the old one, or a new volume).
+    staged_at: str
+    virtual_size: int
+    # How the new disk was made: overlay (qcow2 on the cached image), copy, volume.
+    mode: str = "overlay"
+
+
+class DiscardStagedRootDiskInput(OnRootDisk):
+    """Stage's undo: the new disk goes if it never took the old one's place."""
 
 
 class PrepareSeedInput(OnRootDisk):

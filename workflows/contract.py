@@ -51,10 +51,12 @@ fetch_image = HostActivity("fetch_image", io.FetchImageInput, io.CachedImage)
 check_image = HostActivity("check_image", io.CheckImageInput, io.CheckedImage)
 preflight_image = HostActivity("preflight_image", io.PreflightInput, io.PreflightResult)
 # activities/disks.py
+stage_root_disk = HostActivity("stage_root_disk", io.StageRootDiskInput, io.StagedRootDisk)
+discard_staged_root_disk = HostActivity("discard_staged_root_disk", io.DiscardStagedRootDiskInput, Nothing)
 prepare_root_disk = HostActivity("prepare_root_disk", io.PrepareRootDiskInput, io.PreparedRootDisk)
 restore_root_disk = HostActivity("restore_root_disk", io.RestoreRootDiskInput, Nothing)
 remove_backup = HostActivity("remove_backup", io.RemoveBackupInput, Nothing)
-# activities/identity.py
+# activities/seed.py
 prepare_seed = HostActivity("prepare_seed", io.PrepareSeedInput, io.SeedResult)
 restore_seed = HostActivity("restore_seed", io.RestoreSeedInput, Nothing)
 remove_seed_backup = HostActivity("remove_seed_backup", io.RemoveSeedBackupInput, Nothing)
@@ -65,7 +67,7 @@ list_instances = HostActivity("list_instances", io.ListInstancesInput, io.HostIn
 STUBS: tuple[HostActivity[Any, Any], ...] = (
     inspect_instance, stop_instance, start_instance, verify_instance, record_image,
     resolve_glance_image, fetch_image, check_image, preflight_image,
-    prepare_root_disk, restore_root_disk, remove_backup,
+    stage_root_disk, discard_staged_root_disk, prepare_root_disk, restore_root_disk, remove_backup,
     prepare_seed, restore_seed, remove_seed_backup,
     list_instances,
 )  # fmt: skip

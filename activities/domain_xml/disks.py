@@ -1,9 +1,8 @@
-"""Reading and editing libvirt domain XML: which disk is the root disk, and what its new definition is.
+"""Which disk is the root disk, and what its new definition is.
 
-Pure functions over ``ElementTree`` elements, no libvirt calls: the libvirt layer fetches the XML and
-applies what these return. The rules follow libvirt's own (its domain XML format, and libvirt 9.0's
-``effectiveBootIndex``): a shape that a rebuild cannot handle correctly is refused here, with the reason,
-before anything on the host changes.
+The rules follow libvirt's own (its domain XML format, and libvirt 9.0's ``effectiveBootIndex``): a
+shape that a rebuild cannot handle correctly is refused here, with the reason, before anything on the
+host changes.
 """
 
 from __future__ import annotations
@@ -12,13 +11,10 @@ import io
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from activities.domain_xml.devices import SEED_ALIAS
 from activities.errors import UnsupportedInstance
 
-# The cloud-init seed CD-ROM a rebuild attaches (activities/identity.py): never a boot candidate.
-SEED_ALIAS = "ua-rebuild-seed"
 DISK_FORMATS = ("raw", "qcow2")
-# Devices that can carry a per-device <boot order=...>, besides disks.
-_BOOTABLE_OTHERS = ("interface", "hostdev", "redirdev")
 # <os><boot dev=...> names, and the device each stands for (libvirt gives the index to the first one).
 _LEGACY_BOOT_DEVICES = {"hd": "disk", "cdrom": "cdrom", "fd": "floppy", "network": "interface"}
 
@@ -70,6 +66,7 @@ def _has_media(disk: ET.Element) -> bool:
 
 
 def _is_seed(disk: ET.Element) -> bool:
+    """The cloud-init seed CD-ROM a rebuild attaches: never a boot candidate."""
     alias = disk.find("alias")
     return alias is not None and alias.get("name") == SEED_ALIAS
 
@@ -247,6 +244,24 @@ def rebuilt_disk(old: ET.Element, base: str, base_format: str) -> ET.Element:
     ET.SubElement(backing, "backingStore")
     disk.insert(list(disk).index(source) + 1, backing)
     return disk
+
+
+def with_format(disk: ET.Element, fmt: str) -> ET.Element:
+    """A copy of ``disk`` whose driver says ``fmt``."""
+    copy = ET.fromstring(ET.tostring(disk))
+    driver = copy.find("driver")
+    if driver is None:
+        driver = ET.SubElement(copy, "driver", {"name": "qemu"})
+    driver.set("type", fmt)
+    return copy
+
+
+def same(first: ET.Element, second: ET.Element) -> bool:
+    """The same element, whatever the whitespace between its children."""
+    return bool(
+        ET.canonicalize(ET.tostring(first), strip_text=True)
+        == ET.canonicalize(ET.tostring(second), strip_text=True)
+    )
 
 
 def with_disk(xml: ET.Element, disk: ET.Element) -> ET.Element:
