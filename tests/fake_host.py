@@ -22,6 +22,7 @@ from workflows.models import (
     CachedImage,
     CheckedImage,
     CheckImageInput,
+    DiscardStagedRootDiskInput,
     FetchImageInput,
     InspectInstanceInput,
     InstanceInfo,
@@ -33,6 +34,8 @@ from workflows.models import (
     ResolvedImage,
     ResolveGlanceImageInput,
     RestoreRootDiskInput,
+    StagedRootDisk,
+    StageRootDiskInput,
     StartInstanceInput,
     StartResult,
     StopInstanceInput,
@@ -126,6 +129,15 @@ class FakeHost:
                 was_running=True, forced=False, stopped_at=T0, console_offset=7, stopped_by="acpi"
             )
 
+        @activity.defn(name="stage_root_disk")
+        async def stage_root_disk(request: StageRootDiskInput) -> StagedRootDisk:
+            await self._enter("stage_root_disk")
+            return StagedRootDisk(staged_at="/fake/disk.img.new", virtual_size=1)
+
+        @activity.defn(name="discard_staged_root_disk")
+        async def discard_staged_root_disk(request: DiscardStagedRootDiskInput) -> None:
+            await self._enter("discard_staged_root_disk")
+
         @activity.defn(name="prepare_root_disk")
         async def prepare_root_disk(request: PrepareRootDiskInput) -> PreparedRootDisk:
             await self._enter("prepare_root_disk")
@@ -161,6 +173,8 @@ class FakeHost:
             fetch_image,
             check_image,
             stop_instance,
+            stage_root_disk,
+            discard_staged_root_disk,
             prepare_root_disk,
             start_instance,
             verify_instance,

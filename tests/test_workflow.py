@@ -18,7 +18,7 @@ from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlre
 
 from tests.fake_host import SHA, FakeHost, request_for, running_workers
 from tests.history_recorder import record_history
-from tests.workflow_support import BEFORE_STOP, MAIN_PATH, failure_of, rebuilding, start
+from tests.workflow_support import BEFORE_STOP, DISCARD, MAIN_PATH, failure_of, rebuilding, start
 from workflows.models import (
     Outcome,
     Phase,
@@ -50,10 +50,10 @@ async def test_happy_path_runs_steps_in_order_and_reports_downtime(client: Clien
 @pytest.mark.parametrize(
     ("fail_at", "undone"),
     [
-        ("stop_instance", ["start_instance"]),
-        ("prepare_root_disk", ["restore_root_disk", "start_instance"]),
-        ("start_instance", ["stop_instance", "restore_root_disk", "start_instance"]),
-        ("verify_instance", ["stop_instance", "restore_root_disk", "start_instance"]),
+        ("stop_instance", ["start_instance", DISCARD]),
+        ("prepare_root_disk", ["restore_root_disk", "start_instance", DISCARD]),
+        ("start_instance", ["stop_instance", "restore_root_disk", "start_instance", DISCARD]),
+        ("verify_instance", ["stop_instance", "restore_root_disk", "start_instance", DISCARD]),
     ],
 )
 async def test_failure_after_stop_runs_compensation_in_reverse(
@@ -87,6 +87,20 @@ async def test_failure_before_stop_changes_nothing(client: Client, unique_host: 
     assert result.error_type == "ChecksumMismatch"
 
 
+async def test_a_failed_stage_drops_the_staged_disk_and_changes_nothing(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost(fail_at="stage_root_disk", error_type="HostOutOfSpace")
+    async with rebuilding(client, unique_host, fake) as handle:
+        error, result = await failure_of(handle)
+        await record_history(handle, "rebuild-failed-in-stage")
+    assert fake.calls == [*BEFORE_STOP, "stage_root_disk", DISCARD]
+    assert error.type == "RebuildFailed"
+    assert "nothing was changed" in error.message
+    assert result.outcome == Outcome.UNCHANGED
+    assert result.undone == ["drop the staged disk"]
+
+
 async def test_instance_that_was_off_stays_off(client: Client, unique_host: str) -> None:
     fake = FakeHost(was_running=False)
     async with rebuilding(client, unique_host, fake) as handle:
@@ -99,7 +113,7 @@ async def test_instance_that_was_off_is_not_started_by_rollback(client: Client, 
     fake = FakeHost(was_running=False, fail_at="prepare_root_disk")
     async with rebuilding(client, unique_host, fake) as handle:
         await failure_of(handle)
-    assert fake.calls[-1] == "restore_root_disk"
+    assert fake.calls[-2:] == ["restore_root_disk", DISCARD]
     assert "start_instance" not in fake.calls
 
 
@@ -124,7 +138,7 @@ async def test_cancel_after_stop_restores_and_restarts(client: Client, unique_ho
         _error, result = await failure_of(handle)
         status = await handle.query(RebuildInstance.status)
         await record_history(handle, "rebuild-cancelled-in-prepare")
-    assert fake.calls[-2:] == ["restore_root_disk", "start_instance"]
+    assert fake.calls[-3:] == ["restore_root_disk", "start_instance", DISCARD]
     assert result.outcome == Outcome.ROLLED_BACK
     assert result.error_type == "Cancelled"
     assert status.phase == Phase.ROLLED_BACK

@@ -11,7 +11,15 @@ from temporalio.client import Client
 
 from tests.fake_host import FakeHost
 from tests.history_recorder import record_history
-from tests.workflow_support import BEFORE_STOP, MAIN_PATH, failure_of, outcome_of, rebuilding, wait_for_phase
+from tests.workflow_support import (
+    BEFORE_STOP,
+    DISCARD,
+    MAIN_PATH,
+    failure_of,
+    outcome_of,
+    rebuilding,
+    wait_for_phase,
+)
 from workflows.models import AbortRequest, Decision, Outcome, Phase
 from workflows.rebuild import RebuildInstance
 
@@ -36,7 +44,7 @@ async def test_abort_signal_after_stop_rolls_back(client: Client, unique_host: s
     async with rebuilding(client, unique_host, fake, held="start_instance") as handle:
         await handle.signal(RebuildInstance.abort, AbortRequest(reason="maintenance window closed"))
         _, result = await failure_of(handle)
-    assert fake.calls[-3:] == ["stop_instance", "restore_root_disk", "start_instance"]
+    assert fake.calls[-4:] == ["stop_instance", "restore_root_disk", "start_instance", DISCARD]
     assert result.outcome == Outcome.ROLLED_BACK
     assert result.error_type == "Aborted"
 
@@ -98,7 +106,7 @@ async def test_confirm_window_keeps_or_reverts(client: Client, unique_host: str,
         await record_history(handle, "rebuild-reverted-in-confirm-window")
     assert "reverted: looks wrong (by qa)" in error.message
     assert result.error_type == "Reverted"
-    assert fake.calls[-3:] == ["stop_instance", "restore_root_disk", "start_instance"]
+    assert fake.calls[-4:] == ["stop_instance", "restore_root_disk", "start_instance", DISCARD]
 
 
 @pytest.mark.parametrize(("revert_by_default", "outcome"), [(False, "rebuilt"), (True, "rolled-back")])
@@ -141,6 +149,8 @@ PHASE_OF = {
     "inspect_instance": (Phase.INSPECT, Outcome.UNCHANGED),
     "fetch_image": (Phase.FETCH, Outcome.UNCHANGED),
     "check_image": (Phase.CHECK, Outcome.UNCHANGED),
+    # Only the staged disk beside the old one is dropped: the instance was never touched.
+    "stage_root_disk": (Phase.STAGE, Outcome.UNCHANGED),
     "stop_instance": (Phase.STOP, Outcome.ROLLED_BACK),
     "prepare_root_disk": (Phase.PREPARE, Outcome.ROLLED_BACK),
     "start_instance": (Phase.START, Outcome.ROLLED_BACK),

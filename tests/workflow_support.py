@@ -18,8 +18,11 @@ from workflows.rebuild import RebuildInstance
 
 Handle = WorkflowHandle[RebuildInstance, RebuildResult]
 BEFORE_STOP = ["inspect_instance", "fetch_image", "check_image"]
+# Stage's undo: it ends every rollback (the staged disk is renamed into place, or dropped).
+DISCARD = "discard_staged_root_disk"
 MAIN_PATH = [
     *BEFORE_STOP,
+    "stage_root_disk",
     "stop_instance",
     "prepare_root_disk",
     "start_instance",

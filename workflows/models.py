@@ -37,6 +37,7 @@ class Phase(StrEnum):
     PREFLIGHT = "preflight"
     AWAIT_APPROVAL = "await-approval"
     STOP = "stop"
+    STAGE = "stage"
     PREPARE = "prepare"
     SEED = "seed"
     START = "start"

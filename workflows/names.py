@@ -19,6 +19,7 @@ __all__ = [
     "PATCH_CLEANUP_NEVER_FAILS",
     "PATCH_IMAGE_ID_AFTER_FETCH",
     "PATCH_REBUILD_ID",
+    "PATCH_STAGE_BEFORE_STOP",
     "PAUSE_UPDATE",
     "RESUME_UPDATE",
     "REVERT_SIGNAL",
@@ -64,6 +65,8 @@ PATCH_CLEANUP_NEVER_FAILS = "cleanup-never-fails-a-rebuild"
 # A fleet's prefetch refuses a request whose disk format contradicts the Glance record (the rebuild
 # always did), instead of letting every child fail at resolve.
 PATCH_PREFETCH_REFUSES_CONTRADICTION = "prefetch-refuses-a-format-glance-contradicts"
+# The new root disk is written before the stop (stage), so the downtime keeps only the swap.
+PATCH_STAGE_BEFORE_STOP = "stage-root-disk-before-stop"
 # A fleet waits for its update handlers (an abort signalling children) before it ends.
 PATCH_FLEET_WAITS_FOR_HANDLERS = "fleet-waits-for-its-handlers"
 

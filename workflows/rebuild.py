@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from workflows import search_attributes as sa
     from workflows.activity_models import (
         CachedImage,
+        DiscardStagedRootDiskInput,
         InspectInstanceInput,
         InstanceInfo,
         PreflightInput,
@@ -38,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         RemoveSeedBackupInput,
         RestoreRootDiskInput,
         RestoreSeedInput,
+        StageRootDiskInput,
         StartInstanceInput,
         StopInstanceInput,
         StopResult,
@@ -61,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
         PATCH_CLEANUP_NEVER_FAILS,
         PATCH_IMAGE_ID_AFTER_FETCH,
         PATCH_REBUILD_ID,
+        PATCH_STAGE_BEFORE_STOP,
         REVERT_SIGNAL,
         STATUS_QUERY,
         WORKFLOW_NAME,
@@ -76,6 +79,7 @@ with workflow.unsafe.imports_passed_through():
         INSPECT,
         PREPARE,
         SEED,
+        STAGE,
         START,
         Aborted,
         StepRunner,
@@ -165,6 +169,7 @@ class RebuildInstance:
             await self._preflight(request, instance, image)
             if request.require_approval:
                 await self._await_approval(request)
+            await self._stage(instance, image)
             stopped = await self._stop(request, instance)
             await self._prepare(instance, image)
             seeded = await self._seed(request, instance)
@@ -238,6 +243,33 @@ class RebuildInstance:
                 root_disk_target=instance.root_disk_target,
             ),
             preflight_options(request.boot_timeout_seconds),
+        )
+
+    async def _stage(self, instance: InstanceInfo, image: NewImage) -> None:
+        """The new disk, written beside the old one while the instance still runs; its undo drops it.
+
+        Rebuilds started before this step made their new disk in prepare, inside the downtime.
+        """
+        if not workflow.patched(PATCH_STAGE_BEFORE_STOP):
+            return
+        assert self._rebuild_id is not None
+        on_disk = {"instance": self._request.instance, "rebuild_id": self._rebuild_id,
+                   "root_disk_target": instance.root_disk_target}  # fmt: skip
+        discard = DiscardStagedRootDiskInput(**on_disk)
+        drop = lambda: self._steps.undo(contract.discard_staged_root_disk, discard)  # noqa: E731
+        self._saga.push("drop the staged disk", drop, tidy=True)
+        await self._steps.run(
+            Phase.STAGE,
+            contract.stage_root_disk,
+            StageRootDiskInput(
+                **on_disk,
+                image_sha256=image.checked.sha256,
+                image_format=image.checked.format,
+                image_virtual_size=image.checked.virtual_size,
+                min_virtual_size=image.source.min_disk_bytes,
+                max_virtual_size=self._request.max_virtual_size_bytes,
+            ),
+            STAGE,
         )
 
     async def _stop(self, request: RebuildRequest, instance: InstanceInfo) -> StopResult:

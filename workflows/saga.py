@@ -5,7 +5,7 @@ is undone too (samples-python's saga registers compensations the same way). When
 is aborted, reverted or cancelled, :meth:`Saga.fail` runs the undos in reverse and ends the workflow
 with one of:
 
-- ``RebuildFailed``: nothing was changed (no undo was pushed yet);
+- ``RebuildFailed``: nothing was changed (no undo was pushed yet, or only undos that tidy the host);
 - ``RebuildRolledBack``: every undo ran; the instance is back on its old root disk;
 - ``RollbackFailed``: an undo failed for good; the rest are not tried (each may depend on the one before),
   and the old disk stays as a backup next to the disk for a person to look at.
@@ -42,6 +42,8 @@ class Reverted(Exception):
 class Undo:
     name: str
     action: Callable[[], Awaitable[Any]]
+    # It only tidies the host (a staged disk beside the old one): the instance itself was not changed.
+    tidy: bool = False
 
 
 class Saga:
@@ -50,9 +52,9 @@ class Saga:
         self._steps = steps
         self._undos: list[Undo] = []
 
-    def push(self, name: str, action: Callable[[], Awaitable[Any]]) -> None:
+    def push(self, name: str, action: Callable[[], Awaitable[Any]], tidy: bool = False) -> None:
         """Register an undo before the step it undoes acts: a crash mid-step still gets undone."""
-        self._undos.append(Undo(name, action))
+        self._undos.append(Undo(name, action, tidy))
 
     def clear(self) -> None:
         """The new disk is in place and verified: from here on nothing is undone."""
@@ -75,6 +77,7 @@ class Saga:
             raise self._end(
                 Outcome.UNCHANGED, failed_step, f"{state.last_error}; nothing was changed"
             ) from None
+        changed = not all(undo.tidy for undo in self._undos)
         self._steps.enter(Phase.ROLLBACK)
         while self._undos:
             undo = self._undos.pop()
@@ -94,6 +97,10 @@ class Saga:
                 ) from None
             state.undone.append(undo.name)
             state.add_seconds(Phase.ROLLBACK.value, (workflow.now() - began).total_seconds())
+        if not changed:
+            raise self._end(
+                Outcome.UNCHANGED, failed_step, f"{state.last_error}; nothing was changed"
+            ) from None
         raise self._end(
             Outcome.ROLLED_BACK,
             failed_step,

@@ -43,6 +43,8 @@ RESOLVE = StepOptions(start_to_close=timedelta(minutes=1), maximum_attempts=10)
 FETCH = StepOptions(start_to_close=timedelta(hours=6), heartbeat=timedelta(seconds=10), maximum_attempts=20)
 CHECK = StepOptions(start_to_close=timedelta(minutes=3), heartbeat=timedelta(seconds=10), maximum_attempts=3)
 PREPARE = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10))
+# A copy or a volume upload of a large image takes a while; it heartbeats meanwhile.
+STAGE = StepOptions(start_to_close=timedelta(hours=2), heartbeat=timedelta(seconds=10))
 START = StepOptions(start_to_close=timedelta(minutes=1), heartbeat=timedelta(seconds=10))
 # The rebuild has happened by cleanup: like the undos, cleanup is idempotent and must not turn a rebuilt
 # instance into a failed rebuild because libvirt was away for a while. It retries without a limit.
@@ -85,6 +87,7 @@ APPROVABLE = frozenset(
 )
 # Where an abort still means "put everything back"; from cleanup on, the rebuild has happened.
 ABORTABLE = APPROVABLE | {
+    Phase.STAGE,
     Phase.STOP,
     Phase.PREPARE,
     Phase.SEED,
