@@ -1,12 +1,12 @@
 """The RebuildInstance workflow: the rebuild's story, one step after another. Start reading here.
 
 Order (see ``run``): inspect -> resolve (a Glance image only) -> fetch -> check -> preflight (when
-asked) -> await-approval (when asked), all while the instance still runs and nothing on it has changed;
-then stop -> prepare -> seed (when the guest gets an identity) -> start -> verify -> confirm-window (when
-asked) -> cleanup. Unlike Nova, the download happens before the stop, so the instance is down only for
-the few activities that must run while it is off. Every step that changes the host pushes its undo
-before it acts (the undo table is in the README); a step that fails for good, an abort, a revert or a
-cancellation runs the undos in reverse.
+asked) -> await-approval (when asked) -> stage (the new disk, written beside the old one), all while the
+instance still runs and nothing on it has changed; then stop -> prepare (the swap) -> seed (when the
+guest gets an identity) -> start -> verify -> confirm-window (when asked) -> cleanup. Unlike Nova, the
+download and the new disk come before the stop: the instance is down only for the swap. Every step
+that changes the host pushes its undo before it acts (the undo table is in the README); a step that
+fails for good, an abort, a revert or a cancellation runs the undos in reverse.
 
 The machinery lives beside it: ``steps.py`` (each step's timeouts and retries, the step runner),
 ``saga.py`` (the undo stack and the three endings), ``rebuild_view.py`` (status, result, Web UI text),
@@ -17,34 +17,14 @@ activities, typed), ``names.py`` (the names clients and histories know).
 from __future__ import annotations
 
 import asyncio
-import builtins
-from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
+    from workflows import activity_models as io
     from workflows import contract, image_steps
     from workflows import search_attributes as sa
-    from workflows.activity_models import (
-        CachedImage,
-        DiscardStagedRootDiskInput,
-        InspectInstanceInput,
-        InstanceInfo,
-        PreflightInput,
-        PrepareRootDiskInput,
-        PrepareSeedInput,
-        RecordImageInput,
-        RemoveBackupInput,
-        RemoveSeedBackupInput,
-        RestoreRootDiskInput,
-        RestoreSeedInput,
-        StageRootDiskInput,
-        StartInstanceInput,
-        StopInstanceInput,
-        StopResult,
-        VerifyInstanceInput,
-    )
     from workflows.image_steps import In, NewImage, Out
     from workflows.models import (
         AbortAnswer,
@@ -192,11 +172,11 @@ class RebuildInstance:
         count("rebuilds_finished")
         return self._state.rebuilt(image, downtime, stopped.forced)
 
-    async def _inspect(self, request: RebuildRequest) -> InstanceInfo:
+    async def _inspect(self, request: RebuildRequest) -> io.InstanceInfo:
         return await self._steps.run(
             Phase.INSPECT,
             contract.inspect_instance,
-            InspectInstanceInput(
+            io.InspectInstanceInput(
                 instance=request.instance,
                 root_disk=request.root_disk,
                 discard_snapshots=request.discard_snapshots,
@@ -211,12 +191,12 @@ class RebuildInstance:
     async def _image_step(self, phase: Phase, activity: contract.HostActivity[In, Out], argument: In) -> Out:
         return await self._steps.run(phase, activity, argument, IMAGE_STEPS[phase])
 
-    def _fetched(self, cached: CachedImage) -> None:
+    def _fetched(self, cached: io.CachedImage) -> None:
         self._state.image_sha256 = cached.sha256
         if workflow.patched(PATCH_IMAGE_ID_AFTER_FETCH):
             workflow.upsert_search_attributes([sa.IMAGE_ID.value_set(cached.sha256)])
 
-    async def _preflight(self, request: RebuildRequest, instance: InstanceInfo, image: NewImage) -> None:
+    async def _preflight(self, request: RebuildRequest, instance: io.InstanceInfo, image: NewImage) -> None:
         """Boot the new image in a sandbox while the instance still runs: a broken one costs no downtime.
 
         Only rebuilds that ask for it (or whose host worker does by default) have this step: histories
@@ -229,7 +209,7 @@ class RebuildInstance:
         await self._steps.run(
             Phase.PREFLIGHT,
             contract.preflight_image,
-            PreflightInput(
+            io.PreflightInput(
                 instance=request.instance,
                 rebuild_id=self._rebuild_id,
                 image_sha256=image.checked.sha256,
@@ -245,7 +225,7 @@ class RebuildInstance:
             preflight_options(request.boot_timeout_seconds),
         )
 
-    async def _stage(self, instance: InstanceInfo, image: NewImage) -> None:
+    async def _stage(self, instance: io.InstanceInfo, image: NewImage) -> None:
         """The new disk, written beside the old one while the instance still runs; its undo drops it.
 
         Rebuilds started before this step made their new disk in prepare, inside the downtime.
@@ -255,13 +235,13 @@ class RebuildInstance:
         assert self._rebuild_id is not None
         on_disk = {"instance": self._request.instance, "rebuild_id": self._rebuild_id,
                    "root_disk_target": instance.root_disk_target}  # fmt: skip
-        discard = DiscardStagedRootDiskInput(**on_disk)
+        discard = io.DiscardStagedRootDiskInput(**on_disk)
         drop = lambda: self._steps.undo(contract.discard_staged_root_disk, discard)  # noqa: E731
         self._saga.push("drop the staged disk", drop, tidy=True)
         await self._steps.run(
             Phase.STAGE,
             contract.stage_root_disk,
-            StageRootDiskInput(
+            io.StageRootDiskInput(
                 **on_disk,
                 image_sha256=image.checked.sha256,
                 image_format=image.checked.format,
@@ -272,22 +252,22 @@ class RebuildInstance:
             STAGE,
         )
 
-    async def _stop(self, request: RebuildRequest, instance: InstanceInfo) -> StopResult:
+    async def _stop(self, request: RebuildRequest, instance: io.InstanceInfo) -> io.StopResult:
         if instance.was_running:
             self._saga.push("start instance again", self._undo_stop)
         stopped = await self._steps.run(
             Phase.STOP,
             contract.stop_instance,
-            StopInstanceInput(instance=request.instance, timeout_seconds=request.stop_timeout_seconds),
+            io.StopInstanceInput(instance=request.instance, timeout_seconds=request.stop_timeout_seconds),
             stop_options(request.stop_timeout_seconds),
         )
         self._state.stopped_by = stopped.stopped_by
         return stopped
 
-    async def _prepare(self, instance: InstanceInfo, image: NewImage) -> None:
+    async def _prepare(self, instance: io.InstanceInfo, image: NewImage) -> None:
         """The old disk becomes the backup, named by the rebuild ID: the undo finds it even after a reset."""
         assert self._rebuild_id is not None
-        restore = RestoreRootDiskInput(
+        restore = io.RestoreRootDiskInput(
             instance=self._request.instance,
             rebuild_id=self._rebuild_id,
             original_format=instance.root_disk_format,
@@ -298,7 +278,7 @@ class RebuildInstance:
         await self._steps.run(
             Phase.PREPARE,
             contract.prepare_root_disk,
-            PrepareRootDiskInput(
+            io.PrepareRootDiskInput(
                 instance=self._request.instance,
                 image_sha256=image.checked.sha256,
                 image_format=image.checked.format,
@@ -313,7 +293,7 @@ class RebuildInstance:
             PREPARE,
         )
 
-    async def _seed(self, request: RebuildRequest, instance: InstanceInfo) -> bool:
+    async def _seed(self, request: RebuildRequest, instance: io.InstanceInfo) -> bool:
         """A new cloud-init seed and identity while the instance is off; its undo puts the old back.
 
         Only rebuilds that give the guest an identity, or of instances that have one, have this step:
@@ -322,14 +302,14 @@ class RebuildInstance:
         if request.identity is None and not instance.has_identity:
             return False
         assert self._rebuild_id is not None
-        restore = RestoreSeedInput(
+        restore = io.RestoreSeedInput(
             instance=request.instance, rebuild_id=self._rebuild_id, root_disk_target=instance.root_disk_target
         )
         self._saga.push("restore old seed", lambda: self._steps.undo(contract.restore_seed, restore))
         seeded = await self._steps.run(
             Phase.SEED,
             contract.prepare_seed,
-            PrepareSeedInput(
+            io.PrepareSeedInput(
                 instance=request.instance,
                 rebuild_id=self._rebuild_id,
                 change=request.identity,
@@ -341,7 +321,7 @@ class RebuildInstance:
         return True
 
     async def _start_and_verify(
-        self, request: RebuildRequest, instance: InstanceInfo, stopped: StopResult, image: NewImage
+        self, request: RebuildRequest, instance: io.InstanceInfo, stopped: io.StopResult, image: NewImage
     ) -> float | None:
         """Boot the new disk where the instance should run; returns the downtime, if it was running."""
         should_start = instance.was_running if request.start_after is None else request.start_after
@@ -351,13 +331,13 @@ class RebuildInstance:
         started = await self._steps.run(
             Phase.START,
             contract.start_instance,
-            StartInstanceInput(instance=request.instance),
+            io.StartInstanceInput(instance=request.instance),
             START,
         )
         verified = await self._steps.run(
             Phase.VERIFY,
             contract.verify_instance,
-            VerifyInstanceInput(
+            io.VerifyInstanceInput(
                 instance=request.instance,
                 boot_marker=request.boot_marker,
                 boot_timeout_seconds=request.boot_timeout_seconds,
@@ -374,7 +354,7 @@ class RebuildInstance:
             return None
         return (started.started_at - stopped.stopped_at).total_seconds()
 
-    async def _clean_up(self, instance_info: InstanceInfo, image: NewImage, seeded: bool) -> None:
+    async def _clean_up(self, instance_info: io.InstanceInfo, image: NewImage, seeded: bool) -> None:
         """Drop the backup and record the new image. Retried without a limit; an error no retry can
         fix (the instance was undefined meanwhile) is reported with the result, not as a failure."""
         assert self._rebuild_id is not None
@@ -383,7 +363,7 @@ class RebuildInstance:
             await self._steps.run(
                 Phase.CLEANUP,
                 contract.remove_backup,
-                RemoveBackupInput(
+                io.RemoveBackupInput(
                     instance=instance,
                     rebuild_id=self._rebuild_id,
                     root_disk_target=instance_info.root_disk_target,
@@ -395,7 +375,7 @@ class RebuildInstance:
                 await self._steps.run(
                     Phase.CLEANUP,
                     contract.remove_seed_backup,
-                    RemoveSeedBackupInput(
+                    io.RemoveSeedBackupInput(
                         instance=instance,
                         rebuild_id=self._rebuild_id,
                         root_disk_target=instance_info.root_disk_target,
@@ -405,7 +385,7 @@ class RebuildInstance:
             await self._steps.run(
                 Phase.CLEANUP,
                 contract.record_image,
-                RecordImageInput(
+                io.RecordImageInput(
                     instance=instance,
                     image_sha256=image.checked.sha256,
                     image_url=image.source.url,
@@ -420,55 +400,34 @@ class RebuildInstance:
 
     async def _await_approval(self, request: RebuildRequest) -> None:
         """Nothing has changed yet; without an approval in time, nothing will."""
-        self._steps.enter(Phase.AWAIT_APPROVAL)
-        began = workflow.now()
-        try:
-            await workflow.wait_condition(
-                lambda: self._approved_by is not None or self._state.abort_reason is not None,
-                timeout=timedelta(seconds=request.approval_timeout_seconds),
-            )
-        except builtins.TimeoutError:
+        seconds = request.approval_timeout_seconds
+        if not await self._steps.wait(Phase.AWAIT_APPROVAL, lambda: self._approved_by is not None, seconds):
             raise ApplicationError(
-                f"no approval within {request.approval_timeout_seconds:g} s",
-                type="ApprovalTimeout",
-                non_retryable=True,
-            ) from None
-        finally:
-            self._state.step_seconds[Phase.AWAIT_APPROVAL.value] = (workflow.now() - began).total_seconds()
-        if self._state.abort_reason is not None:
-            raise Aborted()
+                f"no approval within {seconds:g} s", type="ApprovalTimeout", non_retryable=True
+            )
 
     async def _confirm_window(self, seconds: float, revert_by_default: bool) -> None:
         """The new image runs; the old disk waits as a backup for `confirm`, `revert` or the end."""
-        self._steps.enter(Phase.CONFIRM_WINDOW)
-        began = workflow.now()
-        try:
-            await workflow.wait_condition(
-                lambda: self._decision is not None or self._state.abort_reason is not None,
-                timeout=timedelta(seconds=seconds),
-            )
-        except builtins.TimeoutError:
+        if not await self._steps.wait(Phase.CONFIRM_WINDOW, lambda: self._decision is not None, seconds):
             verdict = "revert" if revert_by_default else "confirm"
             self._decision = (verdict, f"{verdict} by default: the {seconds:g} s window ended")
-        finally:
-            self._state.step_seconds[Phase.CONFIRM_WINDOW.value] = (workflow.now() - began).total_seconds()
-        if self._state.abort_reason is not None:
-            raise Aborted()
         assert self._decision is not None
         if self._decision[0] == "revert":
             raise Reverted(self._decision[1])
 
     async def _undo_stop(self) -> None:
-        await self._steps.undo(contract.start_instance, StartInstanceInput(instance=self._request.instance))
+        await self._steps.undo(
+            contract.start_instance, io.StartInstanceInput(instance=self._request.instance)
+        )
 
-    async def _undo_prepare(self, restore: RestoreRootDiskInput) -> None:
+    async def _undo_prepare(self, restore: io.RestoreRootDiskInput) -> None:
         await self._steps.undo(contract.restore_root_disk, restore)
 
     async def _undo_start(self) -> None:
         # Forced off at once: the new disk is about to be replaced, nothing on it is worth a wait.
         await self._steps.undo(
             contract.stop_instance,
-            StopInstanceInput(instance=self._request.instance, timeout_seconds=0),
+            io.StopInstanceInput(instance=self._request.instance, timeout_seconds=0),
         )
 
 

@@ -7,6 +7,8 @@ the step's time, the phase's search attribute and the Web UI's details up to dat
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -115,6 +117,24 @@ class StepRunner:
         workflow.logger.info("%s on %s: phase %s", state.request.instance, state.request.host, phase.value)
         workflow.upsert_search_attributes([sa.REBUILD_PHASE.value_set(phase.value)])
         workflow.set_current_details(state.details())
+
+    async def wait(self, phase: Phase, until: Callable[[], bool], seconds: float) -> bool:
+        """Enter ``phase`` and wait for ``until`` or an abort; False when ``seconds`` passed first.
+        The phase's time is recorded either way; an abort raises once the wait is over."""
+        self.enter(phase)
+        began = workflow.now()
+        try:
+            await workflow.wait_condition(
+                lambda: until() or self._state.abort_reason is not None, timeout=timedelta(seconds=seconds)
+            )
+            met = True
+        except builtins.TimeoutError:
+            met = False
+        finally:
+            self._state.step_seconds[phase.value] = (workflow.now() - began).total_seconds()
+        if self._state.abort_reason is not None:
+            raise Aborted()
+        return met
 
     def cancel_current(self) -> None:
         """An accepted abort cancels the running step; ``run`` then waits until it has stopped."""
