@@ -23,9 +23,9 @@ TEST_WORKERS ?= 4
 test: setup lint typecheck
 	$(VENV)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
-# Fast loop while developing: no libvirtd guests.
+# Fast loop while developing: no QEMU guests (the tests marked guest or real_guest by tests/conftest.py).
 unit:
-	$(VENV)/pytest --ignore=tests/test_end_to_end.py --ignore=tests/real_guest
+	$(VENV)/pytest -n 4 -m "not guest and not real_guest"
 
 # The real Debian guest of tests/real_guest/, built from Debian's packages once per machine
 # (about two minutes; the tests build it themselves on first use too).

@@ -27,7 +27,7 @@ from activities.state import StateDir
 from devtools.image_server import ImageServer
 from devtools.reachable import reachable_dir
 from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess, make_guest, serve
+from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess, make_guest, serve
 from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 

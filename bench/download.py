@@ -32,7 +32,7 @@ from bench.common import QUICK, GiB, MiB, random_file, table, timed
 from bench.nginx import nginx_serving
 from devtools.image_server import Fault, ImageServer
 from devtools.temporal_dev import free_port
-from tests.e2e_support import LOOPBACK_POLICY
+from devtools.testbed.e2e import LOOPBACK_POLICY
 from workflows.models import FetchImageInput
 
 SIZE = 128 * MiB if QUICK else GiB

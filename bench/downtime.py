@@ -28,7 +28,7 @@ from bench.rebuild_service import WORKFLOW_QUEUE, rebuild_service
 from devtools.guest import boot_sector
 from devtools.reachable import reachable_dir
 from devtools.temporal_dev import free_port
-from tests.e2e_support import LIBVIRT_URI, LOOPBACK_POLICY, make_guest
+from devtools.testbed.e2e import LIBVIRT_URI, LOOPBACK_POLICY, make_guest
 from workflows.models import (
     CheckImageInput,
     FetchImageInput,

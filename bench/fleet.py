@@ -28,7 +28,7 @@ from temporalio.worker import Worker
 from bench.common import QUICK, table, timed
 from bench.floor_workflows import FloorChild, FloorParent
 from devtools.temporal_dev import DevServer, free_port
-from tests.fleet_support import down_interval, max_overlap, simulated_fleet
+from devtools.testbed.fleet import down_interval, max_overlap, simulated_fleet
 from workflows.fleet_models import FleetInstances, FleetReport, InstancesPage, InstanceState
 from workflows.models import rebuild_workflow_id
 

@@ -17,7 +17,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from bench.common import BIN, QUICK, table, timed
 from devtools.temporal_dev import DevServer, free_port
-from tests.fake_host import FakeHost, request_for, running_workers
+from devtools.testbed.fake_host import FakeHost, request_for, running_workers
 from workflows.models import rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 

@@ -32,8 +32,8 @@ from devtools.image_server import ImageServer
 from devtools.reachable import reachable_dir
 from devtools.real_guest import ensure_images, image_sha256
 from devtools.real_guest_domain import DOMAIN_TYPE
-from tests.e2e_support import LIBVIRT_URI, LOOPBACK_POLICY, Guest, make_guest, serve
-from tests.real_guest.support import define, wait_for_agent
+from devtools.testbed.e2e import LIBVIRT_URI, LOOPBACK_POLICY, Guest, make_guest, serve
+from devtools.testbed.real_guest import define, wait_for_agent
 from workflows.models import (
     CheckImageInput,
     FetchImageInput,

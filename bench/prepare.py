@@ -22,7 +22,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.disks import DiskActivities
 from activities.state import StateDir
 from bench.common import QUICK, GiB, MiB, random_file, table, timed
-from tests.libvirt_test_driver import make_instances
+from devtools.testbed.libvirt_test_driver import make_instances
 from workflows.models import PrepareRootDiskInput, RestoreRootDiskInput
 
 SMALL, LARGE = 64 * MiB, (1 if QUICK else 4) * GiB

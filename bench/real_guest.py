@@ -38,7 +38,7 @@ from devtools import reachable
 from devtools.real_guest import ensure_images, image_sha256
 from devtools.real_guest_domain import overlay, real_domain_xml
 from devtools.temporal_dev import free_port
-from tests.e2e_support import LIBVIRT_URI, LOOPBACK_POLICY
+from devtools.testbed.e2e import LIBVIRT_URI, LOOPBACK_POLICY
 from workflows.models import (
     CheckImageInput,
     FetchImageInput,

@@ -11,7 +11,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 
 from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LIBVIRT_URI, LOOPBACK_NETWORKS
+from devtools.testbed.e2e import LIBVIRT_URI, LOOPBACK_NETWORKS
 from worker import WorkerConfig, host_activities
 from workflows.models import host_task_queue
 from workflows.rebuild import RebuildInstance

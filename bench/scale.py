@@ -24,8 +24,8 @@ from activities.state import StateDir
 from bench.common import QUICK, MiB, table, timed
 from devtools.guest import write_image
 from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LOOPBACK_NETWORKS
-from tests.libvirt_test_driver import make_instances
+from devtools.testbed.e2e import LOOPBACK_NETWORKS
+from devtools.testbed.libvirt_test_driver import make_instances
 from worker import WorkerConfig, host_activities
 from workflows.models import RebuildRequest, host_task_queue, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance

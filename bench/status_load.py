@@ -23,7 +23,7 @@ from temporalio.worker import Worker
 
 from bench.common import BIN, QUICK, table
 from devtools.temporal_dev import DevServer, free_port, stop_process
-from tests.fake_host import FakeHost
+from devtools.testbed.fake_host import FakeHost
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 

@@ -21,8 +21,8 @@ from temporalio.worker import Worker
 from devtools import reachable
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, DevServerError, free_port
-from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess, make_guest, remove_domains
-from tests.fake_host import FakeHost
+from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess, make_guest, remove_domains
+from devtools.testbed.fake_host import FakeHost
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 
@@ -163,3 +163,18 @@ async def fake_host(client: Client, unique_host: str) -> AsyncIterator[FakeHost]
         Worker(client, task_queue=host_task_queue(unique_host), activities=fake.activities()),
     ):
         yield fake
+
+
+# Fixtures that put a test on libvirtd with QEMU guests, or on the real Debian guest.
+GUEST_FIXTURES = frozenset({"libvirt_conn", "worker", "guest", "guests"})
+REAL_GUEST_FIXTURES = frozenset({"real_guest", "real_worker", "real_images"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by what it runs on, from the fixtures it asks for (``make unit`` leaves both out)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & REAL_GUEST_FIXTURES or "real_guest" in item.path.parts:
+            item.add_marker(pytest.mark.real_guest)
+        if fixtures & (GUEST_FIXTURES | REAL_GUEST_FIXTURES):
+            item.add_marker(pytest.mark.guest)

@@ -12,9 +12,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from temporalio.client import Client, WorkflowFailureError
 
+from devtools.testbed.fake_host import FakeHost
 from starter.api import create_app, openapi_document
 from starter.api_clients import ApiClients
-from tests.fake_host import FakeHost
 from workflows.models import rebuild_workflow_id
 
 TOKEN = "s3cret-of-the-ci-client"
@@ -250,7 +250,7 @@ async def test_a_finished_rebuild_is_answered_without_a_worker(
     api: TestClient[Any, Any], client: Client, unique_host: str
 ) -> None:
     """No worker polls its workflow queue any more: a status query would wait seconds for one."""
-    from tests.fake_host import request_for, running_workers
+    from devtools.testbed.fake_host import request_for, running_workers
 
     for fake, instance in ((FakeHost(), "vm-ok"), (FakeHost(fail_at="verify_instance"), "vm-bad")):
         async with running_workers(client, unique_host, fake) as queue:

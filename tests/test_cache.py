@@ -13,7 +13,7 @@ from pathlib import Path
 from activities.cache import list_cache, prune_cache
 from activities.state import StateDir, backup_path
 from devtools.guest import write_image
-from tests.libvirt_test_driver import make_instances
+from devtools.testbed.libvirt_test_driver import make_instances
 
 DAY = 86400.0
 BIN = Path(sys.executable).parent

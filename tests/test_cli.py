@@ -14,9 +14,9 @@ from temporalio.worker import Worker
 from common.connection import worker_identity
 from common.exit_codes import MEANING, ExitCode
 from devtools.temporal_dev import DevServer
+from devtools.testbed.e2e import BIN, rebuild_cli
+from devtools.testbed.fake_host import FakeHost
 from starter.rebuilds import UNCLAIMED_AFTER_SECONDS, describe_rebuild, query_status
-from tests.e2e_support import BIN, rebuild_cli
-from tests.fake_host import FakeHost
 from workflows.models import WORKFLOW_TASK_QUEUE, Phase, host_task_queue, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 
@@ -191,7 +191,7 @@ async def test_a_rebuild_whose_host_worker_vanished_says_so_in_status(
                 if (await query_status(handle)).phase == Phase.AWAIT_APPROVAL:
                     break
                 await asyncio.sleep(0.1)
-        # The host's worker is gone; the rebuild goes on to stop the instance and waits for it.
+        # The host's worker is gone; the rebuild goes on to stage the new disk and waits for it.
         assert (await rebuild_cli(address, "approve", "vm-6", "--host", unique_host)).code == 0
         described = await describe_rebuild(client, "vm-6", unique_host, unclaimed_after=1)
         assert described.waiting_for_worker is None  # not yet: a live worker would have taken it
@@ -199,7 +199,7 @@ async def test_a_rebuild_whose_host_worker_vanished_says_so_in_status(
         status = await rebuild_cli(address, "status", "vm-6", "--host", unique_host)
         await handle.terminate("test over")
     assert status.code == 0, status.stderr
-    assert f"no worker on host {unique_host}: stop_instance has waited" in status.stdout
+    assert f"no worker on host {unique_host}: stage_root_disk has waited" in status.stdout
 
 
 async def test_verify_mode_reaches_the_host_and_the_result_says_how_it_stopped_and_verified(

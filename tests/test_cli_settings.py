@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 from devtools.temporal_dev import DevServer
+from devtools.testbed.e2e import BIN, rebuild_cli
 from starter.cli_settings import package_version
-from tests.e2e_support import BIN, rebuild_cli
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:

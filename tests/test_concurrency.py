@@ -13,8 +13,8 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from devtools.image_server import ImageServer
-from tests.e2e_support import LOOPBACK_NETWORKS, serve
-from tests.libvirt_test_driver import make_instances
+from devtools.testbed.e2e import LOOPBACK_NETWORKS, serve
+from devtools.testbed.libvirt_test_driver import make_instances
 from worker import WorkerConfig, host_activities
 from workflows.models import RebuildRequest, host_task_queue, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance

@@ -15,7 +15,7 @@ from activities.disks import DiskActivities
 from activities.errors import DiskMissing, InstanceNotStopped
 from activities.state import StateDir, backup_path
 from devtools.guest import write_image
-from tests.libvirt_test_driver import DriverInstance, make_instance
+from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance
 from workflows.models import (
     DiscardStagedRootDiskInput,
     PrepareRootDiskInput,

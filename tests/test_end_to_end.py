@@ -15,7 +15,7 @@ from temporalio.client import Client
 
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import (
+from devtools.testbed.e2e import (
     Guest,
     WorkerProcess,
     make_guest,

@@ -21,7 +21,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from activities.state import StateDir
 from devtools.image_server import Fault, ImageServer
 from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import (
+from devtools.testbed.e2e import (
     Guest,
     WorkerProcess,
     rebuild_cli,

@@ -21,8 +21,8 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from devtools.temporal_dev import DevServer, stop_process
+from devtools.testbed.fleet import Gate, SimulatedFleet, simulated_fleet
 from starter.rebuilds import RebuildAlreadyRunning, start_rebuild
-from tests.fleet_support import Gate, SimulatedFleet, simulated_fleet
 from tests.history_recorder import record_fleet_history
 from workflows.fleet_models import (
     ControlAnswer,

@@ -11,9 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from temporalio.client import Client
 
+from devtools.testbed.fleet import IMAGE_URL, simulated_fleet
 from starter.api import create_app, openapi_document
 from starter.api_clients import ApiClients
-from tests.fleet_support import IMAGE_URL, simulated_fleet
 from workflows.models import WORKFLOW_TASK_QUEUE
 
 TOKEN = "s3cret-fleet-token-0123456789"

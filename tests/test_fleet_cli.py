@@ -8,8 +8,8 @@ from pathlib import Path
 from temporalio.client import Client
 
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import rebuild_cli
-from tests.fleet_support import IMAGE_URL, simulated_fleet
+from devtools.testbed.e2e import rebuild_cli
+from devtools.testbed.fleet import IMAGE_URL, simulated_fleet
 from workflows.models import WORKFLOW_TASK_QUEUE
 
 

@@ -13,8 +13,8 @@ from temporalio.client import Client
 
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import DOMAIN_PREFIX, Guest, WorkerProcess, make_guest, rebuild_cli, serve
-from tests.fleet_support import down_interval, max_overlap
+from devtools.testbed.e2e import DOMAIN_PREFIX, Guest, WorkerProcess, make_guest, rebuild_cli, serve
+from devtools.testbed.fleet import down_interval, max_overlap
 from workflows.models import rebuild_workflow_id
 
 

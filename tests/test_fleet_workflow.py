@@ -1,4 +1,4 @@
-"""The FleetRebuild workflow on the real dev server, with fake host activities (tests/fake_host.py).
+"""The FleetRebuild workflow on the real dev server, with fake hosts (devtools/testbed/fake_host.py).
 
 What the pure plan (tests/test_fleet_plan.py) cannot show: how the workflow meets its host's activities,
 its children and its updates.
@@ -18,7 +18,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from tests.fake_host import FakeHost
+from devtools.testbed.fake_host import FakeHost
 from tests.history_recorder import record_fleet_history
 from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
 from workflows.fleet import FleetRebuild

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import Guest, WorkerProcess, rebuild_cli, serve
+from devtools.testbed.e2e import Guest, WorkerProcess, rebuild_cli, serve
 from tests.test_faults import assert_nothing_left, assert_runs, start_args
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")

@@ -43,9 +43,9 @@ from activities.state import StateDir
 from devtools.guest import write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import LOOPBACK_POLICY, rebuild_cli, serve
-from tests.fake_host import FakeHost
-from tests.libvirt_test_driver import make_instance
+from devtools.testbed.e2e import LOOPBACK_POLICY, rebuild_cli, serve
+from devtools.testbed.fake_host import FakeHost
+from devtools.testbed.libvirt_test_driver import make_instance
 from worker import WorkerConfig, host_activities
 from workflows.models import (
     WORKFLOW_TASK_QUEUE,

@@ -12,7 +12,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.errors import BootCheckFailed, InstanceNotFound, InvalidRequest, UnsupportedInstance
 from activities.hypervisor import HypervisorActivities
-from tests.libvirt_test_driver import make_instance, make_instances
+from devtools.testbed.libvirt_test_driver import make_instance, make_instances
 from workflows.models import (
     InspectInstanceInput,
     RecordImageInput,

@@ -30,12 +30,12 @@ from activities.seed_image import build_seed, read_seed
 from common.codec import KEY_ENV, EncryptionCodec, data_converter, load_key
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
+from devtools.testbed.e2e import LOOPBACK_NETWORKS, rebuild_cli, serve
+from devtools.testbed.fake_host import FakeHost
+from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance
 from starter.codec_server import build_app
 from starter.identity_options import hash_password
-from tests.e2e_support import LOOPBACK_NETWORKS, rebuild_cli, serve
-from tests.fake_host import FakeHost
 from tests.history_recorder import record_history
-from tests.libvirt_test_driver import DriverInstance, make_instance
 from worker import WorkerConfig, host_activities
 from workflows.identity import GuestIdentity, IdentityChange, identity_problems
 from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, host_task_queue, rebuild_workflow_id

@@ -23,7 +23,7 @@ from activities.images import ImageActivities
 from activities.state import StateDir
 from devtools.guest import write_image
 from devtools.image_server import ImageServer
-from tests.e2e_support import LOOPBACK_POLICY
+from devtools.testbed.e2e import LOOPBACK_POLICY
 from workflows.models import CheckedImage, CheckImageInput, FetchImageInput
 
 MiB = 1 << 20

@@ -24,8 +24,8 @@ from activities.state import StateDir
 from devtools.guest import write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import free_port
-from tests.e2e_support import LOOPBACK_NETWORKS, LOOPBACK_POLICY, serve
-from tests.libvirt_test_driver import make_instances
+from devtools.testbed.e2e import LOOPBACK_NETWORKS, LOOPBACK_POLICY, serve
+from devtools.testbed.libvirt_test_driver import make_instances
 from worker import WorkerConfig, host_activities
 from workflows.models import (
     CheckImageInput,

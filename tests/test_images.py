@@ -26,7 +26,7 @@ from activities.images import ImageActivities
 from activities.state import StateDir
 from devtools.image_server import Fault, ImageServer, RequestLog
 from devtools.temporal_dev import free_port
-from tests.e2e_support import LOOPBACK_POLICY
+from devtools.testbed.e2e import LOOPBACK_POLICY
 from workflows.models import CachedImage, FetchImageInput, FetchProgress
 
 MiB = 1 << 20

@@ -19,9 +19,9 @@ from common.connection import connect
 from common.metrics import COUNTERS, STEP_BUCKETS_SECONDS, prometheus_runtime
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, free_port
-from tests.e2e_support import WorkerProcess, serve
-from tests.fake_host import FakeHost, request_for, running_workers
-from tests.libvirt_test_driver import make_instances
+from devtools.testbed.e2e import WorkerProcess, serve
+from devtools.testbed.fake_host import FakeHost, request_for, running_workers
+from devtools.testbed.libvirt_test_driver import make_instances
 from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 

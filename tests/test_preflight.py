@@ -24,7 +24,7 @@ from activities.state import StateDir
 from devtools.guest import domain_xml, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import Guest, WorkerProcess, rebuild_cli, serve, wait_for_file
+from devtools.testbed.e2e import Guest, WorkerProcess, rebuild_cli, serve, wait_for_file
 from tests.history_recorder import record_history
 from tests.test_faults import assert_nothing_left, assert_runs, handle_for, start_args
 from workflows.models import VerifyResult

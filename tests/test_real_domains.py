@@ -26,7 +26,7 @@ import pytest
 from devtools.guest import shaped_domain_xml, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import DOMAIN_PREFIX, DOMAIN_TYPE, CliResult, WorkerProcess, rebuild_cli, serve
+from devtools.testbed.e2e import DOMAIN_PREFIX, DOMAIN_TYPE, CliResult, WorkerProcess, rebuild_cli, serve
 
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
 

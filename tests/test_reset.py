@@ -22,9 +22,9 @@ from temporalio.exceptions import ApplicationError
 
 from activities.disks import DiskActivities
 from activities.state import StateDir
-from tests.fake_host import FakeHost, request_for, running_workers
+from devtools.testbed.fake_host import FakeHost, request_for, running_workers
+from devtools.testbed.libvirt_test_driver import make_instance
 from tests.history_recorder import record_history
-from tests.libvirt_test_driver import make_instance
 from tests.test_disks import cached_image, root_format
 from workflows.models import Outcome, RebuildResult, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance

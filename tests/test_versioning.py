@@ -18,7 +18,7 @@ from temporalio.common import VersioningBehavior
 from temporalio.service import RPCError
 from temporalio.worker import Worker
 
-from tests.fake_host import FakeHost, request_for
+from devtools.testbed.fake_host import FakeHost, request_for
 from worker import WorkerConfig
 from workflows.models import Decision, Outcome, Phase, RebuildResult, host_task_queue, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance

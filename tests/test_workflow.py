@@ -16,7 +16,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
 
-from tests.fake_host import SHA, FakeHost, request_for, running_workers
+from devtools.testbed.fake_host import SHA, FakeHost, request_for, running_workers
 from tests.history_recorder import record_history
 from tests.workflow_support import BEFORE_STOP, DISCARD, MAIN_PATH, failure_of, rebuilding, start
 from workflows.models import (

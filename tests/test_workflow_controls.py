@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from tests.fake_host import FakeHost
+from devtools.testbed.fake_host import FakeHost
 from tests.history_recorder import record_history
 from tests.workflow_support import (
     BEFORE_STOP,

@@ -12,7 +12,7 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 
-from tests.fake_host import FakeHost, request_for, running_workers
+from devtools.testbed.fake_host import FakeHost, request_for, running_workers
 from workflows.models import Outcome, Phase, RebuildRequest, RebuildResult, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 

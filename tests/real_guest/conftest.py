@@ -22,8 +22,8 @@ from devtools import reachable
 from devtools.image_server import ImageServer
 from devtools.real_guest import RealGuestBuildError, RealGuestImages, ensure_images
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import Guest, WorkerProcess
-from tests.real_guest.support import (
+from devtools.testbed.e2e import Guest, WorkerProcess
+from devtools.testbed.real_guest import (
     BOOT_SECONDS,
     define,
     halting_boot_sector,

@@ -15,8 +15,8 @@ from activities.libvirt_domain import Libvirt
 from devtools.image_server import ImageServer
 from devtools.real_guest import RealGuestImages, image_sha256
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import LIBVIRT_URI, Guest, WorkerProcess
-from tests.real_guest.support import (
+from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess
+from devtools.testbed.real_guest import (
     BOOT_SECONDS,
     MULTI_USER,
     guest_group,

@@ -24,8 +24,8 @@ from activities.seed_image import read_seed
 from devtools.image_server import ImageServer
 from devtools.real_guest import RealGuestImages, image_sha256
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import CliResult, Guest, WorkerProcess
-from tests.real_guest.support import (
+from devtools.testbed.e2e import CliResult, Guest, WorkerProcess
+from devtools.testbed.real_guest import (
     BOOT_SECONDS,
     guest_exec,
     guest_group,

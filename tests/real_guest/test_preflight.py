@@ -16,8 +16,8 @@ from temporalio.client import Client
 from devtools.image_server import ImageServer
 from devtools.real_guest import RealGuestImages, image_sha256
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import Guest, WorkerProcess, rebuild_cli, wait_for_file
-from tests.real_guest.support import (
+from devtools.testbed.e2e import Guest, WorkerProcess, rebuild_cli, wait_for_file
+from devtools.testbed.real_guest import (
     BOOT_SECONDS,
     guest_group,
     image_in_guest,

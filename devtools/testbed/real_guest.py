@@ -17,7 +17,7 @@ import pytest
 from devtools.guest import SECTOR
 from devtools.real_guest_domain import overlay, real_domain_xml
 from devtools.temporal_dev import DevServer
-from tests.e2e_support import DOMAIN_PREFIX, CliResult, Guest, WorkerProcess, rebuild_cli
+from devtools.testbed.e2e import DOMAIN_PREFIX, CliResult, Guest, WorkerProcess, rebuild_cli
 
 # TCG boots it to multi-user in about 15 s on an idle 2-core host; a loaded one took 230 s.
 BOOT_SECONDS = 600.0

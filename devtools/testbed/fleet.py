@@ -29,8 +29,8 @@ from temporalio.worker import Worker
 
 from activities.state import StateDir
 from devtools.guest import write_image
-from tests.e2e_support import LOOPBACK_NETWORKS
-from tests.libvirt_test_driver import DriverInstance, make_instances
+from devtools.testbed.e2e import LOOPBACK_NETWORKS
+from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
 from worker import WorkerConfig, host_activities
 from workflows.fleet import FleetRebuild
 from workflows.fleet_models import (
