@@ -28,24 +28,27 @@ from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from common.logs import LogFormat, configure_logging
 from starter.api_clients import ApiClients, TokensFileError
+from starter.errors import (
+    BadFilter,
+    NoWorkerOnHost,
+    RebuildAlreadyRunning,
+    RebuildNotRunning,
+    ServiceError,
+    UnknownRebuild,
+    validation_problems,
+)
 from starter.fleet_api import FLEET_MODELS, add_fleet_routes, fleet_openapi_paths
 from starter.identity_options import hash_password
 from starter.rebuilds import (
     DECISIONS,
-    BadFilter,
-    NoWorkerOnHost,
-    RebuildAlreadyRunning,
     RebuildDescription,
-    RebuildNotRunning,
     RebuildSummary,
-    UnknownRebuild,
     abort_rebuild,
     describe_rebuild,
     list_query,
     list_rebuilds,
     send_decision,
     start_rebuild,
-    validation_problems,
 )
 from starter.status_cache import StatusCache
 from workflows.models import (
@@ -151,12 +154,12 @@ async def translate_errors(request: web.Request, handler: Handler) -> web.Stream
     except ValidationError as exc:
         problems = validation_problems(exc)
         return error(400, f"invalid request: {problems}")
-    except (BadFilter, NoWorkerOnHost, ValueError) as exc:
-        return error(400, str(exc))
     except UnknownRebuild as exc:
         return error(404, str(exc))
     except (RebuildAlreadyRunning, RebuildNotRunning) as exc:
         return error(409, str(exc))
+    except (BadFilter, NoWorkerOnHost, ServiceError, ValueError) as exc:
+        return error(400, str(exc))
 
 
 def requester(request: web.Request, claimed: str) -> str:

@@ -20,13 +20,11 @@ from aiohttp import web
 from pydantic import BaseModel
 from temporalio.client import Client
 
+from starter.errors import FleetAlreadyRunning, FleetNotRunning, UnknownFleet
 from starter.fleets import (
     CONTROLS,
-    FleetAlreadyRunning,
     FleetDescription,
-    FleetNotRunning,
     FleetSummary,
-    UnknownFleet,
     abort_fleet,
     control_fleet,
     describe_fleet,

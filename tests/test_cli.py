@@ -120,6 +120,21 @@ async def test_status_of_a_terminated_rebuild_is_exit_4(
     assert watched.code == ExitCode.ENDED_WITHOUT_RESULT
 
 
+async def test_watch_exits_as_start_wait_does_when_the_request_was_wrong(
+    dev_server: DevServer, unique_host: str, fake_host: FakeHost
+) -> None:
+    fake_host.fail_at, fake_host.error_type = "inspect_instance", "InstanceNotFound"
+    address, target = dev_server.address, ["vm-8", "--host", unique_host]
+    waited = await rebuild_cli(address, "start", *target, "--image", URL, "--wait")
+    watched = await rebuild_cli(address, "watch", *target)
+    watched_json = await rebuild_cli(address, "watch", *target, "--json")
+    status = await rebuild_cli(address, "status", *target)
+    assert waited.code == ExitCode.BAD_INPUT, waited.stderr
+    assert (watched.code, watched_json.code) == (waited.code, waited.code)
+    assert watched_json.json()["result"]["error_type"] == "InstanceNotFound"
+    assert status.code == ExitCode.FAILED  # the rebuild failed; `status` itself was asked nothing wrong
+
+
 async def test_the_worker_exits_3_when_temporal_is_unreachable(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         str(BIN / "rebuild-worker"),

@@ -22,7 +22,8 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 
 from devtools.temporal_dev import DevServer, stop_process
-from starter.rebuilds import RebuildAlreadyRunning, start_rebuild
+from starter.errors import RebuildAlreadyRunning
+from starter.rebuilds import start_rebuild
 from tests.fleet_support import Gate, SimulatedFleet, simulated_fleet
 from workflows.fleet_models import (
     MAX_NOTE,
