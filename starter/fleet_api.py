@@ -3,9 +3,9 @@
 | method and path | does | answers |
 | --- | --- | --- |
 | ``POST /v1/fleets`` (a ``FleetRequest``) | start a fleet | 201, 400, 409 a fleet of that name runs |
-| ``GET /v1/fleets?running=true`` | list fleets | 200 |
+| ``GET /v1/fleets?running=true&limit=50`` | list fleets | 200, 400 |
 | ``GET /v1/fleets/{name}`` | counts, limits, running rebuilds with phases, report | 200, 404 |
-| ``GET /v1/fleets/{name}/instances?state=&offset=&limit=`` | every instance's state, paged | 200, 404 |
+| ``GET /v1/fleets/{name}/instances?state=&offset=&limit=`` | every instance's state, paged | 200, 400, 404 |
 | ``POST /v1/fleets/{name}/pause`` and ``/resume`` | steer | 200 accepted, 409 refused or not running |
 | ``POST /v1/fleets/{name}/batch-size`` (``{"batch_size": N}``) | from the next batch on | 200, 400, 409 |
 | ``POST /v1/fleets/{name}/abort`` (``{"reason": ...}``) | abort, children roll back | 200, 409 |
