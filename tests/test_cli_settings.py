@@ -122,6 +122,14 @@ def test_options_that_cannot_be_used_are_json_under_json_in_every_group() -> Non
     assert fleet.stderr == ""
 
 
+def test_rebuild_cache_says_libvirt_is_unreachable_as_json_under_json(tmp_path: Path) -> None:
+    options = ["--libvirt-uri", "qemu+tcp://127.0.0.1:1/system", "--state-dir", str(tmp_path)]
+    done = run("cache", "list", *options, "--json")
+    assert done.returncode == ExitCode.UNAVAILABLE
+    assert json.loads(done.stdout)["error"].startswith("cannot connect to libvirt at qemu+tcp://127.0.0.1:1")
+    assert json.loads(done.stdout)["exit_code"] == ExitCode.UNAVAILABLE
+
+
 def test_usage_errors_are_json_under_json_wherever_it_stands() -> None:
     unknown = run("status", "vm-1", "--json", "--hots", "h")
     assert unknown.returncode == ExitCode.BAD_INPUT
