@@ -27,8 +27,7 @@ from typer.core import TyperCommand, TyperGroup
 from common.connection import TemporalUnavailable
 from common.exit_codes import ExitCode, leave
 from common.exit_codes import table as exit_code_table
-from starter.errors import ServiceError, Words
-from starter.errors import validation_problems as validation_problems
+from starter.errors import ServiceError, Words, validation_problems
 from workflows.fleet_models import FleetReport
 from workflows.models import RebuildResult
 
@@ -98,7 +97,7 @@ class Cli:
         self.out.print(text, markup=False)
 
     def complain(self, text: str) -> None:
-        """A line on stderr, named after the command group: a refusal, an error, a phase change."""
+        """A line on stderr, named after the command group: an error, a refusal."""
         self.err.print(f"{self.who}: {text}", markup=False)
 
     def print_json(self, document: BaseModel | list[Any] | dict[str, Any]) -> None:
@@ -143,10 +142,10 @@ class Cli:
             yield
         except ValidationError as exc:
             self.fail(ExitCode.BAD_INPUT, f"invalid {what}: {validation_problems(exc)}")
-        except (ServiceError, ValueError) as exc:
-            self.fail(
-                ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS) if isinstance(exc, ServiceError) else str(exc)
-            )
+        except ServiceError as exc:  # an unreadable instances file, a duration
+            self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
+        except ValueError as exc:  # an identity option, a requester's name
+            self.fail(ExitCode.BAD_INPUT, str(exc))
 
     def run(self, work: Coroutine[Any, Any, int]) -> NoReturn:
         """Run a command's work and leave with its code, or with the code of what stopped it."""
