@@ -26,16 +26,17 @@ from temporalio.client import Client
 from temporalio.common import VersioningBehavior, WorkerDeploymentVersion
 from temporalio.worker import Worker, WorkerDeploymentConfig
 
+from activities.boot_check import BootCheck
 from activities.checkpoints import Checkpoints
 from activities.disks import DiskActivities
 from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoint
 from activities.hypervisor import HypervisorActivities
-from activities.identity import IdentityActivities
 from activities.images import ImageActivities
 from activities.inventory import InventoryActivities
 from activities.libvirt_domain import Libvirt
 from activities.network import AddressPolicy, parse_networks
 from activities.preflight import PreflightActivities
+from activities.seed import SeedActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from common.codec import CodecKeyError
 from common.connection import TemporalUnavailable, connect, worker_identity
@@ -103,7 +104,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     )
     glance = GlanceActivities(config.glance, policy)
     disks = DiskActivities(conn, state, checkpoints)
-    identity = IdentityActivities(conn)
+    seed = SeedActivities(conn)
     preflight = preflight_activities(config, conn)
     return [
         hypervisor.inspect_instance,
@@ -114,12 +115,14 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         glance.resolve_glance_image,
         images.fetch_image,
         images.check_image,
+        disks.stage_root_disk,
+        disks.discard_staged_root_disk,
         disks.prepare_root_disk,
         disks.restore_root_disk,
         disks.remove_backup,
-        identity.prepare_seed,
-        identity.restore_seed,
-        identity.remove_seed_backup,
+        seed.prepare_seed,
+        seed.restore_seed,
+        seed.remove_seed_backup,
         preflight.preflight_image,
         InventoryActivities(conn).list_instances,
     ]
@@ -130,7 +133,7 @@ def preflight_activities(config: WorkerConfig, conn: Libvirt | None = None) -> P
     return PreflightActivities(
         conn,
         StateDir(config.state_dir),
-        HypervisorActivities(conn),
+        BootCheck(conn),
         max_sandboxes=config.preflight_slots,
         max_memory_mib=config.preflight_max_memory_mib,
         checkpoints=Checkpoints(config.pause_dir),

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import struct
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from activities import libvirt_domain as ld
-from activities.image_format import QCOW2_MAGIC
+from activities import qcow2
 from activities.state import StateDir
 
 SHA256_NAME_LENGTH = 64
@@ -41,39 +39,29 @@ class PruneReport:
 
 def backing_file(path: Path) -> str | None:
     """The backing file a qcow2 header names, read without any tool; None for anything else."""
-    try:
-        with open(path, "rb") as disk:
-            header = disk.read(32)
-            if len(header) < 20 or not header.startswith(QCOW2_MAGIC):
-                return None
-            offset, length = struct.unpack_from(">QI", header, 8)
-            if not offset or not 0 < length <= 1023:
-                return None
-            disk.seek(offset)
-            return disk.read(length).decode(errors="replace")
-    except OSError:
-        return None
+    header = qcow2.read_header(path)
+    return header.backing_file if header is not None else None
 
 
-def image_users(state: StateDir, conn: Any) -> dict[str, set[str]]:
-    """sha256 -> names of the domains whose disks (or rebuild backups) are backed by it."""
+def image_users(state: StateDir, conn: ld.Libvirt) -> dict[str, set[str]]:
+    """sha256 -> names of the domains whose disks (or rebuild backups) are backed by it.
+
+    Backups lie beside the file a disk path names, through any symlink: they are looked for there.
+    """
     users: dict[str, set[str]] = defaultdict(set)
     images = state.images.resolve()
-    for domain in conn.listAllDomains(0):
-        xml = ld.inactive_xml(domain)
-        for source in xml.findall("./devices/disk/source"):
-            path = source.get("file")
-            if not path:
-                continue
-            candidates = [Path(path), *Path(path).parent.glob(f"{Path(path).name}.rebuild-*")]
+    for name, _target, files in conn.disk_users():
+        for path in files[:1]:
+            real = Path(os.path.realpath(path))
+            candidates = [real, *real.parent.glob(f"{real.name}.rebuild-*")]
             for candidate in candidates:
                 backing = backing_file(candidate)
-                if backing and Path(backing).parent.resolve() == images:
-                    users[Path(backing).name].add(domain.name())
+                if backing and (candidate.parent / backing).resolve().parent == images:
+                    users[Path(backing).name].add(name)
     return users
 
 
-def list_cache(state: StateDir, conn: Any) -> list[CacheEntry]:
+def list_cache(state: StateDir, conn: ld.Libvirt) -> list[CacheEntry]:
     users = image_users(state, conn)
     entries = []
     for path in _cached_images(state):
@@ -84,7 +72,7 @@ def list_cache(state: StateDir, conn: Any) -> list[CacheEntry]:
 
 def prune_cache(
     state: StateDir,
-    conn: Any,
+    conn: ld.Libvirt,
     max_age_seconds: float,
     max_total_bytes: int | None = None,
     dry_run: bool = False,

@@ -40,6 +40,12 @@ class HypervisorError(RebuildError):
     """libvirt refused an operation in a way a retry may fix."""
 
 
+class DefinitionRefused(RebuildError):
+    """libvirt refused a definition as invalid or unsupported: the same definition is refused again."""
+
+    retryable = False
+
+
 class InstanceStartFailed(RebuildError):
     retryable = False
 

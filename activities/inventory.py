@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-from typing import Any
 
-import libvirt
 from temporalio import activity
 
 from activities import libvirt_domain as ld
+from activities.errors import InstanceNotFound
 from workflows.fleet_models import HostInventory, InventoryEntry, ListInstancesInput
 from workflows.models import INSTANCE_NAME
 
@@ -28,29 +27,24 @@ class InventoryActivities:
         return HostInventory(instances=await asyncio.to_thread(self._list, request.name_pattern))
 
     def _list(self, pattern: str | None) -> list[InventoryEntry]:
-        try:
-            domains = self.libvirt.connection().listAllDomains()
-        except libvirt.libvirtError as err:
-            raise ld.translate(err, "*") from None
         entries = []
-        for domain in domains:
-            name = domain.name()
+        for name in self.libvirt.domain_names():
             if not INSTANCE_NAME.match(name) or (pattern and not fnmatch.fnmatchcase(name, pattern)):
                 continue
-            entry = _entry(domain, name)
+            entry = _entry(self.libvirt.domain(name))
             if entry is not None:
                 entries.append(entry)
         return sorted(entries, key=lambda e: e.instance)
 
 
-def _entry(domain: Any, name: str) -> InventoryEntry | None:
+def _entry(domain: ld.Domain) -> InventoryEntry | None:
     try:
-        meta = ld.image_metadata(domain)
-        running = ld.is_active(domain)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None  # undefined while we listed
-        raise ld.translate(err, name) from None
+        record = domain.image_record()
+        running = domain.is_active()
+    except InstanceNotFound:
+        return None  # undefined while we listed
     return InventoryEntry(
-        instance=name, running=running, image_sha256=meta.get("sha256") if meta is not None else None
+        instance=domain.name,
+        running=running,
+        image_sha256=record.get("sha256") if record is not None else None,
     )

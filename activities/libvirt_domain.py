@@ -1,7 +1,8 @@
-"""A thin, typed layer over libvirt: one connection per worker, errors translated once, here.
+"""A thin, typed layer over libvirt: one connection per worker, a ``Domain`` per instance, errors
+translated once, here (as Nova's ``Guest`` wraps a domain).
 
-The domain XML is the source of truth for disk paths and formats. We read it with a real XML parser and
-change it only by defining a new inactive definition through libvirt.
+The domain XML is the source of truth for disk paths and formats; ``activities.domain_xml`` reads and
+edits it, and changes reach libvirt only through this module. Every call blocks: run it in a thread.
 """
 
 from __future__ import annotations
@@ -11,24 +12,24 @@ import json
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import libvirt
 import libvirt_qemu
 
+from activities import domain_xml as dx
 from activities.errors import (
+    DefinitionRefused,
     HypervisorError,
     HypervisorUnavailable,
     InstanceNotFound,
+    InstanceStartFailed,
     UnsupportedInstance,
 )
-
-METADATA_NAMESPACE = "https://github.com/durable-rebuild/rebuild/1"
-METADATA_PREFIX = "rebuild"
-GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
+from activities.libvirt_console import ConsoleStream, ensure_event_loop
 
 T = TypeVar("T")
+PowerState = Literal["off", "running", "crashed"]
 
 _CONNECTION_LOST = {
     libvirt.VIR_ERR_NO_CONNECT,
@@ -36,6 +37,23 @@ _CONNECTION_LOST = {
     libvirt.VIR_ERR_SYSTEM_ERROR,
     libvirt.VIR_ERR_RPC,
 }
+# What libvirt answers to a definition it will never accept: no retry changes that.
+_DEFINITION_REFUSED = {
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_XML_ERROR,
+    libvirt.VIR_ERR_XML_DETAIL,
+    libvirt.VIR_ERR_INVALID_ARG,
+    libvirt.VIR_ERR_NO_SECRET,
+}
+_PAUSE_REASONS = {
+    libvirt.VIR_DOMAIN_PAUSED_USER: " (by a user)",
+    libvirt.VIR_DOMAIN_PAUSED_IOERROR: " (on an I/O error)",
+    libvirt.VIR_DOMAIN_PAUSED_MIGRATION: " (migrating)",
+    libvirt.VIR_DOMAIN_PAUSED_SNAPSHOT: " (taking a snapshot)",
+    libvirt.VIR_DOMAIN_PAUSED_WATCHDOG: " (by its watchdog)",
+}
+# Queries some drivers lack (the test driver has no jobs): their absence means "none".
+_UNSUPPORTED = (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_INVALID)
 
 
 def _silence_libvirt(_ctx: object, _err: object) -> None:
@@ -43,35 +61,6 @@ def _silence_libvirt(_ctx: object, _err: object) -> None:
 
 
 libvirt.registerErrorHandler(_silence_libvirt, None)
-
-_events_lock = threading.Lock()
-_events_running = False
-
-
-def _run_events() -> None:
-    while True:
-        libvirt.virEventRunDefaultImpl()
-
-
-def ensure_event_loop() -> None:
-    """Run libvirt's default event loop in a thread, once per process, before any connection opens.
-
-    A console stream delivers the guest's output only through an event loop; without one, ``recv`` on a
-    non-blocking stream never sees data (checked against qemu:///system).
-    """
-    global _events_running
-    with _events_lock:
-        if not _events_running:
-            libvirt.virEventRegisterDefaultImpl()
-            threading.Thread(target=_run_events, name="libvirt-events", daemon=True).start()
-            _events_running = True
-
-
-@dataclass(frozen=True)
-class RootDisk:
-    path: str
-    format: str
-    target: str
 
 
 def translate(err: libvirt.libvirtError, instance: str) -> Exception:
@@ -82,7 +71,18 @@ def translate(err: libvirt.libvirtError, instance: str) -> Exception:
         return InstanceNotFound(f"instance {instance!r} is not defined on this host")
     if code in _CONNECTION_LOST:
         return HypervisorUnavailable(f"libvirt is unreachable: {message}")
+    if code in _DEFINITION_REFUSED:
+        return DefinitionRefused(f"libvirt refused the definition of {instance!r}: {message}")
     return HypervisorError(f"libvirt refused an operation on {instance!r}: {message}")
+
+
+def _optional(call: Callable[[], T], unsupported: T) -> T:
+    try:
+        return call()
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in _UNSUPPORTED:
+            return unsupported
+        raise
 
 
 class Libvirt:
@@ -121,151 +121,310 @@ class Libvirt:
                     self._conn.close()
                 self._conn = None
 
+    def domain(self, name: str) -> Domain:
+        return Domain(self, name)
+
     def with_domain(self, instance: str, action: Callable[[Any], T]) -> T:
-        """Run ``action`` on the domain, with libvirt's errors translated. Blocking: call in a thread."""
+        """Run ``action`` on libvirt's domain object, with libvirt's errors translated."""
         try:
             domain = self.connection().lookupByName(instance)
             return action(domain)
         except libvirt.libvirtError as err:
             raise translate(err, instance) from None
 
-    def define(self, instance: str, xml: str) -> None:
+    def domain_names(self) -> list[str]:
         try:
-            self.connection().defineXML(xml)
+            return sorted(d.name() for d in self.connection().listAllDomains(0))
+        except libvirt.libvirtError as err:
+            raise translate(err, "*") from None
+
+    def create_transient(self, instance: str, definition: str) -> None:
+        try:
+            self.connection().createXML(definition, 0)
         except libvirt.libvirtError as err:
             raise translate(err, instance) from None
 
+    def disk_users(self, skip: tuple[str, str] | None = None) -> list[tuple[str, str, list[str]]]:
+        """(domain, disk target, files) for every disk of every domain: its source and written chain,
+        in the persistent and the running definition. ``skip``: a (domain, target) pair left out."""
+        found = []
+        for name in self.domain_names():
+            try:
+                definitions = self.domain(name).definitions()
+            except InstanceNotFound:
+                continue  # gone since the listing
+            for xml in definitions:
+                for disk in xml.findall("./devices/disk"):
+                    target = disk.find("target")
+                    dev = target.get("dev", "") if target is not None else ""
+                    files = [path for path, _ in dx.chain(disk) if path]
+                    if files and (name, dev) != skip:
+                        found.append((name, dev, files))
+        return found
 
-def inactive_xml(domain: Any) -> ET.Element:
-    """The persistent definition: what the next start will use, and what we change."""
-    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
-    return ET.fromstring(domain.XMLDesc(flags))
+    def refuse_invalid_disk(self, instance: str, xml: ET.Element, new_disk: ET.Element) -> None:
+        """Ask libvirt, before anything changes, whether it would accept the new disk's definition.
 
-
-def is_active(domain: Any) -> bool:
-    return bool(domain.isActive())
-
-
-def root_disk(xml: ET.Element, instance: str) -> RootDisk:
-    """The disk the instance boots from: the one with boot order 1, else the first disk.
-
-    Data disks, CD-ROMs and NICs are never touched by a rebuild.
-    """
-    disks = [d for d in xml.findall("./devices/disk") if d.get("device", "disk") == "disk"]
-    if not disks:
-        raise UnsupportedInstance(f"instance {instance!r} has no disk")
-    ordered = [d for d in disks if d.find("boot[@order='1']") is not None]
-    disk = (ordered or disks)[0]
-    source = disk.find("source")
-    target = disk.find("target")
-    path = source.get("file") if source is not None else None
-    if disk.get("type", "file") != "file" or not path:
-        raise UnsupportedInstance(
-            f"instance {instance!r}: root disk is not a file (type={disk.get('type')!r}); "
-            "only file-backed root disks can be rebuilt"
-        )
-    if target is None or not target.get("dev"):
-        raise UnsupportedInstance(f"instance {instance!r}: root disk has no target device")
-    driver = disk.find("driver")
-    fmt = driver.get("type", "raw") if driver is not None else "raw"
-    return RootDisk(path=path, format=fmt, target=str(target.get("dev")))
-
-
-def with_root_disk_format(xml: ET.Element, target: str, fmt: str) -> str:
-    """The same definition with the root disk's driver type set to ``fmt``."""
-    for disk in xml.findall("./devices/disk"):
-        found = disk.find("target")
-        if found is not None and found.get("dev") == target:
-            driver = disk.find("driver")
-            if driver is None:
-                driver = ET.Element("driver", {"name": "qemu"})
-                disk.insert(0, driver)
-            driver.set("type", fmt)
-            return ET.tostring(xml, encoding="unicode")
-    raise UnsupportedInstance(f"root disk {target!r} vanished from the definition")
+        ``domainXMLToNative`` parses and validates a definition as ``define`` does, without defining or
+        starting anything. Only a refusal of the new definition where the current one passes counts:
+        the conversion itself may not know every device a host uses.
+        """
+        conn = self.connection()
+        if conn.getType() != "QEMU":
+            return
+        try:
+            conn.domainXMLToNative("qemu-argv", dx.to_string(xml), 0)
+        except libvirt.libvirtError:
+            return
+        try:
+            conn.domainXMLToNative("qemu-argv", dx.to_string(dx.with_disk(xml, new_disk)), 0)
+        except libvirt.libvirtError as err:
+            raise UnsupportedInstance(
+                f"instance {instance!r}: libvirt would refuse its root disk as a qcow2 overlay: "
+                f"{err.get_error_message()}"
+            ) from None
 
 
-@dataclass(frozen=True)
-class SerialLog:
-    path: str
-    # With append='off' (the default) libvirt empties the file at each start.
-    appends: bool
+class Domain:
+    """An instance's domain: what the activities ask of libvirt about it, each call translated."""
+
+    def __init__(self, libvirt_conn: Libvirt, name: str) -> None:
+        self.libvirt = libvirt_conn
+        self.name = name
+
+    def _call(self, action: Callable[[Any], T]) -> T:
+        return self.libvirt.with_domain(self.name, action)
+
+    # -- what it is --
+
+    def definition(self) -> ET.Element:
+        """The persistent definition: what the next start will use, and what we change."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        return dx.parse(self._call(lambda d: d.XMLDesc(flags)))
+
+    def live_definition(self) -> ET.Element:
+        """What runs now: for a running domain, the disks' backing chains as QEMU opened them."""
+        return dx.parse(self._call(lambda d: d.XMLDesc(0)))
+
+    def definitions(self) -> list[ET.Element]:
+        """The persistent definition (if any) and, while it runs, the live one."""
+        persistent, active = self._call(lambda d: (d.isPersistent(), d.isActive()))
+        found = []
+        if persistent:
+            found.append(self.definition())
+        if active:
+            found.append(self.live_definition())
+        return found
+
+    def uuid(self) -> str:
+        return str(self._call(lambda d: d.UUIDString()))
+
+    def is_active(self) -> bool:
+        return bool(self._call(lambda d: d.isActive()))
+
+    def is_persistent(self) -> bool:
+        return bool(self._call(lambda d: d.isPersistent()))
+
+    def state(self) -> tuple[int, int]:
+        state, reason = self._call(lambda d: d.state())
+        return int(state), int(reason)
+
+    def frozen(self) -> str | None:
+        """Why the guest can neither run on nor shut down now: paused, or suspended by itself."""
+        state, reason = self.state()
+        if state == libvirt.VIR_DOMAIN_PMSUSPENDED:
+            return "suspended by its guest (S3/S4)"
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            return "paused" + _PAUSE_REASONS.get(reason, "")
+        return None
+
+    def power_state(self) -> PowerState:
+        if not self.is_active():
+            return "off"
+        return "crashed" if self.state()[0] == libvirt.VIR_DOMAIN_CRASHED else "running"
+
+    def has_managed_save(self) -> bool:
+        return bool(self._call(lambda d: d.hasManagedSaveImage(0)))
+
+    def snapshot_names(self) -> list[str]:
+        snapshots: list[Any] = self._call(lambda d: _optional(lambda: d.listAllSnapshots(0), []))
+        return sorted(s.getName() for s in snapshots)
+
+    def checkpoints(self) -> dict[str, ET.Element]:
+        listed: list[Any] = self._call(lambda d: _optional(lambda: d.listAllCheckpoints(0), []))
+        return {c.getName(): dx.parse(c.getXMLDesc(0)) for c in listed}
+
+    def has_block_job(self, target: str) -> bool:
+        return bool(self._call(lambda d: _optional(lambda: d.blockJobInfo(target, 0), {})))
+
+    def has_job(self) -> bool:
+        job = self._call(lambda d: _optional(lambda: d.jobInfo(), [libvirt.VIR_DOMAIN_JOB_NONE]))
+        return bool(job) and job[0] != libvirt.VIR_DOMAIN_JOB_NONE
+
+    def image_record(self) -> ET.Element | None:
+        """The image a rebuild recorded in the domain's metadata, if any."""
+
+        def read(domain: Any) -> str | None:
+            try:
+                return str(domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, dx.IMAGE_NAMESPACE, 0))
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    return None
+                raise
+
+        raw = self._call(read)
+        return dx.parse(raw) if raw is not None else None
+
+    # -- power --
+
+    def start(self) -> bool:
+        """Start the domain; True when it was running already."""
+
+        def create(domain: Any) -> bool:
+            if domain.isActive():
+                return True
+            try:
+                domain.create()
+            except libvirt.libvirtError as err:
+                if domain.isActive():
+                    return True
+                raise InstanceStartFailed(
+                    f"libvirt could not start {self.name!r}: {err.get_error_message()}"
+                ) from None
+            return False
+
+        return self._call(create)
+
+    def force_off(self) -> None:
+        def destroy(domain: Any) -> None:
+            try:
+                domain.destroy()
+            except libvirt.libvirtError:
+                if domain.isActive():
+                    raise
+
+        self._call(destroy)
+
+    def press_power_button(self) -> None:
+        """ACPI only: libvirt's default would pick the guest agent first where one is configured."""
+
+        def press(domain: Any) -> None:
+            try:
+                domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
+            except libvirt.libvirtError as err:
+                if not domain.isActive():
+                    return
+                if err.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+                    raise
+                # A driver without the ACPI flag (libvirt's test driver) takes a plain shutdown request.
+                domain.shutdown()
+
+        self._call(press)
+
+    def ask_agent_to_shut_down(self) -> bool:
+        """``guest-shutdown`` through the agent, when the domain has one that answers; True when asked."""
+        if not dx.has_agent_channel(self.definition()):
+            return False
+
+        def ask(domain: Any) -> bool:
+            try:
+                _agent(domain, "guest-ping", 2)
+                domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+            except libvirt.libvirtError:
+                # No agent, or it went away because the guest is already going down.
+                return False
+            return True
+
+        return self._call(ask)
+
+    # -- the guest --
+
+    def agent_command(self, command: str, timeout_seconds: int) -> Any:
+        """One guest agent command; the agent's ``return`` value. Raises libvirtError when it does not
+        answer (callers that wait for an agent catch it)."""
+        return self._call(lambda d: _agent(d, command, timeout_seconds))
+
+    def agent_osinfo(self, timeout_seconds: int) -> str | None:
+        """The guest's OS as its agent reports it, or None while the agent does not answer."""
+
+        def ask(domain: Any) -> str | None:
+            try:
+                _agent(domain, "guest-ping", timeout_seconds)
+                info = _agent(domain, "guest-get-osinfo", timeout_seconds)
+            except libvirt.libvirtError:
+                return None
+            name = info.get("pretty-name") if isinstance(info, dict) else None
+            return f"guest agent answers: {name or 'unknown OS'}"
+
+        return self._call(ask)
+
+    def console(self) -> ConsoleStream:
+        return self._call(lambda d: ConsoleStream(d, translate))
+
+    # -- its definition --
+
+    def record_image(self, attributes: dict[str, str]) -> None:
+        """Write the new image into the domain's metadata, where the next rebuild and operators see it."""
+
+        def write(domain: Any) -> None:
+            live = libvirt.VIR_DOMAIN_AFFECT_LIVE if domain.isActive() else 0
+            domain.setMetadata(
+                libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                dx.image_record(attributes),
+                dx.IMAGE_PREFIX,
+                dx.IMAGE_NAMESPACE,
+                libvirt.VIR_DOMAIN_AFFECT_CONFIG | live,
+            )
+
+        self._call(write)
+
+    def define(self, definition: str) -> None:
+        self._call(lambda d: d.connect().defineXML(definition))
+
+    def update_disk(self, xml: ET.Element, disk: ET.Element) -> None:
+        """Change one disk of the persistent definition, and nothing else of it.
+
+        ``updateDeviceFlags`` on the config replaces that disk as libvirt parsed it; drivers without it
+        (the test driver) get the whole definition with the disk replaced.
+        """
+
+        def update(domain: Any) -> None:
+            try:
+                domain.updateDeviceFlags(dx.to_string(disk), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                    raise
+                domain.connect().defineXML(dx.to_string(dx.with_disk(xml, disk)))
+
+        self._call(update)
+
+    def drop_snapshot_metadata(self, names: list[str]) -> None:
+        """Forget these snapshots in libvirt (their data went with the old disk); gone ones are fine."""
+
+        def drop(domain: Any) -> None:
+            for name in names:
+                try:
+                    snapshot = domain.snapshotLookupByName(name, 0)
+                    snapshot.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+                except libvirt.libvirtError as err:
+                    if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+                        raise
+
+        self._call(drop)
+
+    def remove(self) -> None:
+        """Destroy and undefine (a transient domain goes with its destroy); gone already is fine."""
+
+        def remove(domain: Any) -> None:
+            if domain.isActive():
+                domain.destroy()
+            if domain.isPersistent():
+                domain.undefine()
+
+        with contextlib.suppress(InstanceNotFound):
+            self._call(remove)
 
 
-def serial_log(xml: ET.Element) -> SerialLog | None:
-    """The file a ``<serial type='file'>`` (or console) writes to, where the boot check reads."""
-    for kind in ("serial", "console"):
-        for dev in xml.findall(f"./devices/{kind}"):
-            source = dev.find("source")
-            if dev.get("type") == "file" and source is not None and source.get("path"):
-                return SerialLog(path=str(source.get("path")), appends=source.get("append") == "on")
-    return None
-
-
-def image_metadata(domain: Any) -> ET.Element | None:
-    try:
-        raw = domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NAMESPACE, 0)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-            return None
-        raise
-    return ET.fromstring(raw)
-
-
-def set_image_metadata(domain: Any, attributes: dict[str, str]) -> None:
-    element = ET.Element("image", attributes)
-    domain.setMetadata(
-        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-        ET.tostring(element, encoding="unicode"),
-        METADATA_PREFIX,
-        METADATA_NAMESPACE,
-        libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if is_active(domain) else 0),
-    )
-
-
-def has_agent_channel(xml: ET.Element) -> bool:
-    """Whether the definition gives the guest a QEMU guest agent channel (the agent may still be absent)."""
-    return any(
-        target.get("type") == "virtio" and target.get("name") == GUEST_AGENT_CHANNEL
-        for target in xml.findall("./devices/channel/target")
-    )
-
-
-def has_pty_console(xml: ET.Element) -> bool:
-    """A serial port or console on a pty: what libvirt's console stream can read."""
-    return any(
-        dev.get("type") == "pty" for kind in ("serial", "console") for dev in xml.findall(f"./devices/{kind}")
-    )
-
-
-def agent_command(domain: Any, command: str, timeout_seconds: int) -> Any:
-    """One guest agent command; the agent's ``return`` value. Raises libvirtError when it does not answer."""
+def _agent(domain: Any, command: str, timeout_seconds: int) -> Any:
     answer = libvirt_qemu.qemuAgentCommand(domain, json.dumps({"execute": command}), timeout_seconds, 0)
     return json.loads(answer).get("return") if answer else None
-
-
-class ConsoleStream:
-    """The domain's first serial console, read through libvirt's stream (works for ``pty`` consoles).
-
-    Opened with FORCE: a console left open by an earlier attempt of the same check must not block it.
-    """
-
-    def __init__(self, domain: Any) -> None:
-        self._stream = domain.connect().newStream(libvirt.VIR_STREAM_NONBLOCK)
-        try:
-            domain.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-        except libvirt.libvirtError:
-            with contextlib.suppress(libvirt.libvirtError):
-                self._stream.abort()
-            raise
-
-    def read(self) -> bytes | None:
-        """What arrived since the last read (b"" when nothing did); None once the console closed."""
-        data = self._stream.recv(64 << 10)
-        if data == -2:
-            return b""
-        return bytes(data) or None
-
-    def close(self) -> None:
-        with contextlib.suppress(libvirt.libvirtError):
-            self._stream.abort()

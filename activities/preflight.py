@@ -18,21 +18,25 @@ import fcntl
 import os
 import re
 import time
-import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
-import libvirt
 from temporalio import activity
 
+from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities import qemu_img
+from activities.boot_check import BootCheck
 from activities.checkpoints import Checkpoints
-from activities.errors import BootCheckFailed, PreflightFailed, UnsupportedInstance
-from activities.hypervisor import HypervisorActivities
-from activities.identity import current_identity
-from activities.seed import build_seed
+from activities.errors import (
+    BootCheckFailed,
+    DefinitionRefused,
+    HypervisorError,
+    InstanceNotFound,
+    PreflightFailed,
+    UnsupportedInstance,
+)
+from activities.seed_image import build_seed
 from activities.state import StateDir
 from workflows.identity import GuestIdentity
 from workflows.models import PreflightInput, PreflightResult, VerifyInstanceInput, VerifyResult
@@ -42,23 +46,7 @@ SANDBOX_PREFIX = "rebuild-preflight-"
 # than at the boot timeout (a panicked kernel never recovers, and spins a host core meanwhile).
 FATAL_CONSOLE = re.compile(rb"Kernel panic - not syncing[^\r\n]*")
 CONSOLE_POLL_SECONDS = 0.5
-AGENT_CHANNEL = "org.qemu.guest_agent.0"
 CONSOLE_TAIL_LINES = 15
-# Devices a sandbox never gets: anything that reaches outside it or belongs to the instance alone.
-_DROPPED_DEVICES = (
-    "interface",
-    "hostdev",
-    "filesystem",
-    "redirdev",
-    "smartcard",
-    "serial",
-    "console",
-    "parallel",
-    "channel",
-    "graphics",
-    "shmem",
-    "vsock",
-)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -71,7 +59,7 @@ class PreflightActivities:
         self,
         libvirt_conn: ld.Libvirt,
         state: StateDir,
-        hypervisor: HypervisorActivities,
+        boot_check: BootCheck,
         max_sandboxes: int = 2,
         max_memory_mib: int = 2048,
         checkpoints: Checkpoints | None = None,
@@ -79,7 +67,7 @@ class PreflightActivities:
         self.checkpoints = checkpoints or Checkpoints()
         self.libvirt = libvirt_conn
         self.state = state
-        self.hypervisor = hypervisor
+        self.boot_check = boot_check
         self.max_sandboxes = max_sandboxes
         self.max_memory_mib = max_memory_mib
 
@@ -110,32 +98,43 @@ class PreflightActivities:
         async with self._slot():
             waited = time.monotonic() - began
             try:
-                xml = await asyncio.to_thread(self.libvirt.with_domain, request.instance, ld.inactive_xml)
-                disk = ld.root_disk(xml, request.instance)
+                xml = await asyncio.to_thread(self.libvirt.domain(request.instance).definition)
+                disk = dx.step_root_disk(xml, request.instance, request.root_disk_target)
                 old = await qemu_img.image_info(disk.path, disk.format)
                 size = max(int(old["virtual-size"]), request.image_virtual_size, request.min_virtual_size)
                 overlay.unlink(missing_ok=True)
                 await qemu_img.create_overlay(str(overlay), str(image), request.image_format, size)
                 console.write_bytes(b"")
                 seed_path = None
-                identity = current_identity(xml)
+                identity = dx.current_identity(xml)
                 if request.change is not None:
                     identity = request.change.applied_to(identity or GuestIdentity())
                 if identity is not None:
                     # The seed the rebuild will attach, under a throwaway instance-id.
                     seed_path = seed
                     await asyncio.to_thread(build_seed, identity, f"preflight-{request.rebuild_id}", seed)
-                definition = self.sandbox_xml(xml, name, overlay, console, seed_path, disk.target)
-                await asyncio.to_thread(self._create, definition)
+                definition = dx.sandbox_definition(
+                    xml,
+                    name,
+                    dx.rebuilt_disk(dx.disk_element(xml, disk.target), str(image), request.image_format),
+                    overlay,
+                    console,
+                    seed_path,
+                    max_memory_mib=self.max_memory_mib,
+                    description=self._owner_mark,
+                )
+                await asyncio.to_thread(self._create, name, definition)
                 await self.checkpoints.reach("preflight.after-create")
                 # The same check the rebuild's verify step makes, on the sandbox instead.
                 verified = await verified_unless_fatal(
-                    self.hypervisor.verify_instance(
+                    self.boot_check.verify(
                         VerifyInstanceInput(
                             instance=name,
                             verify=request.verify,
                             boot_marker=request.boot_marker,
                             boot_timeout_seconds=request.boot_timeout_seconds,
+                            root_disk_target=disk.target,
+                            image_sha256=request.image_sha256,
                         )
                     ),
                     console,
@@ -154,88 +153,15 @@ class PreflightActivities:
             waited_seconds=waited,
         )
 
-    def sandbox_xml(
-        self,
-        instance: ET.Element,
-        name: str,
-        overlay: Path,
-        console: Path,
-        seed: Path | None,
-        root_target: str,
-    ) -> str:
-        """The instance's definition, reduced to what booting its new image needs and nothing more."""
-        xml = ET.fromstring(ET.tostring(instance))
-        for tag in ("uuid", "metadata", "seclabel", "description", "title"):
-            for element in xml.findall(tag):
-                xml.remove(element)
-        name_element = xml.find("name")
-        assert name_element is not None
-        name_element.text = name
-        ET.SubElement(xml, "uuid").text = str(uuid.uuid4())
-        ET.SubElement(xml, "description").text = self._owner_mark
-        for tag in ("memory", "currentMemory"):
-            amount = xml.find(tag)
-            if amount is not None:
-                mib = _mib(amount)
-                amount.set("unit", "MiB")
-                amount.text = str(min(mib, self.max_memory_mib))
-        os_element = xml.find("os")
-        if os_element is not None:
-            # A fresh NVRAM from the firmware's template, never the instance's own variables.
-            for nvram in os_element.findall("nvram"):
-                os_element.remove(nvram)
-        devices = xml.find("devices")
-        if devices is None:
-            raise UnsupportedInstance("the instance's definition has no <devices>")
-        agent = any(
-            (t := c.find("target")) is not None and t.get("name") == AGENT_CHANNEL
-            for c in devices.findall("channel")
-        )
-        for child in list(devices):
-            if child.tag in _DROPPED_DEVICES:
-                devices.remove(child)
-            elif child.tag == "disk":
-                target = child.find("target")
-                if target is None or target.get("dev") != root_target:
-                    devices.remove(child)
-                else:
-                    _point_at(child, overlay)
-        serial = ET.SubElement(devices, "serial", {"type": "file"})
-        ET.SubElement(serial, "source", {"path": str(console)})
-        ET.SubElement(serial, "target", {"port": "0"})
-        if agent:
-            channel = ET.SubElement(devices, "channel", {"type": "unix"})
-            ET.SubElement(channel, "target", {"type": "virtio", "name": AGENT_CHANNEL})
-        if seed is not None:
-            cdrom = ET.SubElement(devices, "disk", {"type": "file", "device": "cdrom"})
-            ET.SubElement(cdrom, "driver", {"name": "qemu", "type": "raw"})
-            ET.SubElement(cdrom, "source", {"file": str(seed)})
-            os_type = xml.find("./os/type")
-            machine = os_type.get("machine", "") if os_type is not None else ""
-            bus, dev = ("sata", "sdz") if "q35" in machine else ("ide", "hdd")
-            ET.SubElement(cdrom, "target", {"dev": dev, "bus": bus})
-            ET.SubElement(cdrom, "readonly")
-        on_crash = xml.find("on_crash")
-        if on_crash is not None:
-            on_crash.text = "destroy"
-        return ET.tostring(xml, encoding="unicode")
-
-    def _create(self, definition: str) -> None:
+    def _create(self, name: str, definition: str) -> None:
         try:
-            self.libvirt.connection().createXML(definition, 0)
-        except libvirt.libvirtError as err:
-            raise PreflightFailed(
-                f"libvirt could not start the pre-flight sandbox: {err.get_error_message()}"
-            ) from None
+            self.libvirt.create_transient(name, definition)
+        except (HypervisorError, DefinitionRefused) as err:
+            raise PreflightFailed(f"libvirt could not start the pre-flight sandbox: {err.message}") from None
 
     def _remove_sandbox(self, name: str) -> None:
         """Destroy the transient sandbox and delete its files; what is already gone is fine."""
-        with contextlib.suppress(libvirt.libvirtError):
-            domain = self.libvirt.connection().lookupByName(name)
-            if domain.isActive():
-                domain.destroy()
-            if domain.isPersistent():
-                domain.undefine()
+        self.libvirt.domain(name).remove()
         for suffix in (".qcow2", ".console.log", ".seed.iso"):
             (self.directory / f"{name}{suffix}").unlink(missing_ok=True)
 
@@ -257,16 +183,16 @@ class PreflightActivities:
                 except BlockingIOError:
                     return []
             removed = []
-            for domain in self.libvirt.connection().listAllDomains():
-                if not domain.name().startswith(SANDBOX_PREFIX):
+            for name in self.libvirt.domain_names():
+                if not name.startswith(SANDBOX_PREFIX):
                     continue
                 try:
-                    description = ET.fromstring(domain.XMLDesc(0)).findtext("description") or ""
-                except libvirt.libvirtError:
+                    description = dx.description_of(self.libvirt.domain(name).live_definition())
+                except InstanceNotFound:
                     continue  # another worker's transient sandbox, gone since the listing
                 if description == self._owner_mark:
-                    self._remove_sandbox(domain.name())
-                    removed.append(domain.name())
+                    self._remove_sandbox(name)
+                    removed.append(name)
             for leftover in self.directory.glob(f"{SANDBOX_PREFIX}*"):
                 leftover.unlink(missing_ok=True)
             return removed
@@ -293,33 +219,6 @@ class PreflightActivities:
                 return
             activity.heartbeat(f"waiting for a pre-flight slot: all {self.max_sandboxes} in use")
             await asyncio.sleep(0.5)
-
-
-def _point_at(disk: ET.Element, overlay: Path) -> None:
-    """The sandbox's root disk: the throwaway overlay, writable, whatever the instance's was."""
-    disk.set("type", "file")
-    for tag in ("source", "backingStore", "driver", "readonly"):
-        for element in disk.findall(tag):
-            disk.remove(element)
-    disk.insert(0, ET.Element("driver", {"name": "qemu", "type": "qcow2"}))
-    disk.insert(1, ET.Element("source", {"file": str(overlay)}))
-
-
-def _mib(element: ET.Element) -> int:
-    units = {
-        "b": 1 / (1 << 20),
-        "bytes": 1 / (1 << 20),
-        "k": 1 / 1024,
-        "kib": 1 / 1024,
-        "m": 1,
-        "mib": 1,
-        "g": 1024,
-        "gib": 1024,
-        "t": 1 << 20,
-        "tib": 1 << 20,
-    }
-    factor = units.get(element.get("unit", "KiB").lower(), 1 / 1024)
-    return max(1, int(int(element.text or "0") * factor))
 
 
 async def verified_unless_fatal(check: Awaitable[VerifyResult | None], console: Path) -> VerifyResult | None:

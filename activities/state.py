@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from activities.errors import InvalidRequest
 
@@ -113,9 +114,32 @@ def seed_undo_path(disk_path: str, rebuild_id: str) -> Path:
     return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.seed-undo.json")
 
 
+# What prepare records beside the root disk, for restore and cleanup to trust (never a request's word):
+# ``format``, the old disk's format as libvirt defined it; ``disk.xml``, its whole ``<disk>`` element,
+# which restore puts back as it was; ``snapshots.json``, the snapshots a rebuild with
+# --discard-snapshots found at the swap, which cleanup forgets, and only those.
+RecordKind = Literal["format", "disk.xml", "snapshots.json"]
+
+
+def record_path(disk_path: str, rebuild_id: str, kind: RecordKind) -> Path:
+    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.{kind}")
+
+
 def original_format_path(disk_path: str, rebuild_id: str) -> Path:
-    """The old disk's format as libvirt defined it, recorded by prepare for restore to trust."""
-    return Path(f"{disk_path}.rebuild-{_rebuild_suffix(rebuild_id)}.format")
+    return record_path(disk_path, rebuild_id, "format")
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """A small record that appears whole or not at all, and survives a power cut once written."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
 
 
 def fsync_dir(path: Path) -> None:

@@ -25,7 +25,8 @@ import aiohttp
 from temporalio.testing import ActivityEnvironment
 
 from activities.errors import ImageDownloadError
-from activities.images import READ_BUFFER_BYTES, ImageActivities
+from activities.image_fetch import READ_BUFFER_BYTES
+from activities.images import ImageActivities
 from activities.state import StateDir
 from bench.common import QUICK, GiB, MiB, random_file, table, timed
 from bench.nginx import nginx_serving
@@ -83,7 +84,7 @@ async def resume_cost(workdir: Path) -> tuple[int, int]:
 
 def without_fsync() -> contextlib.AbstractContextManager[object]:
     """For the breakdown row only: what the fetch costs when its fsync is skipped."""
-    return unittest.mock.patch("activities.images.os.fsync", lambda _fd: None)
+    return unittest.mock.patch("activities.image_fetch.os.fsync", lambda _fd: None)
 
 
 async def receive_only(url: str) -> float:

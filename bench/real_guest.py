@@ -59,7 +59,7 @@ def wait_for_agent(conn: ld.Libvirt, name: str, timeout: float = BOOT_SECONDS) -
     deadline = time.monotonic() + timeout
     while True:
         try:
-            conn.with_domain(name, lambda d: ld.agent_command(d, "guest-ping", 2))
+            conn.domain(name).agent_command("guest-ping", 2)
             return
         except Exception:
             if time.monotonic() > deadline:
@@ -75,7 +75,7 @@ def bare_virsh(conn: ld.Libvirt, name: str) -> tuple[float, float, float]:
     """(graceful stop, off → running, off → agent) for ``virsh shutdown`` then ``virsh start``."""
     with timed() as stop:
         virsh("shutdown", name)
-        while conn.with_domain(name, ld.is_active):
+        while conn.domain(name).is_active():
             time.sleep(0.05)
     off = time.perf_counter()
     virsh("start", name)
@@ -153,9 +153,9 @@ def main() -> None:
     server = start_image_server(served, port)
     try:
         disk = overlay(images.a, workdir / f"{name}.qcow2")
-        conn.define(name, real_domain_xml(name, disk, workdir / f"{name}.console.log"))
+        conn.connection().defineXML(real_domain_xml(name, disk, workdir / f"{name}.console.log"))
         began = time.perf_counter()
-        conn.with_domain(name, lambda d: d.create())
+        conn.domain(name).start()
         wait_for_agent(conn, name)
         first_boot = time.perf_counter() - began
         ref_stop, ref_running, ref_agent = bare_virsh(conn, name)

@@ -72,18 +72,41 @@ def domain_xml(
 ) -> str:
     """A minimal domain: root disk first, optional data disks and NICs, serial console to a file."""
     disks, nics = disk_and_nic_xml(root_disk, root_format, data_disks, macs)
+    return shaped_domain_xml(
+        name,
+        serial_log,
+        disks + nics,
+        domain_type=domain_type,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        instance_uuid=instance_uuid,
+    )
+
+
+def shaped_domain_xml(
+    name: str,
+    serial_log: Path,
+    devices: str,
+    *,
+    os_extra: str = "",
+    metadata: str = "",
+    domain_type: str = "qemu",
+    memory_mib: int = 32,
+    vcpus: int = 1,
+    instance_uuid: str | None = None,
+) -> str:
+    """A domain with the disks and NICs given as XML, and a serial console to a file."""
     return f"""<domain type={quoteattr(domain_type)}>
   <name>{name}</name>
-  <uuid>{instance_uuid or uuid.uuid4()}</uuid>
+  <uuid>{instance_uuid or uuid.uuid4()}</uuid>{metadata}
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>{vcpus}</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <os><type arch='x86_64' machine='pc'>hvm</type>{os_extra}</os>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    {disks}
-    {nics}
+    {devices}
     <serial type='file'><source path={quoteattr(str(serial_log))} append='on'/><target port='0'/></serial>
     <video><model type='none'/></video>
     <memballoon model='none'/>

@@ -9,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from common.exit_codes import ExitCode, leave
 from starter.cli_context import Cli, JsonOption, command, command_group
+
+if TYPE_CHECKING:  # the cache commands load libvirt only when they run
+    from activities.libvirt_domain import Libvirt
 
 cache_app = command_group("The host's image cache (run on the hypervisor host itself, next to its worker).")
 StateDirOption = Annotated[
@@ -90,15 +93,16 @@ def cache_prune(
     leave(ExitCode.OK)
 
 
-def _open_libvirt(cli: Cli, uri: str) -> Any:
-    import libvirt
+def _open_libvirt(cli: Cli, uri: str) -> Libvirt:
+    from activities.errors import HypervisorUnavailable
+    from activities.libvirt_domain import Libvirt
 
-    from activities import libvirt_domain as _registers_libvirt_error_handler  # noqa: F401
-
+    conn = Libvirt(uri)
     try:
-        return libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        cli.fail(ExitCode.UNAVAILABLE, f"cannot connect to libvirt at {uri}: {exc.get_error_message()}")
+        conn.connection()
+    except HypervisorUnavailable as exc:
+        cli.fail(ExitCode.UNAVAILABLE, exc.message)
+    return conn
 
 
 def _size(size: float) -> str:

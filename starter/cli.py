@@ -92,8 +92,10 @@ def start(
         str | None,
         typer.Option(
             help="How the new image proves it booted, or it is rolled back: agent (the guest agent "
-            "answers), console:REGEX (the serial console prints a match), running:SECONDS. "
-            "Default: agent where the domain has a guest agent channel, else running:5."
+            "answers), console:REGEX (the serial console prints a match), running:SECONDS (only "
+            "that the domain runs: it cannot tell an empty disk from a booted one). "
+            "Default: agent where the domain has a guest agent channel, else running:5. Whatever "
+            "the mode, the running root disk must be an overlay on the new image."
         ),
     ] = None,
     require_approval: Annotated[
@@ -142,6 +144,21 @@ def start(
             "the instance never stopped (default: the host worker's setting).",
         ),
     ] = None,
+    root_disk: Annotated[
+        str | None,
+        typer.Option(
+            help="The root disk's target device (vda, sdb, ...), where the boot order does not make "
+            "it certain. Default: the first disk in the domain's boot order."
+        ),
+    ] = None,
+    discard_snapshots: Annotated[
+        bool,
+        typer.Option(
+            "--discard-snapshots",
+            help="Rebuild although the instance has snapshots: they go with the old disk once the "
+            "rebuild is kept (a rollback brings them back).",
+        ),
+    ] = False,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -181,6 +198,8 @@ def start(
             revert_by_default=revert_by_default,
             requested_by=requested_by,
             preflight=preflight,
+            root_disk=root_disk,
+            discard_snapshots=discard_snapshots,
             identity=identity_change(
                 ssh_key_files=ssh_key,
                 no_ssh_keys=no_ssh_keys,

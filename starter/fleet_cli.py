@@ -38,7 +38,6 @@ from starter.fleets import (
 )
 from workflows.fleet_models import (
     ControlAnswer,
-    FleetAbort,
     FleetRequest,
     InstanceState,
     StrictBatchSize,
@@ -374,7 +373,7 @@ def abort(
     """
     cli = Cli.of(ctx)
     with cli.refusing("abort"):
-        request: FleetAbort = StrictFleetAbort(reason=reason, requested_by=requested_by)
+        request = StrictFleetAbort(reason=reason, requested_by=requested_by)
     _steer(cli, address, lambda client: abort_fleet(client, name, request))
 
 

@@ -31,10 +31,11 @@ from workflows.fleet_models import (
     FleetRequest,
     FleetStatus,
     FleetTarget,
-    InstancesPage,
     InstanceState,
     RebuildOptions,
     Selection,
+    StrictFleetTarget,
+    StrictInstancesPage,
     fleet_workflow_id,
 )
 from workflows.models import WORKFLOW_TASK_QUEUE, RebuildStatus, check_requested_by
@@ -62,7 +63,7 @@ def read_instances_file(path: Path) -> list[FleetTarget]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise BadInstancesFile(f"cannot read {path}: {err}") from None
-    targets = []
+    targets: list[FleetTarget] = []
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split("#", 1)[0].split()
         if not fields:
@@ -70,7 +71,7 @@ def read_instances_file(path: Path) -> list[FleetTarget]:
         if len(fields) != 2:
             raise BadInstancesFile(f"{path}:{number}: expected 'HOST INSTANCE', got {line.strip()!r}")
         try:
-            targets.append(FleetTarget(host=fields[0], instance=fields[1]))
+            targets.append(StrictFleetTarget(host=fields[0], instance=fields[1]))
         except ValueError as err:
             raise BadInstancesFile(f"{path}:{number}: {err}") from None
     if not targets:
@@ -195,7 +196,7 @@ async def fleet_instances(
 ) -> FleetInstances:
     handle, _ = await fleet_handle(client, name)
     page: FleetInstances = await handle.query(
-        "instances", InstancesPage(state=state, offset=offset, limit=limit), result_type=FleetInstances
+        "instances", StrictInstancesPage(state=state, offset=offset, limit=limit), result_type=FleetInstances
     )
     return page
 

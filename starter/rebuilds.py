@@ -19,8 +19,6 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
@@ -159,13 +157,8 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
             task_queue=WORKFLOW_TASK_QUEUE,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(sa.INSTANCE_ID, request.instance),
-                    SearchAttributePair(sa.HYPERVISOR_HOST, request.host),
-                    SearchAttributePair(sa.IMAGE_ID, request.sha256 or request.image_label),
-                    SearchAttributePair(sa.REBUILD_PHASE, "pending"),
-                ]
+            search_attributes=sa.of_new_rebuild(
+                request.instance, request.host, request.sha256 or request.image_label
             ),
             static_summary=f"Rebuild {request.instance} on {request.host}",
             static_details=(

@@ -27,7 +27,6 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
-from activities import libvirt_domain as ld
 from activities.state import StateDir
 from devtools.guest import write_image
 from tests.e2e_support import LOOPBACK_NETWORKS
@@ -133,11 +132,8 @@ class SimulatedFleet:
         )
 
     def image_of(self, host: str, instance: DriverInstance) -> str | None:
-        def read(domain: Any) -> str | None:
-            meta = ld.image_metadata(domain)
-            return meta.get("sha256") if meta is not None else None
-
-        return instance.libvirt.with_domain(instance.name, read)
+        record = instance.libvirt.domain(instance.name).image_record()
+        return record.get("sha256") if record is not None else None
 
     def all_instances(self) -> list[tuple[str, DriverInstance]]:
         return [(host, vm) for host, vms in self.hosts.items() for vm in vms]
@@ -146,7 +142,7 @@ class SimulatedFleet:
         """Instances that are not whole: off, or with a rebuild's leftovers next to their disk."""
         problems = []
         for _host, vm in self.all_instances():
-            if not vm.libvirt.with_domain(vm.name, ld.is_active):
+            if not vm.libvirt.domain(vm.name).is_active():
                 problems.append(f"{vm.name} is off")
             leftovers = list(vm.disk.parent.glob(f"{vm.disk.name}.rebuild-*"))
             if leftovers:

@@ -25,9 +25,17 @@ def history_path(name: str) -> Path:
 
 async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> Path | None:
     """Save the history when asked to; returns where, or None (not asked, or already saved)."""
+    return await _record(handle, history_path(name))
+
+
+async def record_fleet_history(handle: WorkflowHandle[Any, Any], name: str) -> Path | None:
+    """The same for a fleet's history, named by its path alone (the fleet's patches are few)."""
+    return await _record(handle, HISTORIES / f"{name}.json")
+
+
+async def _record(handle: WorkflowHandle[Any, Any], path: Path) -> Path | None:
     if os.environ.get("REBUILD_RECORD_HISTORIES") != "1":
         return None
-    path = history_path(name)
     if path.exists():
         return None
     history = await handle.fetch_history()

@@ -52,7 +52,7 @@ def test_images_in_use_are_listed_with_their_instances_and_never_pruned(tmp_path
          str(backup_path(str(vm3.disk), "run-1"))],
         check=True,
     )  # fmt: skip
-    conn = vm1.libvirt.connection()
+    conn = vm1.libvirt
 
     entries = {e.sha256: e for e in list_cache(state, conn)}
     assert entries[in_use].users == ("web-1", "web-2")
@@ -81,7 +81,7 @@ def test_dry_run_removes_nothing_and_stale_partials_go(tmp_path: Path) -> None:
     partial = state.partial / "abc.part"
     partial.write_bytes(b"half")
     os.utime(partial, (time.time() - 30 * DAY, time.time() - 30 * DAY))
-    conn = vm.libvirt.connection()
+    conn = vm.libvirt
     report = prune_cache(state, conn, max_age_seconds=DAY, dry_run=True)
     assert report.removed == [old]
     assert state.image_path(old).exists()
@@ -137,3 +137,25 @@ def test_cache_cli_without_libvirt_says_so(tmp_path: Path) -> None:
     assert done.returncode == 3
     assert "cannot connect to libvirt" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_backup_beside_a_symlinked_root_disk_keeps_its_image(tmp_path: Path) -> None:
+    """Backups lie beside the file a link names (the rebuild works there): prune looks there too."""
+    (vm,) = make_instances(tmp_path, ["web-1"])
+    state = StateDir(tmp_path / "state")
+    in_backup = cache(state, "backup only", age_days=30)
+    elsewhere = tmp_path / "other-fs"
+    elsewhere.mkdir()
+    real = elsewhere / vm.disk.name
+    vm.disk.rename(real)
+    vm.disk.symlink_to(real)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(state.image_path(in_backup)), "-F", "raw",
+         str(backup_path(str(real), "run-1"))],
+        check=True,
+    )  # fmt: skip
+
+    report = prune_cache(state, vm.libvirt, max_age_seconds=7 * DAY)
+
+    assert report.kept_in_use == [in_backup]
+    assert state.image_path(in_backup).exists()

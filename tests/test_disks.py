@@ -16,7 +16,13 @@ from activities.errors import DiskMissing, InstanceNotStopped
 from activities.state import StateDir, backup_path
 from devtools.guest import write_image
 from tests.libvirt_test_driver import DriverInstance, make_instance
-from workflows.models import PrepareRootDiskInput, RemoveBackupInput, RestoreRootDiskInput
+from workflows.models import (
+    DiscardStagedRootDiskInput,
+    PrepareRootDiskInput,
+    RemoveBackupInput,
+    RestoreRootDiskInput,
+    StageRootDiskInput,
+)
 
 env = ActivityEnvironment()
 REBUILD_ID = "0b9f2f0e-run"
@@ -194,3 +200,68 @@ async def test_restore_of_a_disk_never_replaced_on_an_earlier_rebuilds_overlay_s
     )
     await env.run(disks.restore_root_disk, restore)
     assert info(vm.disk)["backing-filename"] == str(state.image_path(first))
+
+
+def stage_input(sha: str, size: int) -> StageRootDiskInput:
+    return StageRootDiskInput(
+        instance="vm-1",
+        rebuild_id=REBUILD_ID,
+        image_sha256=sha,
+        image_format="qcow2",
+        image_virtual_size=size,
+    )
+
+
+async def test_a_disk_staged_while_the_instance_runs_is_what_prepare_swaps_in(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    """The overlay is made before the stop; prepare, in the downtime window, only links and renames."""
+    vm, state, disks = setup
+    vm.libvirt.connection().lookupByName("vm-1").create()
+    sha, size = cached_image(state)
+
+    staged = await env.run(disks.stage_root_disk, stage_input(sha, size))
+    assert vm.disk.read_bytes()[:4] != b"QFI\xfb", "the running instance's disk is untouched"
+    again = await env.run(disks.stage_root_disk, stage_input(sha, size))
+    assert again == staged
+    assert staged.virtual_size == 8 << 20, "as large as the old disk"
+    staged_inode = os.stat(staged.staged_at).st_ino
+
+    vm.libvirt.connection().lookupByName("vm-1").destroy()
+    await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+
+    assert os.stat(vm.disk).st_ino == staged_inode
+    assert info(vm.disk)["backing-filename"] == str(state.image_path(sha))
+    assert root_format(vm) == "qcow2"
+
+
+async def test_a_disk_that_grew_after_staging_gets_a_new_disk_as_large(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    sha, size = cached_image(state)
+    staged = await env.run(disks.stage_root_disk, stage_input(sha, size))
+    os.truncate(vm.disk, 16 << 20)  # virsh blockresize while it ran
+
+    prepared = await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+
+    assert prepared.virtual_size == 16 << 20
+    assert info(vm.disk)["virtual-size"] == 16 << 20
+    assert not Path(staged.staged_at).exists()
+
+
+async def test_a_staged_disk_is_discarded_and_the_old_one_kept(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    before = vm.disk.read_bytes()
+    sha, size = cached_image(state)
+    staged = await env.run(disks.stage_root_disk, stage_input(sha, size))
+
+    discard = DiscardStagedRootDiskInput(instance="vm-1", rebuild_id=REBUILD_ID)
+    await env.run(disks.discard_staged_root_disk, discard)
+    await env.run(disks.discard_staged_root_disk, discard)
+
+    assert not Path(staged.staged_at).exists()
+    assert vm.disk.read_bytes() == before
+    assert list(vm.disk.parent.glob("*.rebuild-*")) == []

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+import libvirt
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.errors import BootCheckFailed, InstanceNotFound, UnsupportedInstance
+from activities.errors import BootCheckFailed, InstanceNotFound, InvalidRequest, UnsupportedInstance
 from activities.hypervisor import HypervisorActivities
-from tests.libvirt_test_driver import make_instance
+from tests.libvirt_test_driver import make_instance, make_instances
 from workflows.models import (
     InspectInstanceInput,
     RecordImageInput,
@@ -44,6 +46,56 @@ async def test_inspect_finds_the_boot_disk_when_it_is_not_first(tmp_path: Path) 
     assert info.root_disk_path == str(vm.disk)
 
 
+@pytest.mark.parametrize("how", ["as its disk", "as a qcow2 backing file"])
+async def test_inspect_refuses_a_root_disk_another_domain_uses(tmp_path: Path, how: str) -> None:
+    """A linked clone reads the root disk as its base: replacing that file would change its disk."""
+    first, second = make_instances(tmp_path, ["vm-1", "vm-2"])
+    conn = first.libvirt.connection()
+    used = first.disk
+    if how == "as a qcow2 backing file":
+        used = tmp_path / "clone.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", first.disk.name, "-F", "raw", str(used)],
+            check=True,
+        )
+    xml = conn.lookupByName("vm-2").XMLDesc(0)
+    conn.defineXML(xml.replace(f"<source file='{second.data_disk}'", f"<source file='{used}'", 1))
+
+    with pytest.raises(UnsupportedInstance, match=r"is shared: disk vdb of domain 'vm-2'") as caught:
+        await env.run(
+            HypervisorActivities(first.libvirt).inspect_instance, InspectInstanceInput(instance="vm-1")
+        )
+    assert caught.value.non_retryable
+
+
+async def test_inspect_refuses_paused_transient_and_snapshotted_instances(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    conn = vm.libvirt.connection()
+    hypervisor = HypervisorActivities(vm.libvirt)
+    inspect = InspectInstanceInput(instance="vm-1")
+    conn.lookupByName("vm-1").suspend()
+    with pytest.raises(UnsupportedInstance, match="is paused"):
+        await env.run(hypervisor.inspect_instance, inspect)
+    conn.lookupByName("vm-1").resume()
+    conn.lookupByName("vm-1").snapshotCreateXML("<domainsnapshot><name>s1</name></domainsnapshot>", 0)
+    with pytest.raises(UnsupportedInstance, match=r"snapshots \(s1\)"):
+        await env.run(hypervisor.inspect_instance, inspect)
+    discarding = InspectInstanceInput(instance="vm-1", discard_snapshots=True)
+    assert (await env.run(hypervisor.inspect_instance, discarding)).root_disk_target == "vda"
+    conn.lookupByName("vm-1").undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+    with pytest.raises(UnsupportedInstance, match="transient"):
+        await env.run(hypervisor.inspect_instance, inspect)
+
+
+async def test_inspect_takes_the_operators_root_disk_and_checks_the_name(tmp_path: Path) -> None:
+    vm = make_instance(tmp_path)
+    hypervisor = HypervisorActivities(vm.libvirt)
+    info = await env.run(hypervisor.inspect_instance, InspectInstanceInput(instance="vm-1", root_disk="vdb"))
+    assert info.root_disk_path == str(vm.data_disk)
+    with pytest.raises(InvalidRequest, match="not a disk target"):
+        await env.run(hypervisor.inspect_instance, InspectInstanceInput(instance="vm-1", root_disk="../x"))
+
+
 async def test_inspect_unknown_instance_is_not_retryable(tmp_path: Path) -> None:
     vm = make_instance(tmp_path)
     with pytest.raises(InstanceNotFound) as caught:
@@ -61,7 +113,7 @@ async def test_inspect_refuses_a_block_device_root_disk(tmp_path: Path) -> None:
     xml = xml.replace("<disk type='file' device='disk'>", "<disk type='block' device='disk'>", 1)
     xml = xml.replace(f"<source file='{vm.disk}'", "<source dev='/dev/sdz'", 1)
     conn.defineXML(xml)
-    with pytest.raises(UnsupportedInstance, match="not a file"):
+    with pytest.raises(UnsupportedInstance, match="only file-backed root disks"):
         await env.run(
             HypervisorActivities(vm.libvirt).inspect_instance, InspectInstanceInput(instance="vm-1")
         )

@@ -24,9 +24,9 @@ from temporalio.api.common.v1 import Payloads
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.worker import Worker
 
+from activities.domain_xml import current_identity, with_seed
 from activities.errors import UnsupportedInstance
-from activities.identity import current_identity, with_seed
-from activities.seed import build_seed, read_seed
+from activities.seed_image import build_seed, read_seed
 from common.codec import KEY_ENV, EncryptionCodec, data_converter, load_key
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer

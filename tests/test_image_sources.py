@@ -287,7 +287,7 @@ async def test_an_image_is_fully_checked_once(
     async def no_qemu_img(*_: object) -> None:
         raise AssertionError("qemu-img ran again for an image already checked")
 
-    monkeypatch.setattr("activities.images.qemu_img.image_info", no_qemu_img)
+    monkeypatch.setattr("activities.image_check.qemu_img.image_info", no_qemu_img)
     again = await env.run(activities.check_image, check_input(sha, "qcow2"))
     assert again == first
     # The per-request rules still apply to a verdict from the cache.

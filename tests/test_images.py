@@ -21,7 +21,8 @@ from aiohttp import web
 from temporalio.testing import ActivityEnvironment
 
 from activities.errors import ChecksumMismatch, ImageDownloadError, ImageNotFound, ImageTooLarge
-from activities.images import READ_BUFFER_BYTES, ImageActivities
+from activities.image_fetch import READ_BUFFER_BYTES
+from activities.images import ImageActivities
 from activities.state import StateDir
 from devtools.image_server import Fault, ImageServer, RequestLog
 from devtools.temporal_dev import free_port

@@ -1,9 +1,11 @@
 """What crosses Temporal for a fleet: the rolling rebuild of many instances on many hosts.
 
 The ``FleetRebuild`` workflow owns these models, as ``RebuildInstance`` owns ``workflows/models.py``.
-They ignore fields they do not know, so a newer client or a newer carried state never breaks an older
-run. The state a run carries into its successor (``FleetProgress``) holds one short entry per
-instance, so 10,000 instances stay far below Temporal's 2 MB payload limit.
+Wire models (``workflows/wire.py``): they ignore fields they do not know and check nothing beyond their
+types, so a newer client or a check tightened later never breaks a running fleet, nor its replay. The
+``Strict*`` models at the end are what the CLI and the HTTP API build and check. The state a run
+carries into its successor (``FleetProgress``) holds one short entry per instance, so 10,000 instances
+stay far below Temporal's 2 MB payload limit.
 """
 
 from __future__ import annotations
@@ -12,31 +14,21 @@ import fnmatch
 from datetime import datetime
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workflows.models import (
-    HOST_NAME,
-    INSTANCE_NAME,
-    MAX_REQUESTED_BY,
-    DiskFormat,
-    RebuildRequest,
-    StrictRebuildRequest,
-)
+from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
+from workflows.checks import MAX_REQUESTED_BY, HostName, InstanceName, check_host_name, check_instance_name
+from workflows.models import DiskFormat, RebuildRequest, StrictRebuildRequest
+from workflows.names import FLEET_WORKFLOW, fleet_workflow_id
+from workflows.wire import Wire
 
-FLEET_WORKFLOW = "FleetRebuild"
+__all__ = ["FLEET_WORKFLOW", "HostInventory", "InventoryEntry", "ListInstancesInput", "fleet_workflow_id"]
+
 FLEET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 # Errors kept per instance are cut to this: the carried state must stay small.
 MAX_NOTE = 300
 # A run continues as new after this many events at the latest (Temporal refuses a history of 51,200).
 DEFAULT_HISTORY_EVENT_LIMIT = 10_000
-
-
-def fleet_workflow_id(name: str) -> str:
-    return f"fleet:{name}"
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class InstanceState(StrEnum):
@@ -65,23 +57,9 @@ class FleetPhase(StrEnum):
     DONE = "done"
 
 
-class FleetTarget(_Wire):
+class FleetTarget(Wire):
     host: str
     instance: str
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        if not HOST_NAME.match(value):
-            raise ValueError(f"not a usable host name: {value!r}")
-        return value
-
-    @field_validator("instance")
-    @classmethod
-    def _instance(cls, value: str) -> str:
-        if not INSTANCE_NAME.match(value):
-            raise ValueError(f"not a usable instance name: {value!r}")
-        return value
 
     @property
     def key(self) -> str:
@@ -89,7 +67,7 @@ class FleetTarget(_Wire):
         return f"{self.host}:{self.instance}"
 
 
-class RebuildOptions(_Wire):
+class RebuildOptions(Wire):
     """Everything of a ``RebuildRequest`` but the instance and its host: the same for every child."""
 
     image_url: str | None = None
@@ -99,24 +77,13 @@ class RebuildOptions(_Wire):
     glance_url: str | None = None
     glance_image_id: str | None = None
     start_after: bool | None = None
-    stop_timeout_seconds: float = Field(default=60.0, ge=0, le=3600)
-    boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
-    boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
-    max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
-    requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
+    stop_timeout_seconds: float = 60.0
+    boot_marker: str | None = None
+    boot_timeout_seconds: float = 120.0
+    max_virtual_size_bytes: int = 1 << 40
+    requested_by: str = "unknown"
     # Each rebuild boots the new image in a sandbox before its stop; None: the host worker's default.
     preflight: bool | None = None
-
-    @model_validator(mode="after")
-    def _valid_for_a_rebuild(self) -> RebuildOptions:
-        # The image fields are checked exactly as a single rebuild checks them, once, at the edge.
-        try:
-            StrictRebuildRequest(instance="i", host="h", **self.model_dump())
-        except ValidationError as exc:
-            raise ValueError(
-                "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-            ) from None
-        return self
 
     def request_for(self, target: FleetTarget) -> RebuildRequest:
         return RebuildRequest(instance=target.instance, host=target.host, **self.model_dump())
@@ -126,32 +93,13 @@ class RebuildOptions(_Wire):
         return self.image_url or f"glance:{self.glance_image_id}"
 
 
-class Selection(_Wire):
+class Selection(Wire):
     """Which instances: an explicit list, or the hosts' own listings filtered by a name pattern."""
 
     hosts: list[str] = Field(default_factory=list)
     # fnmatch pattern on instance names, applied to what each host's worker reports.
-    name_pattern: str | None = Field(default=None, min_length=1, max_length=200)
+    name_pattern: str | None = None
     instances: list[FleetTarget] = Field(default_factory=list)
-
-    @field_validator("hosts")
-    @classmethod
-    def _hosts(cls, value: list[str]) -> list[str]:
-        for host in value:
-            if not HOST_NAME.match(host):
-                raise ValueError(f"not a usable host name: {host!r}")
-        return list(dict.fromkeys(value))
-
-    @model_validator(mode="after")
-    def _one_way(self) -> Selection:
-        if (self.name_pattern is None) == (not self.instances):
-            raise ValueError("select instances either by a list or by a name pattern on hosts, not both")
-        if self.name_pattern is not None and not self.hosts:
-            raise ValueError("a name pattern needs the hosts whose instances it selects")
-        keys = [t.key for t in self.instances]
-        if len(keys) != len(set(keys)):
-            raise ValueError("an instance is listed twice")
-        return self
 
     def all_hosts(self) -> list[str]:
         return list(dict.fromkeys([*self.hosts, *(t.host for t in self.instances)]))
@@ -160,23 +108,26 @@ class Selection(_Wire):
         return self.name_pattern is not None and fnmatch.fnmatchcase(instance, self.name_pattern)
 
 
-class FleetLimits(_Wire):
-    batch_size: int = Field(default=10, ge=1, le=100_000)
+class FleetLimits(Wire):
+    batch_size: int = 10
     # Never more than this many instances in a rebuild (and so possibly down) at once.
-    max_unavailable: int = Field(default=1, ge=1, le=10_000)
+    max_unavailable: int = 1
     # Never more than this many rebuilds at once on one host; None: only max_unavailable.
-    per_host: int | None = Field(default=None, ge=1, le=10_000)
+    per_host: int | None = None
     # Stop starting rebuilds once this many have failed.
-    max_failures: int = Field(default=1, ge=1, le=100_000)
+    max_failures: int = 1
     # True: never more rebuilds running than failures the budget can still absorb, so the fleet stops at
     # exactly max_failures. False: up to max_unavailable regardless; the rebuilds running when the
     # budget is spent finish and may fail too.
     exact_budget: bool = True
-    pause_between_seconds: float = Field(default=0.0, ge=0, le=7 * 86400)
+    pause_between_seconds: float = 0.0
 
 
-class FleetProgress(_Wire):
-    """What a run hands to the run it continues as: the instances, their states, the controls."""
+class FleetProgress(Wire):
+    """What a run hands to the run it continues as: the instances, their states, the controls.
+
+    The workflow writes it itself, one state per target (``workflows/fleet_plan.py``).
+    """
 
     targets: list[FleetTarget]
     states: list[InstanceState]
@@ -192,49 +143,21 @@ class FleetProgress(_Wire):
     runs: int = 1
     started_at: datetime | None = None
 
-    @model_validator(mode="after")
-    def _aligned(self) -> FleetProgress:
-        if len(self.targets) != len(self.states):
-            raise ValueError("every target needs a state")
-        return self
 
-
-class FleetRequest(_Wire):
-    name: str = Field(pattern=FLEET_NAME_PATTERN)
+class FleetRequest(Wire):
+    name: str
     rebuild: RebuildOptions
     # None only in a run that continues another: its carried targets are the selection, once.
     selection: Selection | None
     limits: FleetLimits = Field(default_factory=FleetLimits)
     # Fetch and check the image on every host before the first instance stops.
     prefetch: bool = False
-    history_event_limit: int = Field(default=DEFAULT_HISTORY_EVENT_LIMIT, ge=20, le=40_000)
+    history_event_limit: int = DEFAULT_HISTORY_EVENT_LIMIT
     # Set only when a run continues as new.
     carried: FleetProgress | None = None
 
-    @model_validator(mode="after")
-    def _selected(self) -> FleetRequest:
-        if self.selection is None and self.carried is None:
-            raise ValueError("a fleet needs a selection of instances")
-        return self
 
-
-class ListInstancesInput(_Wire):
-    # fnmatch pattern; None lists every domain.
-    name_pattern: str | None = None
-
-
-class InventoryEntry(_Wire):
-    instance: str
-    running: bool
-    # From the domain's <metadata>, written by the last successful rebuild.
-    image_sha256: str | None = None
-
-
-class HostInventory(_Wire):
-    instances: list[InventoryEntry]
-
-
-class FleetInstance(_Wire):
+class FleetInstance(Wire):
     host: str
     instance: str
     state: InstanceState
@@ -242,7 +165,7 @@ class FleetInstance(_Wire):
     workflow_id: str
 
 
-class FleetCounts(_Wire):
+class FleetCounts(Wire):
     total: int = 0
     waiting: int = 0
     running: int = 0
@@ -261,7 +184,7 @@ class FleetCounts(_Wire):
         return self.total - self.waiting - self.running
 
 
-class FleetStatus(_Wire):
+class FleetStatus(Wire):
     name: str
     phase: FleetPhase
     paused: bool
@@ -281,20 +204,20 @@ class FleetStatus(_Wire):
     started_at: datetime | None = None
 
 
-class InstancesPage(_Wire):
+class InstancesPage(Wire):
     """The ``instances`` query's argument: one page of instances, optionally of one state."""
 
     state: InstanceState | None = None
-    offset: int = Field(default=0, ge=0)
-    limit: int = Field(default=1000, ge=1, le=5000)
+    offset: int = 0
+    limit: int = 1000
 
 
-class FleetInstances(_Wire):
+class FleetInstances(Wire):
     total: int
     items: list[FleetInstance]
 
 
-class FleetReport(_Wire):
+class FleetReport(Wire):
     name: str
     counts: FleetCounts
     # None: every selected instance was dealt with.
@@ -303,54 +226,126 @@ class FleetReport(_Wire):
     runs: int
 
 
-class FleetAbort(_Wire):
-    reason: str = Field(min_length=1, max_length=500)
-    requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
-    # Each rebuild boots the new image in a sandbox before its stop; None: the host worker's default.
-    preflight: bool | None = None
+class FleetAbort(Wire):
+    reason: str
+    requested_by: str = "unknown"
 
 
-class BatchSize(_Wire):
-    batch_size: int = Field(ge=1, le=100_000)
+class BatchSize(Wire):
+    batch_size: int
 
 
-class ControlAnswer(_Wire):
+class ControlAnswer(Wire):
     accepted: bool
     message: str
     paused: bool
     batch_size: int
 
 
-# What callers of the HTTP API send is checked strictly: a misspelt limit must not pass unnoticed as
-# its default. The wire models above stay tolerant, so running workflows always decode.
+# ---- at the edges ------------------------------------------------------------------------------
+# What a person or a service sends is checked strictly: a misspelt limit must not pass unnoticed as its
+# default. Each keeps its wire model's name in the OpenAPI document.
+
+
+class StrictFleetTarget(FleetTarget):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="FleetTarget")
+
+    host: HostName
+    instance: InstanceName
+
+
 class StrictRebuildOptions(RebuildOptions):
     model_config = ConfigDict(extra="forbid", frozen=True, title="RebuildOptions")
+
+    stop_timeout_seconds: float = Field(default=60.0, ge=0, le=3600)
+    boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
+    boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
+    requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
+
+    @model_validator(mode="after")
+    def _valid_for_a_rebuild(self) -> StrictRebuildOptions:
+        # The image fields are checked exactly as a single rebuild checks them, once, at the edge.
+        try:
+            StrictRebuildRequest(instance="i", host="h", **self.model_dump())
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            ) from None
+        return self
 
 
 class StrictSelection(Selection):
     model_config = ConfigDict(extra="forbid", frozen=True, title="Selection")
 
+    hosts: list[HostName] = Field(default_factory=list)
+    name_pattern: str | None = Field(default=None, min_length=1, max_length=200)
+
+    @field_validator("hosts")
+    @classmethod
+    def _each_host_once(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @field_validator("instances")
+    @classmethod
+    def _usable_names(cls, value: list[FleetTarget]) -> list[FleetTarget]:
+        for target in value:
+            check_host_name(target.host)
+            check_instance_name(target.instance)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> StrictSelection:
+        if (self.name_pattern is None) == (not self.instances):
+            raise ValueError("select instances either by a list or by a name pattern on hosts, not both")
+        if self.name_pattern is not None and not self.hosts:
+            raise ValueError("a name pattern needs the hosts whose instances it selects")
+        keys = [t.key for t in self.instances]
+        if len(keys) != len(set(keys)):
+            raise ValueError("an instance is listed twice")
+        return self
+
 
 class StrictFleetLimits(FleetLimits):
     model_config = ConfigDict(extra="forbid", frozen=True, title="FleetLimits")
+
+    batch_size: int = Field(default=10, ge=1, le=100_000)
+    max_unavailable: int = Field(default=1, ge=1, le=10_000)
+    per_host: int | None = Field(default=None, ge=1, le=10_000)
+    max_failures: int = Field(default=1, ge=1, le=100_000)
+    pause_between_seconds: float = Field(default=0.0, ge=0, le=7 * 86400)
 
 
 class StrictFleetRequest(FleetRequest):
     """A new fleet as a caller asks for it: strict, and never with carried state."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, title="FleetRequest")
+    name: str = Field(pattern=FLEET_NAME_PATTERN)
     rebuild: StrictRebuildOptions
     selection: StrictSelection
     limits: StrictFleetLimits = Field(default_factory=StrictFleetLimits)
+    history_event_limit: int = Field(default=DEFAULT_HISTORY_EVENT_LIMIT, ge=20, le=40_000)
     carried: None = None
 
     def wire(self) -> FleetRequest:
         return FleetRequest.model_validate(self.model_dump())
 
 
+class StrictInstancesPage(InstancesPage):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="InstancesPage")
+
+    offset: int = Field(default=0, ge=0)
+    limit: int = Field(default=1000, ge=1, le=5000)
+
+
 class StrictFleetAbort(FleetAbort):
     model_config = ConfigDict(extra="forbid", frozen=True, title="FleetAbort")
+
+    reason: str = Field(min_length=1, max_length=500)
+    requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
 
 
 class StrictBatchSize(BatchSize):
     model_config = ConfigDict(extra="forbid", frozen=True, title="BatchSize")
+
+    batch_size: int = Field(ge=1, le=100_000)

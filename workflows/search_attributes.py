@@ -4,7 +4,7 @@ The dev server is started with these registered (``--search-attribute NAME=Keywo
 compose stack; :data:`ALL` lists them for both.
 """
 
-from temporalio.common import SearchAttributeKey
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 
 INSTANCE_ID = SearchAttributeKey.for_keyword("InstanceId")
 HYPERVISOR_HOST = SearchAttributeKey.for_keyword("HypervisorHost")
@@ -12,3 +12,15 @@ IMAGE_ID = SearchAttributeKey.for_keyword("ImageId")
 REBUILD_PHASE = SearchAttributeKey.for_keyword("RebuildPhase")
 
 ALL = (INSTANCE_ID, HYPERVISOR_HOST, IMAGE_ID, REBUILD_PHASE)
+
+
+def of_new_rebuild(instance: str, host: str, image: str) -> TypedSearchAttributes:
+    """What a rebuild starts with, before its first phase: the Web UI finds it from its first moment."""
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(INSTANCE_ID, instance),
+            SearchAttributePair(HYPERVISOR_HOST, host),
+            SearchAttributePair(IMAGE_ID, image),
+            SearchAttributePair(REBUILD_PHASE, "pending"),
+        ]
+    )

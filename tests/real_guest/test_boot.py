@@ -46,7 +46,7 @@ async def test_image_that_never_reaches_multi_user_is_rolled_back(
     outcome = result.json()
     assert outcome["outcome"] == "rolled-back", outcome
     assert outcome["failed_step"] == "verify"
-    assert "printed no match" in outcome["error"]
+    assert "did not print a match" in outcome["error"]
     assert outcome["stopped_by"] in ("acpi", "agent")
     # The new image really booted (its kernel line); how far it got before the timeout depends on load.
     assert "init=/bin/false" in real_guest.console()[offset:]

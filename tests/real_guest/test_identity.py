@@ -19,8 +19,8 @@ import libvirt
 import pytest
 from passlib.hash import sha512_crypt
 
-from activities.identity import SEED_ALIAS, current_identity
-from activities.seed import read_seed
+from activities.domain_xml import SEED_ALIAS, current_identity
+from activities.seed_image import read_seed
 from devtools.image_server import ImageServer
 from devtools.real_guest import RealGuestImages, image_sha256
 from devtools.temporal_dev import DevServer

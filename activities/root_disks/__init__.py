@@ -1,0 +1,32 @@
+"""Root-disk back ends: how each kind of root disk is replaced, behind one interface.
+
+``DiskActivities`` finds the root disk in the definition and hands it to the back end for its kind;
+the workflow knows none of them. A back end keeps the rebuild's promise for its kind: at every instant
+the instance has its old disk or its new one, the old one is kept until cleanup, and every call can run
+again after a crash at any line and end in the same state.
+"""
+
+from __future__ import annotations
+
+from activities.checkpoints import Checkpoints
+from activities.root_disks.base import DISCARD, RootDiskAt, RootDiskBackend
+from activities.root_disks.file_overlay import FileOverlay
+from activities.state import StateDir
+
+__all__ = ["DISCARD", "RootDiskAt", "RootDiskBackend", "RootDisks"]
+
+
+class RootDisks:
+    """The back ends of one host, by the kind of disk they replace."""
+
+    def __init__(self, state: StateDir, checkpoints: Checkpoints) -> None:
+        self.files = FileOverlay(state, checkpoints)
+
+    def backend(self, root: RootDiskAt) -> RootDiskBackend:
+        """Only files today: ``domain_xml.root_disk`` refuses every other kind before this."""
+        return self.files
+
+
+def refuse_unsupported(root: RootDiskAt, discard_snapshots: bool) -> None:
+    """The checks of the root disk's back end, which need no host state: inspect asks them too."""
+    FileOverlay.refuse_unsupported(root, discard_snapshots)

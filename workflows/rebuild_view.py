@@ -1,0 +1,149 @@
+"""What a rebuild says about itself: its status query, its result, and its text in the Web UI.
+
+``RebuildState`` is what the rebuild knows so far (phase, timings, errors, what the steps reported);
+the workflow and its step runner write it, and everything people and scripts read is made from it here.
+Pure: no commands, safe in the sandbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+from temporalio.exceptions import ApplicationError, CancelledError, TimeoutError
+
+from workflows.activity_models import StopMethod
+from workflows.image_steps import NewImage
+from workflows.models import Outcome, Phase, RebuildRequest, RebuildResult, RebuildStatus
+
+# What the status says in words, where the phase alone could mislead an operator.
+SUMMARY = {
+    Phase.CONFIRM_WINDOW: "new disk running; the old one is kept until confirm, revert or the window's end",
+    Phase.CLEANUP: "rebuilt, cleanup pending",
+    Phase.ROLLBACK: "rolling back to the old root disk",
+    Phase.DONE: "rebuilt",
+    Phase.ROLLED_BACK: "rolled back to the old root disk",
+}
+
+
+class RebuildState:
+    """What a rebuild knows about itself so far, as status, result and the Web UI show it."""
+
+    def __init__(self, request: RebuildRequest) -> None:
+        self.request = request
+        self.phase = Phase.PENDING
+        self.step_seconds: dict[str, float] = {}
+        # What the steps found out.
+        self.rebuild_id: str | None = None
+        self.image_sha256: str | None = request.sha256
+        self.identity: str | None = None
+        self.stopped_by: StopMethod | None = None
+        self.verified_by: str | None = None
+        # What went wrong, what came out of turn (signals ignored, with why), what was undone.
+        self.last_error: str | None = None
+        self.last_error_type: str | None = None
+        self.cleanup_error: str | None = None
+        self.abort_reason: str | None = None
+        self.ignored_signals: list[str] = []
+        self.undone: list[str] = []
+
+    def add_seconds(self, key: str, seconds: float) -> None:
+        self.step_seconds[key] = self.step_seconds.get(key, 0.0) + seconds
+
+    def ignore(self, signal: str, why: str) -> None:
+        self.ignored_signals.append(f"{signal} in phase {self.phase.value} ignored: {why}")
+
+    def status(self, undo_stack: list[str], started_at: datetime) -> RebuildStatus:
+        summary = SUMMARY.get(self.phase)
+        if self.cleanup_error is not None:
+            summary = f"rebuilt; cleanup failed: {self.cleanup_error}"
+        return RebuildStatus(
+            instance=self.request.instance,
+            host=self.request.host,
+            phase=self.phase,
+            image_url=self.request.image_label,
+            image_sha256=self.image_sha256,
+            step_seconds=dict(self.step_seconds),
+            undo_stack=undo_stack,
+            last_error=self.last_error,
+            started_at=started_at,
+            abort_reason=self.abort_reason,
+            ignored_signals=list(self.ignored_signals),
+            summary=summary,
+            rebuild_id=self.rebuild_id,
+            identity=self.identity,
+            verify=self.request.verify or "default",
+            stopped_by=self.stopped_by,
+            verified_by=self.verified_by,
+        )
+
+    def rebuilt(self, image: NewImage, downtime: float | None, forced_stop: bool) -> RebuildResult:
+        return RebuildResult(
+            instance=self.request.instance,
+            host=self.request.host,
+            outcome=Outcome.REBUILT,
+            image_sha256=image.checked.sha256,
+            image_format=image.checked.format,
+            step_seconds=dict(self.step_seconds),
+            downtime_seconds=downtime,
+            forced_stop=forced_stop,
+            cleanup_error=self.cleanup_error,
+            stopped_by=self.stopped_by,
+            verified_by=self.verified_by,
+        )
+
+    def not_rebuilt(self, outcome: Outcome, failed_step: Phase) -> RebuildResult:
+        return RebuildResult(
+            instance=self.request.instance,
+            host=self.request.host,
+            outcome=outcome,
+            image_sha256=self.image_sha256,
+            failed_step=failed_step,
+            error=self.last_error,
+            error_type=self.last_error_type,
+            step_seconds=dict(self.step_seconds),
+            undone=list(self.undone),
+            stopped_by=self.stopped_by,
+            verified_by=self.verified_by,
+        )
+
+    def details(self) -> str:
+        """The Web UI's current details: where the rebuild is, how long each step took, what failed."""
+        request = self.request
+        lines = [
+            f"**{request.instance}** on `{request.host}`: phase **{self.phase.value}**",
+            f"image: {request.image_label}",
+        ]
+        if self.step_seconds:
+            timings = ", ".join(f"{k} {v:.2f}s" for k, v in self.step_seconds.items())
+            lines.append(f"steps: {timings}")
+        if self.identity:
+            lines.append(f"identity: {self.identity}")
+        stop = f"stopped by {self.stopped_by}" if self.stopped_by else "stop: ACPI, agent, then forced"
+        verify = f"verified by {self.verified_by}" if self.verified_by else f"verify: {self._verify_label()}"
+        lines.append(f"{stop}; {verify}")
+        if self.last_error:
+            lines.append(f"error: {self.last_error}")
+        return "\n\n".join(lines)
+
+    def _verify_label(self) -> str:
+        if self.request.verify is not None:
+            return self.request.verify
+        if self.request.boot_marker is not None:
+            return f"marker:{self.request.boot_marker}"
+        return "default (agent if the domain has its channel, else running)"
+
+
+def describe(err: BaseException) -> tuple[str, str]:
+    """The innermost message and type worth showing: the activity's own error, not its wrapper."""
+    message, kind = str(err), type(err).__name__
+    current: BaseException | None = err
+    while current is not None:
+        if isinstance(current, ApplicationError):
+            message, kind = current.message, current.type or kind
+        elif isinstance(current, TimeoutError):
+            message, kind = f"{current.message} ({current.type.name if current.type else ''})", "Timeout"
+        elif isinstance(current, CancelledError | asyncio.CancelledError):
+            message, kind = "cancelled", "Cancelled"
+        current = current.__cause__
+    return message or kind, kind
