@@ -4,24 +4,27 @@ JSON in and out, with the workflow's own pydantic models (their strict forms: un
 values are refused here, at the edge); errors are JSON too: 400 bad input (including a host no worker
 serves), 401 no or wrong bearer token (and nothing changes), 404 unknown rebuild, 409 already running /
 not running. The process's exit codes are the CLI's (``common.exit_codes``).
+
+This module is the process: the application put together, TLS, serving. The endpoints:
+``starter/rebuild_api.py`` (``/v1/rebuilds``), ``starter/fleet_api.py`` (``/v1/fleets``), and here
+``/healthz`` and ``/openapi.json``; what they share (errors, replies, bodies, limits, the caller's
+token) is ``starter/http_kit.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import ssl
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
@@ -29,59 +32,24 @@ from common.exit_codes import table as exit_code_table
 from common.logs import LogFormat, configure_logging
 from starter.api_clients import ApiClients, TokensFileError
 from starter.fleet_api import FLEET_MODELS, add_fleet_routes, fleet_openapi_paths
-from starter.identity_options import hash_password
-from starter.rebuilds import (
-    DECISIONS,
-    BadFilter,
-    NoWorkerOnHost,
-    RebuildAlreadyRunning,
-    RebuildDescription,
-    RebuildNotRunning,
-    RebuildSummary,
-    UnknownRebuild,
-    abort_rebuild,
-    describe_rebuild,
-    list_query,
-    list_rebuilds,
-    send_decision,
-    start_rebuild,
-    validation_problems,
+from starter.http_kit import (
+    CLIENT,
+    ERROR_MEANINGS,
+    ErrorBody,
+    answers,
+    error,
+    json_content,
+    log,
+    middlewares,
+    operation,
+    reply,
 )
-from starter.status_cache import StatusCache
-from workflows.models import (
-    AbortAnswer,
-    StrictAbortRequest,
-    StrictDecision,
-    StrictRebuildRequest,
-    check_requested_by,
-)
+from starter.rebuild_api import MAX_LIST_LIMIT, STATUS_TTL_SECONDS, Sent, Started, add_rebuild_routes
+from starter.rebuilds import DECISIONS, RebuildDescription, RebuildSummary
+from workflows.models import AbortAnswer, StrictAbortRequest, StrictDecision, StrictRebuildRequest
 
-CLIENT: web.AppKey[Client] = web.AppKey("client", Client)
 CLIENTS: web.AppKey[ApiClients] = web.AppKey("clients", ApiClients)
-STATUS: web.AppKey[StatusCache[RebuildDescription]] = web.AppKey("status", StatusCache)
-# How old a status answer may be: pollers of one rebuild share one trip to Temporal per this long.
-STATUS_TTL_SECONDS = 1.0
-REQUESTER: web.RequestKey[str] = web.RequestKey("requester", str)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
-MAX_LIST_LIMIT = 1000
-# Paths anyone may read: a load balancer's health check and the API's description.
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
-# Temporal answers a request in milliseconds; one that takes this long is not there.
-REQUEST_TIMEOUT = 20.0
 HEALTH_TIMEOUT = 3.0
-UNAVAILABLE_STATUSES = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
-log = logging.getLogger("rebuild.api")
-
-
-class Started(BaseModel):
-    workflow_id: str
-    run_id: str | None
-
-
-class Sent(BaseModel):
-    workflow_id: str
-    signal: str
 
 
 class Health(BaseModel):
@@ -89,157 +57,17 @@ class Health(BaseModel):
     temporal: str
 
 
-class ErrorBody(BaseModel):
-    error: str
-    status: int
-
-
-class BadQuery(ValueError):
-    """A query parameter that cannot be used (``?limit=abc``)."""
-
-
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = ErrorBody(error=message, status=status).model_dump()
-    return web.json_response(body, status=status, headers=headers)
-
-
-def reply(model: BaseModel, status: int = 200) -> web.Response:
-    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json")
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every answer but a success is JSON with its status, aiohttp's own 404 and 405 included."""
-    try:
-        async with asyncio.timeout(REQUEST_TIMEOUT):
-            return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error(exc.status, exc.reason.lower(), allow)
-    except (TimeoutError, TemporalUnavailable) as exc:
-        return error(503, f"Temporal is unavailable: {str(exc) or 'no answer in time'}")
-    except RPCError as exc:
-        if exc.status in UNAVAILABLE_STATUSES:
-            return error(503, f"Temporal is unavailable: {exc.message}")
-        log.exception("Temporal refused %s %s", request.method, request.path)
-        return error(502, f"Temporal refused the call: {exc.message}")
-    except Exception:
-        log.exception("failed: %s %s", request.method, request.path)
-        return error(500, "internal error; the API's log has the details")
-
-
-def bearer_auth(clients: ApiClients) -> Middleware:
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS:
-            return await handler(request)
-        name = clients.identify(request.headers.get("Authorization", ""))
-        if name is None:
-            return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-        request[REQUESTER] = name
-        return await handler(request)
-
-    return check
-
-
-@web.middleware
-async def translate_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ValidationError as exc:
-        problems = validation_problems(exc)
-        return error(400, f"invalid request: {problems}")
-    except (BadFilter, NoWorkerOnHost, ValueError) as exc:
-        return error(400, str(exc))
-    except UnknownRebuild as exc:
-        return error(404, str(exc))
-    except (RebuildAlreadyRunning, RebuildNotRunning) as exc:
-        return error(409, str(exc))
-
-
-def requester(request: web.Request, claimed: str) -> str:
-    """The authenticated client's name; a name the body gives is kept only as "on behalf of"."""
-    name = request[REQUESTER]
-    if claimed in ("unknown", name):
-        return name
-    return check_requested_by(f"{name} (for {claimed})")
-
-
-def list_limit(raw: str | None) -> int:
-    if raw is None:
-        return 50
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise BadQuery(f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}, not {raw!r}") from None
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise BadQuery(f"limit must be from 1 to {MAX_LIST_LIMIT}, not {limit}")
-    return limit
-
-
-async def body(request: web.Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError:
-        raise ValueError("the body must be JSON") from None
-
-
-def _hash_admin_password(payload: Any) -> Any:
-    """Nova's ``adminPass`` arrives in clear over the API: it is hashed here, before any workflow."""
-    identity = payload.get("identity") if isinstance(payload, dict) else None
-    if not isinstance(identity, dict) or "admin_password" not in identity:
-        return payload
-    identity = dict(identity)
-    password = identity.pop("admin_password")
-    if not isinstance(password, str):
-        raise ValueError("identity.admin_password must be a string")
-    identity["admin_password_hash"] = hash_password(password) if password else ""
-    return {**payload, "identity": identity}
-
-
-async def start(request: web.Request) -> web.Response:
-    rebuild = StrictRebuildRequest.model_validate(_hash_admin_password(await body(request)))
-    rebuild = rebuild.model_copy(update={"requested_by": requester(request, rebuild.requested_by)})
-    handle = await start_rebuild(request.app[CLIENT], rebuild)
-    request.app[STATUS].forget(rebuild.host, rebuild.instance)
-    return reply(Started(workflow_id=handle.id, run_id=handle.result_run_id), status=201)
-
-
-async def show(request: web.Request) -> web.Response:
-    host, instance = request.match_info["host"], request.match_info["instance"]
-    return reply(await request.app[STATUS].get(host, instance))
-
-
-async def index(request: web.Request) -> web.Response:
-    query = list_query(
-        request.query.get("phase"), request.query.get("host"), request.query.get("running") == "true"
-    )
-    rows = await list_rebuilds(request.app[CLIENT], query, list_limit(request.query.get("limit")))
-    return web.json_response([row.model_dump() for row in rows])
-
-
-async def decide(request: web.Request) -> web.Response:
-    host, instance, verdict = (request.match_info[k] for k in ("host", "instance", "verdict"))
-    decision = StrictDecision.model_validate(await body(request) if request.can_read_body else {})
-    decision = decision.model_copy(update={"requested_by": requester(request, decision.requested_by)})
-    workflow_id = await send_decision(request.app[CLIENT], instance, host, verdict, decision)
-    request.app[STATUS].forget(host, instance)
-    return reply(Sent(workflow_id=workflow_id, signal=verdict), status=202)
-
-
-async def abort(request: web.Request) -> web.Response:
-    host, instance = request.match_info["host"], request.match_info["instance"]
-    wanted = StrictAbortRequest.model_validate(await body(request))
-    wanted = wanted.model_copy(update={"requested_by": requester(request, wanted.requested_by)})
-    answer = await abort_rebuild(request.app[CLIENT], instance, host, wanted)
-    request.app[STATUS].forget(host, instance)
-    return reply(answer, status=200 if answer.accepted else 409)
-
-
-async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+def create_app(
+    client: Client, clients: ApiClients, status_ttl: float = STATUS_TTL_SECONDS
+) -> web.Application:
+    app = web.Application(middlewares=middlewares(clients))  # type: ignore[arg-type]
+    app[CLIENT] = client
+    app[CLIENTS] = clients
+    app.router.add_get("/healthz", healthz)
+    add_rebuild_routes(app, client, status_ttl)
+    app.router.add_get("/openapi.json", openapi)
+    add_fleet_routes(app)
+    return app
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -253,28 +81,8 @@ async def healthz(request: web.Request) -> web.Response:
     return reply(Health(status="ok", temporal="serving"))
 
 
-def create_app(
-    client: Client, clients: ApiClients, status_ttl: float = STATUS_TTL_SECONDS
-) -> web.Application:
-    middlewares = [json_errors, bearer_auth(clients), translate_errors]
-    app = web.Application(middlewares=middlewares)  # type: ignore[arg-type]
-    app[CLIENT] = client
-    app[CLIENTS] = clients
-
-    async def describe(host: str, instance: str) -> RebuildDescription:
-        return await describe_rebuild(client, instance, host)
-
-    app[STATUS] = StatusCache(describe, status_ttl)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_post("/v1/rebuilds", start)
-    app.router.add_get("/v1/rebuilds", index)
-    app.router.add_get("/v1/rebuilds/{host}/{instance}", show)
-    app.router.add_post("/v1/rebuilds/{host}/{instance}/abort", abort)
-    verdicts = "|".join(DECISIONS)
-    app.router.add_post(f"/v1/rebuilds/{{host}}/{{instance}}/{{verdict:{verdicts}}}", decide)
-    app.router.add_get("/openapi.json", openapi)
-    add_fleet_routes(app, CLIENT, requester)
-    return app
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
 
 
 def openapi_document() -> dict[str, Any]:
@@ -290,24 +98,6 @@ def openapi_document() -> dict[str, Any]:
         # The strict forms are what callers send; they keep the wire models' names.
         schemas[model.__name__.removeprefix("Strict")] = schema
 
-    def ref(name: str) -> dict[str, Any]:
-        return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
-
-    reasons = {
-        400: "bad input: the message names the field and why",
-        401: "no or wrong bearer token; nothing changed",
-        404: "no rebuild of that instance is known",
-        409: "a rebuild is already running, none is running, or the abort was refused",
-        503: "Temporal is unavailable",
-    }
-
-    def answers(ok: int, name: str, *errors: int, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = {"content": {"application/json": {"schema": schema}}} if schema else ref(name)
-        result: dict[str, Any] = {str(ok): {"description": name, **body}}
-        for status in sorted({401, 503, *errors}):
-            result[str(status)] = {"description": reasons[status], **ref("ErrorBody")}
-        return result
-
     target = [
         {"name": "host", "in": "path", "required": True, "schema": {"type": "string"}},
         {"name": "instance", "in": "path", "required": True, "schema": {"type": "string"}},
@@ -320,45 +110,42 @@ def openapi_document() -> dict[str, Any]:
          "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 50}},
     ]  # fmt: skip
     listing = {"type": "array", "items": {"$ref": "#/components/schemas/RebuildSummary"}}
+    anyone: dict[str, Any] = {"security": []}
     paths: dict[str, Any] = {
         "/v1/rebuilds": {
-            "post": {"operationId": "startRebuild", "tags": ["rebuilds"], "summary": "Start a rebuild",
-                     "requestBody": {"required": True, **ref("RebuildRequest")},
-                     "responses": answers(201, "Started", 400, 409)},
-            "get": {"operationId": "listRebuilds", "tags": ["rebuilds"], "summary": "List rebuilds",
-                    "parameters": filters,
-                    "responses": answers(200, "RebuildSummary list", 400, schema=listing)},
+            "post": operation("startRebuild", "rebuilds", "Start a rebuild",
+                              answers(201, "Started", 400, 409), body="RebuildRequest"),
+            "get": operation("listRebuilds", "rebuilds", "List rebuilds",
+                             answers(200, "RebuildSummary list", 400, schema=listing), filters),
         },
         "/v1/rebuilds/{host}/{instance}": {
-            "get": {"operationId": "getRebuild", "tags": ["rebuilds"], "summary": "A rebuild's status",
-                    "parameters": target, "responses": answers(200, "RebuildDescription", 404)},
+            "get": operation("getRebuild", "rebuilds", "A rebuild's status",
+                             answers(200, "RebuildDescription", 404), target),
         },
         "/v1/rebuilds/{host}/{instance}/abort": {
-            "post": {"operationId": "abortRebuild", "tags": ["decisions"],
-                     "summary": "Abort (answers whether it was accepted)", "parameters": target,
-                     "requestBody": {"required": True, **ref("AbortRequest")},
-                     "responses": answers(200, "AbortAnswer", 400, 404, 409)},
+            "post": operation("abortRebuild", "decisions", "Abort (answers whether it was accepted)",
+                              answers(200, "AbortAnswer", 400, 404, 409), target, body="AbortRequest"),
         },
         "/healthz": {
-            "get": {"operationId": "getHealth", "tags": ["service"], "security": [],
-                    "summary": "Liveness and Temporal's reachability (no token needed)",
-                    "responses": {"200": {"description": "Health", **ref("Health")},
-                                  "503": {"description": reasons[503], **ref("ErrorBody")}}},
+            "get": anyone | operation(
+                "getHealth", "service", "Liveness and Temporal's reachability (no token needed)",
+                {"200": {"description": "Health", **json_content("Health")},
+                 "503": {"description": ERROR_MEANINGS[503], **json_content("ErrorBody")}}),
         },
         "/openapi.json": {
-            "get": {"operationId": "getOpenApi", "tags": ["service"], "security": [],
-                    "summary": "This document",
-                    "responses": {"200": {"description": "OpenAPI 3.1 document",
-                                          "content": {"application/json": {"schema": {"type": "object"}}}}}},
+            "get": anyone | operation(
+                "getOpenApi", "service", "This document",
+                {"200": {"description": "OpenAPI 3.1 document",
+                         "content": {"application/json": {"schema": {"type": "object"}}}}}),
         },
     }  # fmt: skip
     for verdict in DECISIONS:
         paths[f"/v1/rebuilds/{{host}}/{{instance}}/{verdict}"] = {
-            "post": {"operationId": f"{verdict}Rebuild", "tags": ["decisions"], "summary": f"Send {verdict}",
-                     "parameters": target, "requestBody": {"required": False, **ref("Decision")},
-                     "responses": answers(202, "Sent", 400, 404, 409)},
+            "post": operation(f"{verdict}Rebuild", "decisions", f"Send {verdict}",
+                              answers(202, "Sent", 400, 404, 409), target,
+                              body="Decision", body_required=False),
         }  # fmt: skip
-    paths.update(fleet_openapi_paths(ref, answers))
+    paths.update(fleet_openapi_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "durable-rebuild API", "version": "1"},

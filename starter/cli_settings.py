@@ -1,5 +1,6 @@
 """How the ``rebuild`` CLI reaches Temporal: the connection options the ``temporal`` CLI has, by the
-same names, each also read from the environment variable ``temporalio.envconfig`` uses.
+same names, each also read from the environment variable ``temporalio.envconfig`` uses; and which
+hypervisor a command means (``--host``, ``REBUILD_HOST``).
 
 A flag wins over its environment variable, which wins over the profile in the config file
 (``--profile``, ``--config-file``): the flags are handed to envconfig as those variables, so there is
@@ -9,16 +10,21 @@ one way settings are resolved, the SDK's.
 from __future__ import annotations
 
 import os
+import socket
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
 
 PACKAGE = "durable-rebuild"
-
-
-class BadSetting(ValueError):
-    """A connection option that cannot be used (a --grpc-meta without '=')."""
+THIS_HOST = socket.gethostname()
+# Every command about one instance takes its hypervisor the same way (README: REBUILD_HOST).
+HostOption = Annotated[
+    str,
+    typer.Option(
+        envvar="REBUILD_HOST", help="Hypervisor host of the instance (its worker polls rebuild-host-HOST)."
+    ),
+]
 
 
 def package_version() -> str:
@@ -32,6 +38,14 @@ def _show_version(value: bool) -> None:
     if value:
         print(f"rebuild ({PACKAGE}) {package_version()}")
         raise typer.Exit(0)
+
+
+def _grpc_meta(pairs: list[str] | None) -> list[str] | None:
+    for pair in pairs or ():
+        key, sep, _ = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, not {pair!r}", param_hint="--grpc-meta")
+    return pairs
 
 
 def connection_options(
@@ -73,7 +87,8 @@ def connection_options(
         typer.Option(envvar="TEMPORAL_TLS_DISABLE_HOST_VERIFICATION", help="Skip the server name check."),
     ] = False,
     grpc_meta: Annotated[
-        list[str] | None, typer.Option(help="gRPC metadata KEY=VALUE on every call (repeatable).")
+        list[str] | None,
+        typer.Option(callback=_grpc_meta, help="gRPC metadata KEY=VALUE on every call (repeatable)."),
     ] = None,
     show_version: Annotated[
         bool,
@@ -95,9 +110,7 @@ def connection_options(
         "TEMPORAL_TLS_DISABLE_HOST_VERIFICATION": "true" if tls_disable_host_verification else None,
     }
     for pair in grpc_meta or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, not {pair!r}", param_hint="--grpc-meta")
+        key, _, value = pair.partition("=")
         given[f"TEMPORAL_GRPC_META_{key.upper().replace('-', '_')}"] = value
     for name, setting in given.items():
         if setting is not None:

@@ -3,9 +3,9 @@
 | method and path | does | answers |
 | --- | --- | --- |
 | ``POST /v1/fleets`` (a ``FleetRequest``) | start a fleet | 201, 400, 409 a fleet of that name runs |
-| ``GET /v1/fleets?running=true`` | list fleets | 200 |
+| ``GET /v1/fleets?running=true&limit=50`` | list fleets | 200, 400 |
 | ``GET /v1/fleets/{name}`` | counts, limits, running rebuilds with phases, report | 200, 404 |
-| ``GET /v1/fleets/{name}/instances?state=&offset=&limit=`` | every instance's state, paged | 200, 404 |
+| ``GET /v1/fleets/{name}/instances?state=&offset=&limit=`` | every instance's state, paged | 200, 400, 404 |
 | ``POST /v1/fleets/{name}/pause`` and ``/resume`` | steer | 200 accepted, 409 refused or not running |
 | ``POST /v1/fleets/{name}/batch-size`` (``{"batch_size": N}``) | from the next batch on | 200, 400, 409 |
 | ``POST /v1/fleets/{name}/abort`` (``{"reason": ...}``) | abort, children roll back | 200, 409 |
@@ -13,20 +13,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
-from temporalio.client import Client
 
 from starter.fleets import (
     CONTROLS,
-    FleetAlreadyRunning,
     FleetDescription,
-    FleetNotRunning,
     FleetSummary,
-    UnknownFleet,
     abort_fleet,
     control_fleet,
     describe_fleet,
@@ -34,6 +29,19 @@ from starter.fleets import (
     list_fleets,
     resize_fleet,
     start_fleet,
+)
+from starter.http_kit import (
+    CLIENT,
+    BadQuery,
+    answered,
+    answers,
+    operation,
+    query_flag,
+    query_int,
+    read_body,
+    reply,
+    reply_list,
+    requester,
 )
 from workflows.fleet_models import (
     ControlAnswer,
@@ -44,7 +52,8 @@ from workflows.fleet_models import (
     StrictFleetRequest,
 )
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
+MAX_LIST_LIMIT = 1000
+MAX_PAGE = 5000
 
 
 class FleetStarted(BaseModel):
@@ -53,95 +62,68 @@ class FleetStarted(BaseModel):
     run_id: str | None
 
 
-def _json(model: BaseModel, status: int = 200) -> web.Response:
-    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json")
+async def start(request: web.Request) -> web.Response:
+    fleet = (await read_body(request, StrictFleetRequest)).wire()
+    who = requester(request, fleet.rebuild.requested_by)
+    fleet = fleet.model_copy(update={"rebuild": fleet.rebuild.model_copy(update={"requested_by": who})})
+    handle = await start_fleet(request.app[CLIENT], fleet)
+    return reply(FleetStarted(name=fleet.name, workflow_id=handle.id, run_id=handle.result_run_id), 201)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+async def index(request: web.Request) -> web.Response:
+    limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
+    return reply_list(await list_fleets(request.app[CLIENT], query_flag(request, "running"), limit))
 
 
-def _fleet_errors(handler: Handler) -> Handler:
-    async def translated(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except UnknownFleet as exc:
-            return _error(404, str(exc))
-        except (FleetAlreadyRunning, FleetNotRunning) as exc:
-            return _error(409, str(exc))
-
-    return translated
+async def show(request: web.Request) -> web.Response:
+    return reply(await describe_fleet(request.app[CLIENT], request.match_info["name"]))
 
 
-async def _body(request: web.Request) -> Any:
+async def instances(request: web.Request) -> web.Response:
+    state = request.query.get("state")
     try:
-        return await request.json()
+        wanted = InstanceState(state) if state else None
     except ValueError:
-        raise ValueError("the body must be JSON") from None
+        raise BadQuery(f"state must be one of {', '.join(InstanceState)}, not {state!r}") from None
+    page = await fleet_instances(
+        request.app[CLIENT],
+        request.match_info["name"],
+        wanted,
+        query_int(request, "offset", 0, 0, None),
+        query_int(request, "limit", 1000, 1, MAX_PAGE),
+    )
+    return reply(page)
 
 
-def add_fleet_routes(
-    app: web.Application,
-    client_key: web.AppKey[Client],
-    requester: Callable[[web.Request, str], str],
-) -> None:
-    """Add the fleet endpoints; the application's middlewares answer 400 for invalid bodies.
+async def control(request: web.Request) -> web.Response:
+    name, action = request.match_info["name"], request.path.rsplit("/", 1)[1]
+    answer = await control_fleet(request.app[CLIENT], name, action)
+    return answered(answer, answer.accepted)
 
-    ``requester`` names the authenticated caller, as for single rebuilds.
-    """
 
-    async def start(request: web.Request) -> web.Response:
-        fleet = StrictFleetRequest.model_validate(await _body(request)).wire()
-        who = requester(request, fleet.rebuild.requested_by)
-        fleet = fleet.model_copy(update={"rebuild": fleet.rebuild.model_copy(update={"requested_by": who})})
-        handle = await start_fleet(request.app[client_key], fleet)
-        return _json(FleetStarted(name=fleet.name, workflow_id=handle.id, run_id=handle.result_run_id), 201)
+async def batch_size(request: web.Request) -> web.Response:
+    change = await read_body(request, StrictBatchSize)
+    answer = await resize_fleet(request.app[CLIENT], request.match_info["name"], change)
+    return answered(answer, answer.accepted)
 
-    async def index(request: web.Request) -> web.Response:
-        limit = min(max(int(request.query.get("limit", "50")), 1), 1000)
-        rows = await list_fleets(request.app[client_key], request.query.get("running") == "true", limit)
-        return web.json_response([row.model_dump() for row in rows])
 
-    async def show(request: web.Request) -> web.Response:
-        return _json(await describe_fleet(request.app[client_key], request.match_info["name"]))
+async def abort(request: web.Request) -> web.Response:
+    wanted = await read_body(request, StrictFleetAbort)
+    wanted = wanted.model_copy(update={"requested_by": requester(request, wanted.requested_by)})
+    answer = await abort_fleet(request.app[CLIENT], request.match_info["name"], wanted)
+    return answered(answer, answer.accepted)
 
-    async def instances(request: web.Request) -> web.Response:
-        state = request.query.get("state")
-        page = await fleet_instances(
-            request.app[client_key],
-            request.match_info["name"],
-            InstanceState(state) if state else None,
-            int(request.query.get("offset", "0")),
-            min(max(int(request.query.get("limit", "1000")), 1), 5000),
-        )
-        return _json(page)
 
-    async def control(request: web.Request) -> web.Response:
-        name, action = request.match_info["name"], request.path.rsplit("/", 1)[1]
-        answer = await control_fleet(request.app[client_key], name, action)
-        return _json(answer, 200 if answer.accepted else 409)
-
-    async def batch_size(request: web.Request) -> web.Response:
-        change = StrictBatchSize.model_validate(await _body(request))
-        answer = await resize_fleet(request.app[client_key], request.match_info["name"], change)
-        return _json(answer, 200 if answer.accepted else 409)
-
-    async def abort(request: web.Request) -> web.Response:
-        abort_request = StrictFleetAbort.model_validate(await _body(request))
-        abort_request = abort_request.model_copy(
-            update={"requested_by": requester(request, abort_request.requested_by)}
-        )
-        answer = await abort_fleet(request.app[client_key], request.match_info["name"], abort_request)
-        return _json(answer, 200 if answer.accepted else 409)
-
-    app.router.add_post("/v1/fleets", _fleet_errors(start))
-    app.router.add_get("/v1/fleets", _fleet_errors(index))
-    app.router.add_get("/v1/fleets/{name}", _fleet_errors(show))
-    app.router.add_get("/v1/fleets/{name}/instances", _fleet_errors(instances))
+def add_fleet_routes(app: web.Application) -> None:
+    """The fleet endpoints; the application's middlewares (``starter.http_kit``) answer its errors."""
+    app.router.add_post("/v1/fleets", start)
+    app.router.add_get("/v1/fleets", index)
+    app.router.add_get("/v1/fleets/{name}", show)
+    app.router.add_get("/v1/fleets/{name}/instances", instances)
     for action in CONTROLS:
-        app.router.add_post(f"/v1/fleets/{{name}}/{action}", _fleet_errors(control))
-    app.router.add_post("/v1/fleets/{name}/batch-size", _fleet_errors(batch_size))
-    app.router.add_post("/v1/fleets/{name}/abort", _fleet_errors(abort))
+        app.router.add_post(f"/v1/fleets/{{name}}/{action}", control)
+    app.router.add_post("/v1/fleets/{name}/batch-size", batch_size)
+    app.router.add_post("/v1/fleets/{name}/abort", abort)
 
 
 FLEET_MODELS: list[type[BaseModel]] = [
@@ -156,51 +138,45 @@ FLEET_MODELS: list[type[BaseModel]] = [
 ]
 
 
-def fleet_openapi_paths(
-    ref: Callable[[str], dict[str, Any]], answers: Callable[..., dict[str, Any]]
-) -> dict[str, Any]:
+def fleet_openapi_paths() -> dict[str, Any]:
     name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-    query = [
-        {"name": n, "in": "query", "schema": {"type": t}}
-        for n, t in (("state", "string"), ("offset", "integer"), ("limit", "integer"))
-    ]
+
+    def query(*names_and_types: tuple[str, str]) -> list[dict[str, Any]]:
+        return [{"name": n, "in": "query", "schema": {"type": t}} for n, t in names_and_types]
+
     listing = {"type": "array", "items": {"$ref": "#/components/schemas/FleetSummary"}}
+    control = answers(200, "ControlAnswer", 400, 404, 409)
     paths: dict[str, Any] = {
         "/v1/fleets": {
-            "post": {"operationId": "startFleet", "tags": ["fleets"], "summary": "Start a rolling rebuild",
-                     "requestBody": {"required": True, **ref("FleetRequest")},
-                     "responses": answers(201, "FleetStarted", 400, 409)},
-            "get": {"operationId": "listFleets", "tags": ["fleets"], "summary": "List fleets",
-                    "parameters": [{"name": n, "in": "query", "schema": {"type": t}}
-                                   for n, t in (("running", "boolean"), ("limit", "integer"))],
-                    "responses": answers(200, "FleetSummary list", 400, schema=listing)},
+            "post": operation("startFleet", "fleets", "Start a rolling rebuild",
+                              answers(201, "FleetStarted", 400, 409), body="FleetRequest"),
+            "get": operation("listFleets", "fleets", "List fleets",
+                             answers(200, "FleetSummary list", 400, schema=listing),
+                             query(("running", "boolean"), ("limit", "integer"))),
         },
         "/v1/fleets/{name}": {
-            "get": {"operationId": "getFleet", "tags": ["fleets"], "summary": "A fleet's progress",
-                    "parameters": name, "responses": answers(200, "FleetDescription", 404)},
+            "get": operation("getFleet", "fleets", "A fleet's progress",
+                             answers(200, "FleetDescription", 404), name),
         },
         "/v1/fleets/{name}/instances": {
-            "get": {"operationId": "listFleetInstances", "tags": ["fleets"],
-                    "summary": "Every instance's state, paged", "parameters": name + query,
-                    "responses": answers(200, "FleetInstances", 400, 404)},
+            "get": operation("listFleetInstances", "fleets", "Every instance's state, paged",
+                             answers(200, "FleetInstances", 400, 404),
+                             name + query(("state", "string"), ("offset", "integer"), ("limit", "integer"))),
         },
         "/v1/fleets/{name}/batch-size": {
-            "post": {"operationId": "setFleetBatchSize", "tags": ["fleets"],
-                     "summary": "Change the batch size from the next batch on", "parameters": name,
-                     "requestBody": {"required": True, **ref("BatchSize")},
-                     "responses": answers(200, "ControlAnswer", 400, 404, 409)},
+            "post": operation("setFleetBatchSize", "fleets", "Change the batch size from the next batch on",
+                              control, name, body="BatchSize"),
         },
         "/v1/fleets/{name}/abort": {
-            "post": {"operationId": "abortFleet", "tags": ["fleets"],
-                     "summary": "Abort: start nothing more, running rebuilds roll back", "parameters": name,
-                     "requestBody": {"required": True, **ref("FleetAbort")},
-                     "responses": answers(200, "ControlAnswer", 400, 404, 409)},
+            "post": operation("abortFleet", "fleets", "Abort: start nothing more, running rebuilds roll back",
+                              control, name, body="FleetAbort"),
         },
     }  # fmt: skip
     for action in CONTROLS:
+        summary = f"{action.capitalize()} the fleet"
         paths[f"/v1/fleets/{{name}}/{action}"] = {
-            "post": {"operationId": f"{action}Fleet", "tags": ["fleets"],
-                     "summary": f"{action.capitalize()} the fleet", "parameters": name,
-                     "responses": answers(200, "ControlAnswer", 404, 409)},
-        }  # fmt: skip
+            "post": operation(
+                f"{action}Fleet", "fleets", summary, answers(200, "ControlAnswer", 404, 409), name
+            )
+        }
     return paths

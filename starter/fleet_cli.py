@@ -9,27 +9,22 @@ was refused, 2 bad input (a fleet of that name already running, unknown fleet, m
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from temporalio.client import Client
 
-from common.connection import TemporalUnavailable, connect
-from common.exit_codes import ExitCode, leave
+from common.connection import connect
+from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
+from starter.cli_context import AddressOption, Cli, JsonOption, command, command_group, exit_for_fleet
 from starter.fleets import (
-    BadInstancesFile,
-    FleetAlreadyRunning,
     FleetDescription,
-    FleetNotRunning,
-    UnknownFleet,
     abort_fleet,
     control_fleet,
     default_name,
@@ -41,7 +36,6 @@ from starter.fleets import (
     resize_fleet,
     start_fleet,
 )
-from starter.rebuilds import validation_problems
 from workflows.fleet_models import (
     ControlAnswer,
     FleetRequest,
@@ -54,50 +48,26 @@ from workflows.fleet_models import (
     StrictSelection,
 )
 
-EXIT_OK, EXIT_FAILED = ExitCode.OK, ExitCode.FAILED
-EXIT_BAD_INPUT, EXIT_UNAVAILABLE = ExitCode.BAD_INPUT, ExitCode.UNAVAILABLE
 EXIT_CODES_HELP = (
     "Exit codes for fleets: 0 every selected instance rebuilt or skipped (or the command done), 1 the "
     "fleet stopped with failures, was aborted, or a control was refused.\n\n"
     "Exit codes (every command):\n\n" + exit_code_table()
 )
 
-fleet_app = typer.Typer(
-    no_args_is_help=True,
-    help="Rolling rebuilds across many instances and hosts: batches, limits, a failure budget.",
+fleet_app = command_group(
+    "Rolling rebuilds across many instances and hosts: batches, limits, a failure budget.", epilog=None
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
 NameArgument = Annotated[str, typer.Argument(help="The fleet's name (as `rebuild fleet start` printed it).")]
-AddressOption = Annotated[
-    str | None,
-    typer.Option(help="Temporal address; default from TEMPORAL_ADDRESS / envconfig, else localhost:7233."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
-def _run(coro: Coroutine[Any, Any, int]) -> NoReturn:
-    try:
-        code = asyncio.run(coro)
-    except (FleetAlreadyRunning, UnknownFleet, FleetNotRunning, ValueError) as exc:
-        err.print(f"rebuild fleet: {exc}", markup=False)
-        code = EXIT_BAD_INPUT
-    except TemporalUnavailable as exc:
-        err.print(f"rebuild fleet: {exc}", markup=False)
-        code = EXIT_UNAVAILABLE
-    except KeyboardInterrupt:
-        code = ExitCode.INTERRUPTED
-    leave(code)
+@fleet_app.callback()
+def _fleet_group(ctx: typer.Context) -> None:
+    Cli.of(ctx).who = "rebuild fleet"
 
 
-def _bad_input(message: str) -> NoReturn:
-    err.print(f"rebuild fleet: {message}", markup=False)
-    leave(EXIT_BAD_INPUT)
-
-
-@fleet_app.command(epilog=EXIT_CODES_HELP, name="start")
+@command(fleet_app, "start", epilog=EXIT_CODES_HELP)
 def start(
+    ctx: typer.Context,
     image: Annotated[str | None, typer.Option(help="URL of the new image (http(s):// or file:///).")] = None,
     sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the image, hex.")] = None,
     sha512: Annotated[str | None, typer.Option(help="Expected SHA-512 of the image, hex.")] = None,
@@ -161,7 +131,8 @@ def start(
     Example: rebuild fleet start --image https://images.example/noble.qcow2 --sha256 HEX
     --select 'web-*' --host kvm-01 --host kvm-02 --batch 20 --max-unavailable 5 --per-host 2 --max-failures 3
     """
-    try:
+    cli = Cli.of(ctx)
+    with cli.refusing("fleet"):
         rebuild = StrictRebuildOptions(
             image_url=image,
             sha256=sha256,
@@ -177,10 +148,15 @@ def start(
             preflight=preflight,
         )
         if (instances_file is None) == (select is None):
-            _bad_input("choose the instances with exactly one of --instances-file and --select")
+            cli.fail(
+                ExitCode.BAD_INPUT, "choose the instances with exactly one of --instances-file and --select"
+            )
         if instances_file is not None:
             if host:
-                _bad_input("--host goes with --select; an instances file names each instance's host")
+                cli.fail(
+                    ExitCode.BAD_INPUT,
+                    "--host goes with --select; an instances file names each instance's host",
+                )
             selection = StrictSelection(instances=read_instances_file(instances_file))
         else:
             selection = StrictSelection(hosts=host or [], name_pattern=select)
@@ -192,6 +168,7 @@ def start(
             exact_budget=exact_budget,
             pause_between_seconds=parse_duration(pause_between),
         )
+        # Checked as the API checks it (the strict form); the workflow gets the wire form.
         request = StrictFleetRequest(
             name=name or default_name(rebuild, selection),
             rebuild=rebuild,
@@ -199,31 +176,26 @@ def start(
             limits=limits,
             prefetch=prefetch,
         ).wire()
-    except ValidationError as exc:
-        _bad_input(f"invalid fleet: {validation_problems(exc)}")
-    except (BadInstancesFile, ValueError) as exc:
-        _bad_input(str(exc))
-    _run(_start(request, wait, address, as_json))
+    cli.run(_start(cli, request, wait, address))
 
 
-async def _start(request: FleetRequest, wait: bool, address: str | None, as_json: bool) -> int:
-    client = await connect(address)
-    handle = await start_fleet(client, request)
+async def _start(cli: Cli, request: FleetRequest, wait: bool, address: str | None) -> int:
+    handle = await start_fleet(await connect(address), request)
     if not wait:
-        if as_json:
-            started = {"name": request.name, "workflow_id": handle.id, "run_id": handle.result_run_id}
-            print(json.dumps(started))
+        if cli.json:
+            cli.print_json({"name": request.name, "workflow_id": handle.id, "run_id": handle.result_run_id})
         else:
-            out.print(f"started fleet {request.name}: workflow {handle.id}")
-            out.print(f"  follow it: rebuild fleet watch {request.name}")
-        return EXIT_OK
-    if not as_json:
-        out.print(f"started fleet {request.name}: workflow {handle.id}")
-    return await _watch(request.name, address, as_json)
+            cli.say(f"started fleet {request.name}: workflow {handle.id}")
+            cli.say(f"  follow it: rebuild fleet watch {request.name}")
+        return ExitCode.OK
+    if not cli.json:
+        cli.say(f"started fleet {request.name}: workflow {handle.id}")
+    return await _watch(cli, request.name, address)
 
 
-@fleet_app.command(epilog=EXIT_CODES_HELP, name="status")
+@command(fleet_app, "status", epilog=EXIT_CODES_HELP)
 def status(
+    ctx: typer.Context,
     name: NameArgument,
     all_instances: Annotated[bool, typer.Option("--all", help="List every instance with its state.")] = False,
     state: Annotated[InstanceState | None, typer.Option(help="With --all: only this state.")] = None,
@@ -234,11 +206,12 @@ def status(
 
     Example: rebuild fleet status fleet-3fa9c2d1e0 --all --state rolled-back
     """
-    _run(_status(name, all_instances, state, address, as_json))
+    cli = Cli.of(ctx)
+    cli.run(_status(cli, name, all_instances, state, address))
 
 
 async def _status(
-    name: str, all_instances: bool, state: InstanceState | None, address: str | None, as_json: bool
+    cli: Cli, name: str, all_instances: bool, state: InstanceState | None, address: str | None
 ) -> int:
     client = await connect(address)
     described = await describe_fleet(client, name)
@@ -251,84 +224,75 @@ async def _status(
             offset += len(page.items)
             if not page.items or offset >= page.total:
                 break
-    if as_json:
+    if cli.json:
         document = described.model_dump(mode="json")
         if all_instances:
             document["instances"] = [i.model_dump(mode="json") for i in items]
-        print(json.dumps(document))
+        cli.print_json(document)
     else:
-        _print_description(described)
+        _print_description(cli, described)
         if all_instances:
             table = Table("host", "instance", "state", "note", box=None)
             for item in items:
                 table.add_row(item.host, item.instance, item.state.value, item.note or "")
-            out.print(table)
-    return _exit_code(described)
+            cli.out.print(table)
+    return exit_for_fleet(described.workflow_status, described.report)
 
 
-def _exit_code(described: FleetDescription) -> int:
-    if described.workflow_status == "RUNNING":
-        return EXIT_OK
-    if described.workflow_status in ("TERMINATED", "CANCELED", "TIMED_OUT"):
-        return ExitCode.ENDED_WITHOUT_RESULT
-    report = described.report
-    if report is None or report.stop_reason is not None or report.counts.failures:
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def _print_description(described: FleetDescription) -> None:
-    out.print(f"{described.workflow_id}: {described.workflow_status}")
+def _print_description(cli: Cli, described: FleetDescription) -> None:
+    cli.say(f"{described.workflow_id}: {described.workflow_status}")
     status = described.status
     if status is None:
         if described.error:
-            out.print(f"  {described.error}", markup=False)
+            cli.say(f"  {described.error}")
         return
     c = status.counts
     paused = " (paused)" if status.paused else ""
-    out.print(f"  phase: {status.phase.value}{paused}, batch {status.batch_number + 1} of {status.batches}")
-    out.print(f"  image: {status.image}", markup=False)
-    out.print(
+    cli.say(f"  phase: {status.phase.value}{paused}, batch {status.batch_number + 1} of {status.batches}")
+    cli.say(f"  image: {status.image}")
+    cli.say(
         f"  {c.finished} of {c.total} done: {c.rebuilt} rebuilt, {c.rolled_back} rolled back, "
         f"{c.failed} failed, {c.skipped} skipped, {c.aborted} aborted; "
         f"{c.running} running, {c.waiting} waiting"
     )
     limits = status.limits
-    out.print(
+    cli.say(
         f"  limits: {limits.max_unavailable} at once, {limits.per_host or 'no limit'} per host, batch "
         f"{limits.batch_size}, {c.failures} of {limits.max_failures} failure(s) allowed"
     )
     for running in described.running:
-        out.print(f"  running: {running.instance} on {running.host} ({running.phase or '?'})", markup=False)
+        cli.say(f"  running: {running.instance} on {running.host} ({running.phase or '?'})")
     for problem in status.problems:
-        line = f"  {problem.state.value}: {problem.instance} on {problem.host}: {problem.note}"
-        out.print(line, markup=False)
+        cli.say(f"  {problem.state.value}: {problem.instance} on {problem.host}: {problem.note}")
     if status.stop_reason:
-        out.print(f"  stopped: {status.stop_reason}", markup=False)
+        cli.say(f"  stopped: {status.stop_reason}")
     if status.runs > 1:
-        out.print(f"  continued as new {status.runs - 1} time(s); history now {status.history_length} events")
+        cli.say(f"  continued as new {status.runs - 1} time(s); history now {status.history_length} events")
 
 
-@fleet_app.command(epilog=EXIT_CODES_HELP, name="watch")
-def watch(name: NameArgument, address: AddressOption = None, as_json: JsonOption = False) -> None:
+@command(fleet_app, "watch", epilog=EXIT_CODES_HELP)
+def watch(
+    ctx: typer.Context, name: NameArgument, address: AddressOption = None, as_json: JsonOption = False
+) -> None:
     """Follow a fleet live until it ends; exit code as for `rebuild fleet status` at the end.
 
     Example: rebuild fleet watch fleet-3fa9c2d1e0
     """
-    _run(_watch(name, address, as_json))
+    cli = Cli.of(ctx)
+    cli.run(_watch(cli, name, address))
 
 
-async def _watch(name: str, address: str | None, as_json: bool) -> int:
+async def _watch(cli: Cli, name: str, address: str | None) -> int:
     client = await connect(address)
-    if as_json:
+    if cli.json:
         described = await describe_fleet(client, name, child_phases=False)
         while described.workflow_status == "RUNNING":
             await asyncio.sleep(1)
             described = await describe_fleet(client, name, child_phases=False)
-        print(described.model_dump_json())
-        return _exit_code(described)
+        cli.print_json(described)
+        return exit_for_fleet(described.workflow_status, described.report)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=out) as progress:
+    with Progress(*columns, console=cli.out) as progress:
         task = progress.add_task("discover", total=None)
         while True:
             described = await describe_fleet(client, name)
@@ -349,59 +313,54 @@ async def _watch(name: str, address: str | None, as_json: bool) -> int:
             if described.workflow_status != "RUNNING":
                 break
             await asyncio.sleep(1)
-    _print_description(described)
-    return _exit_code(described)
+    _print_description(cli, described)
+    return exit_for_fleet(described.workflow_status, described.report)
 
 
-def _print_answer(answer: ControlAnswer, as_json: bool) -> int:
-    if as_json:
-        print(answer.model_dump_json())
-    elif answer.accepted:
-        out.print(answer.message, markup=False)
-    else:
-        err.print(f"rebuild fleet: refused: {answer.message}", markup=False)
-    return EXIT_OK if answer.accepted else EXIT_FAILED
+def _steer(cli: Cli, address: str | None, update: Callable[[Client], Awaitable[ControlAnswer]]) -> None:
+    """pause, resume, batch-size, abort: one update each, whose answer says whether it was accepted."""
+
+    async def steer() -> int:
+        answer = await update(await connect(address))
+        return cli.answered(answer, answer.accepted, answer.message, f"refused: {answer.message}")
+
+    cli.run(steer())
 
 
-async def _control(name: str, action: str, address: str | None, as_json: bool) -> int:
-    client = await connect(address)
-    return _print_answer(await control_fleet(client, name, action), as_json)
-
-
-@fleet_app.command(epilog=EXIT_CODES_HELP, name="pause")
-def pause(name: NameArgument, address: AddressOption = None, as_json: JsonOption = False) -> None:
+@command(fleet_app, "pause", epilog=EXIT_CODES_HELP)
+def pause(
+    ctx: typer.Context, name: NameArgument, address: AddressOption = None, as_json: JsonOption = False
+) -> None:
     """Start no new rebuilds; running ones finish. Example: rebuild fleet pause fleet-3fa9c2d1e0"""
-    _run(_control(name, "pause", address, as_json))
+    _steer(Cli.of(ctx), address, lambda client: control_fleet(client, name, "pause"))
 
 
-@fleet_app.command(epilog=EXIT_CODES_HELP, name="resume")
-def resume(name: NameArgument, address: AddressOption = None, as_json: JsonOption = False) -> None:
+@command(fleet_app, "resume", epilog=EXIT_CODES_HELP)
+def resume(
+    ctx: typer.Context, name: NameArgument, address: AddressOption = None, as_json: JsonOption = False
+) -> None:
     """Go on after a pause. Example: rebuild fleet resume fleet-3fa9c2d1e0"""
-    _run(_control(name, "resume", address, as_json))
+    _steer(Cli.of(ctx), address, lambda client: control_fleet(client, name, "resume"))
 
 
-@fleet_app.command(epilog=EXIT_CODES_HELP, name="batch-size")
+@command(fleet_app, "batch-size", epilog=EXIT_CODES_HELP)
 def batch_size(
+    ctx: typer.Context,
     name: NameArgument,
     size: Annotated[int, typer.Argument(help="Instances per batch from the next batch on.")],
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Change the batch size from the next batch on. Example: rebuild fleet batch-size fleet-3fa9c2d1e0 50"""
-    try:
+    cli = Cli.of(ctx)
+    with cli.refusing("batch size"):
         change = StrictBatchSize(batch_size=size)
-    except ValidationError as exc:
-        _bad_input(f"invalid batch size: {validation_problems(exc)}")
-    _run(_resize(name, change, address, as_json))
+    _steer(cli, address, lambda client: resize_fleet(client, name, change))
 
 
-async def _resize(name: str, change: StrictBatchSize, address: str | None, as_json: bool) -> int:
-    client = await connect(address)
-    return _print_answer(await resize_fleet(client, name, change), as_json)
-
-
-@fleet_app.command(epilog=EXIT_CODES_HELP, name="abort")
+@command(fleet_app, "abort", epilog=EXIT_CODES_HELP)
 def abort(
+    ctx: typer.Context,
     name: NameArgument,
     reason: Annotated[str, typer.Option(help="Why: recorded in the fleet and in each aborted rebuild.")],
     requested_by: Annotated[str, typer.Option(help="Who asks.")] = os.environ.get("USER", "unknown"),
@@ -412,37 +371,25 @@ def abort(
 
     Example: rebuild fleet abort fleet-3fa9c2d1e0 --reason "wrong image"
     """
-    try:
+    cli = Cli.of(ctx)
+    with cli.refusing("abort"):
         request = StrictFleetAbort(reason=reason, requested_by=requested_by)
-    except ValidationError as exc:
-        _bad_input(f"invalid abort: {validation_problems(exc)}")
-    _run(_abort(name, request, address, as_json))
+    _steer(cli, address, lambda client: abort_fleet(client, name, request))
 
 
-async def _abort(name: str, request: StrictFleetAbort, address: str | None, as_json: bool) -> int:
-    client = await connect(address)
-    return _print_answer(await abort_fleet(client, name, request), as_json)
-
-
-@fleet_app.command(epilog=EXIT_CODES_HELP, name="list")
+@command(fleet_app, "list", epilog=EXIT_CODES_HELP)
 def list_command(
+    ctx: typer.Context,
     running: Annotated[bool, typer.Option("--running", help="Only fleets still running.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """List fleets, newest first. Example: rebuild fleet list --running"""
-    _run(_list(running, limit, address, as_json))
+    cli = Cli.of(ctx)
+    cli.run(_list(cli, running, limit, address))
 
 
-async def _list(running: bool, limit: int, address: str | None, as_json: bool) -> int:
-    client = await connect(address)
-    rows = await list_fleets(client, running, limit)
-    if as_json:
-        print(json.dumps([row.model_dump() for row in rows]))
-        return EXIT_OK
-    table = Table("name", "status", "started", box=None)
-    for row in rows:
-        table.add_row(row.name, str(row.status), row.started)
-    out.print(table)
-    return EXIT_OK
+async def _list(cli: Cli, running: bool, limit: int, address: str | None) -> int:
+    rows = await list_fleets(await connect(address), running, limit)
+    return cli.listing(rows, ("name", "status", "started"))

@@ -1,5 +1,7 @@
 """What operators and services do with fleets: start, describe, steer, list. Shared by CLI and API.
 
+A refusal is one of ``starter.errors``, with the data each edge needs to say it in its own words.
+
 The fleet workflow, its queries and updates are referred to by name: this module needs their contract
 (the models), not their code, so the CLI never imports the workflow (nor libvirt through it).
 """
@@ -18,6 +20,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from starter.errors import BadRequest, FleetAlreadyRunning, FleetNotRunning, UnknownFleet
 from workflows.fleet_models import (
     FLEET_WORKFLOW,
     BatchSize,
@@ -42,33 +45,15 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
-class FleetAlreadyRunning(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            f"fleet {name} is already running (workflow {fleet_workflow_id(name)}); "
-            f"see: rebuild fleet status {name}"
-        )
-
-
-class UnknownFleet(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"no fleet named {name} is known")
-
-
-class FleetNotRunning(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"fleet {name} is not running")
-
-
-class BadInstancesFile(ValueError):
-    pass
+class BadInstancesFile(BadRequest):
+    """An instances file that cannot be used; the message names the file and the line."""
 
 
 def parse_duration(text: str) -> float:
     """``90``, ``30s``, ``5m``, ``1.5h``: seconds."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(f"not a duration: {text!r} (examples: 30s, 5m, 1h)")
+        raise BadRequest(f"not a duration: {text!r} (examples: 30s, 5m, 1h)")
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
@@ -104,7 +89,7 @@ async def start_fleet(client: Client, request: FleetRequest) -> WorkflowHandle[A
     check_requested_by(request.rebuild.requested_by)
     selection = request.selection
     if selection is None or request.carried is not None:
-        raise ValueError("a new fleet needs a selection and no carried state")
+        raise BadRequest("a new fleet needs a selection and no carried state")
     what = (
         f"{len(selection.instances)} listed instances"
         if selection.instances
@@ -219,7 +204,7 @@ async def fleet_instances(
 async def control_fleet(client: Client, name: str, action: str) -> ControlAnswer:
     """pause or resume."""
     if action not in CONTROLS:
-        raise ValueError(action)
+        raise BadRequest(f"not a control: {action!r} (one of {', '.join(CONTROLS)})")
     handle, _ = await fleet_handle(client, name, must_run=True)
     answer: ControlAnswer = await handle.execute_update(action, result_type=ControlAnswer)
     return answer

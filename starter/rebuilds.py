@@ -1,6 +1,7 @@
 """What operators and services do with rebuilds, once: start, describe, list, signal, abort.
 
-The CLI and the HTTP API both call these and only translate the outcome (exit codes, HTTP statuses).
+The CLI and the HTTP API both call these and only translate the outcome (exit codes, HTTP statuses);
+a refusal is one of ``starter.errors``, with the data each edge needs to say it in its own words.
 They name the workflow, its query, signals and update (``workflows.models``), never import it: a
 process that only talks to Temporal has no business loading libvirt and the activities.
 """
@@ -21,10 +22,18 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from common.connection import identity_host
+from starter.errors import (
+    BadFilter,
+    BadRequest,
+    NoWorkerOnHost,
+    RebuildAlreadyRunning,
+    RebuildNotRunning,
+    UnknownRebuild,
+)
 from workflows import search_attributes as sa
 from workflows.identity import identity_problems
 from workflows.models import (
@@ -49,6 +58,7 @@ from workflows.models import (
     legacy_rebuild_workflow_id,
     rebuild_workflow_id,
 )
+from workflows.results import failure_result
 
 DECISIONS = (APPROVE_SIGNAL, CONFIRM_SIGNAL, REVERT_SIGNAL)
 # A live worker polls again at least every ~70 s (a long poll lasts up to a minute); the server lists
@@ -59,49 +69,6 @@ POLLER_FRESH_SECONDS = 120.0
 UNCLAIMED_AFTER_SECONDS = 15.0
 _RPC_TIMEOUT = timedelta(seconds=10)
 _FILTER_VALUE = re.compile(r"^[A-Za-z0-9_.:-]+$")
-
-
-class RebuildAlreadyRunning(Exception):
-    def __init__(self, request: RebuildRequest) -> None:
-        workflow_id = rebuild_workflow_id(request.host, request.instance)
-        super().__init__(
-            f"a rebuild of {request.instance} on {request.host} is already running "
-            f"(workflow {workflow_id}); see: rebuild status {request.instance} --host {request.host}"
-        )
-
-
-class UnknownRebuild(Exception):
-    def __init__(self, instance: str, host: str) -> None:
-        super().__init__(f"no rebuild of {instance} on {host} is known")
-
-
-class RebuildNotRunning(Exception):
-    def __init__(self, instance: str, host: str) -> None:
-        super().__init__(f"no rebuild of {instance} on {host} is running")
-
-
-class BadFilter(Exception):
-    pass
-
-
-class NoWorkerOnHost(Exception):
-    """Nobody polls the host's queue: the rebuild would wait, scheduled, with nobody to run it."""
-
-    def __init__(self, host: str, hosts_with_workers: list[str]) -> None:
-        self.host = host
-        self.hosts_with_workers = hosts_with_workers
-        known = ", ".join(hosts_with_workers) if hosts_with_workers else "none"
-        super().__init__(
-            f"no worker polls {host_task_queue(host)} (is --host right?); hosts with a worker: {known}"
-        )
-
-
-def validation_problems(exc: ValidationError) -> str:
-    """One line naming each bad field and why, for operators and API callers alike."""
-    return "; ".join(
-        (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
-        for e in exc.errors()
-    )
 
 
 class PendingActivity(BaseModel):
@@ -176,11 +143,11 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
     """
     check_requested_by(request.requested_by)
     if request.identity is not None and (problems := identity_problems(request.identity)):
-        raise ValueError("; ".join(problems))
+        raise BadRequest("; ".join(problems))
     await check_host_has_worker(client, request.host)
     if await _running(client.get_workflow_handle(legacy_rebuild_workflow_id(request.host, request.instance))):
         # Started by an older version under the legacy ID: still the instance's one rebuild.
-        raise RebuildAlreadyRunning(request)
+        raise RebuildAlreadyRunning(request.instance, request.host)
     try:
         return await client.start_workflow(
             WORKFLOW_NAME,
@@ -201,7 +168,7 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
             ),
         )
     except WorkflowAlreadyStartedError:
-        raise RebuildAlreadyRunning(request) from None
+        raise RebuildAlreadyRunning(request.instance, request.host) from None
 
 
 async def latest_rebuild(
@@ -292,13 +259,7 @@ async def _final_result(client: Client, workflow_id: str, run_id: str) -> Rebuil
     try:
         return RebuildResult.model_validate(await run.result(follow_runs=False, rpc_timeout=_RPC_TIMEOUT))
     except WorkflowFailureError as failure:
-        cause = failure.cause
-        if isinstance(cause, ApplicationError) and cause.details:
-            try:
-                return RebuildResult.model_validate(cause.details[0])
-            except ValidationError:
-                return None
-        return None  # terminated, cancelled, timed out: no result was written
+        return failure_result(failure.cause)
     except ValidationError:
         return None
 
@@ -370,7 +331,7 @@ def list_query(phase: str | None, host: str | None, running: bool) -> str:
     for key, value in ((sa.REBUILD_PHASE, phase), (sa.HYPERVISOR_HOST, host)):
         if value is not None:
             if not _FILTER_VALUE.match(value):
-                raise BadFilter(f"not a usable filter value: {value!r}")
+                raise BadFilter(value)
             clauses.append(f"{key.name} = '{value}'")
     if running:
         clauses.append("ExecutionStatus = 'Running'")
@@ -397,7 +358,7 @@ async def list_rebuilds(client: Client, query: str, limit: int) -> list[RebuildS
 async def send_decision(client: Client, instance: str, host: str, verdict: str, decision: Decision) -> str:
     """approve, confirm or revert; the workflow records one that makes no sense in its phase."""
     if verdict not in DECISIONS:
-        raise ValueError(verdict)
+        raise BadRequest(f"not a decision: {verdict!r} (one of {', '.join(DECISIONS)})")
     check_requested_by(decision.requested_by)
     handle, _ = await latest_rebuild(client, instance, host, must_run=True)
     await handle.signal(verdict, decision)

@@ -5,30 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from temporalio.client import Client, WorkflowFailureError
 
 from devtools.testbed.fake_host import FakeHost
-from starter.api import create_app, openapi_document
-from starter.api_clients import ApiClients
+from starter.api import openapi_document
+from tests.api_support import AUTH, OTHER_TOKEN, TOKEN
 from workflows.models import rebuild_workflow_id
-
-TOKEN = "s3cret-of-the-ci-client"
-OTHER_TOKEN = "s3cret-of-the-deploy-bot"
-CLIENTS = ApiClients.parse(f"# name token\nci {TOKEN}\ndeploy-bot {OTHER_TOKEN}\n")
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-async def api(client: Client) -> AsyncIterator[TestClient[Any, Any]]:
-    test_client = TestClient(TestServer(create_app(client, CLIENTS)))
-    await test_client.start_server()
-    yield test_client
-    await test_client.close()
 
 
 def start_body(host: str, instance: str = "vm-1", **extra: Any) -> dict[str, Any]:
@@ -56,7 +42,12 @@ async def test_start_status_approve_and_finish(
 
     again = await api.post("/v1/rebuilds", json=start_body(unique_host), headers=AUTH)
     assert again.status == 409
-    assert "already running" in (await again.json())["error"]
+    workflow_id = rebuild_workflow_id(unique_host, "vm-1")
+    assert await again.json() == {
+        "error": f"a rebuild of vm-1 on {unique_host} is already running (workflow {workflow_id}); "
+        f"see: GET /v1/rebuilds/{unique_host}/vm-1",
+        "status": 409,
+    }
 
     for _ in range(100):
         shown = await (await api.get(f"/v1/rebuilds/{unique_host}/vm-1", headers=AUTH)).json()
@@ -140,7 +131,9 @@ async def test_a_host_nobody_serves_is_400_and_nothing_starts(
 ) -> None:
     response = await api.post("/v1/rebuilds", json=start_body(unique_host), headers=AUTH)
     assert response.status == 400
-    assert f"no worker polls rebuild-host-{unique_host}" in (await response.json())["error"]
+    refusal = (await response.json())["error"]
+    assert refusal.startswith(f"no worker polls rebuild-host-{unique_host} (is the host right?); ")
+    assert "--host" not in refusal  # the CLI's words, not the API's
     assert (await api.get(f"/v1/rebuilds/{unique_host}/vm-1", headers=AUTH)).status == 404
 
 

@@ -15,8 +15,9 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from devtools.temporal_dev import DevServer, free_port
-from starter.api import REQUEST_TIMEOUT, create_app, tls_context
+from starter.api import create_app, tls_context
 from starter.api_clients import ApiClients, TokensFileError
+from starter.http_kit import REQUEST_TIMEOUT
 
 TOKEN = "a-token-long-enough-1"
 CLIENTS = ApiClients.parse(f"ops {TOKEN}")

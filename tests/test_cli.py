@@ -23,6 +23,11 @@ from workflows.rebuild import RebuildInstance
 URL = "http://images.invalid/new.qcow2"
 
 
+def held(instance: str, host: str) -> list[str]:
+    """`rebuild start` of a rebuild that waits for approval: it runs until approved or aborted."""
+    return ["start", instance, "--host", host, "--image", URL, "--require-approval"]
+
+
 async def wait_listed(address: str, *filters: str) -> list[dict[str, object]]:
     for _ in range(100):
         listed = await rebuild_cli(address, "list", *filters, "--json")
@@ -38,9 +43,7 @@ async def test_approve_from_the_cli_and_find_it_by_phase(
     dev_server: DevServer, client: Client, unique_host: str, fake_host: FakeHost
 ) -> None:
     address = dev_server.address
-    started = await rebuild_cli(
-        address, "start", "vm-1", "--host", unique_host, "--image", URL, "--require-approval"
-    )
+    started = await rebuild_cli(address, *held("vm-1", unique_host))
     assert started.code == 0, started.stderr
     rows = await wait_listed(address, "--phase", "await-approval", "--host", unique_host, "--running")
     assert rows[0]["instance"] == "vm-1"
@@ -57,9 +60,8 @@ async def test_second_start_is_refused_with_one_clear_line(
     dev_server: DevServer, unique_host: str, fake_host: FakeHost
 ) -> None:
     address = dev_server.address
-    args = ["start", "vm-2", "--host", unique_host, "--image", URL, "--require-approval"]
-    assert (await rebuild_cli(address, *args)).code == 0
-    again = await rebuild_cli(address, *args)
+    assert (await rebuild_cli(address, *held("vm-2", unique_host))).code == 0
+    again = await rebuild_cli(address, *held("vm-2", unique_host))
     assert again.code == 2
     workflow_id = rebuild_workflow_id(unique_host, "vm-2")
     assert again.stderr.strip().splitlines() == [
@@ -92,8 +94,7 @@ async def test_watch_follows_a_rebuild_to_its_end(
     dev_server: DevServer, unique_host: str, fake_host: FakeHost
 ) -> None:
     address = dev_server.address
-    args = ["start", "vm-3", "--host", unique_host, "--image", URL, "--require-approval"]
-    assert (await rebuild_cli(address, *args)).code == 0
+    assert (await rebuild_cli(address, *held("vm-3", unique_host))).code == 0
     watcher = asyncio.create_task(rebuild_cli(address, "watch", "vm-3", "--host", unique_host))
     await asyncio.sleep(1)
     assert not watcher.done()
@@ -108,8 +109,7 @@ async def test_status_of_a_terminated_rebuild_is_exit_4(
     dev_server: DevServer, client: Client, unique_host: str, fake_host: FakeHost
 ) -> None:
     address = dev_server.address
-    args = ["start", "vm-4", "--host", unique_host, "--image", URL, "--require-approval"]
-    assert (await rebuild_cli(address, *args)).code == 0
+    assert (await rebuild_cli(address, *held("vm-4", unique_host))).code == 0
     running = await rebuild_cli(address, "status", "vm-4", "--host", unique_host)
     assert running.code == 0, running.stderr
     await client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-4")).terminate("test")
@@ -118,6 +118,21 @@ async def test_status_of_a_terminated_rebuild_is_exit_4(
     assert "TERMINATED" in ended.stdout
     watched = await rebuild_cli(address, "watch", "vm-4", "--host", unique_host, "--json")
     assert watched.code == ExitCode.ENDED_WITHOUT_RESULT
+
+
+async def test_watch_exits_as_start_wait_does_when_the_request_was_wrong(
+    dev_server: DevServer, unique_host: str, fake_host: FakeHost
+) -> None:
+    fake_host.fail_at, fake_host.error_type = "inspect_instance", "InstanceNotFound"
+    address, target = dev_server.address, ["vm-8", "--host", unique_host]
+    waited = await rebuild_cli(address, "start", *target, "--image", URL, "--wait")
+    watched = await rebuild_cli(address, "watch", *target)
+    watched_json = await rebuild_cli(address, "watch", *target, "--json")
+    status = await rebuild_cli(address, "status", *target)
+    assert waited.code == ExitCode.BAD_INPUT, waited.stderr
+    assert (watched.code, watched_json.code) == (waited.code, waited.code)
+    assert watched_json.json()["result"]["error_type"] == "InstanceNotFound"
+    assert status.code == ExitCode.FAILED  # the rebuild failed; `status` itself was asked nothing wrong
 
 
 async def test_the_worker_exits_3_when_temporal_is_unreachable(tmp_path: Path) -> None:
@@ -184,8 +199,7 @@ async def test_a_rebuild_whose_host_worker_vanished_says_so_in_status(
     address = dev_server.address
     async with Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance]):
         async with Worker(client, task_queue=host_task_queue(unique_host), activities=fake.activities()):
-            args = ["start", "vm-6", "--host", unique_host, "--image", URL, "--require-approval"]
-            assert (await rebuild_cli(address, *args)).code == 0
+            assert (await rebuild_cli(address, *held("vm-6", unique_host))).code == 0
             handle = client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-6"))
             for _ in range(100):
                 if (await query_status(handle)).phase == Phase.AWAIT_APPROVAL:

@@ -8,6 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
+from common.exit_codes import ExitCode
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import BIN, rebuild_cli
 from starter.cli_settings import package_version
@@ -55,6 +56,9 @@ async def test_an_unknown_namespace_is_a_message_not_a_traceback(dev_server: Dev
     via_env = await asyncio.to_thread(run, "list", "--json", **env)
     assert via_env.returncode == 1
     assert "no-such-ns" in json.loads(via_env.stdout)["error"]
+    fleets = await asyncio.to_thread(run, "fleet", "list", "--json", **env)
+    assert fleets.returncode == 1, fleets.stderr
+    assert json.loads(fleets.stdout) == json.loads(via_env.stdout)
 
 
 async def test_common_options_come_from_the_environment(dev_server: DevServer) -> None:
@@ -74,6 +78,70 @@ def test_errors_are_json_under_json_usage_errors_included() -> None:
     plain = run("status")
     assert plain.returncode == 2
     assert "Missing argument" in plain.stderr
+
+
+def test_every_command_group_says_that_temporal_is_unreachable_alike() -> None:
+    unreachable = {"TEMPORAL_ADDRESS": "127.0.0.1:1"}
+    rebuild = run("status", "vm-1", "--host", "h", "--json", **unreachable)
+    fleet = run("fleet", "status", "fleet-1", "--json", **unreachable)
+    assert rebuild.returncode == fleet.returncode == ExitCode.UNAVAILABLE
+    assert json.loads(fleet.stdout) == json.loads(rebuild.stdout)
+    assert json.loads(fleet.stdout)["exit_code"] == ExitCode.UNAVAILABLE
+    assert fleet.stderr == ""
+    plain = run("fleet", "status", "fleet-1", **unreachable)
+    assert plain.returncode == ExitCode.UNAVAILABLE
+    assert plain.stdout == ""
+    assert plain.stderr.startswith("rebuild fleet: cannot reach Temporal at 127.0.0.1:1")
+
+
+def test_json_mode_is_the_commands_option_not_a_word_anywhere_on_the_line() -> None:
+    # Here "--json" is the abort's reason, so the error is a line on stderr.
+    done = run("abort", "vm-1", "--host", "h", "--reason", "--json", TEMPORAL_ADDRESS="127.0.0.1:1")
+    assert done.returncode == ExitCode.UNAVAILABLE
+    assert done.stdout == ""
+    assert done.stderr.startswith("rebuild: cannot reach Temporal at 127.0.0.1:1")
+    marker = run("start", "vm-1", "--boot-marker", "--json", "--bogus")
+    assert marker.returncode == ExitCode.BAD_INPUT
+    assert marker.stdout == ""
+    assert "No such option: --bogus" in marker.stderr
+
+
+def test_options_that_cannot_be_used_are_json_under_json_in_every_group() -> None:
+    start = run("start", "vm-1", "--host", "h", "--image", "ftp://x/y", "--json")
+    assert start.returncode == ExitCode.BAD_INPUT
+    assert json.loads(start.stdout) == {
+        "error": "invalid request: image_url: image URL must be http://, https:// or file:///: 'ftp://x/y'",
+        "exit_code": 2,
+    }
+    fleet = run("fleet", "start", "--image", "http://x/y", "--json")
+    assert fleet.returncode == ExitCode.BAD_INPUT
+    assert json.loads(fleet.stdout) == {
+        "error": "choose the instances with exactly one of --instances-file and --select",
+        "exit_code": 2,
+    }
+    assert fleet.stderr == ""
+
+
+def test_rebuild_cache_says_libvirt_is_unreachable_as_json_under_json(tmp_path: Path) -> None:
+    options = ["--libvirt-uri", "qemu+tcp://127.0.0.1:1/system", "--state-dir", str(tmp_path)]
+    done = run("cache", "list", *options, "--json")
+    assert done.returncode == ExitCode.UNAVAILABLE
+    assert json.loads(done.stdout)["error"].startswith("cannot connect to libvirt at qemu+tcp://127.0.0.1:1")
+    assert json.loads(done.stdout)["exit_code"] == ExitCode.UNAVAILABLE
+
+
+def test_usage_errors_are_json_under_json_wherever_it_stands() -> None:
+    unknown = run("status", "vm-1", "--json", "--hots", "h")
+    assert unknown.returncode == ExitCode.BAD_INPUT
+    assert json.loads(unknown.stdout)["error"].startswith("No such option: --hots")
+    without_value = run("fleet", "status", "fleet-1", "--json", "--state")
+    assert json.loads(without_value.stdout) == {
+        "error": "Option '--state' requires an argument.",
+        "exit_code": 2,
+    }
+    typo = run("fleet", "stauts", "fleet-1", "--json")
+    assert typo.returncode == ExitCode.BAD_INPUT
+    assert json.loads(typo.stdout)["error"].startswith("No such command 'stauts'")
 
 
 def test_shell_completion_completes_commands() -> None:

@@ -22,7 +22,8 @@ from temporalio.exceptions import ApplicationError
 
 from devtools.temporal_dev import DevServer, stop_process
 from devtools.testbed.fleet import Gate, SimulatedFleet, simulated_fleet
-from starter.rebuilds import RebuildAlreadyRunning, start_rebuild
+from starter.errors import RebuildAlreadyRunning
+from starter.rebuilds import start_rebuild
 from tests.history_recorder import record_fleet_history
 from workflows.fleet_models import (
     ControlAnswer,

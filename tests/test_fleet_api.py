@@ -3,30 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from temporalio.client import Client
 
 from devtools.testbed.fleet import IMAGE_URL, simulated_fleet
-from starter.api import create_app, openapi_document
-from starter.api_clients import ApiClients
+from starter.api import openapi_document
+from tests.api_support import AUTH
 from workflows.models import WORKFLOW_TASK_QUEUE
-
-TOKEN = "s3cret-fleet-token-0123456789"
-CLIENTS = ApiClients.parse(f"# name token\nci {TOKEN}\n")
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-async def api(client: Client) -> AsyncIterator[TestClient[Any, Any]]:
-    test_client = TestClient(TestServer(create_app(client, CLIENTS)))
-    await test_client.start_server()
-    yield test_client
-    await test_client.close()
 
 
 async def test_start_steer_and_follow_a_fleet_over_http(
@@ -49,7 +36,10 @@ async def test_start_steer_and_follow_a_fleet_over_http(
         assert started.status == 201, await started.text()
         assert (await started.json())["workflow_id"] == f"fleet:{name}"
         again = await api.post("/v1/fleets", json=body, headers=AUTH)
-        assert again.status == 409 and "already running" in (await again.json())["error"]
+        assert await again.json() == {
+            "error": f"fleet {name} is already running (workflow fleet:{name}); see: GET /v1/fleets/{name}",
+            "status": 409,
+        }
 
         paused = await api.post(f"/v1/fleets/{name}/pause", headers=AUTH)
         assert paused.status == 200 and (await paused.json())["paused"] is True
@@ -74,7 +64,7 @@ async def test_start_steer_and_follow_a_fleet_over_http(
     assert shown["report"]["counts"]["rebuilt"] == 8 and shown["report"]["stop_reason"] is None
     assert (await rebuilt.json())["total"] == 8
     assert name in {row["name"] for row in listed}
-    assert late_abort.status == 409 and "not running" in (await late_abort.json())["error"]
+    assert await late_abort.json() == {"error": f"fleet {name} is not running", "status": 409}
     assert unknown.status == 404
 
 
@@ -84,3 +74,36 @@ def test_openapi_describes_the_fleet_endpoints() -> None:
         document["paths"]
     )
     assert "FleetRequest" in document["components"]["schemas"]
+
+
+async def test_fleet_errors_are_json_with_their_status_as_for_rebuilds(api: TestClient[Any, Any]) -> None:
+    unknown = await api.get("/v1/fleets/no-such-fleet", headers=AUTH)
+    assert await unknown.json() == {"error": "no fleet named no-such-fleet is known", "status": 404}
+    steered = await api.post("/v1/fleets/no-such-fleet/pause", headers=AUTH)
+    assert await steered.json() == {"error": "no fleet named no-such-fleet is known", "status": 404}
+    not_json = await api.post("/v1/fleets", data=b"{", headers=AUTH)
+    assert await not_json.json() == {"error": "the body must be JSON", "status": 400}
+
+
+@pytest.mark.parametrize("limit", ["abc", "0", "5000"])
+async def test_a_fleet_listing_takes_its_limit_as_the_rebuild_listing_does(
+    api: TestClient[Any, Any], limit: str
+) -> None:
+    fleets = await api.get("/v1/fleets", params={"limit": limit}, headers=AUTH)
+    rebuilds = await api.get("/v1/rebuilds", params={"limit": limit}, headers=AUTH)
+    assert fleets.status == rebuilds.status == 400
+    assert await fleets.json() == await rebuilds.json()
+
+
+async def test_a_page_of_instances_refuses_what_it_cannot_use(api: TestClient[Any, Any]) -> None:
+    for query, message in (
+        ({"offset": "-1"}, "offset must be 0 or more, not -1"),
+        ({"limit": "x"}, "limit must be a whole number from 1 to 5000, not 'x'"),
+        (
+            {"state": "gone"},
+            "state must be one of waiting, running, rebuilt, rolled-back, failed, skipped, aborted",
+        ),
+    ):
+        page = await api.get("/v1/fleets/some-fleet/instances", params=query, headers=AUTH)
+        assert page.status == 400, query
+        assert (await page.json())["error"].startswith(message)

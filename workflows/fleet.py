@@ -64,6 +64,7 @@ with workflow.unsafe.imports_passed_through():
         host_task_queue,
         rebuild_workflow_id,
     )
+    from workflows.results import failure_result
 
 # A host whose worker does not answer its listing within this is reported, before anything changes.
 DISCOVERY_SCHEDULE_TO_START = timedelta(minutes=2)
@@ -249,11 +250,8 @@ class FleetRebuild:
     def _failure(self, err: ChildWorkflowError) -> tuple[InstanceState, str]:
         cause = err.cause
         message = cause.message if isinstance(cause, FailureError) else str(err)
-        if not isinstance(cause, ApplicationError) or not cause.details:
-            return InstanceState.FAILED, message
-        try:
-            result = RebuildResult.model_validate(cause.details[0])
-        except ValueError:
+        result = failure_result(cause)
+        if result is None:
             return InstanceState.FAILED, message
         if result.error_type == "Aborted" and result.outcome in (Outcome.ROLLED_BACK, Outcome.UNCHANGED):
             return InstanceState.ABORTED, message

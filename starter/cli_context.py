@@ -1,0 +1,262 @@
+"""One context for every ``rebuild`` command group: consoles, JSON mode, error words, exit codes.
+
+As hatch's one ``Application`` object: :func:`starter.cli.main` makes one :class:`Cli` and hands it to
+Typer as the context object; every command of every group (``rebuild``, ``rebuild fleet``, ``rebuild
+cache``) gets it with :meth:`Cli.of`. ``--json`` sets its JSON mode while click parses that option,
+so nothing reads ``sys.argv`` a second time. Every command ends in :meth:`Cli.run` or :meth:`Cli.fail`:
+an error, a usage error included, is one JSON object on stdout under ``--json``, else one line on
+stderr, and its exit code comes from the one table (:mod:`common.exit_codes`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+from rich.table import Table
+from temporalio.service import RPCError, RPCStatusCode
+from typer.core import TyperCommand, TyperGroup
+
+from common.connection import TemporalUnavailable
+from common.exit_codes import ExitCode, leave
+from common.exit_codes import table as exit_code_table
+from starter.errors import ServiceError, Words, validation_problems
+from workflows.fleet_models import FleetReport
+from workflows.models import RebuildResult
+
+EXIT_CODES_HELP = "Exit codes (every command):\n\n" + exit_code_table()
+# Failures that mean the request itself was wrong, not that the rebuild broke.
+BAD_INPUT_TYPES = frozenset({"InstanceNotFound", "UnsupportedInstance", "InvalidRequest"})
+# What a command exits with for each way a workflow can be; anything else ended without a result.
+EXIT_FOR_WORKFLOW_STATUS = {
+    "RUNNING": ExitCode.OK,
+    "COMPLETED": ExitCode.OK,
+    "FAILED": ExitCode.FAILED,
+    "TERMINATED": ExitCode.ENDED_WITHOUT_RESULT,
+    "CANCELED": ExitCode.ENDED_WITHOUT_RESULT,
+    "TIMED_OUT": ExitCode.ENDED_WITHOUT_RESULT,
+}
+CommandFunction = TypeVar("CommandFunction", bound=Callable[..., Any])
+
+
+def exit_for_workflow(workflow_status: str) -> ExitCode:
+    """``rebuild status``: 0 while it runs and once it completed, 1 failed, 4 ended without a result."""
+    return EXIT_FOR_WORKFLOW_STATUS.get(workflow_status, ExitCode.ENDED_WITHOUT_RESULT)
+
+
+def exit_for_rebuild(workflow_status: str, result: RebuildResult | None) -> ExitCode:
+    """``start --wait`` and ``watch``: as :func:`exit_for_workflow`, and 2 when the request was wrong."""
+    code = exit_for_workflow(workflow_status)
+    if code == ExitCode.FAILED and result is not None and result.error_type in BAD_INPUT_TYPES:
+        return ExitCode.BAD_INPUT
+    return code
+
+
+def exit_for_fleet(workflow_status: str, report: FleetReport | None) -> ExitCode:
+    """A fleet that completed is a success only when nothing failed and nothing stopped it."""
+    unfinished = report is None or report.stop_reason is not None or report.counts.failures > 0
+    if workflow_status == "COMPLETED" and unfinished:
+        return ExitCode.FAILED
+    return exit_for_workflow(workflow_status)
+
+
+# A refusal as the operator reads it: where to look is a command, an input is an option.
+CLI_WORDS = Words(
+    field=lambda name: f"--{name.replace('_', '-')}",
+    rebuild=lambda host, instance: f"rebuild status {instance} --host {host}",
+    fleet=lambda name: f"rebuild fleet status {name}",
+)
+
+
+def _console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class Cli:
+    """What every command shares: where output goes, whether it is JSON, how it ends."""
+
+    json: bool = False
+    # How error lines begin: the command group's name (``rebuild fleet`` sets its own).
+    who: str = "rebuild"
+    out: Console = field(default_factory=_console)
+    err: Console = field(default_factory=lambda: _console(stderr=True))
+
+    @classmethod
+    def of(cls, ctx: typer.Context) -> Cli:
+        return ctx.ensure_object(cls)
+
+    def say(self, text: str) -> None:
+        self.out.print(text, markup=False)
+
+    def complain(self, text: str) -> None:
+        """A line on stderr, named after the command group: an error, a refusal."""
+        self.err.print(f"{self.who}: {text}", markup=False)
+
+    def print_json(self, document: BaseModel | list[Any] | dict[str, Any]) -> None:
+        text = document.model_dump_json() if isinstance(document, BaseModel) else json.dumps(document)
+        print(text, flush=True)
+
+    def error(self, code: int, message: str) -> None:
+        if self.json:
+            self.print_json({"error": message, "exit_code": code})
+        else:
+            self.complain(message)
+
+    def fail(self, code: int, message: str) -> NoReturn:
+        self.error(code, message)
+        leave(code)
+
+    def answered(self, answer: BaseModel, accepted: bool, said: str, refusal: str) -> ExitCode:
+        """An update's answer (abort, pause, ...): 0 accepted, 1 refused, in JSON the answer itself."""
+        if self.json:
+            self.print_json(answer)
+        elif accepted:
+            self.say(said)
+        else:
+            self.complain(refusal)
+        return ExitCode.OK if accepted else ExitCode.FAILED
+
+    def listing(self, rows: Sequence[BaseModel], columns: Sequence[str]) -> ExitCode:
+        """A list command's answer: the rows as JSON, or a table of their ``columns``."""
+        if self.json:
+            self.print_json([row.model_dump() for row in rows])
+            return ExitCode.OK
+        table = Table(*columns, box=None)
+        for row in rows:
+            table.add_row(*(str(getattr(row, column)) for column in columns))
+        self.out.print(table)
+        return ExitCode.OK
+
+    @contextlib.contextmanager
+    def refusing(self, what: str) -> Iterator[None]:
+        """Options turned into a request: one that cannot be used exits 2, before anything starts."""
+        try:
+            yield
+        except ValidationError as exc:
+            self.fail(ExitCode.BAD_INPUT, f"invalid {what}: {validation_problems(exc)}")
+        except ServiceError as exc:  # an unreadable instances file, a duration
+            self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
+        except ValueError as exc:  # an identity option, a requester's name
+            self.fail(ExitCode.BAD_INPUT, str(exc))
+
+    def run(self, work: Coroutine[Any, Any, int]) -> NoReturn:
+        """Run a command's work and leave with its code, or with the code of what stopped it."""
+        try:
+            code = asyncio.run(work)
+        except KeyboardInterrupt:
+            leave(ExitCode.INTERRUPTED)
+        except ServiceError as exc:
+            self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
+        except ValidationError as exc:
+            self.fail(ExitCode.BAD_INPUT, validation_problems(exc))
+        except ValueError as exc:
+            self.fail(ExitCode.BAD_INPUT, str(exc))
+        except TemporalUnavailable as exc:
+            self.fail(ExitCode.UNAVAILABLE, str(exc))
+        except RPCError as exc:
+            # Temporal refused the call (an unknown namespace, a denied API key): its message, no traceback.
+            down = exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+            self.fail(ExitCode.UNAVAILABLE if down else ExitCode.FAILED, f"Temporal: {exc.message}")
+        leave(code)
+
+
+def _json_mode(ctx: typer.Context, value: bool) -> bool:
+    if value:
+        Cli.of(ctx).json = True
+    return value
+
+
+# Eager, so the JSON mode is known before any other option of the command is checked. The command's
+# own parameter only declares the option: its value lives in the command's Cli.
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Machine-readable output.", is_eager=True, callback=_json_mode)
+]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Temporal address; default from TEMPORAL_ADDRESS / envconfig, else localhost:7233."),
+]
+
+
+def _usage_error(exc: Exception) -> tuple[int, str] | None:
+    """Exit code and message of one of click's usage errors (Typer vendors click; not public)."""
+    code, describe = getattr(exc, "exit_code", None), getattr(exc, "format_message", None)
+    return (code, str(describe())) if isinstance(code, int) and callable(describe) else None
+
+
+class CliCommand(TyperCommand):
+    """A command whose usage errors come out as JSON under its ``--json``.
+
+    An error found while options are checked comes after ``--json`` was read (it is eager). One found
+    while the line is split into options (an unknown option) comes before: the command's own parser
+    reads the line once more, skipping what it does not know, to learn whether ``--json`` is among it.
+    """
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        given = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            usage = _usage_error(exc)
+            cli = Cli.of(ctx)
+            if usage is not None and (cli.json or self._asks_for_json(ctx, given)):
+                cli.json = True
+                cli.fail(*usage)
+            raise
+
+    def _asks_for_json(self, ctx: Any, given: list[str]) -> bool:
+        names = [p.name for p in self.params if "--json" in getattr(p, "opts", ())]
+        parser = self.make_parser(ctx)
+        parser.ignore_unknown_options = True
+        try:
+            options, _, _ = parser.parse_args(args=list(given))
+        except Exception:
+            return "--json" in given  # not even that parses (an option without its value)
+        return any(options.get(name) for name in names if name)
+
+
+class CliGroup(TyperGroup):
+    """A command group whose usage errors (an unknown command or option) come out as JSON when the
+    rest of the line asks for it: no command's parser has read that rest, so its ``--json`` is a word."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        given = list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except Exception as exc:
+            self._fail_as_json(ctx, exc, given)
+            raise
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except Exception as exc:
+            self._fail_as_json(ctx, exc, args)
+            raise
+
+    @staticmethod
+    def _fail_as_json(ctx: Any, exc: Exception, given: list[str]) -> None:
+        usage = _usage_error(exc)
+        cli = Cli.of(ctx)
+        if usage is not None and (cli.json or "--json" in given):
+            cli.json = True
+            cli.fail(*usage)
+
+
+def command(
+    group: typer.Typer, name: str | None = None, epilog: str | None = EXIT_CODES_HELP
+) -> Callable[[CommandFunction], CommandFunction]:
+    """Register a command on a group, with the exit-code table in its help and JSON usage errors."""
+    return group.command(name, cls=CliCommand, epilog=epilog)
+
+
+def command_group(help: str, epilog: str | None = EXIT_CODES_HELP) -> typer.Typer:
+    """A group of commands (``rebuild``, ``rebuild fleet``, ...) whose usage errors follow ``--json``."""
+    return typer.Typer(cls=CliGroup, no_args_is_help=True, help=help, epilog=epilog)

@@ -1,0 +1,215 @@
+"""One small kit for both HTTP APIs (``/v1/rebuilds`` and ``/v1/fleets``): errors, replies, bodies,
+query limits, the caller's name, and the words a refusal is said in.
+
+Every answer that is not a success is ``ErrorBody`` JSON with its status, whatever raised it: a
+service refusal (``starter.errors``: 400, 404, 409, in the API's own words, with the resource's path
+where it helps), a body or query that cannot be used (400), a missing token (401), Temporal away (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from common.connection import TemporalUnavailable
+from starter.api_clients import ApiClients
+from starter.errors import BadRequest, Conflict, NotFound, ServiceError, Words, validation_problems
+from workflows.models import check_requested_by
+
+CLIENT: web.AppKey[Client] = web.AppKey("client", Client)
+REQUESTER: web.RequestKey[str] = web.RequestKey("requester", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+Model = TypeVar("Model", bound=BaseModel)
+# Paths anyone may read: a load balancer's health check and the API's description.
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+# Temporal answers a request in milliseconds; one that takes this long is not there.
+REQUEST_TIMEOUT = 20.0
+UNAVAILABLE_STATUSES = frozenset({RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED})
+STATUS_OF = {BadRequest: 400, NotFound: 404, Conflict: 409}
+log = logging.getLogger("rebuild.api")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    status: int
+
+
+class BadQuery(BadRequest):
+    """A query parameter that cannot be used (``?limit=abc``)."""
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = ErrorBody(error=message, status=status).model_dump()
+    return web.json_response(body, status=status, headers=headers)
+
+
+def reply(model: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json")
+
+
+def reply_list(rows: Sequence[BaseModel]) -> web.Response:
+    return web.json_response([row.model_dump() for row in rows])
+
+
+def answered(answer: BaseModel, accepted: bool) -> web.Response:
+    """An update's answer (abort, pause, ...): 200 when it was accepted, 409 when refused."""
+    return reply(answer, 200 if accepted else 409)
+
+
+async def read_body(request: web.Request, model: type[Model], optional: bool = False) -> Model:
+    """The body as ``model`` (strict models refuse unknown fields); an absent optional body is ``{}``."""
+    if optional and not request.can_read_body:
+        return model.model_validate({})
+    try:
+        payload = await request.json()
+    except ValueError:
+        raise BadRequest("the body must be JSON") from None
+    return model.model_validate(payload)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON, for a handler that changes it before validating it (the admin password)."""
+    try:
+        return await request.json()
+    except ValueError:
+        raise BadRequest("the body must be JSON") from None
+
+
+def query_int(request: web.Request, name: str, default: int, minimum: int, maximum: int | None) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    bounds = f"from {minimum} to {maximum}" if maximum is not None else f"{minimum} or more"
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadQuery(f"{name} must be a whole number {bounds}, not {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise BadQuery(f"{name} must be {bounds}, not {value}")
+    return value
+
+
+def query_flag(request: web.Request, name: str) -> bool:
+    return request.query.get(name) == "true"
+
+
+def requester(request: web.Request, claimed: str) -> str:
+    """The authenticated client's name; a name the body gives is kept only as "on behalf of"."""
+    name = request[REQUESTER]
+    if claimed in ("unknown", name):
+        return name
+    return check_requested_by(f"{name} (for {claimed})")
+
+
+# A refusal as an API caller reads it: where to look is a path, an input is a field of the body.
+API_WORDS = Words(
+    field=lambda name: f"the {name}",
+    rebuild=lambda host, instance: f"GET /v1/rebuilds/{host}/{instance}",
+    fleet=lambda name: f"GET /v1/fleets/{name}",
+)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer but a success is JSON with its status, aiohttp's own 404 and 405 included."""
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error(exc.status, exc.reason.lower(), allow)
+    except (TimeoutError, TemporalUnavailable) as exc:
+        return error(503, f"Temporal is unavailable: {str(exc) or 'no answer in time'}")
+    except RPCError as exc:
+        if exc.status in UNAVAILABLE_STATUSES:
+            return error(503, f"Temporal is unavailable: {exc.message}")
+        log.exception("Temporal refused %s %s", request.method, request.path)
+        return error(502, f"Temporal refused the call: {exc.message}")
+    except Exception:
+        log.exception("failed: %s %s", request.method, request.path)
+        return error(500, "internal error; the API's log has the details")
+
+
+def bearer_auth(clients: ApiClients) -> Middleware:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in PUBLIC_PATHS:
+            return await handler(request)
+        name = clients.identify(request.headers.get("Authorization", ""))
+        if name is None:
+            return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        request[REQUESTER] = name
+        return await handler(request)
+
+    return check
+
+
+@web.middleware
+async def translate_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refusals of the service layer and bad input, for every endpoint of both APIs."""
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        return error(400, f"invalid request: {validation_problems(exc)}")
+    except ServiceError as exc:
+        status = next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 400)
+        return error(status, exc.said_with(API_WORDS))
+    except ValueError as exc:
+        return error(400, str(exc))
+
+
+# What each error status means, as the OpenAPI document says it.
+ERROR_MEANINGS = {
+    400: "bad input: the message names the field and why",
+    401: "no or wrong bearer token; nothing changed",
+    404: "no rebuild of that instance is known",
+    409: "a rebuild is already running, none is running, or the abort was refused",
+    503: "Temporal is unavailable",
+}
+
+
+def json_content(name: str) -> dict[str, Any]:
+    """An OpenAPI body of one of the document's schemas."""
+    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+
+def answers(ok: int, name: str, *errors: int, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An operation's OpenAPI answers: its success, and the errors it can give (401 and 503 always)."""
+    body = {"content": {"application/json": {"schema": schema}}} if schema else json_content(name)
+    result: dict[str, Any] = {str(ok): {"description": name, **body}}
+    for status in sorted({401, 503, *errors}):
+        result[str(status)] = {"description": ERROR_MEANINGS[status], **json_content("ErrorBody")}
+    return result
+
+
+def operation(
+    operation_id: str,
+    tag: str,
+    summary: str,
+    responses: dict[str, Any],
+    parameters: list[dict[str, Any]] | None = None,
+    body: str | None = None,
+    body_required: bool = True,
+) -> dict[str, Any]:
+    """One OpenAPI operation; ``body`` names the schema of its request body."""
+    described: dict[str, Any] = {"operationId": operation_id, "tags": [tag], "summary": summary}
+    if parameters is not None:
+        described["parameters"] = parameters
+    if body is not None:
+        described["requestBody"] = {"required": body_required, **json_content(body)}
+    return {**described, "responses": responses}
+
+
+def middlewares(clients: ApiClients) -> list[Middleware]:
+    """In this order: JSON for every error, then the token, then the refusals' words."""
+    return [json_errors, bearer_auth(clients), translate_errors]

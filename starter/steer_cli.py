@@ -1,0 +1,248 @@
+"""``rebuild status | watch | abort | approve | confirm | revert | list``: following and steering rebuilds.
+
+Registered on the ``rebuild`` group by :func:`register`, after ``rebuild start`` (``starter/cli.py``).
+Output, JSON mode, errors and exit codes come from the command's :class:`~starter.cli_context.Cli`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from temporalio.client import WorkflowFailureError
+
+from common.connection import connect
+from common.exit_codes import ExitCode
+from starter.cli_context import AddressOption, Cli, JsonOption, command, exit_for_rebuild, exit_for_workflow
+from starter.cli_settings import THIS_HOST, HostOption
+from starter.rebuilds import (
+    RebuildDescription,
+    abort_rebuild,
+    describe_rebuild,
+    latest_rebuild,
+    list_query,
+    list_rebuilds,
+    send_decision,
+)
+from workflows.models import AbortRequest, Decision, StrictAbortRequest, StrictDecision
+
+InstanceArgument = Annotated[str, typer.Argument(help="libvirt domain name of the instance.")]
+DECISIONS = {
+    "approve": "Approve a rebuild started with --require-approval: it may now stop the instance.",
+    "confirm": "Keep the new disk of a rebuild in its confirm window; the old one is removed.",
+    "revert": "Put the old disk back during the confirm window; the old image boots again.",
+}
+
+
+def register(app: typer.Typer) -> None:
+    """The commands in the order ``rebuild --help`` lists them."""
+    command(app, "status")(_instance_command(_status))
+    command(app, "watch")(_instance_command(_watch))
+    command(app)(abort)
+    for verdict, summary in DECISIONS.items():
+        command(app, verdict)(_decision_command(verdict, summary))
+    command(app, "list")(list_command)
+
+
+def _instance_command(
+    work: Callable[[Cli, str, str, str | None], Coroutine[Any, Any, int]],
+) -> Callable[..., None]:
+    """status and watch: INSTANCE, --host, --address, --json, and the work's docstring as help."""
+
+    def on_instance(
+        ctx: typer.Context,
+        instance: InstanceArgument,
+        host: HostOption = THIS_HOST,
+        address: AddressOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        cli = Cli.of(ctx)
+        cli.run(work(cli, instance, host, address))
+
+    on_instance.__doc__ = work.__doc__
+    return on_instance
+
+
+async def _status(cli: Cli, instance: str, host: str, address: str | None) -> int:
+    """Show the latest rebuild of INSTANCE: phase, step timings, attempts and last error.
+
+    Exits 0 while it runs and once it completed, 1 when it failed, 4 when it was terminated, cancelled
+    or timed out. Example: rebuild status web-1 --host kvm-07
+    """
+    described = await describe_rebuild(await connect(address), instance, host)
+    if cli.json:
+        cli.print_json(described)
+        return exit_for_workflow(described.workflow_status)
+    cli.say(f"{described.workflow_id}: {described.workflow_status}")
+    state = described.status
+    if state:
+        cli.say(f"  phase: {state.phase.value}")
+        if state.summary:
+            cli.say(f"  state: {state.summary}")
+        if state.rebuild_id:
+            cli.say(f"  rebuild id: {state.rebuild_id} (names the backup next to the disk)")
+        cli.say(f"  image: {state.image_url}")
+        if state.step_seconds:
+            cli.say(f"  steps: {', '.join(f'{k} {v:.2f}s' for k, v in state.step_seconds.items())}")
+        cli.say(f"  verify: {state.verified_by or state.verify}")
+        if state.stopped_by is not None:
+            cli.say(f"  stopped by: {state.stopped_by}")
+        if state.last_error:
+            cli.say(f"  last error: {state.last_error}")
+        for ignored in state.ignored_signals:
+            cli.say(f"  {ignored}")
+    for p in described.pending_activities:
+        last_error = f", last error: {p.last_error}" if p.last_error else ""
+        cli.say(f"  running {p.activity}, attempt {p.attempt}{last_error}")
+    if described.waiting_for_worker:
+        cli.say(f"  {described.waiting_for_worker}")
+    return exit_for_workflow(described.workflow_status)
+
+
+async def _watch(cli: Cli, instance: str, host: str, address: str | None) -> int:
+    """Follow a rebuild live: phase, a progress bar with bytes and speed while it downloads, step timings.
+
+    Ends when the rebuild ends (with --json: prints its final status as JSON); exit code as for
+    `rebuild start --wait`. Example: rebuild watch web-1
+    """
+    client = await connect(address)
+    if cli.json:
+        handle, _ = await latest_rebuild(client, instance, host)
+        with contextlib.suppress(WorkflowFailureError):
+            await handle.result()
+        described = await describe_rebuild(client, instance, host)
+        cli.print_json(described)
+        return exit_for_rebuild(described.workflow_status, described.result)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=cli.out, transient=False) as progress:
+        task = progress.add_task("inspect", total=None)
+        while True:
+            described = await describe_rebuild(client, instance, host)
+            fetch = next((p for p in described.pending_activities if p.progress_bytes is not None), None)
+            progress.update(
+                task,
+                description=_progress_line(described),
+                completed=fetch.progress_bytes if fetch else None,
+                total=fetch.total_bytes if fetch else None,
+            )
+            if described.workflow_status != "RUNNING":
+                break
+            await asyncio.sleep(0.5)
+    cli.say(f"{described.workflow_id}: {described.workflow_status}")
+    if described.status and described.status.last_error:
+        cli.say(f"  {described.status.last_error}")
+    return exit_for_rebuild(described.workflow_status, described.result)
+
+
+def _progress_line(described: RebuildDescription) -> str:
+    state = described.status
+    phase = state.phase.value if state else "?"
+    timings = ", ".join(f"{k} {v:.1f}s" for k, v in state.step_seconds.items()) if state else ""
+    retry = next((p for p in described.pending_activities if p.attempt > 1), None)
+    note = f" (attempt {retry.attempt}: {retry.last_error})" if retry else ""
+    if described.waiting_for_worker:
+        note = f" ({described.waiting_for_worker})"
+    return f"{phase}{note}  {timings}"
+
+
+def abort(
+    ctx: typer.Context,
+    instance: InstanceArgument,
+    reason: Annotated[str, typer.Option(help="Why: recorded in the workflow and shown in the Web UI.")],
+    host: HostOption = THIS_HOST,
+    requested_by: Annotated[str, typer.Option(help="Who asks.")] = os.environ.get("USER", "unknown"),
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Abort a running rebuild: before stop nothing changes; after stop the old disk is put back.
+
+    Refused once the new disk is in place and verified (cleanup). Exit 0 accepted, 1 refused.
+
+    Example: rebuild abort web-1 --host kvm-07 --reason "wrong image"
+    """
+    cli = Cli.of(ctx)
+    with cli.refusing("abort"):
+        request = StrictAbortRequest(reason=reason, requested_by=requested_by)
+    cli.run(_abort(cli, instance, host, request, address))
+
+
+async def _abort(cli: Cli, instance: str, host: str, request: AbortRequest, address: str | None) -> int:
+    answer = await abort_rebuild(await connect(address), instance, host, request)
+    said = f"abort accepted in phase {answer.phase.value}; see: rebuild status {instance} --host {host}"
+    return cli.answered(answer, answer.accepted, said, f"abort refused: {answer.message}")
+
+
+def _decision_command(verdict: str, summary: str) -> Callable[..., None]:
+    """approve, confirm and revert: one signal each, the same options."""
+
+    def decide(
+        ctx: typer.Context,
+        instance: InstanceArgument,
+        reason: Annotated[str, typer.Option(help="Why, recorded in the workflow.")] = "",
+        host: HostOption = THIS_HOST,
+        requested_by: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "unknown"),
+        address: AddressOption = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        cli = Cli.of(ctx)
+        with cli.refusing(verdict):
+            decision = StrictDecision(reason=reason, requested_by=requested_by)
+        cli.run(_signal(cli, instance, host, verdict, decision, address))
+
+    decide.__doc__ = f"{summary}\n\nExample: rebuild {verdict} web-1 --host kvm-07"
+    return decide
+
+
+async def _signal(
+    cli: Cli, instance: str, host: str, verdict: str, decision: Decision, address: str | None
+) -> int:
+    workflow_id = await send_decision(await connect(address), instance, host, verdict, decision)
+    if cli.json:
+        cli.print_json({"workflow_id": workflow_id, "signal": verdict})
+    else:
+        cli.say(f"sent {verdict} to {workflow_id}; see: rebuild status {instance} --host {host}")
+    return ExitCode.OK
+
+
+def list_command(
+    ctx: typer.Context,
+    phase: Annotated[
+        str | None, typer.Option(help="Only rebuilds in this phase (e.g. stop, await-approval).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Only rebuilds on this hypervisor.")] = None,
+    running: Annotated[bool, typer.Option("--running", help="Only rebuilds still running.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List rebuilds through Temporal's visibility (search attributes), newest first.
+
+    Example: rebuild list --phase await-approval --running
+    """
+    cli = Cli.of(ctx)
+    with cli.refusing("filter"):
+        query = list_query(phase, host, running)
+    cli.run(_list(cli, query, limit, address))
+
+
+async def _list(cli: Cli, query: str, limit: int, address: str | None) -> int:
+    rows = await list_rebuilds(await connect(address), query, limit)
+    return cli.listing(rows, ("instance", "host", "phase", "status", "started"))
