@@ -23,9 +23,10 @@ TEST_WORKERS ?= 4
 test: setup lint typecheck
 	$(VENV)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
-# Fast loop while developing: no QEMU guests (the tests marked guest or real_guest by tests/conftest.py).
+# Fast loop while developing: no QEMU guests (marked guest or real_guest by tests/conftest.py) and no
+# whole fleets (marked fleet); the fleet's scheduling itself runs, as a pure plan (tests/test_fleet_plan.py).
 unit:
-	$(VENV)/pytest -n 4 -m "not guest and not real_guest"
+	$(VENV)/pytest -n 4 -m "not guest and not real_guest and not fleet"
 
 # The real Debian guest of tests/real_guest/, built from Debian's packages once per machine
 # (about two minutes; the tests build it themselves on first use too).

@@ -36,6 +36,9 @@ from workflows.fleet_models import (
     InstanceState,
 )
 
+# Whole fleets rolled through real workers and activities: minutes, so `make unit` leaves them out.
+pytestmark = pytest.mark.fleet
+
 
 async def report_of(handle: WorkflowHandle[Any, Any]) -> FleetReport:
     return FleetReport.model_validate(await asyncio.wait_for(handle.result(), 240))

@@ -16,6 +16,7 @@ from tests.api_support import AUTH
 from workflows.models import WORKFLOW_TASK_QUEUE
 
 
+@pytest.mark.fleet
 async def test_start_steer_and_follow_a_fleet_over_http(
     api: TestClient[Any, Any], client: Client, unique_host: str, tmp_path: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from temporalio.client import Client
 
 from devtools.temporal_dev import DevServer
@@ -13,6 +14,7 @@ from devtools.testbed.fleet import IMAGE_URL, simulated_fleet
 from workflows.models import WORKFLOW_TASK_QUEUE
 
 
+@pytest.mark.fleet
 async def test_fleet_cli_starts_waits_reports_and_skips_on_a_rerun(
     client: Client, dev_server: DevServer, unique_host: str, tmp_path: Path
 ) -> None:

@@ -105,3 +105,15 @@ def test_only_the_libvirt_layer_imports_libvirt() -> None:
         if re.search(r"^\s*(import|from) libvirt(_qemu)?\b", path.read_text(), re.MULTILINE)
     ]
     assert importing == ["libvirt_console.py", "libvirt_domain.py"]
+
+
+def test_benches_and_devtools_import_nothing_from_tests() -> None:
+    """The test bed lives in devtools/testbed, shared by tests, benches and the demo; tests/ is a leaf."""
+    root = Path(__file__).resolve().parent.parent
+    offenders = [
+        str(path.relative_to(root))
+        for folder in ("bench", "devtools")
+        for path in sorted((root / folder).rglob("*.py"))
+        if re.search(r"^\s*(from|import) tests\b", path.read_text(), re.MULTILINE)
+    ]
+    assert offenders == []
