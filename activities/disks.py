@@ -20,26 +20,18 @@ from activities.heartbeat import keep_alive
 from activities.root_disks import RootDiskAt, RootDiskBackend, RootDisks
 from activities.root_disks.file_overlay import DISK_FORMATS
 from activities.state import StateDir
-from workflows.models import (
-    DiscardStagedRootDiskInput,
-    PreparedRootDisk,
-    PrepareRootDiskInput,
-    RemoveBackupInput,
-    RestoreRootDiskInput,
-    StagedRootDisk,
-    StageRootDiskInput,
-)
+from workflows import activity_models as io
 
 # No request makes a root disk larger than this, whatever limit it names (qcow2's own limit is higher).
 MAX_ROOT_DISK_BYTES = 64 << 40
 
 
-def _validate_sizes(image_format: str, image_size: int, min_size: int, max_size: int | None) -> None:
+def _validate_sizes(request: io.NewRootDisk) -> None:
     """Anyone who reaches Temporal can call stage and prepare: they check their own input."""
-    if image_format not in DISK_FORMATS:
-        raise InvalidRequest(f"image format must be raw or qcow2, not {image_format[:40]!r}")
-    limit = min(max_size or MAX_ROOT_DISK_BYTES, MAX_ROOT_DISK_BYTES)
-    for what, size in (("image", image_size), ("minimum disk", min_size)):
+    if request.image_format not in DISK_FORMATS:
+        raise InvalidRequest(f"image format must be raw or qcow2, not {request.image_format[:40]!r}")
+    limit = min(request.max_virtual_size or MAX_ROOT_DISK_BYTES, MAX_ROOT_DISK_BYTES)
+    for what, size in (("image", request.image_virtual_size), ("minimum disk", request.min_virtual_size)):
         if not 0 <= size <= limit:
             raise ImageTooLarge(f"{what} size {size} bytes is over the limit of {limit} bytes")
 
@@ -80,33 +72,23 @@ class DiskActivities:
         return await asyncio.to_thread(read)
 
     @activity.defn
-    async def stage_root_disk(self, request: StageRootDiskInput) -> StagedRootDisk:
+    async def stage_root_disk(self, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The new disk, written while the instance still runs: the downtime keeps only the swap."""
-        _validate_sizes(
-            request.image_format,
-            request.image_virtual_size,
-            request.min_virtual_size,
-            request.max_virtual_size,
-        )
+        _validate_sizes(request)
         async with keep_alive():
             root = await self._root(request.instance, request.root_disk_target, stopped=False)
             return await self.backend(root).stage(root, request)
 
     @activity.defn
-    async def discard_staged_root_disk(self, request: DiscardStagedRootDiskInput) -> None:
+    async def discard_staged_root_disk(self, request: io.DiscardStagedRootDiskInput) -> None:
         """Stage's undo; a disk already swapped in is prepare's, and restore's, to handle."""
         root = await self._root(request.instance, request.root_disk_target, stopped=False)
         await self.backend(root).discard_staged(root, request)
 
     @activity.defn
-    async def prepare_root_disk(self, request: PrepareRootDiskInput) -> PreparedRootDisk:
+    async def prepare_root_disk(self, request: io.PrepareRootDiskInput) -> io.PreparedRootDisk:
         """Keep the old disk as a backup and put the new one in its place (see the back end)."""
-        _validate_sizes(
-            request.image_format,
-            request.image_virtual_size,
-            request.min_virtual_size,
-            request.max_virtual_size,
-        )
+        _validate_sizes(request)
         async with keep_alive():
             # The first attempt asks again what inspect asked: snapshots or a saved state may have
             # appeared while the instance stopped. A retry finds its own backup and finishes.
@@ -120,14 +102,14 @@ class DiskActivities:
             return await self.backend(root).prepare(root, request)
 
     @activity.defn
-    async def restore_root_disk(self, request: RestoreRootDiskInput) -> None:
+    async def restore_root_disk(self, request: io.RestoreRootDiskInput) -> None:
         """Put the old disk and its definition back; a disk already restored, or never replaced, is fine."""
         async with keep_alive():
             root = await self._root(request.instance, request.root_disk_target)
             await self.backend(root).restore(root, request)
 
     @activity.defn
-    async def remove_backup(self, request: RemoveBackupInput) -> None:
+    async def remove_backup(self, request: io.RemoveBackupInput) -> None:
         """The rebuild is kept: the old disk goes, with what was kept beside it."""
         root = await self._root(request.instance, request.root_disk_target, stopped=False)
         await self.backend(root).remove_backup(root, request)

@@ -27,6 +27,7 @@ __all__ = [
     "InstanceInfo",
     "InventoryEntry",
     "ListInstancesInput",
+    "NewRootDisk",
     "OnRootDisk",
     "PreflightInput",
     "PreflightResult",
@@ -206,28 +207,27 @@ class OnRootDisk(Wire):
     root_disk_target: str | None = None
 
 
-class PrepareRootDiskInput(OnRootDisk):
+class NewRootDisk(OnRootDisk):
+    """What stage and prepare make the new root disk from: the checked image, and the size limits."""
+
     image_sha256: str
     image_format: str
     image_virtual_size: int
-    # A retry after the definition changed must still know what the backup is.
-    original_format: str
     # The image's own minimum disk size (Glance min_disk): the new disk is grown to at least this.
     min_virtual_size: int = 0
     # The request's limit on the new disk's size, min_virtual_size included.
     max_virtual_size: int | None = None
+
+
+class PrepareRootDiskInput(NewRootDisk):
+    # A retry after the definition changed must still know what the backup is.
+    original_format: str
     # The instance's snapshots may go with the old disk (recorded here, forgotten at cleanup).
     discard_snapshots: bool = False
 
 
-class StageRootDiskInput(OnRootDisk):
+class StageRootDiskInput(NewRootDisk):
     """Write the new root disk while the instance still runs, beside the old one, never in its place."""
-
-    image_sha256: str
-    image_format: str
-    image_virtual_size: int
-    min_virtual_size: int = 0
-    max_virtual_size: int | None = None
 
 
 class StagedRootDisk(Wire):

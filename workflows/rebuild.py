@@ -17,6 +17,7 @@ activities, typed), ``names.py`` (the names clients and histories know).
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
@@ -233,22 +234,17 @@ class RebuildInstance:
         if not workflow.patched(PATCH_STAGE_BEFORE_STOP):
             return
         assert self._rebuild_id is not None
-        on_disk = {"instance": self._request.instance, "rebuild_id": self._rebuild_id,
-                   "root_disk_target": instance.root_disk_target}  # fmt: skip
-        discard = io.DiscardStagedRootDiskInput(**on_disk)
+        discard = io.DiscardStagedRootDiskInput(
+            instance=self._request.instance,
+            rebuild_id=self._rebuild_id,
+            root_disk_target=instance.root_disk_target,
+        )
         drop = lambda: self._steps.undo(contract.discard_staged_root_disk, discard)  # noqa: E731
         self._saga.push("drop the staged disk", drop, tidy=True)
         await self._steps.run(
             Phase.STAGE,
             contract.stage_root_disk,
-            io.StageRootDiskInput(
-                **on_disk,
-                image_sha256=image.checked.sha256,
-                image_format=image.checked.format,
-                image_virtual_size=image.checked.virtual_size,
-                min_virtual_size=image.source.min_disk_bytes,
-                max_virtual_size=self._request.max_virtual_size_bytes,
-            ),
+            io.StageRootDiskInput(**self._new_disk(instance, image)),
             STAGE,
         )
 
@@ -279,19 +275,26 @@ class RebuildInstance:
             Phase.PREPARE,
             contract.prepare_root_disk,
             io.PrepareRootDiskInput(
-                instance=self._request.instance,
-                image_sha256=image.checked.sha256,
-                image_format=image.checked.format,
-                image_virtual_size=image.checked.virtual_size,
+                **self._new_disk(instance, image),
                 original_format=instance.root_disk_format,
-                rebuild_id=self._rebuild_id,
-                min_virtual_size=image.source.min_disk_bytes,
-                max_virtual_size=self._request.max_virtual_size_bytes,
                 discard_snapshots=self._request.discard_snapshots,
-                root_disk_target=instance.root_disk_target,
             ),
             PREPARE,
         )
+
+    def _new_disk(self, instance: io.InstanceInfo, image: NewImage) -> dict[str, Any]:
+        """What stage and prepare make the new disk from (``NewRootDisk``'s fields)."""
+        assert self._rebuild_id is not None
+        return {
+            "instance": self._request.instance,
+            "rebuild_id": self._rebuild_id,
+            "root_disk_target": instance.root_disk_target,
+            "image_sha256": image.checked.sha256,
+            "image_format": image.checked.format,
+            "image_virtual_size": image.checked.virtual_size,
+            "min_virtual_size": image.source.min_disk_bytes,
+            "max_virtual_size": self._request.max_virtual_size_bytes,
+        }
 
     async def _seed(self, request: RebuildRequest, instance: io.InstanceInfo) -> bool:
         """A new cloud-init seed and identity while the instance is off; its undo puts the old back.

@@ -14,15 +14,7 @@ from typing import Protocol
 
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
-from workflows.models import (
-    DiscardStagedRootDiskInput,
-    PreparedRootDisk,
-    PrepareRootDiskInput,
-    RemoveBackupInput,
-    RestoreRootDiskInput,
-    StagedRootDisk,
-    StageRootDiskInput,
-)
+from workflows import activity_models as io
 
 
 @dataclass(frozen=True)
@@ -49,20 +41,20 @@ class RootDiskBackend(Protocol):
         """Refuse, with its reason, a disk of this kind that a rebuild could not replace faithfully.
         Asked while the instance runs (inspect) and again before the swap (prepare); blocking."""
 
-    async def stage(self, root: RootDiskAt, request: StageRootDiskInput) -> StagedRootDisk:
+    async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The instance still runs: write the new disk beside the old one, never in its place."""
 
-    async def discard_staged(self, root: RootDiskAt, request: DiscardStagedRootDiskInput) -> None:
+    async def discard_staged(self, root: RootDiskAt, request: io.DiscardStagedRootDiskInput) -> None:
         """Stage's undo: the staged disk goes, unless it took the old one's place already."""
 
     def began(self, root: RootDiskAt, rebuild_id: str) -> bool:
         """Whether an attempt of this rebuild's prepare already kept the old disk (a retry finishes it)."""
 
-    async def prepare(self, root: RootDiskAt, request: PrepareRootDiskInput) -> PreparedRootDisk:
+    async def prepare(self, root: RootDiskAt, request: io.PrepareRootDiskInput) -> io.PreparedRootDisk:
         """The instance is off: keep the old disk, put the new one in its place, define it."""
 
-    async def restore(self, root: RootDiskAt, request: RestoreRootDiskInput) -> None:
+    async def restore(self, root: RootDiskAt, request: io.RestoreRootDiskInput) -> None:
         """The instance is off: put the old disk and its definition back. Nothing to restore is fine."""
 
-    async def remove_backup(self, root: RootDiskAt, request: RemoveBackupInput) -> None:
+    async def remove_backup(self, root: RootDiskAt, request: io.RemoveBackupInput) -> None:
         """The rebuild is kept: the old disk, and what was kept with it, goes."""

@@ -30,15 +30,7 @@ from activities.state import (
     record_path,
     write_atomically,
 )
-from workflows.models import (
-    DiscardStagedRootDiskInput,
-    PreparedRootDisk,
-    PrepareRootDiskInput,
-    RemoveBackupInput,
-    RestoreRootDiskInput,
-    StagedRootDisk,
-    StageRootDiskInput,
-)
+from workflows import activity_models as io
 
 DISK_FORMATS = ("raw", "qcow2")
 # The new disk's qcow2 metadata and the records next to it need little; a disk with less than this
@@ -72,7 +64,7 @@ class FileOverlay:
         if not dx.same(root.element, disk):
             await asyncio.to_thread(root.domain.update_disk, root.xml, disk)
 
-    async def prepare(self, root: RootDiskAt, request: PrepareRootDiskInput) -> PreparedRootDisk:
+    async def prepare(self, root: RootDiskAt, request: io.PrepareRootDiskInput) -> io.PreparedRootDisk:
         """Keep the old disk as a backup, put a qcow2 overlay on the cached image in its place."""
         base = self.state.image_path(request.image_sha256)
         real = real_path(root)
@@ -107,9 +99,9 @@ class FileOverlay:
         original = _recorded_disk(root, request.rebuild_id)
         await self._define(root, dx.rebuilt_disk(original, str(base), request.image_format))
         await self.checkpoints.reach("prepare.after-new-disk")
-        return PreparedRootDisk(disk_path=root.disk.path, backup_path=str(backup), virtual_size=size)
+        return io.PreparedRootDisk(disk_path=root.disk.path, backup_path=str(backup), virtual_size=size)
 
-    async def stage(self, root: RootDiskAt, request: StageRootDiskInput) -> StagedRootDisk:
+    async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The new disk, written beside the old one while the instance runs: a qcow2 overlay on the
         cached image, as large as the old disk at least. A retry finds it and keeps it."""
         base = self.state.image_path(request.image_sha256)
@@ -123,13 +115,13 @@ class FileOverlay:
         if not _is_overlay(fresh, base, size):
             await _create_overlay(fresh, base, request.image_format, size)
         _copy_ownership(Path(real), fresh)
-        return StagedRootDisk(staged_at=str(fresh), virtual_size=size, mode="overlay")
+        return io.StagedRootDisk(staged_at=str(fresh), virtual_size=size, mode="overlay")
 
-    async def discard_staged(self, root: RootDiskAt, request: DiscardStagedRootDiskInput) -> None:
+    async def discard_staged(self, root: RootDiskAt, request: io.DiscardStagedRootDiskInput) -> None:
         """The staged disk goes; once prepare renamed it into place it has no name of its own left."""
         _drop_new_disk(real_path(root), request.rebuild_id)
 
-    async def restore(self, root: RootDiskAt, request: RestoreRootDiskInput) -> None:
+    async def restore(self, root: RootDiskAt, request: io.RestoreRootDiskInput) -> None:
         """Put the backup back, and the old disk's definition with it. A disk already restored, or
         never replaced, is a success.
 
@@ -166,7 +158,7 @@ class FileOverlay:
             record.unlink(missing_ok=True)
         record_path(real, request.rebuild_id, "snapshots.json").unlink(missing_ok=True)
 
-    def _refuse_if_new_disk(self, request: RestoreRootDiskInput, disk: str, backup: Path) -> None:
+    def _refuse_if_new_disk(self, request: io.RestoreRootDiskInput, disk: str, backup: Path) -> None:
         backing = qcow2.read_header(Path(disk))
         if backing is None or not backing.backing_file:
             return
@@ -185,7 +177,7 @@ class FileOverlay:
             f"{', '.join(others) or 'none'}"
         )
 
-    async def remove_backup(self, root: RootDiskAt, request: RemoveBackupInput) -> None:
+    async def remove_backup(self, root: RootDiskAt, request: io.RemoveBackupInput) -> None:
         """The old disk goes, and with --discard-snapshots its snapshots' metadata (first, so that a
         crash in between never leaves snapshots whose disk is gone unannounced)."""
         real = real_path(root)
