@@ -88,10 +88,22 @@ def test_disk_shapes_an_overlay_cannot_replace_are_refused(extra: str, why: str)
         root(domain(disk("vda", extra=extra)))
 
 
-def test_other_disk_types_and_formats_are_refused() -> None:
+def test_each_kind_of_root_disk_says_where_it_is_and_other_kinds_are_refused() -> None:
     block = "<disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vda'/></disk>"
-    with pytest.raises(UnsupportedInstance, match="type 'block'"):
-        root(domain(block))
+    volume = "<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='vda'/></disk>"
+    rbd = "<disk type='network' device='disk'><source protocol='rbd' name='r/i'/><target dev='vda'/></disk>"
+    for xml, where, kind in (
+        (block, "/dev/sdz", "block"),
+        (volume, "p/v", "volume"),
+        (rbd, "rbd:r/i", "network"),
+    ):
+        found = dx.root_disk(domain(xml), "vm")
+        assert (found.path, found.kind) == (where, kind)
+    nbd = rbd.replace("protocol='rbd'", "protocol='nbd'")
+    with pytest.raises(UnsupportedInstance, match="over 'nbd'"):
+        root(domain(nbd))
+    with pytest.raises(UnsupportedInstance, match="type 'dir'"):
+        root(domain("<disk type='dir' device='disk'><source dir='/d'/><target dev='vda'/></disk>"))
     with pytest.raises(UnsupportedInstance, match="vmdk"):
         root(domain(disk("vda").replace("type='raw'", "type='vmdk'")))
 

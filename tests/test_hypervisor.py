@@ -113,7 +113,9 @@ async def test_inspect_refuses_a_block_device_root_disk(tmp_path: Path) -> None:
     xml = xml.replace("<disk type='file' device='disk'>", "<disk type='block' device='disk'>", 1)
     xml = xml.replace(f"<source file='{vm.disk}'", "<source dev='/dev/sdz'", 1)
     conn.defineXML(xml)
-    with pytest.raises(UnsupportedInstance, match="only file-backed root disks"):
+    with pytest.raises(
+        UnsupportedInstance, match="of type 'block'; root disks of type file can be rebuilt here"
+    ):
         await env.run(
             HypervisorActivities(vm.libvirt).inspect_instance, InspectInstanceInput(instance="vm-1")
         )

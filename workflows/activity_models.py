@@ -15,11 +15,13 @@ from workflows.wire import Wire
 
 __all__ = [
     "DEFAULT_RUNNING_SECONDS",
+    "DISK_MODES",
     "CachedImage",
     "CheckImageInput",
     "CheckedImage",
     "DiscardStagedRootDiskInput",
     "DiskFormat",
+    "DiskMode",
     "FetchImageInput",
     "FetchProgress",
     "HostInventory",
@@ -56,6 +58,9 @@ __all__ = [
 
 
 DiskFormat = Literal["raw", "qcow2"]
+# How a file root disk's new disk is made (see RebuildRequest.disk_mode).
+DiskMode = Literal["overlay", "copy"]
+DISK_MODES: tuple[str, ...] = ("overlay", "copy")
 
 # How a stop ended: the guest powered off on the ACPI button or on the guest agent's request, or it was
 # forced off after the stop timeout. None: it was off already.
@@ -228,6 +233,9 @@ class PrepareRootDiskInput(NewRootDisk):
 
 class StageRootDiskInput(NewRootDisk):
     """Write the new root disk while the instance still runs, beside the old one, never in its place."""
+
+    # overlay or copy for a file root disk; None: the host worker's default.
+    disk_mode: str | None = None
 
 
 class StagedRootDisk(Wire):

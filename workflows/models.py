@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 # The star imports re-export what used to be defined here, for the code that imports it from here.
 from workflows.activity_models import *  # noqa: F403
-from workflows.activity_models import DiskFormat, StopMethod, VerifySpec
+from workflows.activity_models import DiskFormat, DiskMode, StopMethod, VerifySpec
 from workflows.checks import *  # noqa: F403
 from workflows.checks import DISK_TARGET, GLANCE_IMAGE_ID, SHA256_HEX, SHA512_HEX, HostName, InstanceName
 from workflows.identity import IdentityChange
@@ -95,6 +95,9 @@ class RebuildRequest(Wire):
     identity: IdentityChange | None = None
     # Boot the new image in a throwaway sandbox before the stop; None: the host worker's default.
     preflight: bool | None = None
+    # A file root disk's new disk: "overlay" (qcow2 on the cached image, constant time) or "copy" (a
+    # standalone disk in the old disk's format: raw stays raw); None: the host worker's default.
+    disk_mode: str | None = None
     # The root disk's target device (vda, sda, ...) where the boot order leaves it ambiguous; None:
     # the disk that comes first in the domain's boot order.
     root_disk: str | None = None
@@ -123,6 +126,7 @@ class StrictRebuildRequest(RebuildRequest):
     approval_timeout_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
     confirm_within_seconds: float | None = Field(default=None, gt=0, le=30 * 86400)
     root_disk: str | None = Field(default=None, pattern=DISK_TARGET.pattern)
+    disk_mode: DiskMode | None = None
 
     @field_validator("image_url")
     @classmethod
@@ -240,6 +244,8 @@ class RebuildStatus(Wire):
     verify: str = "default"
     stopped_by: StopMethod | None = None
     verified_by: str | None = None
+    # How the new root disk was made, once staged: overlay, copy, volume, ... (the back end's word).
+    disk_mode: str | None = None
 
 
 class RebuildResult(Wire):
@@ -261,3 +267,4 @@ class RebuildResult(Wire):
     cleanup_error: str | None = None
     stopped_by: StopMethod | None = None
     verified_by: str | None = None
+    disk_mode: str | None = None

@@ -241,12 +241,13 @@ class RebuildInstance:
         )
         drop = lambda: self._steps.undo(contract.discard_staged_root_disk, discard)  # noqa: E731
         self._saga.push("drop the staged disk", drop, tidy=True)
-        await self._steps.run(
+        staged = await self._steps.run(
             Phase.STAGE,
             contract.stage_root_disk,
-            io.StageRootDiskInput(**self._new_disk(instance, image)),
+            io.StageRootDiskInput(**self._new_disk(instance, image), disk_mode=self._request.disk_mode),
             STAGE,
         )
+        self._state.disk_mode = staged.mode
 
     async def _stop(self, request: RebuildRequest, instance: io.InstanceInfo) -> io.StopResult:
         if instance.was_running:

@@ -39,6 +39,7 @@ class RebuildState:
         self.identity: str | None = None
         self.stopped_by: StopMethod | None = None
         self.verified_by: str | None = None
+        self.disk_mode: str | None = None
         # What went wrong, what came out of turn (signals ignored, with why), what was undone.
         self.last_error: str | None = None
         self.last_error_type: str | None = None
@@ -75,6 +76,7 @@ class RebuildState:
             verify=self.request.verify or "default",
             stopped_by=self.stopped_by,
             verified_by=self.verified_by,
+            disk_mode=self.disk_mode,
         )
 
     def rebuilt(self, image: NewImage, downtime: float | None, forced_stop: bool) -> RebuildResult:
@@ -90,6 +92,7 @@ class RebuildState:
             cleanup_error=self.cleanup_error,
             stopped_by=self.stopped_by,
             verified_by=self.verified_by,
+            disk_mode=self.disk_mode,
         )
 
     def not_rebuilt(self, outcome: Outcome, failed_step: Phase) -> RebuildResult:
@@ -105,6 +108,7 @@ class RebuildState:
             undone=list(self.undone),
             stopped_by=self.stopped_by,
             verified_by=self.verified_by,
+            disk_mode=self.disk_mode,
         )
 
     def details(self) -> str:

@@ -15,17 +15,24 @@ from activities.domain_xml.devices import SEED_ALIAS
 from activities.errors import UnsupportedInstance
 
 DISK_FORMATS = ("raw", "qcow2")
+# The kinds of root disk (the <disk type>) a back end in activities/root_disks may replace.
+KINDS = ("file", "block", "volume", "network")
 # <os><boot dev=...> names, and the device each stands for (libvirt gives the index to the first one).
 _LEGACY_BOOT_DEVICES = {"hd": "disk", "cdrom": "cdrom", "fd": "floppy", "network": "interface"}
 
 
 @dataclass(frozen=True)
 class RootDisk:
-    """The disk a rebuild replaces, as the definition names it (``path`` may be a symlink)."""
+    """The disk a rebuild replaces, as the definition names it.
+
+    ``path`` is where its kind says it is: a file (maybe a symlink) or a block device, ``pool/volume``
+    for a storage-pool volume, ``rbd:pool/image`` for a network disk.
+    """
 
     path: str
     format: str
     target: str
+    kind: str = "file"
 
 
 def parse(text: str) -> ET.Element:
@@ -148,11 +155,18 @@ def _refuse_shape(disk: ET.Element, instance: str) -> None:
     target = _target(disk) or "?"
     where = f"instance {instance!r}: root disk {target}"
     kind = disk.get("type", "file")
-    if kind != "file":
-        raise UnsupportedInstance(f"{where} is of type {kind!r}; only file-backed root disks can be rebuilt")
+    if kind not in KINDS:
+        raise UnsupportedInstance(
+            f"{where} is of type {kind!r}; root disks of type {', '.join(KINDS)} can be rebuilt"
+        )
     source = disk.find("source")
-    if source is None or not source.get("file"):
-        raise UnsupportedInstance(f"{where} has no source file")
+    if source is None or not _where(disk):
+        raise UnsupportedInstance(f"{where} has no source")
+    if kind == "network" and source.get("protocol") != "rbd":
+        raise UnsupportedInstance(
+            f"{where} is a network disk over {source.get('protocol')!r}; only RBD network disks can be "
+            "rebuilt"
+        )
     if disk.find("encryption") is not None or source.find("encryption") is not None:
         raise UnsupportedInstance(
             f"{where} is encrypted (<encryption>); a new disk would not be, so it is not rebuilt"
@@ -174,17 +188,31 @@ def _refuse_shape(disk: ET.Element, instance: str) -> None:
         raise UnsupportedInstance(f"instance {instance!r}: root disk has no target device")
 
 
+def _where(disk: ET.Element) -> str | None:
+    source = disk.find("source")
+    if source is None:
+        return None
+    kind = disk.get("type", "file")
+    if kind == "volume":
+        pool, volume = source.get("pool"), source.get("volume")
+        return f"{pool}/{volume}" if pool and volume else None
+    if kind == "network":
+        name = source.get("name")
+        return f"{source.get('protocol')}:{name}" if name else None
+    return source.get("dev" if kind == "block" else "file")
+
+
 def root_disk(xml: ET.Element, instance: str, target: str | None = None) -> RootDisk:
-    """The root disk, refused here when its shape cannot be rebuilt (see ``_refuse_shape``)."""
+    """The root disk, refused here when its shape cannot be rebuilt (see ``_refuse_shape``); a root-disk
+    back end refuses more of its own kind."""
     disk = root_disk_element(xml, instance, target)
     _refuse_shape(disk, instance)
-    source = disk.find("source")
     driver = disk.find("driver")
-    assert source is not None
     return RootDisk(
-        path=str(source.get("file")),
+        path=str(_where(disk)),
         format=driver.get("type", "raw") if driver is not None else "raw",
         target=str(_target(disk)),
+        kind=disk.get("type", "file"),
     )
 
 

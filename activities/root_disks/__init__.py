@@ -9,6 +9,7 @@ again after a crash at any line and end in the same state.
 from __future__ import annotations
 
 from activities.checkpoints import Checkpoints
+from activities.errors import UnsupportedInstance
 from activities.root_disks.base import DISCARD, RootDiskAt, RootDiskBackend
 from activities.root_disks.file_overlay import FileOverlay
 from activities.state import StateDir
@@ -23,10 +24,22 @@ class RootDisks:
         self.files = FileOverlay(state, checkpoints)
 
     def backend(self, root: RootDiskAt) -> RootDiskBackend:
-        """Only files today: ``domain_xml.root_disk`` refuses every other kind before this."""
+        _backend_class(root)
         return self.files
+
+
+def _backend_class(root: RootDiskAt) -> type[RootDiskBackend]:
+    """The back end for the root disk's kind; a kind none replaces is refused, with the kinds that are."""
+    backends: dict[str, type[RootDiskBackend]] = {"file": FileOverlay}
+    backend = backends.get(root.disk.kind)
+    if backend is None:
+        raise UnsupportedInstance(
+            f"instance {root.domain.name!r}: root disk {root.disk.target} is of type {root.disk.kind!r}; "
+            f"root disks of type {', '.join(backends)} can be rebuilt here"
+        )
+    return backend
 
 
 def refuse_unsupported(root: RootDiskAt, discard_snapshots: bool) -> None:
     """The checks of the root disk's back end, which need no host state: inspect asks them too."""
-    FileOverlay.refuse_unsupported(root, discard_snapshots)
+    _backend_class(root).refuse_unsupported(root, discard_snapshots)
