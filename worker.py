@@ -104,7 +104,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     )
     glance = GlanceActivities(config.glance, policy)
     disks = DiskActivities(conn, state, checkpoints)
-    seed = SeedActivities(conn)
+    seed = SeedActivities(conn, state)
     preflight = preflight_activities(config, conn)
     return [
         hypervisor.inspect_instance,

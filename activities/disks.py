@@ -77,7 +77,10 @@ class DiskActivities:
         _validate_sizes(request)
         async with keep_alive():
             root = await self._root(request.instance, request.root_disk_target, stopped=False)
-            return await self.backend(root).stage(root, request)
+            staged = await self.backend(root).stage(root, request)
+            # Kill points every back end has (tests pause a worker here, then kill it).
+            await self.checkpoints.reach("stage.after-write")
+            return staged
 
     @activity.defn
     async def discard_staged_root_disk(self, request: io.DiscardStagedRootDiskInput) -> None:
@@ -112,4 +115,5 @@ class DiskActivities:
     async def remove_backup(self, request: io.RemoveBackupInput) -> None:
         """The rebuild is kept: the old disk goes, with what was kept beside it."""
         root = await self._root(request.instance, request.root_disk_target, stopped=False)
+        await self.checkpoints.reach("cleanup.before-remove")
         await self.backend(root).remove_backup(root, request)

@@ -25,7 +25,7 @@ from temporalio import activity
 
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
-from activities import qemu_img
+from activities import qemu_img, root_disks
 from activities.boot_check import BootCheck
 from activities.checkpoints import Checkpoints
 from activities.errors import (
@@ -36,6 +36,7 @@ from activities.errors import (
     PreflightFailed,
     UnsupportedInstance,
 )
+from activities.root_disks import RootDiskAt
 from activities.seed_image import build_seed
 from activities.state import StateDir
 from workflows.identity import GuestIdentity
@@ -98,10 +99,11 @@ class PreflightActivities:
         async with self._slot():
             waited = time.monotonic() - began
             try:
-                xml = await asyncio.to_thread(self.libvirt.domain(request.instance).definition)
+                domain = self.libvirt.domain(request.instance)
+                xml = await asyncio.to_thread(domain.definition)
                 disk = dx.step_root_disk(xml, request.instance, request.root_disk_target)
-                old = await qemu_img.image_info(disk.path, disk.format)
-                size = max(int(old["virtual-size"]), request.image_virtual_size, request.min_virtual_size)
+                old = await root_disks.virtual_size(RootDiskAt(domain, xml, disk))
+                size = max(old, request.image_virtual_size, request.min_virtual_size)
                 overlay.unlink(missing_ok=True)
                 await qemu_img.create_overlay(str(overlay), str(image), request.image_format, size)
                 console.write_bytes(b"")

@@ -20,7 +20,7 @@ from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities.errors import InvalidRequest
 from activities.seed_image import build_seed
-from activities.state import seed_path, seed_undo_path, write_atomically
+from activities.state import StateDir, seed_path, seed_undo_path, write_atomically
 from workflows.identity import GuestIdentity, identity_problems
 from workflows.models import PrepareSeedInput, RemoveSeedBackupInput, RestoreSeedInput, SeedResult
 
@@ -33,20 +33,28 @@ class _Before(BaseModel):
 
 
 class SeedActivities:
-    def __init__(self, libvirt_conn: ld.Libvirt) -> None:
+    def __init__(self, libvirt_conn: ld.Libvirt, state: StateDir | None = None) -> None:
         self.libvirt = libvirt_conn
+        self.state = state
 
-    async def _definition(self, instance: str, target: str | None) -> tuple[ET.Element, dx.RootDisk]:
+    async def _definition(self, instance: str, target: str | None) -> tuple[ET.Element, str]:
+        """The definition, and where the seed's files go: beside a file root disk; for other kinds
+        in the worker's state directory, under the instance's UUID (QEMU's user can reach both)."""
         xml = await asyncio.to_thread(self.libvirt.domain(instance).definition)
-        return xml, dx.step_root_disk(xml, instance, target)
+        disk = dx.step_root_disk(xml, instance, target)
+        if disk.kind == "file" or self.state is None:
+            return xml, disk.path
+        seeds = self.state.root / "seeds"
+        seeds.mkdir(mode=0o711, exist_ok=True)
+        return xml, str(seeds / str(xml.findtext("uuid")))
 
     @activity.defn
     async def prepare_seed(self, request: PrepareSeedInput) -> SeedResult:
         """Build the new seed from the instance's identity and the request's change, and attach it."""
         if request.change is not None and (problems := identity_problems(request.change)):
             raise InvalidRequest("; ".join(problems))
-        xml, disk = await self._definition(request.instance, request.root_disk_target)
-        undo = seed_undo_path(disk.path, request.rebuild_id)
+        xml, home = await self._definition(request.instance, request.root_disk_target)
+        undo = seed_undo_path(home, request.rebuild_id)
         if undo.exists():
             # A retry: the definition may already hold the new seed; what came before is recorded.
             before = _Before.model_validate_json(undo.read_text())
@@ -56,7 +64,7 @@ class SeedActivities:
         identity = before.identity or GuestIdentity()
         if request.change is not None:
             identity = request.change.applied_to(identity)
-        seed = seed_path(disk.path, request.rebuild_id)
+        seed = seed_path(home, request.rebuild_id)
         instance_id = f"{xml.findtext('uuid')}-{request.rebuild_id}"
         await asyncio.to_thread(build_seed, identity, instance_id, seed)
         definition = dx.with_seed(xml, request.instance, str(seed), identity)
@@ -71,14 +79,14 @@ class SeedActivities:
     @activity.defn
     async def restore_seed(self, request: RestoreSeedInput) -> None:
         """Put the old seed and identity back. Nothing recorded: nothing of ours to undo."""
-        xml, disk = await self._definition(request.instance, request.root_disk_target)
-        undo = seed_undo_path(disk.path, request.rebuild_id)
+        xml, home = await self._definition(request.instance, request.root_disk_target)
+        undo = seed_undo_path(home, request.rebuild_id)
         if not undo.exists():
             return
         before = _Before.model_validate_json(undo.read_text())
         definition = dx.with_seed(xml, request.instance, before.seed_path, before.identity)
         await asyncio.to_thread(self.libvirt.domain(request.instance).define, definition)
-        new = seed_path(disk.path, request.rebuild_id)
+        new = seed_path(home, request.rebuild_id)
         if str(new) != before.seed_path:
             new.unlink(missing_ok=True)
         undo.unlink()
@@ -86,18 +94,18 @@ class SeedActivities:
     @activity.defn
     async def remove_seed_backup(self, request: RemoveSeedBackupInput) -> None:
         """The rebuild is kept: the old seed file goes (only one this project made, beside the disk)."""
-        _, disk = await self._definition(request.instance, request.root_disk_target)
-        undo = seed_undo_path(disk.path, request.rebuild_id)
+        _, home = await self._definition(request.instance, request.root_disk_target)
+        undo = seed_undo_path(home, request.rebuild_id)
         if not undo.exists():
             return
         before = _Before.model_validate_json(undo.read_text())
-        new = seed_path(disk.path, request.rebuild_id)
+        new = seed_path(home, request.rebuild_id)
         old = Path(before.seed_path) if before.seed_path else None
         if (
             old is not None
             and old != new
             and old.parent == new.parent
-            and old.name.startswith(f"{Path(disk.path).name}.seed-")
+            and old.name.startswith(f"{Path(home).name}.seed-")
         ):
             old.unlink(missing_ok=True)
         undo.unlink()

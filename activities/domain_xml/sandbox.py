@@ -119,7 +119,9 @@ def _point_at(disk: ET.Element, new_disk: ET.Element, overlay: Path) -> None:
     """The sandbox's root disk: the rebuild's new disk, on the throwaway overlay."""
     disk.clear()
     disk.attrib.update(new_disk.attrib)
-    disk.extend(ET.fromstring(ET.tostring(new_disk)))
+    # Whatever the instance's disk is (a volume, a block device, RBD), the sandbox's is a file.
+    disk.set("type", "file")
+    disk.extend(child for child in ET.fromstring(ET.tostring(new_disk)) if child.tag != "auth")
     source = disk.find("source")
     assert source is not None
     source.clear()

@@ -40,6 +40,11 @@ def _backend_class(root: RootDiskAt) -> type[RootDiskBackend]:
     return backend
 
 
+async def virtual_size(root: RootDiskAt) -> int:
+    """The root disk's size as the guest sees it, by its back end (pre-flight sizes its sandbox so)."""
+    return await _backend_class(root).virtual_size(root)
+
+
 def refuse_unsupported(root: RootDiskAt, discard_snapshots: bool) -> None:
     """The checks of the root disk's back end, which need no host state: inspect asks them too."""
     _backend_class(root).refuse_unsupported(root, discard_snapshots)

@@ -41,6 +41,10 @@ class RootDiskBackend(Protocol):
         """Refuse, with its reason, a disk of this kind that a rebuild could not replace faithfully.
         Asked while the instance runs (inspect) and again before the swap (prepare); blocking."""
 
+    @staticmethod
+    async def virtual_size(root: RootDiskAt) -> int:
+        """The root disk's size as the guest sees it (the new disk is at least as large)."""
+
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The instance still runs: write the new disk beside the old one, never in its place."""
 

@@ -57,6 +57,10 @@ class FileOverlay:
         _refuse_unusable_file(root.domain.name, root.disk, discard_snapshots)
         _refuse_shared_file(root, root.disk)
 
+    @staticmethod
+    async def virtual_size(root: RootDiskAt) -> int:
+        return await _virtual_size(Path(real_path(root)), root.disk.format)
+
     def began(self, root: RootDiskAt, rebuild_id: str) -> bool:
         return backup_path(real_path(root), rebuild_id).exists()
 
@@ -107,11 +111,7 @@ class FileOverlay:
         base = self.state.image_path(request.image_sha256)
         real = real_path(root)
         fresh = new_disk_path(real, request.rebuild_id)
-        size = max(
-            await _virtual_size(Path(real), root.disk.format),
-            request.image_virtual_size,
-            request.min_virtual_size,
-        )
+        size = max(await self.virtual_size(root), request.image_virtual_size, request.min_virtual_size)
         if not _is_overlay(fresh, base, size):
             await _create_overlay(fresh, base, request.image_format, size)
         _copy_ownership(Path(real), fresh)
