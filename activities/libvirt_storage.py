@@ -8,6 +8,7 @@ Every call blocks (run it in a thread); libvirt's errors are translated once, he
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,7 +18,13 @@ from typing import Any, TypeVar
 import libvirt
 
 from activities import domain_xml as dx
-from activities.errors import HostOutOfSpace, HypervisorError, HypervisorUnavailable, UnsupportedInstance
+from activities.errors import (
+    DefinitionRefused,
+    HostOutOfSpace,
+    HypervisorError,
+    HypervisorUnavailable,
+    UnsupportedInstance,
+)
 from activities.libvirt_domain import Libvirt
 
 T = TypeVar("T")
@@ -39,6 +46,12 @@ def _call(what: str, action: Callable[[], T]) -> T:
             raise HypervisorUnavailable(f"libvirt is unreachable: {message}") from None
         if "no large enough free extent" in message or "No space left" in message:
             raise HostOutOfSpace(f"{what}: {message}") from None
+        if code in (
+            libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+            libvirt.VIR_ERR_XML_ERROR,
+            libvirt.VIR_ERR_INVALID_ARG,
+        ):
+            raise DefinitionRefused(f"{what}: {message}") from None
         raise HypervisorError(f"{what}: {message}") from None
 
 
@@ -73,6 +86,10 @@ class Pool:
             available=int(available),
             target=xml.findtext("./target/path") or "",
         )
+
+    def definition(self) -> ET.Element:
+        pool = self._pool()
+        return dx.parse(_call(f"pool {self.name!r}", lambda: pool.XMLDesc(0)))
 
     def refresh(self) -> None:
         pool = self._pool()
@@ -130,10 +147,31 @@ class Volume:
         try:
             self.handle.delete(0)
         except libvirt.libvirtError as err:
-            if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
-                raise HypervisorError(f"deleting volume {self.name!r}: {err.get_error_message()}") from None
+            if err.get_error_code() == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                return
+            message = err.get_error_message() or ""
+            if "Partition doesn't exist" not in message:
+                raise HypervisorError(f"deleting volume {self.name!r}: {message}") from None
+            self._delete_partition()
 
-    def upload(self, source: Path, heartbeat: Callable[[int], None]) -> None:
+    def _delete_partition(self) -> None:
+        """libvirt 9.0's disk pools ask parted to remove partition "p2" of a device whose name ends in
+        a digit (/dev/loop0p2, /dev/nvme0n1p2) and fail: the same removal, with the number parted
+        knows, and the pool refreshed."""
+        device = self.pool.definition().find("./source/device")
+        path = self.path()
+        base = device.get("path", "") if device is not None else ""
+        number = path.removeprefix(base).removeprefix("p")
+        if not base or not path.startswith(base) or not number.isdigit():
+            raise HypervisorError(f"deleting volume {self.name!r}: not a partition of {base or 'its pool'}")
+        done = subprocess.run(
+            ["parted", "--script", base, "rm", number], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise HypervisorError(f"deleting partition {path}: {done.stderr.strip()}")
+        self.pool.refresh()
+
+    def upload(self, source: Path) -> None:
         """The file's bytes, as they are, into the volume from its start, streamed through libvirt."""
         conn = self.pool.libvirt.connection()
         size = source.stat().st_size
@@ -141,11 +179,8 @@ class Volume:
         _call(f"upload into volume {self.name!r}", lambda: self.handle.upload(stream, 0, size, 0))
         try:
             with open(source, "rb") as data:
-                sent = 0
                 while chunk := data.read(UPLOAD_CHUNK):
                     _call(f"upload into volume {self.name!r}", lambda c=chunk: stream.send(c))  # type: ignore[misc]
-                    sent += len(chunk)
-                    heartbeat(sent)
             _call(f"upload into volume {self.name!r}", stream.finish)
         except BaseException:
             with contextlib.suppress(libvirt.libvirtError):

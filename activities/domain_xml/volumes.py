@@ -6,13 +6,17 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 
-def volume_definition(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
-    """A volume of ``capacity`` bytes in ``fmt``; with ``backing`` (path, format), an overlay on it."""
+def volume_definition(
+    name: str, capacity: int, fmt: str | None, backing: tuple[str, str] | None = None
+) -> str:
+    """A volume of ``capacity`` bytes in ``fmt`` (None: a block pool's, which names none); with
+    ``backing`` (path, format), an overlay on it."""
     volume = ET.Element("volume")
     ET.SubElement(volume, "name").text = name
     ET.SubElement(volume, "capacity", {"unit": "bytes"}).text = str(capacity)
     target = ET.SubElement(volume, "target")
-    ET.SubElement(target, "format", {"type": fmt})
+    if fmt is not None:
+        ET.SubElement(target, "format", {"type": fmt})
     if backing is not None:
         store = ET.SubElement(volume, "backingStore")
         ET.SubElement(store, "path").text = backing[0]

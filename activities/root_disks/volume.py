@@ -20,14 +20,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from temporalio import activity
-
 from activities import domain_xml as dx
 from activities import libvirt_storage as st
 from activities import qemu_img
 from activities.checkpoints import Checkpoints
 from activities.errors import (
     BootCheckFailed,
+    DefinitionRefused,
     DiskMissing,
     HostOutOfSpace,
     HypervisorError,
@@ -187,7 +186,8 @@ class PoolVolume:
             image = await self._pool_copy(old.pool, base, request.image_sha256, request.image_format)
             new, how = await asyncio.to_thread(_clone, old.pool, image, name, size)
         else:
-            definition = dx.volume_definition(name, size, "raw")
+            # A partition or a logical volume has no format of its own to name: its bytes are raw.
+            definition = dx.volume_definition(name, size, None)
             new = await asyncio.to_thread(old.pool.create, definition)
             await qemu_img.convert_into(
                 str(base), request.image_format, await asyncio.to_thread(new.path), "raw"
@@ -208,7 +208,8 @@ class PoolVolume:
             await asyncio.to_thread(found.delete)
         definition = dx.volume_definition(name, base.stat().st_size, fmt)
         image = await asyncio.to_thread(pool.create, definition)
-        await asyncio.to_thread(image.upload, base, lambda sent: activity.heartbeat(f"uploaded {sent} bytes"))
+        # The stage activity heartbeats meanwhile (keep_alive): an upload of a large image takes a while.
+        await asyncio.to_thread(image.upload, base)
         done.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(done, name)
         return image
@@ -248,7 +249,7 @@ class PoolVolume:
             source = {"pool": pool.name, "volume": new.name}
         else:
             source = {"dev": await asyncio.to_thread(new.path)}
-        disk = dx.pointed_at(original, source, "raw" if fmt == "raw" else "qcow2")
+        disk = dx.pointed_at(original, source, "qcow2" if fmt == "qcow2" else "raw")
         if not dx.same(root.element, disk):
             await asyncio.to_thread(root.domain.update_disk, root.xml, disk)
         await self.checkpoints.reach("prepare.after-new-disk")
@@ -297,7 +298,7 @@ def _clone(pool: st.Pool, image: st.Volume, name: str, size: int) -> tuple[st.Vo
     definition = dx.volume_definition(name, size, "raw")
     try:
         new, how = pool.create(definition, image, reflink=True), "raw volume, a reflink of the image"
-    except HypervisorError:
+    except (HypervisorError, DefinitionRefused):
         new, how = pool.create(definition, image), "raw volume, a copy of the image"
     new.resize(size)
     return new, how

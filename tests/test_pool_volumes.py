@@ -1,0 +1,257 @@
+"""Root disks in libvirt storage pools, on a real libvirtd with boot-sector guests.
+
+A dir pool, an fs pool on an XFS loop device (its raw volumes are reflinked), and a disk pool on a
+loop device whose partitions are block devices. Each root disk is rebuilt (the console proves image B
+booted, the disk names the new volume, the old volume is gone after cleanup), rolled back by an image
+that does not boot (the old volume, byte for byte, boots again), and resumed after a worker is killed
+at each kill point. A block device no pool manages is refused before the stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from temporalio.client import Client
+
+from devtools.guest import boot_sector, write_image
+from devtools.testbed.e2e import DOMAIN_PREFIX, rebuild_cli, wait_for_file
+from devtools.testbed.shapes import Bed, Shaped, assert_refused_before_stop, disk_of
+from workflows.models import rebuild_workflow_id
+
+VOLUME_BYTES = 4 << 20
+
+
+@dataclass
+class Pool:
+    """A pool the test made, and what to undo: the pool, its loop device, its backing file."""
+
+    handle: Any
+    kind: str
+    loop: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.handle.name())
+
+    def volume(self, name: str) -> Any:
+        self.handle.refresh(0)
+        return self.handle.storageVolLookupByName(name)
+
+    def names(self) -> set[str]:
+        self.handle.refresh(0)
+        return {v.name() for v in self.handle.listAllVolumes(0)}
+
+
+def losetup(path: Path) -> str:
+    return subprocess.run(
+        ["losetup", "--find", "--show", "--partscan", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def make_pool(conn: Any, directory: Path, kind: str) -> Pool:
+    name = f"{DOMAIN_PREFIX}{kind}-{uuid.uuid4().hex[:6]}"
+    target = directory / f"pool-{kind}"
+    loop = None
+    if kind == "dir":
+        target.mkdir()
+        xml = f"<pool type='dir'><name>{name}</name><target><path>{target}</path></target></pool>"
+    else:
+        backing = directory / f"pool-{kind}.img"
+        with open(backing, "wb") as image:
+            image.truncate(512 << 20 if kind == "fs" else 64 << 20)
+        loop = losetup(backing)
+        if kind == "fs":
+            target.mkdir()
+            source = f"<device path='{loop}'/><format type='xfs'/>"
+        else:
+            source = f"<device path='{loop}'/><format type='gpt'/>"
+            target = Path("/dev")
+        xml = (
+            f"<pool type='{kind}'><name>{name}</name><source>{source}</source>"
+            f"<target><path>{target}</path></target></pool>"
+        )
+    handle = conn.storagePoolDefineXML(xml, 0)
+    pool = Pool(handle, kind, loop)
+    try:
+        if kind != "dir":
+            handle.build(libvirt.VIR_STORAGE_POOL_BUILD_OVERWRITE)
+        handle.create(0)
+    except BaseException:
+        remove_pool(pool)
+        raise
+    return pool
+
+
+def remove_pool(pool: Pool) -> None:
+    try:
+        if pool.handle.isActive():
+            if pool.kind != "disk":  # a disk pool's partitions go with the loop device
+                for volume in pool.handle.listAllVolumes(0):
+                    volume.delete(0)
+            pool.handle.destroy()
+        pool.handle.undefine()
+    except libvirt.libvirtError:
+        pass
+    if pool.loop is not None:
+        subprocess.run(["losetup", "-d", pool.loop], check=False)
+
+
+@pytest.fixture
+def pools(libvirt_conn: Any, guest_dir: Path) -> Iterator[dict[str, Pool]]:
+    """The pools a test made (root_volume fills it), removed after it with their loop devices."""
+    made: dict[str, Pool] = {}
+    yield made
+    for pool in made.values():
+        remove_pool(pool)
+
+
+def root_volume(conn: Any, directory: Path, pools: dict[str, Pool], kind: str, fmt: str) -> tuple[Pool, Any]:
+    """A volume that boots image A, in a new pool of ``kind``."""
+    pool = make_pool(conn, directory, kind)
+    pools[kind] = pool
+    name = f"root.{fmt}"
+    if kind == "disk":
+        assert pool.loop is not None
+        name = f"{Path(pool.loop).name}p1"
+    volume = pool.handle.createXML(
+        f"<volume><name>{name}</name><capacity>{VOLUME_BYTES}</capacity>"
+        f"<target><format type='{fmt if kind != 'disk' else 'none'}'/></target></volume>",
+        0,
+    )
+    if fmt == "qcow2":
+        staging = write_image(directory / "a.qcow2", "image A", fmt="qcow2", size=VOLUME_BYTES)
+        subprocess.run(
+            ["qemu-img", "convert", "-q", "-n", "-O", "qcow2", str(staging), volume.path()], check=True
+        )
+    else:
+        with open(volume.path(), "r+b") as disk:
+            disk.write(boot_sector("image A"))
+    return pool, volume
+
+
+def guest_on(bed: Bed, pool: Pool, volume: Any, fmt: str) -> Shaped:
+    if pool.kind == "disk":
+        source = (
+            "<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+            f"<source dev='{volume.path()}'/>"
+        )
+    else:
+        source = (
+            f"<disk type='volume' device='disk'><driver name='qemu' type='{fmt}'/>"
+            f"<source pool='{pool.name}' volume='{volume.name()}'/>"
+        )
+    devices = source + "<target dev='vda' bus='virtio'/><boot order='1'/></disk>"
+    return bed.define(Path(volume.path()), devices)
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as disk:
+        return hashlib.sha256(disk.read(VOLUME_BYTES)).hexdigest()
+
+
+def named_volume(definition: str) -> str:
+    source = disk_of(definition, "vda").find("source")
+    assert source is not None
+    return str(source.get("volume") or Path(str(source.get("dev"))).name)
+
+
+SHAPES = [("dir", "qcow2"), ("dir", "raw"), ("fs", "raw"), ("disk", "raw")]
+
+
+@pytest.mark.parametrize(("kind", "fmt"), SHAPES)
+async def test_a_pool_volume_root_is_rebuilt_and_rolled_back(
+    bed: Bed, pools: dict[str, Pool], kind: str, fmt: str
+) -> None:
+    pool, volume = root_volume(bed.conn, bed.directory, pools, kind, fmt)
+    guest = guest_on(bed, pool, volume, fmt)
+    old_name, old_digest = volume.name(), digest(volume.path())
+    before = guest.definition()
+
+    bad_url, bad_sha = bed.serve("image C", "raw")
+    rolled_back = await bed.rebuild(guest, bad_url, bad_sha)
+    assert rolled_back.code == 1, rolled_back.stderr
+    assert "rolled back" in rolled_back.stderr, rolled_back.stderr
+    assert "image C" in guest.console(), rolled_back.stderr
+    guest.wait_for_console("image A", after=guest.console().index("image C"))
+    assert guest.definition() == before
+    assert digest(volume.path()) == old_digest, "the old volume is the one that boots again"
+    assert pool.names() - {n for n in pool.names() if n.startswith("rebuild-image-")} == {old_name}
+
+    url, sha = bed.serve("image B", "raw")
+    # Pre-flight too, once: its sandbox gets a throwaway file overlay, never the instance's volume.
+    preflight = ("--preflight",) if (kind, fmt) == ("dir", "raw") else ()
+    rebuilt = await bed.rebuild(guest, url, sha, "--json", *preflight)
+    assert rebuilt.code == 0, rebuilt.stderr
+    console = guest.console()
+    assert console.rindex("image B") > console.rindex("image A")
+    new_name = named_volume(guest.definition())
+    assert new_name != old_name
+    assert old_name not in pool.names(), "the old volume went at cleanup"
+    disk = disk_of(guest.definition(), "vda")
+    driver = disk.find("driver")
+    assert driver is not None and driver.get("type") == fmt
+    assert disk.get("type") == ("block" if kind == "disk" else "volume")
+    assert "volume" in str(rebuilt.json()["disk_mode"])
+    if preflight:
+        assert "preflight" in rebuilt.json()["step_seconds"]
+    if kind == "fs":
+        assert "reflink" in str(rebuilt.json()["disk_mode"])
+
+
+@pytest.mark.parametrize("point", ["stage.after-write", "prepare.after-new-disk", "cleanup.before-remove"])
+async def test_a_worker_killed_at_each_kill_point_leaves_a_rebuild_that_finishes(
+    bed: Bed, pools: dict[str, Pool], client: Client, point: str
+) -> None:
+    pool, volume = root_volume(bed.conn, bed.directory, pools, "dir", "qcow2")
+    guest = guest_on(bed, pool, volume, "qcow2")
+    worker = bed.worker
+    assert worker.pause_dir is not None
+    (worker.pause_dir / point).touch()
+    url, sha = bed.serve("image B", "raw")
+    args = ["start", guest.name, "--image", url, "--sha256", sha, "--host", worker.host,
+            "--stop-timeout", "0", "--boot-marker", "image B", "--boot-timeout", "10"]  # fmt: skip
+    assert (await rebuild_cli(bed.server.address, *args)).code == 0
+    await wait_for_file(worker.pause_dir / f"{point}.reached")
+    worker.kill()
+    (worker.pause_dir / point).unlink()
+    worker.start()
+    result = await client.get_workflow_handle(rebuild_workflow_id(worker.host, guest.name)).result()
+
+    assert result["outcome"] == "rebuilt"
+    guest.wait_for_console("image B")
+    assert named_volume(guest.definition()) != volume.name()
+    assert {n for n in pool.names() if not n.startswith("rebuild-image-")} == {
+        named_volume(guest.definition())
+    }
+
+
+async def test_a_block_device_no_pool_manages_is_refused_before_the_stop(bed: Bed) -> None:
+    backing = bed.directory / "lonely.img"
+    write_image(backing, "image A", size=VOLUME_BYTES)
+    loop = losetup(backing)
+    try:
+        devices = (
+            f"<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{loop}'/>"
+            "<target dev='vda' bus='virtio'/><boot order='1'/></disk>"
+        )
+        guest = bed.define(backing, devices)
+        before, sums, domain_id = guest.definition(), guest.checksums(), guest.domain.ID()
+        url, sha = bed.serve("image B", "raw")
+
+        result = await bed.rebuild(guest, url, sha)
+
+        assert_refused_before_stop(
+            result, guest, before, sums, domain_id, "belongs to no libvirt storage pool"
+        )
+        assert "define a pool for it" in result.stderr
+    finally:
+        bed.remove_guests()
+        subprocess.run(["losetup", "-d", loop], check=False)
