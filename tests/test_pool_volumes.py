@@ -207,11 +207,12 @@ async def test_a_pool_volume_root_is_rebuilt_and_rolled_back(
 
 
 @pytest.mark.parametrize("point", ["stage.after-write", "prepare.after-new-disk", "cleanup.before-remove"])
+@pytest.mark.parametrize(("kind", "fmt"), [("dir", "qcow2"), ("fs", "raw"), ("disk", "raw")])
 async def test_a_worker_killed_at_each_kill_point_leaves_a_rebuild_that_finishes(
-    bed: Bed, pools: dict[str, Pool], client: Client, point: str
+    bed: Bed, pools: dict[str, Pool], client: Client, point: str, kind: str, fmt: str
 ) -> None:
-    pool, volume = root_volume(bed.conn, bed.directory, pools, "dir", "qcow2")
-    guest = guest_on(bed, pool, volume, "qcow2")
+    pool, volume = root_volume(bed.conn, bed.directory, pools, kind, fmt)
+    guest = guest_on(bed, pool, volume, fmt)
     worker = bed.worker
     assert worker.pause_dir is not None
     (worker.pause_dir / point).touch()
