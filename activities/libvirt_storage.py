@@ -197,3 +197,12 @@ def volume_by_path(libvirt_conn: Libvirt, path: str) -> Volume | None:
     except libvirt.libvirtError:
         return None
     return Volume(Pool(libvirt_conn, pool_handle.name()), handle)
+
+
+def pools(libvirt_conn: Libvirt) -> list[Pool]:
+    """The host's active storage pools."""
+    conn = libvirt_conn.connection()
+    listed = _call(
+        "the storage pools", lambda: conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+    )
+    return [Pool(libvirt_conn, p.name()) for p in listed]

@@ -10,6 +10,7 @@ at each kill point. A block device no pool manages is refused before the stop.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -204,6 +205,32 @@ async def test_a_pool_volume_root_is_rebuilt_and_rolled_back(
         assert "preflight" in rebuilt.json()["step_seconds"]
     if kind == "fs":
         assert "reflink" in str(rebuilt.json()["disk_mode"])
+    await the_pool_copy_is_counted_and_kept_while_a_volume_needs_it(bed, guest, pool, sha, fmt)
+
+
+async def the_pool_copy_is_counted_and_kept_while_a_volume_needs_it(
+    bed: Bed, guest: Shaped, pool: Pool, sha: str, fmt: str
+) -> None:
+    """One copy of the image per pool (a disk pool keeps none: it cannot name one), listed by `rebuild
+    cache list`; a qcow2 volume backed by it keeps it from `rebuild cache prune`, a copy nothing needs
+    goes, and the instance's volume is never touched."""
+    common = ["--state-dir", str(bed.worker.state_dir), "--libvirt-uri", "qemu:///system", "--json"]
+    listed = await rebuild_cli(bed.server.address, "cache", "list", *common)
+    assert listed.code == 0, listed.stderr
+    copies = [e for e in json.loads(listed.stdout) if e["where"] == f"pool {pool.name}"]
+    if pool.kind == "disk":
+        assert copies == []
+        return
+    users = {c["sha256"]: c["users"] for c in copies}
+    assert len(users) == 2, "image B's, and image C's from the rolled-back attempt"
+    assert users.pop(sha) == ([guest.name] if fmt == "qcow2" else [])
+    assert list(users.values()) == [[]]
+    root = named_volume(guest.definition())
+    pruned = await rebuild_cli(bed.server.address, "cache", "prune", "--max-age-days", "0", *common)
+    assert pruned.code == 0, pruned.stderr
+    left = {n for n in pool.names() if n.startswith("rebuild-image-")}
+    assert left == ({f"rebuild-image-{sha[:16]}.raw"} if fmt == "qcow2" else set())
+    assert root in pool.names()
 
 
 @pytest.mark.parametrize("point", ["stage.after-write", "prepare.after-new-disk", "cleanup.before-remove"])
