@@ -106,11 +106,6 @@ class PoolVolume:
             )
         if pool.kind in st.BLOCK_POOLS and root.disk.format != "raw":
             raise UnsupportedInstance(f"{where}: a {root.disk.format} disk on a {pool.kind} pool's volume")
-        needed = OVERLAY_BYTES if _overlays(pool, root.disk.format) else volume.capacity()
-        if pool.available < needed:
-            raise HostOutOfSpace(
-                f"{where}: pool {pool.name!r} has {pool.available} bytes free, the new volume needs {needed}"
-            )
         names = _names(volume)
         for name, target, files in root.domain.libvirt.disk_users(skip=(root.domain.name, root.disk.target)):
             if names & set(files):
@@ -160,6 +155,8 @@ class PoolVolume:
         """A new volume beside the old one, written; a retry finds a written one, or starts again."""
         old = await asyncio.to_thread(locate, root)
         pool = await asyncio.to_thread(old.pool.info)
+        if self._planned(request.rebuild_id) is None:
+            _refuse_no_room(root, pool, old)
         size = max(
             await asyncio.to_thread(old.capacity), request.image_virtual_size, request.min_virtual_size
         )
@@ -286,6 +283,16 @@ class PoolVolume:
             if found is not None and not await asyncio.to_thread(_named_by, root.element, found):
                 await asyncio.to_thread(found.delete)
         shutil.rmtree(self.state.rebuild_records(request.rebuild_id), ignore_errors=True)
+
+
+def _refuse_no_room(root: RootDiskAt, pool: st.PoolInfo, volume: st.Volume) -> None:
+    """Before the first write (stage runs before the stop): the pool has room for the new volume."""
+    needed = OVERLAY_BYTES if _overlays(pool, root.disk.format) else volume.capacity()
+    if pool.available < needed:
+        raise HostOutOfSpace(
+            f"instance {root.domain.name!r}: root disk {root.disk.target} ({root.disk.path}): pool "
+            f"{pool.name!r} has {pool.available} bytes free, the new volume needs {needed}"
+        )
 
 
 def _overlays(pool: st.PoolInfo, fmt: str) -> bool:
