@@ -93,7 +93,13 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     state.create()
     checkpoints = Checkpoints(config.pause_dir)
     policy = AddressPolicy(parse_networks(config.allowed_image_networks))
-    hypervisor = HypervisorActivities(conn, checkpoints, preflight_by_default=config.preflight_by_default)
+    disks = DiskActivities(conn, state, checkpoints)
+    hypervisor = HypervisorActivities(
+        conn,
+        checkpoints,
+        preflight_by_default=config.preflight_by_default,
+        boot_check=BootCheck(conn, disks.root_disks),
+    )
     images = ImageActivities(
         state,
         checkpoints,
@@ -103,7 +109,6 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         address_policy=policy,
     )
     glance = GlanceActivities(config.glance, policy)
-    disks = DiskActivities(conn, state, checkpoints)
     seed = SeedActivities(conn, state)
     preflight = preflight_activities(config, conn)
     return [

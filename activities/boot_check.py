@@ -11,7 +11,6 @@ import os
 import re
 import time
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Protocol
 
 from temporalio import activity
@@ -19,6 +18,8 @@ from temporalio import activity
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities.errors import BootCheckFailed, UnsupportedInstance
+from activities.root_disks import RootDiskAt, RootDisks
+from activities.root_disks.file_overlay import overlay_on_image
 from workflows.models import DEFAULT_RUNNING_SECONDS, VerifyInstanceInput, VerifyResult, VerifySpec
 
 POLL_SECONDS = 0.1
@@ -31,8 +32,11 @@ AGENT_COMMAND_SECONDS = 2
 
 
 class BootCheck:
-    def __init__(self, libvirt_conn: ld.Libvirt) -> None:
+    def __init__(self, libvirt_conn: ld.Libvirt, root_disks: RootDisks | None = None) -> None:
         self.libvirt = libvirt_conn
+        # The host's back ends, to ask whether the running disk is the new one; without them (a
+        # sandbox, whose disk is always an overlay on the image) the overlay's chain is checked.
+        self.root_disks = root_disks
 
     async def verify(self, request: VerifyInstanceInput) -> VerifyResult:
         """The new image booted, as the request's verify mode proves it (see ``VerifySpec``).
@@ -45,8 +49,7 @@ class BootCheck:
         xml = await asyncio.to_thread(domain.definition)
         disk = ""
         if request.root_disk_target is not None and request.image_sha256 is not None:
-            target, sha256 = request.root_disk_target, request.image_sha256
-            disk = "; " + await asyncio.to_thread(_running_on_image, domain, target, sha256)
+            disk = "; " + await self._running_on_new_disk(domain, request)
         if request.verify is not None:
             spec = VerifySpec.parse(request.verify)
         elif request.boot_marker is not None:
@@ -76,6 +79,16 @@ class BootCheck:
             assert spec.seconds is not None
             detail = await self._keep_running(domain, spec.seconds)
         return VerifyResult(verified_by=spec.label(), detail=detail + disk, seconds=time.monotonic() - began)
+
+    async def _running_on_new_disk(self, domain: ld.Domain, request: VerifyInstanceInput) -> str:
+        """Proof at the storage level, whatever the verify mode: the disk QEMU opened is the new one
+        (``running:N`` cannot tell an empty disk, or the old image, from it)."""
+        assert request.root_disk_target is not None and request.image_sha256 is not None
+        live = await asyncio.to_thread(domain.live_definition)
+        root = RootDiskAt(domain, live, dx.root_disk(live, domain.name, request.root_disk_target))
+        if self.root_disks is None or request.rebuild_id is None:
+            return await asyncio.to_thread(overlay_on_image, root, request.image_sha256)
+        return await self.root_disks.backend(root).running_on_new_disk(root, request)
 
     async def _ensure_running(self, domain: ld.Domain, waiting_for: str) -> None:
         if not await asyncio.to_thread(domain.is_active):
@@ -227,20 +240,3 @@ def console_size(log: dx.SerialLog | None) -> int:
         return os.stat(log.path).st_size
     except FileNotFoundError:
         return 0
-
-
-def _running_on_image(domain: ld.Domain, target: str, sha256: str) -> str:
-    """The running root disk, as QEMU opened it, is an overlay on the new image and nothing else.
-
-    Proof at the storage level, whatever the verify mode: a definition that kept an old chain would
-    run the old base, one that kept ``<backingStore/>`` an empty disk, and ``running:N`` sees neither.
-    """
-    chain = dx.chain(dx.disk_element(domain.live_definition(), target))
-    base = chain[-1][0] if len(chain) == 2 else None
-    if base is None or Path(base).name != sha256:
-        layers = " on ".join(str(path) for path, _ in chain)
-        raise BootCheckFailed(
-            f"instance {domain.name!r} runs its root disk {target} as {layers}, not as an overlay "
-            f"on image {sha256[:12]}"
-        )
-    return f"root disk {target} runs on image {sha256[:12]}"

@@ -3,6 +3,8 @@
 A cached image becomes the backing file of every root disk rebuilt from it, so "in use" is read from
 the disks themselves: each domain's disks (and rebuild backups beside them) are qcow2 files whose
 header names their backing file. An image in use is never removed, whatever its age or the size limit.
+Storage pools hold copies too (the volume back end's, one per image and pool): listed and pruned alike,
+by age, never while a volume is backed by one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from activities import domain_xml as dx
 from activities import libvirt_domain as ld
+from activities import libvirt_storage as st
 from activities import qcow2
 from activities.state import StateDir
 
@@ -27,6 +31,8 @@ class CacheEntry:
     size: int
     last_used: float
     users: tuple[str, ...]
+    # "host" for the worker's own cache, "pool NAME" for a storage pool's copy of the image.
+    where: str = "host"
 
 
 @dataclass
@@ -67,7 +73,42 @@ def list_cache(state: StateDir, conn: ld.Libvirt) -> list[CacheEntry]:
     for path in _cached_images(state):
         stat = path.stat()
         entries.append(CacheEntry(path.name, stat.st_size, stat.st_mtime, tuple(sorted(users[path.name]))))
+    entries.extend(entry for entry, _ in _pool_copies(state, conn))
     return sorted(entries, key=lambda e: e.last_used, reverse=True)
+
+
+def _pool_copies(state: StateDir, conn: ld.Libvirt) -> list[tuple[CacheEntry, st.Volume]]:
+    """The images storage pools hold a copy of (one per image and pool, made by the volume back end),
+    each with the volumes backed by it: the domains whose disks they are, or the volume itself while
+    it is a rebuild's backup that no domain names."""
+    disks = conn.disk_users()
+    found = []
+    for pool in st.pools(conn):
+        records = state.pool_images(pool.name)
+        if not records.is_dir():
+            continue
+        for record in records.iterdir():
+            volume = (
+                pool.volume(record.read_text().strip()) if len(record.name) == SHA256_NAME_LENGTH else None
+            )
+            if volume is None:
+                continue
+            path = volume.path()
+            backed = [v for v in pool.volumes() if dx.volume_backing(v.definition()) == path]
+            users = set()
+            for other in backed:
+                names = {f"volume:{pool.name}/{other.name}", other.path()}
+                using = {domain for domain, _target, files in disks if names & set(files)}
+                users |= using or {f"{pool.name}/{other.name}"}
+            entry = CacheEntry(
+                record.name,
+                volume.capacity(),
+                record.stat().st_mtime,
+                tuple(sorted(users)),
+                f"pool {pool.name}",
+            )
+            found.append((entry, volume))
+    return found
 
 
 def prune_cache(
@@ -82,7 +123,18 @@ def prune_cache(
     until the cache fits in ``max_total_bytes``. Stale partial downloads nobody holds go too."""
     now = time.time() if now is None else now
     report = PruneReport()
-    entries = list_cache(state, conn)
+    for entry, volume in _pool_copies(state, conn):
+        if now - entry.last_used <= max_age_seconds:
+            continue
+        if entry.users:
+            report.kept_in_use.append(f"{entry.sha256} ({entry.where})")
+            continue
+        if not dry_run:
+            volume.delete()
+            (state.pool_images(volume.pool.name) / entry.sha256).unlink(missing_ok=True)
+        report.removed.append(f"{entry.sha256} ({entry.where})")
+        report.freed_bytes += entry.size
+    entries = [e for e in list_cache(state, conn) if e.where == "host"]
     total = sum(e.size for e in entries)
     for entry in sorted(entries, key=lambda e: e.last_used):
         too_old = now - entry.last_used > max_age_seconds

@@ -114,6 +114,7 @@ class DiskActivities:
     @activity.defn
     async def remove_backup(self, request: io.RemoveBackupInput) -> None:
         """The rebuild is kept: the old disk goes, with what was kept beside it."""
-        root = await self._root(request.instance, request.root_disk_target, stopped=False)
-        await self.checkpoints.reach("cleanup.before-remove")
-        await self.backend(root).remove_backup(root, request)
+        async with keep_alive():
+            root = await self._root(request.instance, request.root_disk_target, stopped=False)
+            await self.checkpoints.reach("cleanup.before-remove")
+            await self.backend(root).remove_backup(root, request)

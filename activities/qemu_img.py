@@ -18,11 +18,13 @@ CPU_SECONDS_LIMIT = 30
 WALL_SECONDS_LIMIT = 60.0
 
 
-async def run_qemu_img(*args: str) -> str:
+async def run_qemu_img(
+    *args: str, wall_seconds: float = WALL_SECONDS_LIMIT, cpu_seconds: int = CPU_SECONDS_LIMIT
+) -> str:
     command = [
         "prlimit",
         f"--as={ADDRESS_SPACE_LIMIT}",
-        f"--cpu={CPU_SECONDS_LIMIT}",
+        f"--cpu={cpu_seconds}",
         "--",
         "qemu-img",
         *args,
@@ -34,10 +36,10 @@ async def run_qemu_img(*args: str) -> str:
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(process.communicate(), WALL_SECONDS_LIMIT)
+        out, err = await asyncio.wait_for(process.communicate(), wall_seconds)
     except TimeoutError:
         await _kill(process)
-        raise DiskToolFailed(f"qemu-img {args[0]} took longer than {WALL_SECONDS_LIMIT:g} s") from None
+        raise DiskToolFailed(f"qemu-img {args[0]} took longer than {wall_seconds:g} s") from None
     except BaseException:
         await _kill(process)
         raise
@@ -72,3 +74,16 @@ async def image_map(path: str, fmt: str, length: int) -> list[dict[str, Any]]:
     )
     extents: list[dict[str, Any]] = json.loads(out)
     return extents
+
+
+# Writing a whole image takes as long as its bytes take: bounded by the activity's own timeout, and
+# by these generous limits (the address space limit stays: convert streams, it does not hold an image).
+CONVERT_SECONDS_LIMIT = 2 * 3600.0
+
+
+async def convert_into(source: str, source_fmt: str, target: str, target_fmt: str) -> None:
+    """The image's guest-visible bytes written into an existing ``target`` (a volume, a device)."""
+    await run_qemu_img(
+        "convert", "-n", "-q", "-f", source_fmt, "-O", target_fmt, source, target,
+        wall_seconds=CONVERT_SECONDS_LIMIT, cpu_seconds=int(CONVERT_SECONDS_LIMIT),
+    )  # fmt: skip

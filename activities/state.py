@@ -76,6 +76,14 @@ class StateDir:
             raise InvalidRequest(f"{path} resolves outside {directory}")
         return path
 
+    def rebuild_records(self, rebuild_id: str) -> Path:
+        """What a rebuild records about disks that are not files (they have no "beside" to keep it)."""
+        return self._inside(self.root / "rebuilds", _rebuild_suffix(rebuild_id))
+
+    def pool_images(self, pool: str) -> Path:
+        """Which images a storage pool holds a copy of, each recorded once its copy is whole."""
+        return self._inside(self.root / "pool-images", _SAFE_ID.sub("_", pool)[:100])
+
     def create(self) -> None:
         self.partial.mkdir(parents=True, exist_ok=True)
         (self.images / "by-sha512").mkdir(exist_ok=True)

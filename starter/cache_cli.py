@@ -51,10 +51,11 @@ def cache_list(
     if cli.json:
         cli.print_json([dataclasses.asdict(e) for e in entries])
         leave(ExitCode.OK)
-    table = Table("sha256", "size", "last used", "used by", box=None)
+    table = Table("sha256", "where", "size", "last used", "used by", box=None)
     for entry in entries:
         last_used = datetime.fromtimestamp(entry.last_used).strftime("%Y-%m-%d %H:%M")
-        table.add_row(entry.sha256[:16], _size(entry.size), last_used, ", ".join(entry.users) or "-")
+        users = ", ".join(entry.users) or "-"
+        table.add_row(entry.sha256[:16], entry.where, _size(entry.size), last_used, users)
     cli.out.print(table)
     leave(ExitCode.OK)
 

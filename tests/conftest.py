@@ -24,6 +24,7 @@ from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, DevServerError, free_port
 from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess, make_guest, remove_domains
 from devtools.testbed.fake_host import FakeHost
+from devtools.testbed.shapes import Bed
 from starter.api import create_app
 from tests.api_support import CLIENTS
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
@@ -190,3 +191,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.real_guest)
         if fixtures & (GUEST_FIXTURES | REAL_GUEST_FIXTURES):
             item.add_marker(pytest.mark.guest)
+
+
+@pytest.fixture
+def bed(
+    libvirt_conn: Any, guest_dir: Path, worker: WorkerProcess, images: ImageServer, dev_server: DevServer
+) -> Iterator[Bed]:
+    """Hand-shaped guests on libvirtd, a worker and an image server (devtools/testbed/shapes.py)."""
+    made = Bed(libvirt_conn, guest_dir, worker, images, dev_server)
+    yield made
+    made.remove_guests()

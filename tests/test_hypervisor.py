@@ -106,16 +106,14 @@ async def test_inspect_unknown_instance_is_not_retryable(tmp_path: Path) -> None
     assert "'nope'" in caught.value.message
 
 
-async def test_inspect_refuses_a_block_device_root_disk(tmp_path: Path) -> None:
+async def test_inspect_refuses_a_block_device_no_pool_manages(tmp_path: Path) -> None:
     vm = make_instance(tmp_path)
     conn = vm.libvirt.connection()
     xml = conn.lookupByName("vm-1").XMLDesc(0)
     xml = xml.replace("<disk type='file' device='disk'>", "<disk type='block' device='disk'>", 1)
     xml = xml.replace(f"<source file='{vm.disk}'", "<source dev='/dev/sdz'", 1)
     conn.defineXML(xml)
-    with pytest.raises(
-        UnsupportedInstance, match="of type 'block'; root disks of type file can be rebuilt here"
-    ):
+    with pytest.raises(UnsupportedInstance, match="/dev/sdz, which belongs to no libvirt storage pool"):
         await env.run(
             HypervisorActivities(vm.libvirt).inspect_instance, InspectInstanceInput(instance="vm-1")
         )

@@ -297,9 +297,11 @@ class VerifyInstanceInput(Wire):
     boot_timeout_seconds: float = 120.0
     console_offset: int = 0
     verify: str | None = None
-    # With both: the running domain's root disk must be an overlay on this image, as QEMU opened it.
+    # With these: the running domain's root disk must be the new one, as QEMU opened it (its back end
+    # says how it knows; rebuild_id finds what stage wrote).
     root_disk_target: str | None = None
     image_sha256: str | None = None
+    rebuild_id: str | None = None
 
 
 class VerifyResult(Wire):

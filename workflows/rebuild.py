@@ -349,6 +349,7 @@ class RebuildInstance:
                 verify=request.verify,
                 root_disk_target=instance.root_disk_target,
                 image_sha256=image.checked.sha256,
+                rebuild_id=self._rebuild_id,
             ),
             verify_options(request.boot_timeout_seconds),
         )

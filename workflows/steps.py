@@ -50,7 +50,9 @@ STAGE = StepOptions(start_to_close=timedelta(hours=2), heartbeat=timedelta(secon
 START = StepOptions(start_to_close=timedelta(minutes=1), heartbeat=timedelta(seconds=10))
 # The rebuild has happened by cleanup: like the undos, cleanup is idempotent and must not turn a rebuilt
 # instance into a failed rebuild because libvirt was away for a while. It retries without a limit.
-CLEANUP = StepOptions(start_to_close=timedelta(minutes=1), maximum_attempts=0)
+CLEANUP = StepOptions(
+    start_to_close=timedelta(minutes=1), heartbeat=timedelta(seconds=10), maximum_attempts=0
+)
 SEED = StepOptions(start_to_close=timedelta(minutes=1))
 # Compensation must finish whatever happens: it retries without a limit, visibly.
 UNDO = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10), maximum_attempts=0)

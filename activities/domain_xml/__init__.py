@@ -39,6 +39,7 @@ from activities.domain_xml.disks import (
     with_format,
 )
 from activities.domain_xml.sandbox import description_of, sandbox_definition
+from activities.domain_xml.volumes import pointed_at, volume_backing, volume_definition, volume_format
 
 __all__ = [
     "DISK_FORMATS",
@@ -60,6 +61,7 @@ __all__ = [
     "has_pty_console",
     "image_record",
     "parse",
+    "pointed_at",
     "rebuilt_disk",
     "root_disk",
     "root_disk_element",
@@ -70,6 +72,9 @@ __all__ = [
     "serial_log",
     "step_root_disk",
     "to_string",
+    "volume_backing",
+    "volume_definition",
+    "volume_format",
     "with_disk",
     "with_format",
     "with_seed",

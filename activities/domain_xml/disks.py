@@ -307,22 +307,23 @@ def with_disk(xml: ET.Element, disk: ET.Element) -> ET.Element:
 
 
 def chain(disk: ET.Element) -> list[tuple[str | None, str | None]]:
-    """(file, format) of the disk and each ``<backingStore>`` below it, as written."""
-    links: list[tuple[str | None, str | None]] = []
+    """(where, format) of the disk and each ``<backingStore>`` below it, as written: a file or a
+    block device by its path, a pool volume as ``volume:POOL/NAME``."""
     source = disk.find("source")
     driver = disk.find("driver")
-    links.append(
-        (
-            source.get("file") if source is not None else None,
-            driver.get("type") if driver is not None else None,
-        )
-    )
+    where = None
+    if source is not None:
+        if disk.get("type") == "volume":
+            where = f"volume:{source.get('pool')}/{source.get('volume')}"
+        else:
+            where = source.get("file") or source.get("dev")
+    links: list[tuple[str | None, str | None]] = [(where, driver.get("type") if driver is not None else None)]
     store = disk.find("backingStore")
     while store is not None and store.find("source") is not None:
         fmt = store.find("format")
         src = store.find("source")
         assert src is not None
-        links.append((src.get("file"), fmt.get("type") if fmt is not None else None))
+        links.append((src.get("file") or src.get("dev"), fmt.get("type") if fmt is not None else None))
         store = store.find("backingStore")
     return links
 

@@ -12,6 +12,7 @@ from activities.checkpoints import Checkpoints
 from activities.errors import UnsupportedInstance
 from activities.root_disks.base import DISCARD, RootDiskAt, RootDiskBackend
 from activities.root_disks.file_overlay import FileOverlay
+from activities.root_disks.volume import PoolVolume
 from activities.state import StateDir
 
 __all__ = ["DISCARD", "RootDiskAt", "RootDiskBackend", "RootDisks"]
@@ -21,23 +22,33 @@ class RootDisks:
     """The back ends of one host, by the kind of disk they replace."""
 
     def __init__(self, state: StateDir, checkpoints: Checkpoints) -> None:
-        self.files = FileOverlay(state, checkpoints)
+        self._backends = {kind: backend(state, checkpoints) for kind, backend in BACKENDS.items()}
 
     def backend(self, root: RootDiskAt) -> RootDiskBackend:
-        _backend_class(root)
-        return self.files
+        return self._backends[_kind(root)]
 
 
-def _backend_class(root: RootDiskAt) -> type[RootDiskBackend]:
-    """The back end for the root disk's kind; a kind none replaces is refused, with the kinds that are."""
-    backends: dict[str, type[RootDiskBackend]] = {"file": FileOverlay}
-    backend = backends.get(root.disk.kind)
-    if backend is None:
+# The back end for each kind of root disk (the <disk type>): a block device is replaced as the pool
+# volume it is.
+BACKENDS: dict[str, type[FileOverlay] | type[PoolVolume]] = {
+    "file": FileOverlay,
+    "volume": PoolVolume,
+    "block": PoolVolume,
+}
+
+
+def _kind(root: RootDiskAt) -> str:
+    """The root disk's kind, refused where no back end replaces it (with the kinds that are)."""
+    if root.disk.kind not in BACKENDS:
         raise UnsupportedInstance(
             f"instance {root.domain.name!r}: root disk {root.disk.target} is of type {root.disk.kind!r}; "
-            f"root disks of type {', '.join(backends)} can be rebuilt here"
+            f"root disks of type {', '.join(BACKENDS)} can be rebuilt here"
         )
-    return backend
+    return root.disk.kind
+
+
+def _backend_class(root: RootDiskAt) -> type[FileOverlay] | type[PoolVolume]:
+    return BACKENDS[_kind(root)]
 
 
 async def virtual_size(root: RootDiskAt) -> int:

@@ -51,6 +51,10 @@ class RootDiskBackend(Protocol):
     async def discard_staged(self, root: RootDiskAt, request: io.DiscardStagedRootDiskInput) -> None:
         """Stage's undo: the staged disk goes, unless it took the old one's place already."""
 
+    async def running_on_new_disk(self, root: RootDiskAt, request: io.VerifyInstanceInput) -> str:
+        """``root`` read from the running domain's live definition: is the disk QEMU opened the new one?
+        What proves it, in words; ``BootCheckFailed`` where it is not."""
+
     def began(self, root: RootDiskAt, rebuild_id: str) -> bool:
         """Whether an attempt of this rebuild's prepare already kept the old disk (a retry finishes it)."""
 

@@ -19,7 +19,13 @@ from pathlib import Path
 from activities import domain_xml as dx
 from activities import qcow2, qemu_img
 from activities.checkpoints import Checkpoints
-from activities.errors import DiskMissing, HostOutOfSpace, InvalidRequest, UnsupportedInstance
+from activities.errors import (
+    BootCheckFailed,
+    DiskMissing,
+    HostOutOfSpace,
+    InvalidRequest,
+    UnsupportedInstance,
+)
 from activities.root_disks.base import DISCARD, RootDiskAt
 from activities.state import (
     StateDir,
@@ -60,6 +66,10 @@ class FileOverlay:
     @staticmethod
     async def virtual_size(root: RootDiskAt) -> int:
         return await _virtual_size(Path(real_path(root)), root.disk.format)
+
+    async def running_on_new_disk(self, root: RootDiskAt, request: io.VerifyInstanceInput) -> str:
+        assert request.image_sha256 is not None
+        return await asyncio.to_thread(overlay_on_image, root, request.image_sha256)
 
     def began(self, root: RootDiskAt, rebuild_id: str) -> bool:
         return backup_path(real_path(root), rebuild_id).exists()
@@ -193,6 +203,21 @@ class FileOverlay:
             snapshots,
         ):
             path.unlink(missing_ok=True)
+
+
+def overlay_on_image(root: RootDiskAt, sha256: str) -> str:
+    """The running root disk (``root`` read from the live definition), as QEMU opened it, is an
+    overlay on the image and nothing else: a definition that kept an old chain would run the old base,
+    one that kept ``<backingStore/>`` an empty disk."""
+    chain = dx.chain(root.element)
+    base = chain[-1][0] if len(chain) == 2 else None
+    if base is None or Path(base).name != sha256:
+        layers = " on ".join(str(path) for path, _ in chain)
+        raise BootCheckFailed(
+            f"instance {root.domain.name!r} runs its root disk {root.disk.target} as {layers}, not as an "
+            f"overlay on image {sha256[:12]}"
+        )
+    return f"root disk {root.disk.target} runs on image {sha256[:12]}"
 
 
 def _drop_new_disk(real: str, rebuild_id: str) -> None:
