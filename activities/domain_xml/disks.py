@@ -251,15 +251,7 @@ def rebuilt_disk(old: ET.Element, base: str, base_format: str) -> ET.Element:
     carries the old disk's ``<backingStore>``, and libvirt uses a written chain as it is instead of
     reading the new file's header (the guest would boot the old base, or an empty disk).
     """
-    disk = ET.fromstring(ET.tostring(old))
-    for tag in _DISK_DROPS:
-        for element in disk.findall(tag):
-            disk.remove(element)
-    driver = disk.find("driver")
-    if driver is None:
-        driver = ET.Element("driver", {"name": "qemu"})
-        disk.insert(0, driver)
-    driver.set("type", "qcow2")
+    disk = without_chain(old, "qcow2")
     source = disk.find("source")
     assert source is not None
     source.attrib.pop("index", None)
@@ -271,6 +263,20 @@ def rebuilt_disk(old: ET.Element, base: str, base_format: str) -> ET.Element:
     ET.SubElement(backing, "source", {"file": base})
     ET.SubElement(backing, "backingStore")
     disk.insert(list(disk).index(source) + 1, backing)
+    return disk
+
+
+def without_chain(old: ET.Element, fmt: str) -> ET.Element:
+    """A copy of the disk in ``fmt`` with nothing of the old file's chain (nor a block job's target)."""
+    disk = ET.fromstring(ET.tostring(old))
+    for tag in _DISK_DROPS:
+        for element in disk.findall(tag):
+            disk.remove(element)
+    driver = disk.find("driver")
+    if driver is None:
+        driver = ET.Element("driver", {"name": "qemu"})
+        disk.insert(0, driver)
+    driver.set("type", fmt)
     return disk
 
 

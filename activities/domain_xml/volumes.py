@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+from activities.domain_xml.disks import without_chain
+
 
 def volume_definition(
     name: str, capacity: int, fmt: str | None, backing: tuple[str, str] | None = None
@@ -36,15 +38,7 @@ def volume_backing(volume: ET.Element) -> str | None:
 def pointed_at(disk: ET.Element, source: dict[str, str], fmt: str) -> ET.Element:
     """The root disk's definition with its source replaced by ``source`` (``pool``/``volume``, or
     ``dev``), in ``fmt``; the old volume's chain goes, libvirt reads the new one's."""
-    copy = ET.fromstring(ET.tostring(disk))
-    for tag in ("backingStore", "mirror"):
-        for element in copy.findall(tag):
-            copy.remove(element)
-    driver = copy.find("driver")
-    if driver is None:
-        driver = ET.Element("driver", {"name": "qemu"})
-        copy.insert(0, driver)
-    driver.set("type", fmt)
+    copy = without_chain(disk, fmt)
     old = copy.find("source")
     keep = [child for child in old if child.tag == "seclabel"] if old is not None else []
     new = ET.Element("source", source)

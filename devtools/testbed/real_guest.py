@@ -125,3 +125,29 @@ async def rebuild(
         "--wait", "--json", *extra,
         timeout=1200,
     )  # fmt: skip
+
+
+async def rebuild_verified_by_agent(
+    worker: WorkerProcess, dev_server: DevServer, guest: Guest, url: str, sha: str
+) -> dict[str, Any]:
+    """A rebuild of ``guest`` to the image at ``url``, verified by its agent; its JSON result, checked:
+    rebuilt, and the guest stopped by itself (ACPI or its agent, not forced)."""
+    result = await rebuild(
+        worker,
+        dev_server,
+        guest,
+        url,
+        "--sha256",
+        sha,
+        "--verify",
+        "agent",
+        "--boot-timeout",
+        str(BOOT_SECONDS),
+    )
+    assert result.code == 0, result.stderr
+    outcome = result.json()
+    assert outcome["outcome"] == "rebuilt"
+    assert outcome["stopped_by"] in ("acpi", "agent")
+    assert outcome["forced_stop"] is False
+    assert outcome["verified_by"] == "agent"
+    return outcome

@@ -22,6 +22,7 @@ from devtools.testbed.real_guest import (
     guest_group,
     image_in_guest,
     rebuild,
+    rebuild_verified_by_agent,
     wait_for_agent,
 )
 from workflows.models import VerifyInstanceInput
@@ -78,17 +79,7 @@ async def test_running_guest_is_stopped_gracefully_and_boots_the_new_image(
     offset = len(real_guest.console())
     sha = image_sha256(real_images.b)
 
-    result = await rebuild(
-        real_worker, dev_server, real_guest, served.url("b.qcow2"),
-        "--sha256", sha, "--verify", "agent", "--boot-timeout", str(BOOT_SECONDS),
-    )  # fmt: skip
-
-    assert result.code == 0, result.stderr
-    outcome = result.json()
-    assert outcome["outcome"] == "rebuilt"
-    assert outcome["stopped_by"] in ("acpi", "agent")
-    assert outcome["forced_stop"] is False
-    assert outcome["verified_by"] == "agent"
+    outcome = await rebuild_verified_by_agent(real_worker, dev_server, real_guest, served.url("b.qcow2"), sha)
     print(f"rebuild A -> B: stopped by {outcome['stopped_by']}, steps {outcome['step_seconds']}")
     console = real_guest.console()[offset:]
     assert "reboot: Power down" in console  # the guest shut itself down

@@ -14,7 +14,13 @@ from devtools.real_guest import RealGuestImages, image_sha256
 from devtools.real_guest_domain import overlay, real_domain_xml
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import DOMAIN_PREFIX, Guest, WorkerProcess
-from devtools.testbed.real_guest import BOOT_SECONDS, guest_group, image_in_guest, rebuild, wait_for_agent
+from devtools.testbed.real_guest import (
+    BOOT_SECONDS,
+    guest_group,
+    image_in_guest,
+    rebuild_verified_by_agent,
+    wait_for_agent,
+)
 
 pytestmark = [pytest.mark.timeout(1800), guest_group("pool")]
 
@@ -53,15 +59,7 @@ async def test_a_real_guest_on_a_pool_volume_is_rebuilt_onto_a_new_volume(
         wait_for_agent(guest)
         sha = image_sha256(real_images.b)
 
-        result = await rebuild(
-            real_worker, dev_server, guest, served.url("b.qcow2"),
-            "--sha256", sha, "--verify", "agent", "--boot-timeout", str(BOOT_SECONDS),
-        )  # fmt: skip
-
-        assert result.code == 0, result.stderr
-        outcome = result.json()
-        assert outcome["outcome"] == "rebuilt"
-        assert outcome["stopped_by"] in ("acpi", "agent")
+        outcome = await rebuild_verified_by_agent(real_worker, dev_server, guest, served.url("b.qcow2"), sha)
         assert "volume" in outcome["disk_mode"]
         assert image_in_guest(guest) == "B"
         pool.refresh(0)
