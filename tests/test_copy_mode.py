@@ -12,8 +12,10 @@ import hashlib
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 from temporalio.testing import ActivityEnvironment
 
 from activities import domain_xml as dx
@@ -21,8 +23,11 @@ from activities.disks import DiskActivities
 from activities.errors import BootCheckFailed, DiskMissing, InvalidRequest
 from activities.root_disks import RootDiskAt
 from activities.state import StateDir, backup_path
+from devtools.temporal_dev import DevServer
+from devtools.testbed.e2e import BIN, rebuild_cli
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance
 from devtools.testbed.pools import shared_bytes, xfs_mount
+from tests.api_support import AUTH
 from tests.test_disks import REBUILD_ID, cached_image, info, prepare_input, root_format
 from workflows.models import (
     RemoveBackupInput,
@@ -246,3 +251,43 @@ async def test_a_cache_on_another_file_system_gets_a_full_copy(tmp_path: Path) -
         assert staged.mode == "copy (full)"
         assert shared_bytes(Path(staged.staged_at)) == 0
         assert same_guest_bytes(state.image_path(sha), "raw", Path(staged.staged_at))
+
+
+# --- the mode at the edges: the CLI, the API, the worker --------------------------------------------
+
+
+async def test_a_bad_disk_mode_is_refused_by_the_cli_before_anything_starts(dev_server: DevServer) -> None:
+    refused = await rebuild_cli(
+        dev_server.address,
+        "start",
+        "vm-1",
+        "--image",
+        "http://images.example/b.img",
+        "--disk-mode",
+        "inplace",
+    )
+    assert refused.code == 2, refused.stderr
+    assert "disk mode must be overlay or copy, not 'inplace'" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+async def test_a_bad_disk_mode_is_400_from_the_api(api: TestClient[Any, Any], unique_host: str) -> None:
+    body = {"instance": "vm-1", "host": unique_host, "image_url": "http://x/y", "disk_mode": "inplace"}
+    response = await api.post("/v1/rebuilds", json=body, headers=AUTH)
+    assert response.status == 400
+    assert "disk mode must be overlay or copy" in (await response.json())["error"]
+
+
+def test_the_worker_refuses_a_bad_default_disk_mode(tmp_path: Path) -> None:
+    for args in (["--disk-mode", "inplace"], []):
+        done = subprocess.run(
+            [str(BIN / "rebuild-worker"), "--address", "127.0.0.1:1", "--state-dir", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "REBUILD_DISK_MODE": "inplace"},
+        )
+        assert done.returncode == 2, done.stderr
+        assert "--disk-mode must be overlay or copy, not 'inplace'" in done.stderr
+        assert "Traceback" not in done.stderr
