@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 
 from activities import domain_xml as dx
@@ -25,16 +26,19 @@ from activities.root_disks import RootDiskAt
 from activities.state import StateDir, backup_path
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import BIN, rebuild_cli
+from devtools.testbed.fake_host import FakeHost
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance
 from devtools.testbed.pools import shared_bytes, xfs_mount
 from tests.api_support import AUTH
 from tests.test_disks import REBUILD_ID, cached_image, info, prepare_input, root_format
+from tests.workflow_support import rebuilding
 from workflows.models import (
     RemoveBackupInput,
     RestoreRootDiskInput,
     StageRootDiskInput,
     VerifyInstanceInput,
 )
+from workflows.rebuild import RebuildInstance
 
 env = ActivityEnvironment()
 DISK_BYTES = 8 << 20
@@ -291,3 +295,24 @@ def test_the_worker_refuses_a_bad_default_disk_mode(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert "--disk-mode must be overlay or copy, not 'inplace'" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("requested", "worker_default", "used"),
+    [
+        (None, "copy", "copy"),
+        ("overlay", "copy", "overlay"),
+        ("copy", "overlay", "copy"),
+        (None, "overlay", "overlay"),
+    ],
+)
+async def test_the_request_names_the_mode_else_the_host_worker_decides_and_status_says_which(
+    client: Client, unique_host: str, requested: str | None, worker_default: str, used: str
+) -> None:
+    fake = FakeHost()
+    fake.disk_mode = worker_default
+    async with rebuilding(client, unique_host, fake, disk_mode=requested) as handle:
+        result = await handle.result()
+        status = await handle.query(RebuildInstance.status)
+    assert fake.staged_modes == [requested], "the workflow passes the request's word, None included"
+    assert result.disk_mode == status.disk_mode == used
