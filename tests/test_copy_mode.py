@@ -99,7 +99,18 @@ def setup(tmp_path: Path) -> tuple[DriverInstance, StateDir, DiskActivities]:
 
 
 def stop(vm: DriverInstance) -> None:
-    vm.libvirt.connection().lookupByName(vm.name).destroy()
+    domain = vm.libvirt.connection().lookupByName(vm.name)
+    if domain.isActive():
+        domain.destroy()
+
+
+async def copied_in(vm: DriverInstance, state: StateDir, disks: DiskActivities) -> str:
+    """A raw image's copy staged while ``vm`` runs and put in place after its stop; the image."""
+    sha, size = raw_image(state)
+    await env.run(disks.stage_root_disk, stage_input(sha, size, "copy", "raw"))
+    stop(vm)
+    await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    return sha
 
 
 async def test_a_raw_disk_in_copy_mode_stays_raw_and_prepare_only_renames_the_staged_copy(
@@ -153,10 +164,7 @@ async def test_verify_knows_the_staged_copy_from_a_file_with_the_same_bytes(
     setup: tuple[DriverInstance, StateDir, DiskActivities],
 ) -> None:
     vm, state, disks = setup
-    sha, size = raw_image(state)
-    await env.run(disks.stage_root_disk, stage_input(sha, size, "copy", "raw"))
-    stop(vm)
-    await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    sha = await copied_in(vm, state, disks)
     backend = disks.backend(root_of(disks, vm))
 
     said = await backend.running_on_new_disk(root_of(disks, vm), verify_input(sha))
@@ -174,10 +182,7 @@ async def test_restore_puts_the_old_disk_back_and_cleanup_keeps_the_copy(
 ) -> None:
     vm, state, disks = setup
     old_bytes = vm.disk.read_bytes()
-    sha, size = raw_image(state)
-    await env.run(disks.stage_root_disk, stage_input(sha, size, "copy", "raw"))
-    stop(vm)
-    await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    sha = await copied_in(vm, state, disks)
     restore = RestoreRootDiskInput(
         instance="vm-1", rebuild_id=REBUILD_ID, original_format="raw", image_sha256=sha
     )
@@ -186,8 +191,7 @@ async def test_restore_puts_the_old_disk_back_and_cleanup_keeps_the_copy(
     assert vm.disk.read_bytes() == old_bytes
     assert list(vm.disk.parent.glob("*.rebuild-*")) == []
 
-    await env.run(disks.stage_root_disk, stage_input(sha, size, "copy", "raw"))
-    await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    await copied_in(vm, state, disks)
     copy = os.stat(vm.disk).st_ino
     await env.run(disks.remove_backup, RemoveBackupInput(instance="vm-1", rebuild_id=REBUILD_ID))
     assert os.stat(vm.disk).st_ino == copy
@@ -199,10 +203,7 @@ async def test_restore_refuses_a_copy_in_place_without_its_backup(
     setup: tuple[DriverInstance, StateDir, DiskActivities],
 ) -> None:
     vm, state, disks = setup
-    sha, size = raw_image(state)
-    await env.run(disks.stage_root_disk, stage_input(sha, size, "copy", "raw"))
-    stop(vm)
-    await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    await copied_in(vm, state, disks)
     backup_path(str(vm.disk), REBUILD_ID).unlink()  # lost by hand
     restore = RestoreRootDiskInput(instance="vm-1", rebuild_id=REBUILD_ID, original_format="raw")
     with pytest.raises(DiskMissing, match="standalone copy this rebuild made"):

@@ -10,9 +10,7 @@ again), and a worker killed at each kill point leaves a rebuild that finishes.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +22,10 @@ from temporalio.client import Client
 from devtools.guest import write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from devtools.testbed.e2e import WorkerProcess, rebuild_cli, wait_for_file
+from devtools.testbed.e2e import WorkerProcess, rebuild_cli
 from devtools.testbed.pools import shared_bytes, xfs_mount
 from devtools.testbed.shapes import Bed, Shaped, disk_of, disk_xml
-from workflows.models import rebuild_workflow_id
+from tests.test_disks import info
 
 DISK_BYTES = 4 << 20
 
@@ -68,21 +66,13 @@ def file_guest(bed: Bed, fmt: str) -> Shaped:
     return bed.define(root, disk_xml(root, "vda", fmt, extra="<boot order='1'/>"))
 
 
-def image_info(path: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True, check=True
-    ).stdout
-    found: dict[str, Any] = json.loads(out)
-    return found
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def assert_standalone(guest: Shaped, fmt: str) -> None:
     """The root disk is a file in ``fmt`` with no backing file, and the definition names no chain."""
-    found = image_info(guest.root)
+    found = info(guest.root)
     assert found["format"] == fmt, found
     assert "backing-filename" not in found and "full-backing-filename" not in found, found
     assert found["virtual-size"] == DISK_BYTES
@@ -145,7 +135,7 @@ async def test_on_xfs_the_worker_default_makes_a_reflink_of_the_cached_image(xfs
     overlay = await bed.rebuild(guest, url, sha, "--disk-mode", "overlay", "--json")
     assert overlay.code == 0, overlay.stderr
     assert overlay.json()["disk_mode"] == "overlay", "the request's mode wins over the worker's"
-    assert image_info(guest.root)["backing-filename"] == str(cached)
+    assert info(guest.root)["backing-filename"] == str(cached)
 
 
 @pytest.mark.parametrize("point", ["stage.after-write", "prepare.after-new-disk", "cleanup.before-remove"])
@@ -154,18 +144,7 @@ async def test_a_worker_killed_at_each_kill_point_leaves_a_copy_mode_rebuild_tha
 ) -> None:
     bed = xfs_bed
     guest = file_guest(bed, "raw")
-    worker = bed.worker
-    assert worker.pause_dir is not None
-    (worker.pause_dir / point).touch()
-    url, sha = bed.serve("image B", "raw")
-    args = ["start", guest.name, "--image", url, "--sha256", sha, "--host", worker.host,
-            "--stop-timeout", "0", "--boot-marker", "image B", "--boot-timeout", "10"]  # fmt: skip
-    assert (await rebuild_cli(bed.server.address, *args)).code == 0
-    await wait_for_file(worker.pause_dir / f"{point}.reached")
-    worker.kill()
-    (worker.pause_dir / point).unlink()
-    worker.start()
-    result = await client.get_workflow_handle(rebuild_workflow_id(worker.host, guest.name)).result()
+    result = await bed.rebuild_killed_at(client, guest, point)
 
     assert result["outcome"] == "rebuilt", result
     assert result["disk_mode"] == "copy (reflink)"
