@@ -63,6 +63,11 @@ async def stage_and_swap(
     return staging[0], swap[0], staged.mode
 
 
+def row(what: str, seconds: float, reference: str, reference_seconds: float) -> tuple[str, str, str, str]:
+    value = f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+    return what, value, reference, f"{seconds / reference_seconds:.3f}x"
+
+
 def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
     with reachable_dir("bench-copy-") as tmp, xfs_mount(tmp, 3 * SIZES[-1] + GiB) as xfs:
@@ -81,54 +86,24 @@ def main() -> None:
             )
             assert how == "copy (reflink)", how
             reference = f"cp --reflink=never + sync: {plain:.2f} s"
-            rows.append(
-                (
-                    f"{label}: copy mode, {how}",
-                    f"{reflink * 1000:.0f} ms",
-                    reference,
-                    f"{reflink / plain:.4f}x",
-                )
-            )
-            rows.append((f"{label}: coreutils' default cp (reflinks too)", f"{default_cp * 1000:.0f} ms", reference,
-                         f"{default_cp / plain:.4f}x"))  # fmt: skip
+            rows.append(row(f"{label}: copy mode, {how}", reflink, reference, plain))
+            rows.append(row(f"{label}: coreutils' default cp (reflinks too)", default_cp, reference, plain))
 
             across = cp(far_image, xfs / "across", "--reflink=never")
             sparse = cp(far_image, xfs / "sparse", "--sparse=always")
             full, full_swap, how = asyncio.run(stage_and_swap(xfs / f"f-{size}", far, far_sha, size, "copy"))
             assert how == "copy (full)", how
             reference = f"cp --reflink=never + sync, across: {across:.2f} s"
-            rows.append(
-                (
-                    f"{label}: copy mode, {how} (cache on ext4)",
-                    f"{full:.2f} s",
-                    reference,
-                    f"{full / across:.2f}x",
-                )
-            )
-            rows.append(
-                (
-                    f"{label}: cp --sparse=always across",
-                    f"{sparse:.2f} s",
-                    reference,
-                    f"{sparse / across:.2f}x",
-                )
-            )
+            rows.append(row(f"{label}: copy mode, {how} (cache on ext4)", full, reference, across))
+            rows.append(row(f"{label}: cp --sparse=always across", sparse, reference, across))
 
             overlay, overlay_swap, _ = asyncio.run(
                 stage_and_swap(xfs / f"o-{size}", near, sha, size, "overlay")
             )
-            rows.append(
-                (
-                    f"{label}: overlay mode's stage",
-                    f"{overlay * 1000:.0f} ms",
-                    reference,
-                    f"{overlay / across:.4f}x",
-                )
-            )
+            rows.append(row(f"{label}: overlay mode's stage", overlay, reference, across))
             reference = f"overlay mode: {overlay_swap * 1000:.1f} ms"
             for what, swap in (("reflink", reflink_swap), ("full copy", full_swap)):
-                rows.append((f"{label}: prepare (the swap), {what}", f"{swap * 1000:.1f} ms", reference,
-                             f"{swap / overlay_swap:.2f}x"))  # fmt: skip
+                rows.append(row(f"{label}: prepare (the swap), {what}", swap, reference, overlay_swap))
             for state in (near, far):
                 subprocess.run(["rm", "-rf", str(state.root)], check=True)
     table("File root disks in copy mode (XFS with reflinks on a loop device; ext4 for the far cache)", rows)
