@@ -298,6 +298,8 @@ def _print_result(cli: Cli, result: RebuildResult) -> None:
         cli.say(f"  stopped by: {result.stopped_by}")
     if result.verified_by is not None:
         cli.say(f"  verified by: {result.verified_by}")
+    if result.disk_mode is not None:
+        cli.say(f"  disk mode: {result.disk_mode}")
 
 
 steer_cli.register(app)

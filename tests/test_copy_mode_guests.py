@@ -113,6 +113,8 @@ async def test_a_file_root_in_copy_mode_keeps_its_format_and_boots_image_b(bed: 
     status = await rebuild_cli(bed.server.address, "status", guest.name, "--host", bed.worker.host, "--json")
     assert status.code == 0, status.stderr
     assert "copy (full)" in status.stdout
+    human = await rebuild_cli(bed.server.address, "status", guest.name, "--host", bed.worker.host)
+    assert "disk mode: copy (full)" in human.stdout, human.stdout
 
 
 async def test_on_xfs_the_worker_default_makes_a_reflink_of_the_cached_image(xfs_bed: Bed) -> None:
