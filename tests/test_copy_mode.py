@@ -32,6 +32,7 @@ from devtools.testbed.pools import shared_bytes, xfs_mount
 from tests.api_support import AUTH
 from tests.test_disks import REBUILD_ID, cached_image, info, prepare_input, root_format
 from tests.workflow_support import rebuilding
+from workflows.fleet_models import FleetTarget, StrictRebuildOptions
 from workflows.models import (
     RemoveBackupInput,
     RestoreRootDiskInput,
@@ -317,3 +318,17 @@ async def test_the_request_names_the_mode_else_the_host_worker_decides_and_statu
         status = await handle.query(RebuildInstance.status)
     assert fake.staged_modes == [requested], "the workflow passes the request's word, None included"
     assert result.disk_mode == status.disk_mode == used
+
+
+async def test_a_fleet_passes_its_disk_mode_to_every_rebuild_and_refuses_a_bad_one(
+    dev_server: DevServer,
+) -> None:
+    options = StrictRebuildOptions(image_url="http://x/y", disk_mode="copy")
+    assert options.request_for(FleetTarget(host="h", instance="i")).disk_mode == "copy"
+    refused = await rebuild_cli(
+        dev_server.address, "fleet", "start", "--image", "http://x/y", "--select", "*", "--host", "h",
+        "--disk-mode", "inplace",
+    )  # fmt: skip
+    assert refused.code == 2, refused.stderr
+    assert "disk mode must be overlay or copy, not 'inplace'" in refused.stderr
+    assert "Traceback" not in refused.stderr
