@@ -22,7 +22,7 @@ from temporalio.client import Client
 from devtools.guest import write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from devtools.testbed.e2e import WorkerProcess, rebuild_cli
+from devtools.testbed.e2e import WorkerProcess, rebuild_cli, serve
 from devtools.testbed.pools import shared_bytes, xfs_mount
 from devtools.testbed.shapes import Bed, Shaped, disk_of, disk_xml
 from tests.test_disks import info
@@ -138,6 +138,22 @@ async def test_on_xfs_the_worker_default_makes_a_reflink_of_the_cached_image(xfs
     assert overlay.code == 0, overlay.stderr
     assert overlay.json()["disk_mode"] == "overlay", "the request's mode wins over the worker's"
     assert info(guest.root)["backing-filename"] == str(cached)
+
+
+async def test_on_xfs_a_qcow2_root_from_a_qcow2_image_is_a_reflink_grown_to_the_old_size(
+    xfs_bed: Bed,
+) -> None:
+    bed = xfs_bed
+    guest = file_guest(bed, "qcow2")
+    url, sha = serve(bed.images, "image B", "qcow2", size=1 << 20)  # smaller than the 4 MiB disk
+
+    rebuilt = await bed.rebuild(guest, url, sha, "--json")
+
+    assert rebuilt.code == 0, rebuilt.stderr
+    guest.wait_for_console("image B")
+    assert rebuilt.json()["disk_mode"] == "copy (reflink)"
+    assert_standalone(guest, "qcow2")
+    assert shared_bytes(guest.root) > 0, "the qcow2 file shares the cached image's extents"
 
 
 @pytest.mark.parametrize("point", ["stage.after-write", "prepare.after-new-disk", "cleanup.before-remove"])
