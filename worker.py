@@ -45,7 +45,7 @@ from common.exit_codes import table as exit_code_table
 from common.logs import LogFormat, configure_logging
 from common.metrics import prometheus_runtime
 from workflows.fleet import FleetRebuild
-from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
+from workflows.models import DISK_MODES, HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 
 app = typer.Typer(add_completion=False)
@@ -74,6 +74,8 @@ class WorkerConfig:
     preflight_by_default: bool = False
     preflight_slots: int = 2
     preflight_max_memory_mib: int = 2048
+    # How a file root disk's new disk is made unless the request says: overlay or copy.
+    disk_mode: str = "overlay"
 
     def deployment(self) -> WorkerDeploymentConfig | None:
         """Pinned: a rebuild stays on the code that started it, however long it waits for approval."""
@@ -93,7 +95,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     state.create()
     checkpoints = Checkpoints(config.pause_dir)
     policy = AddressPolicy(parse_networks(config.allowed_image_networks))
-    disks = DiskActivities(conn, state, checkpoints)
+    disks = DiskActivities(conn, state, checkpoints, default_disk_mode=config.disk_mode)
     hypervisor = HypervisorActivities(
         conn,
         checkpoints,
@@ -265,6 +267,16 @@ def run(
     preflight_max_memory: Annotated[
         int, typer.Option(min=64, help="Memory cap of a pre-flight sandbox, MiB.")
     ] = 2048,
+    disk_mode: Annotated[
+        str,
+        typer.Option(
+            envvar="REBUILD_DISK_MODE",
+            help="How a file root disk's new disk is made, unless a request says (rebuild start "
+            "--disk-mode): overlay (a qcow2 overlay on the cached image, constant time) or copy (a "
+            "standalone disk in the old disk's format: a reflink where the file system has them, "
+            "else a full copy, made before the stop).",
+        ),
+    ] = "overlay",
     log_format: Annotated[
         LogFormat, typer.Option(envvar="REBUILD_LOG_FORMAT", help="text for a terminal, json for a pipeline.")
     ] = LogFormat.TEXT,
@@ -289,6 +301,12 @@ def run(
     if not HOST_NAME.match(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(ExitCode.BAD_INPUT)
+    if disk_mode not in DISK_MODES:
+        print(
+            f"rebuild-worker: --disk-mode must be {' or '.join(DISK_MODES)}, not {disk_mode!r}",
+            file=sys.stderr,
+        )
+        raise typer.Exit(ExitCode.BAD_INPUT)
     networks = tuple(allow_image_network or ())
     try:
         parse_networks(networks)
@@ -312,6 +330,7 @@ def run(
         preflight,
         preflight_slots,
         preflight_max_memory,
+        disk_mode,
     )
     try:
         asyncio.run(serve(config))

@@ -36,14 +36,26 @@ def _validate_sizes(request: io.NewRootDisk) -> None:
             raise ImageTooLarge(f"{what} size {size} bytes is over the limit of {limit} bytes")
 
 
+def _disk_mode(mode: str) -> str:
+    if mode not in io.DISK_MODES:
+        raise InvalidRequest(f"disk mode must be {' or '.join(io.DISK_MODES)}, not {str(mode)[:40]!r}")
+    return mode
+
+
 class DiskActivities:
     def __init__(
-        self, libvirt_conn: ld.Libvirt, state: StateDir, checkpoints: Checkpoints | None = None
+        self,
+        libvirt_conn: ld.Libvirt,
+        state: StateDir,
+        checkpoints: Checkpoints | None = None,
+        default_disk_mode: str = "overlay",
     ) -> None:
         self.libvirt = libvirt_conn
         self.state = state
         self.checkpoints = checkpoints or Checkpoints()
         self.root_disks = RootDisks(state, self.checkpoints)
+        # How a file root disk's new disk is made where a request does not say (rebuild-worker --disk-mode).
+        self.default_disk_mode = _disk_mode(default_disk_mode)
 
     def backend(self, root: RootDiskAt) -> RootDiskBackend:
         return self.root_disks.backend(root)
@@ -75,6 +87,8 @@ class DiskActivities:
     async def stage_root_disk(self, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The new disk, written while the instance still runs: the downtime keeps only the swap."""
         _validate_sizes(request)
+        mode = _disk_mode(request.disk_mode or self.default_disk_mode)
+        request = request.model_copy(update={"disk_mode": mode})
         async with keep_alive():
             root = await self._root(request.instance, request.root_disk_target, stopped=False)
             staged = await self.backend(root).stage(root, request)

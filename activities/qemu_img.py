@@ -81,9 +81,18 @@ async def image_map(path: str, fmt: str, length: int) -> list[dict[str, Any]]:
 CONVERT_SECONDS_LIMIT = 2 * 3600.0
 
 
-async def convert_into(source: str, source_fmt: str, target: str, target_fmt: str) -> None:
-    """The image's guest-visible bytes written into an existing ``target`` (a volume, a device)."""
+async def convert_into(
+    source: str, source_fmt: str, target: str, target_fmt: str, *, create: bool = False
+) -> None:
+    """The image's guest-visible bytes written into an existing ``target`` (a volume, a device), or
+    with ``create`` into a new file (sparse: zeroes are left as holes)."""
+    existing = () if create else ("-n",)
     await run_qemu_img(
-        "convert", "-n", "-q", "-f", source_fmt, "-O", target_fmt, source, target,
+        "convert", *existing, "-q", "-f", source_fmt, "-O", target_fmt, source, target,
         wall_seconds=CONVERT_SECONDS_LIMIT, cpu_seconds=int(CONVERT_SECONDS_LIMIT),
     )  # fmt: skip
+
+
+async def resize(path: str, fmt: str, size: int) -> None:
+    """Grow the disk to ``size`` guest bytes (a qcow2 file: its header says; never shrinks a disk)."""
+    await run_qemu_img("resize", "-q", "-f", fmt, path, str(size))

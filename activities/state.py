@@ -125,8 +125,9 @@ def seed_undo_path(disk_path: str, rebuild_id: str) -> Path:
 # What prepare records beside the root disk, for restore and cleanup to trust (never a request's word):
 # ``format``, the old disk's format as libvirt defined it; ``disk.xml``, its whole ``<disk>`` element,
 # which restore puts back as it was; ``snapshots.json``, the snapshots a rebuild with
-# --discard-snapshots found at the swap, which cleanup forgets, and only those.
-RecordKind = Literal["format", "disk.xml", "snapshots.json"]
+# --discard-snapshots found at the swap, which cleanup forgets, and only those; ``copy.json``, how stage
+# made a standalone copy (its format, whether a reflink, the file's identity) once it was whole.
+RecordKind = Literal["format", "disk.xml", "snapshots.json", "copy.json"]
 
 
 def record_path(disk_path: str, rebuild_id: str, kind: RecordKind) -> Path:

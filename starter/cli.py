@@ -95,7 +95,7 @@ def start(
             "answers), console:REGEX (the serial console prints a match), running:SECONDS (only "
             "that the domain runs: it cannot tell an empty disk from a booted one). "
             "Default: agent where the domain has a guest agent channel, else running:5. Whatever "
-            "the mode, the running root disk must be an overlay on the new image."
+            "the mode, the running root disk must be the new disk this rebuild made."
         ),
     ] = None,
     require_approval: Annotated[
@@ -142,6 +142,15 @@ def start(
             "--preflight/--no-preflight",
             help="Boot the new image in a throwaway sandbox first; a broken image then fails with "
             "the instance never stopped (default: the host worker's setting).",
+        ),
+    ] = None,
+    disk_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="A file root disk's new disk: overlay (a qcow2 overlay on the cached image, constant "
+            "time) or copy (a standalone disk in the old disk's format, raw stays raw: a reflink where "
+            "the file system has them, else a full copy, made before the stop). Default: the host "
+            "worker's --disk-mode."
         ),
     ] = None,
     root_disk: Annotated[
@@ -198,6 +207,7 @@ def start(
             revert_by_default=revert_by_default,
             requested_by=requested_by,
             preflight=preflight,
+            disk_mode=disk_mode,
             root_disk=root_disk,
             discard_snapshots=discard_snapshots,
             identity=identity_change(
@@ -288,6 +298,8 @@ def _print_result(cli: Cli, result: RebuildResult) -> None:
         cli.say(f"  stopped by: {result.stopped_by}")
     if result.verified_by is not None:
         cli.say(f"  verified by: {result.verified_by}")
+    if result.disk_mode is not None:
+        cli.say(f"  disk mode: {result.disk_mode}")
 
 
 steer_cli.register(app)

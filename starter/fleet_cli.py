@@ -107,6 +107,13 @@ def start(
             help="Each rebuild boots the new image in a sandbox before its stop (default: each worker's).",
         ),
     ] = None,
+    disk_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="A file root disk's new disk: overlay (qcow2 on the cached image) or copy (a standalone "
+            "disk in its own format, a reflink where it can) (default: each worker's --disk-mode)."
+        ),
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="The fleet's name (default: derived from image and selection).")
     ] = None,
@@ -146,6 +153,7 @@ def start(
             boot_timeout_seconds=boot_timeout,
             requested_by=requested_by,
             preflight=preflight,
+            disk_mode=disk_mode,
         )
         if (instances_file is None) == (select is None):
             cli.fail(

@@ -292,6 +292,7 @@ def _final_status(description: Any, result: RebuildResult | None) -> RebuildStat
         started_at=description.start_time,
         stopped_by=result.stopped_by if result else None,
         verified_by=result.verified_by if result else None,
+        disk_mode=result.disk_mode if result else None,
     )
 
 

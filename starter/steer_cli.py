@@ -97,6 +97,8 @@ async def _status(cli: Cli, instance: str, host: str, address: str | None) -> in
         if state.step_seconds:
             cli.say(f"  steps: {', '.join(f'{k} {v:.2f}s' for k, v in state.step_seconds.items())}")
         cli.say(f"  verify: {state.verified_by or state.verify}")
+        if state.disk_mode is not None:
+            cli.say(f"  disk mode: {state.disk_mode}")
         if state.stopped_by is not None:
             cli.say(f"  stopped by: {state.stopped_by}")
         if state.last_error:

@@ -20,10 +20,9 @@ import pytest
 from temporalio.client import Client
 
 from devtools.guest import write_image
-from devtools.testbed.e2e import rebuild_cli, wait_for_file
+from devtools.testbed.e2e import rebuild_cli
 from devtools.testbed.pools import VOLUME_BYTES, Pool, guest_on, losetup, remove_pool, root_volume
 from devtools.testbed.shapes import Bed, Shaped, assert_refused_before_stop, disk_of
-from workflows.models import rebuild_workflow_id
 
 
 @pytest.fixture
@@ -122,18 +121,7 @@ async def test_a_worker_killed_at_each_kill_point_leaves_a_rebuild_that_finishes
 ) -> None:
     pool, volume = root_volume(bed.conn, bed.directory, pools, kind, fmt)
     guest = guest_on(bed, pool, volume, fmt)
-    worker = bed.worker
-    assert worker.pause_dir is not None
-    (worker.pause_dir / point).touch()
-    url, sha = bed.serve("image B", "raw")
-    args = ["start", guest.name, "--image", url, "--sha256", sha, "--host", worker.host,
-            "--stop-timeout", "0", "--boot-marker", "image B", "--boot-timeout", "10"]  # fmt: skip
-    assert (await rebuild_cli(bed.server.address, *args)).code == 0
-    await wait_for_file(worker.pause_dir / f"{point}.reached")
-    worker.kill()
-    (worker.pause_dir / point).unlink()
-    worker.start()
-    result = await client.get_workflow_handle(rebuild_workflow_id(worker.host, guest.name)).result()
+    result = await bed.rebuild_killed_at(client, guest, point)
 
     assert result["outcome"] == "rebuilt"
     guest.wait_for_console("image B")

@@ -84,6 +84,8 @@ class RebuildOptions(Wire):
     requested_by: str = "unknown"
     # Each rebuild boots the new image in a sandbox before its stop; None: the host worker's default.
     preflight: bool | None = None
+    # A file root disk's new disk: overlay or copy; None: each host worker's default.
+    disk_mode: str | None = None
 
     def request_for(self, target: FleetTarget) -> RebuildRequest:
         return RebuildRequest(instance=target.instance, host=target.host, **self.model_dump())

@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 
 # The star imports re-export what used to be defined here, for the code that imports it from here.
 from workflows.activity_models import *  # noqa: F403
-from workflows.activity_models import DiskFormat, DiskMode, StopMethod, VerifySpec
+from workflows.activity_models import DISK_MODES, DiskFormat, DiskMode, StopMethod, VerifySpec
 from workflows.checks import *  # noqa: F403
 from workflows.checks import DISK_TARGET, GLANCE_IMAGE_ID, SHA256_HEX, SHA512_HEX, HostName, InstanceName
 from workflows.identity import IdentityChange
@@ -146,6 +146,13 @@ class StrictRebuildRequest(RebuildRequest):
     @classmethod
     def _verify(cls, value: str | None) -> str | None:
         return None if value is None else VerifySpec.parse(value).label()
+
+    @field_validator("disk_mode", mode="before")
+    @classmethod
+    def _disk_mode(cls, value: object) -> object:
+        if value is not None and value not in DISK_MODES:
+            raise ValueError(f"disk mode must be {' or '.join(DISK_MODES)}, not {str(value)[:40]!r}")
+        return value
 
     @field_validator("glance_url")
     @classmethod

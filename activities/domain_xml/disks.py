@@ -251,17 +251,30 @@ def rebuilt_disk(old: ET.Element, base: str, base_format: str) -> ET.Element:
     carries the old disk's ``<backingStore>``, and libvirt uses a written chain as it is instead of
     reading the new file's header (the guest would boot the old base, or an empty disk).
     """
-    disk = without_chain(old, "qcow2")
+    return _new_file_disk(old, "qcow2", (base, base_format))
+
+
+def standalone_disk(old: ET.Element, fmt: str) -> ET.Element:
+    """The root disk's new definition for a standalone file at the same path (a copy of the image):
+    the same device in ``fmt``, with an empty ``<backingStore/>`` that says it has no chain (for the
+    same reason as ``rebuilt_disk``)."""
+    return _new_file_disk(old, fmt, None)
+
+
+def _new_file_disk(old: ET.Element, fmt: str, base: tuple[str, str] | None) -> ET.Element:
+    disk = without_chain(old, fmt)
     source = disk.find("source")
     assert source is not None
     source.attrib.pop("index", None)
     for child in list(source):
         if child.tag not in _SOURCE_KEEPS:
             source.remove(child)
-    backing = ET.Element("backingStore", {"type": "file"})
-    ET.SubElement(backing, "format", {"type": base_format})
-    ET.SubElement(backing, "source", {"file": base})
-    ET.SubElement(backing, "backingStore")
+    backing = ET.Element("backingStore")
+    if base is not None:
+        backing.set("type", "file")
+        ET.SubElement(backing, "format", {"type": base[1]})
+        ET.SubElement(backing, "source", {"file": base[0]})
+        ET.SubElement(backing, "backingStore")
     disk.insert(list(disk).index(source) + 1, backing)
     return disk
 

@@ -1,19 +1,28 @@
-"""Root disks that are files: a qcow2 overlay on the cached image takes the old file's place.
+"""Root disks that are files: a new file takes the old file's place, in one of two modes.
+
+- overlay: a qcow2 overlay on the cached image (constant time, whatever the image's size); a raw disk
+  becomes a qcow2 one that depends on the cache.
+- copy: a standalone file in the old disk's own format (raw stays raw, a qcow2 disk gets a qcow2 file
+  without a backing file): a reflink of the cached image where its file system shares extents (XFS
+  with reflink, btrfs) and the image is in that format already, else a full copy by qemu-img; written
+  by stage, while the instance still runs.
 
 The invariant: at every instant the root disk's file holds either the old disk or the new one. The old
 disk is kept as a hard link (a second name for the same file, made in constant time), the new disk
-replaces the file by an atomic rename, and nothing is ever copied. Everything lies beside the file the
-definition names, through any symlink: backups, the new disk before its rename, prepare's records.
+replaces the file by an atomic rename, and the old disk is never copied. Everything lies beside the file
+the definition names, through any symlink: backups, the new disk before its rename, the records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import os
 import stat
 import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from activities import domain_xml as dx
@@ -42,6 +51,10 @@ DISK_FORMATS = ("raw", "qcow2")
 # The new disk's qcow2 metadata and the records next to it need little; a disk with less than this
 # free would fail after the stop.
 MIN_FREE_BYTES = 64 << 20
+# ioctl(2) FICLONE: the new file shares the image's extents, copied on write (XFS with reflink, btrfs).
+FICLONE = 0x40049409
+# What FICLONE answers where it cannot share: another file system, or one without reflinks.
+_NO_REFLINK = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.ENOSYS)
 
 
 def real_path(root: RootDiskAt) -> str:
@@ -51,6 +64,46 @@ def real_path(root: RootDiskAt) -> str:
 
 def _disk_record(root: RootDiskAt, rebuild_id: str) -> Path:
     return record_path(real_path(root), rebuild_id, "disk.xml")
+
+
+@dataclass(frozen=True)
+class StagedCopy:
+    """How stage made a standalone copy (``copy.json`` beside the disk, written once the copy was
+    whole): prepare, verify and restore trust it, never a request's word."""
+
+    # reflink or full.
+    how: str
+    format: str
+    # (st_dev, st_ino) of the copy, whatever its name is now (the staged one, or the disk's).
+    file: tuple[int, int]
+
+    @property
+    def mode(self) -> str:
+        return f"copy ({self.how})"
+
+    def names(self, path: Path) -> bool:
+        """``path`` is this copy (renamed, or not yet)."""
+        try:
+            return _identity(path) == self.file
+        except FileNotFoundError:
+            return False
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
+
+def _copy_record(real: str, rebuild_id: str) -> Path:
+    return record_path(real, rebuild_id, "copy.json")
+
+
+def _staged_copy(real: str, rebuild_id: str) -> StagedCopy | None:
+    try:
+        made = json.loads(_copy_record(real, rebuild_id).read_text())
+    except FileNotFoundError:
+        return None
+    return StagedCopy(str(made["how"]), str(made["format"]), (int(made["file"][0]), int(made["file"][1])))
 
 
 class FileOverlay:
@@ -69,6 +122,9 @@ class FileOverlay:
 
     async def running_on_new_disk(self, root: RootDiskAt, request: io.VerifyInstanceInput) -> str:
         assert request.image_sha256 is not None
+        made = _staged_copy(real_path(root), request.rebuild_id) if request.rebuild_id else None
+        if made is not None:
+            return await asyncio.to_thread(standalone_copy, root, made, request.image_sha256)
         return await asyncio.to_thread(overlay_on_image, root, request.image_sha256)
 
     def began(self, root: RootDiskAt, rebuild_id: str) -> bool:
@@ -79,7 +135,8 @@ class FileOverlay:
             await asyncio.to_thread(root.domain.update_disk, root.xml, disk)
 
     async def prepare(self, root: RootDiskAt, request: io.PrepareRootDiskInput) -> io.PreparedRootDisk:
-        """Keep the old disk as a backup, put a qcow2 overlay on the cached image in its place."""
+        """Keep the old disk as a backup, put the staged disk in its place: the standalone copy where
+        stage made one, else a qcow2 overlay on the cached image."""
         base = self.state.image_path(request.image_sha256)
         real = real_path(root)
         backup = backup_path(real, request.rebuild_id)
@@ -103,29 +160,56 @@ class FileOverlay:
         size = max(
             await _virtual_size(backup, original_format), request.image_virtual_size, request.min_virtual_size
         )
-        # Staged while the instance ran (the usual case): only a disk that grew since needs a new one.
-        if not _is_overlay(fresh, base, size):
-            await _create_overlay(fresh, base, request.image_format, size)
-        _copy_ownership(backup, fresh)
-        await self.checkpoints.reach("prepare.before-swap")
-        os.replace(fresh, real)
-        await asyncio.to_thread(fsync_dir, directory)
+        made = _staged_copy(real, request.rebuild_id)
+        # An attempt that died after the swap left the copy in place: it is not made again.
+        if made is None or not made.names(Path(real)):
+            # Staged while the instance ran (the usual case): only a disk that grew since needs a new one.
+            if made is not None:
+                made = await self._copy(real, original_format, request, size)
+            elif not _is_overlay(fresh, base, size):
+                await _create_overlay(fresh, base, request.image_format, size)
+            _copy_ownership(backup, fresh)
+            await self.checkpoints.reach("prepare.before-swap")
+            os.replace(fresh, real)
+            await asyncio.to_thread(fsync_dir, directory)
         original = _recorded_disk(root, request.rebuild_id)
-        await self._define(root, dx.rebuilt_disk(original, str(base), request.image_format))
+        if made is not None:
+            disk = dx.standalone_disk(original, made.format)
+        else:
+            disk = dx.rebuilt_disk(original, str(base), request.image_format)
+        await self._define(root, disk)
         await self.checkpoints.reach("prepare.after-new-disk")
         return io.PreparedRootDisk(disk_path=root.disk.path, backup_path=str(backup), virtual_size=size)
 
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
-        """The new disk, written beside the old one while the instance runs: a qcow2 overlay on the
-        cached image, as large as the old disk at least. A retry finds it and keeps it."""
+        """The new disk, written beside the old one while the instance runs, as large as the old disk
+        at least: a qcow2 overlay on the cached image, or in copy mode a standalone copy of the image
+        in the old disk's format. A retry finds it and keeps it."""
         base = self.state.image_path(request.image_sha256)
         real = real_path(root)
         fresh = new_disk_path(real, request.rebuild_id)
         size = max(await self.virtual_size(root), request.image_virtual_size, request.min_virtual_size)
-        if not _is_overlay(fresh, base, size):
+        mode = "overlay"
+        if request.disk_mode == "copy":
+            mode = (await self._copy(real, root.disk.format, request, size)).mode
+        elif not _is_overlay(fresh, base, size):
             await _create_overlay(fresh, base, request.image_format, size)
         _copy_ownership(Path(real), fresh)
-        return io.StagedRootDisk(staged_at=str(fresh), virtual_size=size, mode="overlay")
+        return io.StagedRootDisk(staged_at=str(fresh), virtual_size=size, mode=mode)
+
+    async def _copy(self, real: str, fmt: str, request: io.NewRootDisk, size: int) -> StagedCopy:
+        """The staged standalone copy in ``fmt``, at least ``size`` bytes: the one a former attempt
+        recorded where it is still whole and large enough, else a new one (recorded once whole)."""
+        fresh = new_disk_path(real, request.rebuild_id)
+        made = _staged_copy(real, request.rebuild_id)
+        kept = made is not None and made.format == fmt and made.names(fresh)
+        if made is not None and kept and await _virtual_size(fresh, fmt) >= size:
+            return made
+        base = self.state.image_path(request.image_sha256)
+        how = await _create_copy(fresh, base, request.image_format, fmt, size)
+        made = StagedCopy(how, fmt, _identity(fresh))
+        write_atomically(_copy_record(real, request.rebuild_id), json.dumps(asdict(made)))
+        return made
 
     async def discard_staged(self, root: RootDiskAt, request: io.DiscardStagedRootDiskInput) -> None:
         """The staged disk goes; once prepare renamed it into place it has no name of its own left."""
@@ -169,23 +253,32 @@ class FileOverlay:
         record_path(real, request.rebuild_id, "snapshots.json").unlink(missing_ok=True)
 
     def _refuse_if_new_disk(self, request: io.RestoreRootDiskInput, disk: str, backup: Path) -> None:
-        backing = qcow2.read_header(Path(disk))
-        if backing is None or not backing.backing_file:
-            return
-        resolved = (Path(disk).parent / backing.backing_file).resolve()
-        if resolved.parent != self.state.images.resolve():
-            return
-        # An instance rebuilt before already runs on an overlay: unless it is on this rebuild's image,
-        # that is its old disk, never replaced (prepare stopped before it made the backup).
-        was_overlay = request.original_format == "qcow2"
-        if was_overlay and request.image_sha256 is not None and resolved.name != request.image_sha256:
+        new = self._new_disk_at(request, disk)
+        if new is None:
             return
         others = sorted(str(p) for p in Path(disk).parent.glob(f"{Path(disk).name}.rebuild-*.backup"))
         raise DiskMissing(
             f"cannot restore {request.instance!r}: no backup at {backup}, and the root disk {disk} is a "
-            f"new disk (an overlay on the cached image {resolved}); backups found next to it: "
-            f"{', '.join(others) or 'none'}"
+            f"new disk ({new}); backups found next to it: {', '.join(others) or 'none'}"
         )
+
+    def _new_disk_at(self, request: io.RestoreRootDiskInput, disk: str) -> str | None:
+        """What makes the disk at ``disk`` a new one, in words; None where it may be the old one."""
+        made = _staged_copy(disk, request.rebuild_id)
+        if made is not None and made.names(Path(disk)):
+            return "the standalone copy this rebuild made"
+        backing = qcow2.read_header(Path(disk))
+        if backing is None or not backing.backing_file:
+            return None
+        resolved = (Path(disk).parent / backing.backing_file).resolve()
+        if resolved.parent != self.state.images.resolve():
+            return None
+        # An instance rebuilt before already runs on an overlay: unless it is on this rebuild's image,
+        # that is its old disk, never replaced (prepare stopped before it made the backup).
+        was_overlay = request.original_format == "qcow2"
+        if was_overlay and request.image_sha256 is not None and resolved.name != request.image_sha256:
+            return None
+        return f"an overlay on the cached image {resolved}"
 
     async def remove_backup(self, root: RootDiskAt, request: io.RemoveBackupInput) -> None:
         """The old disk goes, and with --discard-snapshots its snapshots' metadata (first, so that a
@@ -220,9 +313,26 @@ def overlay_on_image(root: RootDiskAt, sha256: str) -> str:
     return f"root disk {root.disk.target} runs on image {sha256[:12]}"
 
 
+def standalone_copy(root: RootDiskAt, made: StagedCopy, sha256: str) -> str:
+    """The running root disk (``root`` read from the live definition), as QEMU opened it, is the
+    standalone copy stage made: one layer in its format, no backing file, and the very file stage
+    wrote (by its inode: a disk put back, or a copy made by another attempt, is another file)."""
+    chain = dx.chain(root.element)
+    real = Path(real_path(root))
+    header = qcow2.read_header(real) if made.format == "qcow2" else None
+    alone = len(chain) == 1 and chain[0][1] == made.format and not (header and header.backing_file)
+    if not alone or not made.names(real):
+        layers = " on ".join(str(path) for path, _ in chain)
+        raise BootCheckFailed(
+            f"instance {root.domain.name!r} runs its root disk {root.disk.target} as {layers}, not as the "
+            f"standalone {made.format} copy of image {sha256[:12]} this rebuild made"
+        )
+    return f"root disk {root.disk.target} runs on a standalone {made.format} copy of image {sha256[:12]}"
+
+
 def _drop_new_disk(real: str, rebuild_id: str) -> None:
     fresh = new_disk_path(real, rebuild_id)
-    for path in (fresh, fresh.with_name(f"{fresh.name}.partial")):
+    for path in (fresh, fresh.with_name(f"{fresh.name}.partial"), _copy_record(real, rebuild_id)):
         path.unlink(missing_ok=True)
 
 
@@ -255,6 +365,68 @@ async def _create_overlay(path: Path, base: Path, fmt: str, size: int) -> None:
             raise HostOutOfSpace(f"no space for the new root disk in {path.parent}") from None
         raise
     os.replace(partial, path)
+
+
+async def _create_copy(fresh: Path, base: Path, image_format: str, fmt: str, size: int) -> str:
+    """The image as a standalone file in ``fmt`` at ``fresh``, grown to ``size``: a reflink where the
+    image is in ``fmt`` already and on the same file system (constant time), else a full, sparse copy
+    by qemu-img. Written under a temporary name, flushed, then renamed; which of the two it was."""
+    partial = fresh.with_name(f"{fresh.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        shared = image_format == fmt and await asyncio.to_thread(_reflink, base, partial)
+        how = "reflink" if shared else "full"
+        if not shared:
+            _refuse_no_room(base, fresh.parent)
+            await qemu_img.convert_into(str(base), image_format, str(partial), fmt, create=True)
+        await _grow(partial, fmt, size)
+        await asyncio.to_thread(_fsync, partial)
+    except BaseException as err:
+        # Cancelled or failed: a half-written copy (it may be large) never stays behind.
+        partial.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise HostOutOfSpace(f"no space for the new root disk in {fresh.parent}") from None
+        raise
+    os.replace(partial, fresh)
+    await asyncio.to_thread(fsync_dir, fresh.parent)
+    return how
+
+
+def _reflink(source: Path, target: Path) -> bool:
+    """``target``, a new file sharing all of ``source``'s extents; False where the file system cannot."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        except OSError as err:
+            if err.errno not in _NO_REFLINK:
+                raise
+            return False
+    return True
+
+
+def _refuse_no_room(image: Path, directory: Path) -> None:
+    """A full copy needs about the image's allocated bytes; short of that it fails before the stop."""
+    needed = image.stat().st_blocks * 512 + MIN_FREE_BYTES
+    space = os.statvfs(directory)
+    if space.f_bavail * space.f_frsize < needed:
+        raise HostOutOfSpace(f"no space for a copy of the image in {directory}: it needs {needed} bytes")
+
+
+async def _grow(path: Path, fmt: str, size: int) -> None:
+    if await _virtual_size(path, fmt) >= size:
+        return
+    if fmt == "raw":
+        os.truncate(path, size)
+    else:
+        await qemu_img.resize(str(path), fmt, size)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _recorded_disk(root: RootDiskAt, rebuild_id: str) -> ET.Element:

@@ -68,6 +68,9 @@ class FakeHost:
         self.gates: dict[str, asyncio.Event] = {}
         self.reached: dict[str, asyncio.Event] = {}
         self.held: dict[str, asyncio.Event] = {}
+        # The host worker's --disk-mode, and the modes stage was asked for (None: the worker's).
+        self.disk_mode = "overlay"
+        self.staged_modes: list[str | None] = []
 
     def hold(self, name: str) -> None:
         """Make activity ``name`` wait until :meth:`release` (the first time it runs)."""
@@ -132,7 +135,9 @@ class FakeHost:
         @activity.defn(name="stage_root_disk")
         async def stage_root_disk(request: StageRootDiskInput) -> StagedRootDisk:
             await self._enter("stage_root_disk")
-            return StagedRootDisk(staged_at="/fake/disk.img.new", virtual_size=1)
+            self.staged_modes.append(request.disk_mode)
+            mode = request.disk_mode or self.disk_mode
+            return StagedRootDisk(staged_at="/fake/disk.img.new", virtual_size=1, mode=mode)
 
         @activity.defn(name="discard_staged_root_disk")
         async def discard_staged_root_disk(request: DiscardStagedRootDiskInput) -> None:

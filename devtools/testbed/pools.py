@@ -1,10 +1,14 @@
 """Storage pools on libvirtd for the tests and benches: a dir pool, an fs pool on an XFS loop device,
-a disk pool on a loop device (its partitions are block devices), and a root volume that boots."""
+a disk pool on a loop device (its partitions are block devices), and a root volume that boots; and an
+XFS file system with reflinks on a loop device, for file disks and a worker's state beside them."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,37 @@ def losetup(path: Path) -> str:
     return subprocess.run(
         ["losetup", "--find", "--show", "--partscan", str(path)], capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+@contextlib.contextmanager
+def xfs_mount(directory: Path, size: int = 512 << 20) -> Iterator[Path]:
+    """An XFS file system with reflinks (``mkfs.xfs -m reflink=1``) on a loop device, mounted at
+    ``directory/xfs`` (QEMU's user may traverse it), unmounted and gone afterwards."""
+    backing, target = directory / "xfs.img", directory / "xfs"
+    with open(backing, "wb") as image:
+        image.truncate(size)
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(backing)], check=True)
+    target.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(backing), str(target)], check=True)
+    try:
+        os.chmod(target, 0o711)
+        yield target
+    finally:
+        subprocess.run(["umount", "--lazy", str(target)], check=False)
+        backing.unlink(missing_ok=True)
+
+
+def shared_bytes(path: Path) -> int:
+    """How many of the file's bytes share their extents with another file (``filefrag -v``)."""
+    out = subprocess.run(
+        ["filefrag", "-v", "-b1", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    shared = 0
+    for line in out.splitlines():
+        fields = line.replace(":", " ").replace("..", " ").split()
+        if fields and fields[0].isdigit() and "shared" in line:
+            shared += int(fields[5])
+    return shared
 
 
 def make_pool(conn: Any, directory: Path, kind: str, volume_bytes: int = VOLUME_BYTES) -> Pool:

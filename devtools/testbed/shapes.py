@@ -15,11 +15,21 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 import libvirt
+from temporalio.client import Client
 
 from devtools.guest import shaped_domain_xml
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from devtools.testbed.e2e import DOMAIN_PREFIX, DOMAIN_TYPE, CliResult, WorkerProcess, rebuild_cli, serve
+from devtools.testbed.e2e import (
+    DOMAIN_PREFIX,
+    DOMAIN_TYPE,
+    CliResult,
+    WorkerProcess,
+    rebuild_cli,
+    serve,
+    wait_for_file,
+)
+from workflows.models import rebuild_workflow_id
 
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
 
@@ -124,6 +134,25 @@ class Bed:
             "start", guest.name, "--image", url, "--sha256", sha, "--host", self.worker.host,
             "--stop-timeout", "0", "--boot-marker", "image B", "--boot-timeout", "10", "--wait", *extra,
         )  # fmt: skip
+
+    async def rebuild_killed_at(self, client: Client, guest: Shaped, point: str) -> dict[str, Any]:
+        """A rebuild to image B whose worker is killed (SIGKILL) at kill point ``point`` and started
+        again: the rebuild's result, once it finished."""
+        worker = self.worker
+        assert worker.pause_dir is not None
+        (worker.pause_dir / point).touch()
+        url, sha = self.serve("image B", "raw")
+        args = ["start", guest.name, "--image", url, "--sha256", sha, "--host", worker.host,
+                "--stop-timeout", "0", "--boot-marker", "image B", "--boot-timeout", "10"]  # fmt: skip
+        assert (await rebuild_cli(self.server.address, *args)).code == 0
+        await wait_for_file(worker.pause_dir / f"{point}.reached")
+        worker.kill()
+        (worker.pause_dir / point).unlink()
+        worker.start()
+        result: dict[str, Any] = await client.get_workflow_handle(
+            rebuild_workflow_id(worker.host, guest.name)
+        ).result()
+        return result
 
     def remove_guests(self) -> None:
         for guest in self.made:
