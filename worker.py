@@ -37,6 +37,7 @@ from activities.libvirt_domain import Libvirt
 from activities.network import AddressPolicy, parse_networks
 from activities.preflight import PreflightActivities
 from activities.seed import SeedActivities
+from activities.snapshots import SnapshotActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from common.codec import CodecKeyError
 from common.connection import TemporalUnavailable, connect, worker_identity
@@ -47,6 +48,7 @@ from common.metrics import prometheus_runtime
 from workflows.fleet import FleetRebuild
 from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
+from workflows.snapshot import SnapshotCatalog, SnapshotInstance
 
 app = typer.Typer(add_completion=False)
 THIS_HOST = socket.gethostname()
@@ -111,6 +113,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     glance = GlanceActivities(config.glance, policy)
     seed = SeedActivities(conn, state)
     preflight = preflight_activities(config, conn)
+    snapshots = SnapshotActivities(conn, state, config.host, checkpoints)
     return [
         hypervisor.inspect_instance,
         hypervisor.stop_instance,
@@ -130,6 +133,11 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         seed.remove_seed_backup,
         preflight.preflight_image,
         InventoryActivities(conn).list_instances,
+        snapshots.take_snapshot,
+        snapshots.discard_snapshot,
+        snapshots.resolve_snapshot,
+        snapshots.prune_snapshots,
+        snapshots.snapshot_catalog,
     ]
 
 
@@ -153,7 +161,7 @@ def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
         Worker(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
-            workflows=[RebuildInstance, FleetRebuild],
+            workflows=[RebuildInstance, FleetRebuild, SnapshotInstance, SnapshotCatalog],
             identity=identity,
             deployment_config=deployment,
         ),
