@@ -285,7 +285,7 @@ def _final_status(description: Any, result: RebuildResult | None) -> RebuildStat
         instance=instance,
         host=host,
         phase=phase,
-        image_url=None,
+        image_url=result.image_url if result else None,
         image_sha256=result.image_sha256 if result else None,
         step_seconds=dict(result.step_seconds) if result else {},
         last_error=result.error if result else None,

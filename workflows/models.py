@@ -283,3 +283,5 @@ class RebuildResult(Wire):
     stopped_by: StopMethod | None = None
     verified_by: str | None = None
     disk_mode: str | None = None
+    # The image as people name it: its URL, glance:ID or snapshot:ID (status shows it after the end).
+    image_url: str | None = None
