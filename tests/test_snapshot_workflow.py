@@ -28,7 +28,7 @@ async def start_snapshot(
 ) -> WorkflowHandle[SnapshotInstance, SnapshotRecord]:
     return await client.start_workflow(
         SnapshotInstance.run,
-        SnapshotRequest(instance="vm-1", host=host, **request),  # type: ignore[arg-type]
+        SnapshotRequest(instance="vm-1", host=host, **request),
         id=snapshot_workflow_id(host, "vm-1"),
         task_queue=queue,
     )

@@ -102,7 +102,8 @@ async def test_list_retention_delete_and_pruning_keep_what_they_should(
         dev_server.address, "snapshot", "list", "--host", worker.host, "--instance", guest.name, "--json"
     )
     assert listed.code == 0, listed.stderr
-    assert [r["snapshot_id"] for r in listed.json()] == [second["snapshot_id"], third["snapshot_id"]]
+    rows: list[dict[str, Any]] = json.loads(listed.stdout)
+    assert [r["snapshot_id"] for r in rows] == [second["snapshot_id"], third["snapshot_id"]]
 
     # The cache's pruning keeps every image a snapshot record names, however old.
     pruned = subprocess.run(
@@ -127,7 +128,7 @@ async def test_list_retention_delete_and_pruning_keep_what_they_should(
     )
     assert unknown.code == 2 and "0" * 32 in unknown.stderr
     left = await rebuild_cli(dev_server.address, "snapshot", "list", "--host", worker.host, "--json")
-    assert [r["snapshot_id"] for r in left.json()] == [third["snapshot_id"]]
+    assert [r["snapshot_id"] for r in json.loads(left.stdout)] == [third["snapshot_id"]]
 
 
 async def test_bad_snapshot_requests_exit_2_and_change_nothing(

@@ -70,6 +70,7 @@ class FakeHost:
         self.gates: dict[str, asyncio.Event] = {}
         self.reached: dict[str, asyncio.Event] = {}
         self.held: dict[str, asyncio.Event] = {}
+        self.snapshots: dict[str, sn.SnapshotRecord] = {}
 
     def hold(self, name: str) -> None:
         """Make activity ``name`` wait until :meth:`release` (the first time it runs)."""
@@ -190,7 +191,10 @@ class FakeHost:
         @activity.defn(name="take_snapshot")
         async def take_snapshot(request: sn.TakeSnapshotInput) -> sn.SnapshotRecord:
             await self._enter("take_snapshot")
-            return snapshot_record(request.snapshot_id, request.instance)
+            taken = self.snapshots[request.snapshot_id] = snapshot_record(
+                request.snapshot_id, request.instance
+            )
+            return taken
 
         @activity.defn(name="discard_snapshot")
         async def discard_snapshot(request: sn.DiscardSnapshotInput) -> None:
@@ -210,7 +214,20 @@ class FakeHost:
                 cached=CachedImage(sha256=SHA, size=1, downloaded_bytes=0, cache_hit=True),
             )
 
-        return [take_snapshot, discard_snapshot, prune_snapshots, resolve_snapshot]
+        @activity.defn(name="snapshot_catalog")
+        async def snapshot_catalog(request: sn.SnapshotCatalogRequest) -> sn.SnapshotCatalogResult:
+            await self._enter("snapshot_catalog")
+            if request.action == "list":
+                return sn.SnapshotCatalogResult(snapshots=tuple(self.snapshots.values()))
+            if missing := [i for i in request.snapshot_ids if i not in self.snapshots]:
+                raise ApplicationError(
+                    f"no snapshot {missing[0]}", type="SnapshotNotFound", non_retryable=True
+                )
+            for snapshot_id in request.snapshot_ids:
+                del self.snapshots[snapshot_id]
+            return sn.SnapshotCatalogResult(deleted=request.snapshot_ids)
+
+        return [take_snapshot, discard_snapshot, prune_snapshots, resolve_snapshot, snapshot_catalog]
 
 
 def snapshot_record(snapshot_id: str, instance: str) -> sn.SnapshotRecord:
