@@ -30,6 +30,7 @@ from activities.boot_check import BootCheck
 from activities.checkpoints import Checkpoints
 from activities.disks import DiskActivities
 from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoint
+from activities.glance_publish import SnapshotPublisher
 from activities.hypervisor import HypervisorActivities
 from activities.images import ImageActivities
 from activities.inventory import InventoryActivities
@@ -48,7 +49,7 @@ from common.metrics import prometheus_runtime
 from workflows.fleet import FleetRebuild
 from workflows.models import HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
-from workflows.snapshot import SnapshotCatalog, SnapshotInstance
+from workflows.snapshot import SNAPSHOT_WORKFLOWS
 
 app = typer.Typer(add_completion=False)
 THIS_HOST = socket.gethostname()
@@ -138,6 +139,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         snapshots.resolve_snapshot,
         snapshots.prune_snapshots,
         snapshots.snapshot_catalog,
+        SnapshotPublisher(state, config.glance, policy).publish_snapshot,
     ]
 
 
@@ -161,7 +163,7 @@ def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
         Worker(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
-            workflows=[RebuildInstance, FleetRebuild, SnapshotInstance, SnapshotCatalog],
+            workflows=[RebuildInstance, FleetRebuild, *SNAPSHOT_WORKFLOWS],
             identity=identity,
             deployment_config=deployment,
         ),

@@ -99,6 +99,10 @@ class StateDir:
     def snapshot_record(self, snapshot_id: str) -> Path:
         return self._inside(self.snapshots, f"{require_snapshot_id(snapshot_id)}.json")
 
+    def snapshot_published(self, snapshot_id: str) -> Path:
+        """The Glance image a publish of this snapshot created, so a retry uploads into the same one."""
+        return self._inside(self.snapshots, f"{require_snapshot_id(snapshot_id)}.glance")
+
     def snapshot_partial(self, snapshot_id: str) -> Path:
         """A snapshot being copied: QEMU (the backup job) or qemu-img writes it, then it is hashed."""
         return self._inside(self.snapshots / "partial", f"{require_snapshot_id(snapshot_id)}.qcow2")

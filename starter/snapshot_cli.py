@@ -1,4 +1,4 @@
-"""``rebuild snapshot create | list | show | delete``: an instance's root disk kept as a rebuild image.
+"""``rebuild snapshot create | list | show | delete | publish``: a root disk kept to rebuild from.
 
 A snapshot lives on the instance's host, in its worker's image cache; ``rebuild start NAME
 --snapshot ID`` rebuilds from it (see ``starter/snapshots.py`` for the calls).
@@ -15,10 +15,17 @@ from common.connection import connect
 from common.exit_codes import ExitCode
 from starter.cli_context import AddressOption, Cli, JsonOption, command, command_group
 from starter.cli_settings import THIS_HOST, HostOption
-from starter.snapshots import SnapshotMissing, snapshot_catalog, snapshot_result, start_snapshot
+from starter.snapshots import (
+    SnapshotMissing,
+    publish_snapshot,
+    snapshot_catalog,
+    snapshot_result,
+    start_snapshot,
+)
 from workflows.snapshot_models import (
     SnapshotCatalogRequest,
     SnapshotRecord,
+    StrictPublishRequest,
     StrictSnapshotRequest,
 )
 
@@ -150,6 +157,36 @@ async def _delete(cli: Cli, request: SnapshotCatalogRequest, address: str | None
         cli.print_json(result)
     else:
         cli.say(f"deleted {len(result.deleted)} snapshot(s): {', '.join(result.deleted)}")
+    return ExitCode.OK
+
+
+@command(snapshot_app, "publish")
+def publish(
+    ctx: typer.Context,
+    snapshot_id: IdArgument,
+    host: HostOption = THIS_HOST,
+    name: Annotated[str | None, typer.Option(help="The Glance image's name.")] = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upload a snapshot into the host worker's Glance (--glance-url), so any host can rebuild from it.
+
+    Example: rebuild snapshot publish 3f2a... --host kvm-07, then on another host:
+    rebuild start web-2 --glance https://glance:9292 --glance-image ID
+    """
+    cli = Cli.of(ctx)
+    with cli.refusing("publish request"):
+        request = StrictPublishRequest(host=host, snapshot_id=snapshot_id, name=name)
+    cli.run(_publish(cli, request, address))
+
+
+async def _publish(cli: Cli, request: StrictPublishRequest, address: str | None) -> int:
+    published = await publish_snapshot(await connect(address), request)
+    if cli.json:
+        cli.print_json(published)
+    else:
+        cli.say(f"published snapshot {published.snapshot_id} to {published.glance_url}")
+        cli.say(f"  glance image: {published.glance_image_id} (sha512 {published.sha512[:16]}...)")
     return ExitCode.OK
 
 

@@ -18,7 +18,10 @@ from starter.rebuilds import check_host_has_worker
 from workflows.models import WORKFLOW_TASK_QUEUE
 from workflows.snapshot_models import (
     SNAPSHOT_CATALOG_WORKFLOW,
+    SNAPSHOT_PUBLISH_WORKFLOW,
     SNAPSHOT_WORKFLOW,
+    PublishedSnapshot,
+    PublishRequest,
     SnapshotCatalogRequest,
     SnapshotCatalogResult,
     SnapshotRecord,
@@ -84,6 +87,24 @@ async def snapshot_catalog(client: Client, request: SnapshotCatalogRequest) -> S
         return result
     except WorkflowFailureError as failure:
         raise _as_service_error(failure) from None
+
+
+async def publish_snapshot(client: Client, request: PublishRequest) -> PublishedSnapshot:
+    """Upload the snapshot into the host worker's Glance and wait for it; one publish per snapshot."""
+    await check_host_has_worker(client, request.host)
+    try:
+        published: PublishedSnapshot = await client.execute_workflow(
+            SNAPSHOT_PUBLISH_WORKFLOW,
+            request,
+            result_type=PublishedSnapshot,
+            id=f"snapshot-publish:{request.host}:{request.snapshot_id}",
+            task_queue=WORKFLOW_TASK_QUEUE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            static_summary=f"Publish snapshot {request.snapshot_id} of {request.host} to Glance",
+        )
+    except WorkflowFailureError as failure:
+        raise _as_service_error(failure) from None
+    return published
 
 
 def _as_service_error(failure: WorkflowFailureError) -> Exception:

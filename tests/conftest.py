@@ -29,7 +29,7 @@ from starter.api import create_app
 from tests.api_support import CLIENTS
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
-from workflows.snapshot import SnapshotCatalog, SnapshotInstance
+from workflows.snapshot import SNAPSHOT_WORKFLOWS
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +167,7 @@ async def fake_host(client: Client, unique_host: str) -> AsyncIterator[FakeHost]
         Worker(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
-            workflows=[RebuildInstance, SnapshotInstance, SnapshotCatalog],
+            workflows=[RebuildInstance, *SNAPSHOT_WORKFLOWS],
         ),
         Worker(client, task_queue=host_task_queue(unique_host), activities=fake.activities()),
     ):

@@ -19,7 +19,7 @@ from temporalio.worker import Replayer
 from tests.history_recorder import WORKFLOW_VERSION, history_path
 from workflows.fleet import FleetRebuild
 from workflows.rebuild import RebuildInstance
-from workflows.snapshot import SnapshotCatalog, SnapshotInstance
+from workflows.snapshot import SNAPSHOT_WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 ABORTABLE_PHASES = (
@@ -65,7 +65,7 @@ def test_every_snapshot_path_has_a_history(name: str) -> None:
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(
-        workflows=[RebuildInstance, FleetRebuild, SnapshotInstance, SnapshotCatalog],
+        workflows=[RebuildInstance, FleetRebuild, *SNAPSHOT_WORKFLOWS],
         data_converter=pydantic_data_converter,
     )
     await replayer.replay_workflow(history)

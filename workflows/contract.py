@@ -70,6 +70,8 @@ discard_snapshot = HostActivity("discard_snapshot", sn.DiscardSnapshotInput, Not
 resolve_snapshot = HostActivity("resolve_snapshot", sn.ResolveSnapshotInput, sn.SnapshotImage)
 prune_snapshots = HostActivity("prune_snapshots", sn.PruneSnapshotsInput, sn.SnapshotCatalogResult)
 snapshot_catalog = HostActivity("snapshot_catalog", sn.SnapshotCatalogRequest, sn.SnapshotCatalogResult)
+# activities/glance_publish.py
+publish_snapshot = HostActivity("publish_snapshot", sn.PublishSnapshotInput, sn.PublishedSnapshot)
 
 # Every activity the workflows call.
 STUBS: tuple[HostActivity[Any, Any], ...] = (
@@ -78,5 +80,5 @@ STUBS: tuple[HostActivity[Any, Any], ...] = (
     stage_root_disk, discard_staged_root_disk, prepare_root_disk, restore_root_disk, remove_backup,
     prepare_seed, restore_seed, remove_seed_backup,
     list_instances,
-    take_snapshot, discard_snapshot, resolve_snapshot, prune_snapshots, snapshot_catalog,
+    take_snapshot, discard_snapshot, resolve_snapshot, prune_snapshots, snapshot_catalog, publish_snapshot,
 )  # fmt: skip

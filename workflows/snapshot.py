@@ -20,9 +20,13 @@ with workflow.unsafe.imports_passed_through():
     from workflows.names import host_task_queue
     from workflows.snapshot_models import (
         SNAPSHOT_CATALOG_WORKFLOW,
+        SNAPSHOT_PUBLISH_WORKFLOW,
         SNAPSHOT_WORKFLOW,
         DiscardSnapshotInput,
         PruneSnapshotsInput,
+        PublishedSnapshot,
+        PublishRequest,
+        PublishSnapshotInput,
         SnapshotCatalogRequest,
         SnapshotCatalogResult,
         SnapshotRecord,
@@ -82,6 +86,16 @@ class SnapshotCatalog:
         return await _run(contract.snapshot_catalog, request, host_task_queue(request.host), CATALOG)
 
 
+@workflow.defn(name=SNAPSHOT_PUBLISH_WORKFLOW)
+class PublishSnapshot:
+    """Upload a snapshot into the host worker's Glance, for other hosts to rebuild from."""
+
+    @workflow.run
+    async def run(self, request: PublishRequest) -> PublishedSnapshot:
+        publish = PublishSnapshotInput(snapshot_id=request.snapshot_id, name=request.name)
+        return await _run(contract.publish_snapshot, publish, host_task_queue(request.host), COPY)
+
+
 async def _run(
     activity: contract.HostActivity[contract.In, contract.Out],
     argument: contract.In,
@@ -95,3 +109,7 @@ async def _run(
         heartbeat_timeout=options.heartbeat,
         retry_policy=options.retry_policy(),
     )
+
+
+# Every snapshot workflow a worker runs (and the replay test replays).
+SNAPSHOT_WORKFLOWS = (SnapshotInstance, SnapshotCatalog, PublishSnapshot)

@@ -21,6 +21,7 @@ from workflows.wire import Wire
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
 SNAPSHOT_WORKFLOW = "SnapshotInstance"
 SNAPSHOT_CATALOG_WORKFLOW = "SnapshotCatalog"
+SNAPSHOT_PUBLISH_WORKFLOW = "PublishSnapshot"
 
 # auto: freeze the guest's file systems when its agent answers, else a crash-consistent copy;
 # required: fail (nothing changed) when the agent cannot freeze them; off: never freeze.
@@ -120,3 +121,32 @@ class SnapshotImage(Wire):
     record: SnapshotRecord
     source: ResolvedImage
     cached: CachedImage
+
+
+class PublishSnapshotInput(Wire):
+    snapshot_id: str
+    # The Glance image's name; None: "snapshot of INSTANCE (ID)".
+    name: str | None = None
+
+
+class PublishRequest(Wire):
+    host: str
+    snapshot_id: str
+    name: str | None = None
+
+
+class StrictPublishRequest(PublishRequest):
+    model_config = ConfigDict(extra="forbid", frozen=True, title="PublishRequest")
+
+    host: HostName
+    snapshot_id: str = Field(pattern=SNAPSHOT_ID.pattern)
+    name: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$")
+
+
+class PublishedSnapshot(Wire):
+    """A snapshot as an image of the worker's Glance: any host can rebuild from it by this ID."""
+
+    snapshot_id: str
+    glance_url: str
+    glance_image_id: str
+    sha512: str
