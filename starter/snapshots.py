@@ -14,8 +14,8 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 
 from starter.errors import BadRequest, Conflict, NotFound
-from starter.rebuilds import check_host_has_worker
-from workflows.models import WORKFLOW_TASK_QUEUE
+from starter.rebuilds import check_host_has_worker, is_running
+from workflows.models import WORKFLOW_TASK_QUEUE, rebuild_workflow_id
 from workflows.snapshot_models import (
     SNAPSHOT_CATALOG_WORKFLOW,
     SNAPSHOT_PUBLISH_WORKFLOW,
@@ -46,7 +46,10 @@ class SnapshotMissing(NotFound): ...
 
 
 async def start_snapshot(client: Client, request: SnapshotRequest) -> WorkflowHandle[Any, SnapshotRecord]:
+    """Refused while the instance is being rebuilt: its disk may be between the old and the new one."""
     await check_host_has_worker(client, request.host)
+    if await is_running(client.get_workflow_handle(rebuild_workflow_id(request.host, request.instance))):
+        raise Conflict(f"{request.instance} on {request.host} is being rebuilt: snapshot it after")
     try:
         return await client.start_workflow(
             SNAPSHOT_WORKFLOW,

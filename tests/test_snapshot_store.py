@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from temporalio.testing import ActivityEnvironment
 
-from activities.errors import InvalidRequest, SnapshotNotFound
+from activities.errors import HostOutOfSpace, InvalidRequest, SnapshotNotFound
 from activities.snapshot_store import SnapshotStore
 from activities.snapshots import SnapshotActivities
 from activities.state import StateDir
@@ -139,3 +139,22 @@ async def test_a_shut_off_instance_on_the_test_driver_is_copied_whole(tmp_path: 
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert copied.returncode == 0, copied.stdout + copied.stderr
+
+
+async def test_a_state_directory_without_the_room_is_refused_before_the_copy(tmp_path: Path) -> None:
+    """A real small file system (tmpfs of 2 MiB) under the state directory: nothing is written to it."""
+    (vm,) = make_instances(tmp_path, ["web-1"], running=False, disk_size=8 << 20)
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        state = StateDir(small / "state")
+        state.create()
+        activities = SnapshotActivities(vm.libvirt, state, "kvm-1")
+        request = TakeSnapshotInput(snapshot_id="d" * 32, instance="web-1", host="kvm-1")
+        with pytest.raises(HostOutOfSpace, match="needs up to"):
+            await ActivityEnvironment().run(activities.take_snapshot, request)
+        assert list((state.snapshots / "partial").iterdir()) == []
+        assert [p for p in state.images.iterdir() if p.is_file()] == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)

@@ -14,6 +14,9 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 from devtools.testbed.fake_host import SHA, FakeHost, request_for, running_workers
+from starter.errors import Conflict
+from starter.rebuilds import start_rebuild
+from starter.snapshots import start_snapshot as start_snapshot_service
 from tests.history_recorder import record_fleet_history, record_history
 from tests.workflow_support import rebuilding
 from workflows.models import Outcome
@@ -85,3 +88,23 @@ async def test_a_rebuild_from_a_snapshot_skips_fetch_and_still_checks(
 
 def test_request_for_accepts_a_snapshot() -> None:
     assert request_for("h", image_url=None, snapshot_id=SNAPSHOT_ID).image_label == f"snapshot:{SNAPSHOT_ID}"
+
+
+async def test_a_snapshot_and_a_rebuild_of_one_instance_never_run_at_once(
+    client: Client, unique_host: str, fake_host: FakeHost
+) -> None:
+    fake_host.hold("fetch_image")
+    rebuilding_handle = await start_rebuild(client, request_for(unique_host))
+    await asyncio.wait_for(fake_host.reached["fetch_image"].wait(), 30)
+    with pytest.raises(Conflict, match="being rebuilt"):
+        await start_snapshot_service(client, SnapshotRequest(instance="vm-1", host=unique_host))
+    fake_host.release("fetch_image")
+    assert (await rebuilding_handle.result()).outcome == Outcome.REBUILT
+
+    fake_host.hold("take_snapshot")
+    snapshotting = await start_snapshot_service(client, SnapshotRequest(instance="vm-1", host=unique_host))
+    await asyncio.wait_for(fake_host.reached["take_snapshot"].wait(), 30)
+    with pytest.raises(Conflict, match="snapshot of vm-1"):
+        await start_rebuild(client, request_for(unique_host))
+    fake_host.release("take_snapshot")
+    assert (await snapshotting.result()).instance == "vm-1"
