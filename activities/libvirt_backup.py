@@ -64,6 +64,18 @@ class DomainBackup:
 
         return bool(self._call(thaw))
 
+    def freeze_status(self, timeout_seconds: int) -> str | None:
+        """ "frozen" or "thawed" as the agent says; None where it does not answer."""
+
+        def status(domain: Any) -> str | None:
+            try:
+                return str(call_agent(domain, "guest-fsfreeze-status", timeout_seconds))
+            except libvirt.libvirtError:
+                return None
+
+        result: str | None = self._call(status)
+        return result
+
     # -- the copy --
 
     def begin(self, target: str, disk_format: str, xml_root: str, every_disk: list[str]) -> None:

@@ -56,7 +56,7 @@ from workflows.snapshot_models import (
 SNAPSHOT_FORMAT = "qcow2"
 # Each agent call is bounded: the freeze window is at most this long, plus the backup's begin.
 AGENT_TIMEOUT_SECONDS = 5
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05
 # Room beyond the copy's own size a snapshot leaves in the state directory's file system.
 SPACE_MARGIN_BYTES = 64 << 20
 HASH_CHUNK = 4 << 20
@@ -240,12 +240,15 @@ class SnapshotActivities:
         backup = DomainBackup(source.domain)
         frozen = False
         frozen_mark = partial.with_suffix(".frozen")
+        began = time.monotonic()
         if quiesce != "off" and source.has_agent:
             # Marked first: a worker killed from here on leaves the mark, and the next attempt thaws.
             frozen_mark.touch()
             frozen = await asyncio.to_thread(backup.freeze, AGENT_TIMEOUT_SECONDS)
             if not frozen:
-                await self._thaw(backup)  # an agent that timed out may still have frozen them
+                # An agent that answered too late may have frozen them after all: asked, and thawed.
+                if await asyncio.to_thread(backup.freeze_status, AGENT_TIMEOUT_SECONDS) == "frozen":
+                    await self._thaw(backup)
                 frozen_mark.unlink()
         if quiesce == "required" and not frozen:
             why = (
@@ -254,7 +257,6 @@ class SnapshotActivities:
                 else "it has no guest agent channel"
             )
             raise QuiesceFailed(f"instance {source.domain.name!r}: no quiesced snapshot: {why}")
-        began = time.monotonic()
         try:
             if frozen:
                 await self.checkpoints.reach("snapshot.while-frozen")

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
+
+import libvirt
 
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
@@ -178,3 +181,26 @@ async def test_a_worker_killed_mid_snapshot_leaves_a_whole_snapshot_or_none(
         if e.HasField("activity_task_started_event_attributes")
     ]
     assert max(attempts) >= 2  # the first attempt died with the worker; a second one finished
+
+
+async def test_an_agent_channel_with_no_agent_behind_it_gives_a_crash_consistent_snapshot(
+    guest: Guest, worker: WorkerProcess, dev_server: DevServer
+) -> None:
+    """The channel is defined, nobody answers on it (a guest without qemu-guest-agent): no freeze."""
+    channel = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+    xml = guest.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace("</devices>", f"{channel}</devices>")
+    guest.domain.destroy()
+    guest.conn.defineXML(xml)
+    guest.domain.create()
+
+    began = time.monotonic()
+    record = await snapshot(dev_server, worker, guest)
+    assert record["consistency"] == "crash-consistent" and record["frozen_ms"] is None
+    assert time.monotonic() - began < 30  # the agent's silence costs its timeouts, not a retry loop
+    quiesced = await rebuild_cli(
+        dev_server.address, "snapshot", "create", guest.name, "--host", worker.host, "--quiesce"
+    )
+    assert quiesced.code == 2 and "did not freeze" in quiesced.stderr
+    assert not (worker.state_dir / "snapshots" / "partial").exists() or not any(
+        (worker.state_dir / "snapshots" / "partial").iterdir()
+    )

@@ -53,6 +53,7 @@ async def test_snapshot_damage_and_rebuild_from_the_snapshot(
     assert freeze_status(guest) == "thawed"
     assert record["consistency"] == "quiesced"
     assert record["frozen_ms"] is not None and record["frozen_ms"] < 10_000
+    print(f"freeze window (freeze, backup begin, thaw): {record['frozen_ms']:.0f} ms")
 
     sh(guest, f"rm {KEPT} && echo damaged > /etc/motd && sync")
     rebuilt = await rebuild_cli(
