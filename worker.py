@@ -30,6 +30,7 @@ from activities.boot_check import BootCheck
 from activities.checkpoints import Checkpoints
 from activities.disks import DiskActivities
 from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoint
+from activities.glance_publish import SnapshotPublisher
 from activities.hypervisor import HypervisorActivities
 from activities.images import ImageActivities
 from activities.inventory import InventoryActivities
@@ -37,6 +38,7 @@ from activities.libvirt_domain import Libvirt
 from activities.network import AddressPolicy, parse_networks
 from activities.preflight import PreflightActivities
 from activities.seed import SeedActivities
+from activities.snapshots import SnapshotActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from common.codec import CodecKeyError
 from common.connection import TemporalUnavailable, connect, worker_identity
@@ -47,6 +49,7 @@ from common.metrics import prometheus_runtime
 from workflows.fleet import FleetRebuild
 from workflows.models import DISK_MODES, HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
+from workflows.snapshot import SNAPSHOT_WORKFLOWS
 
 app = typer.Typer(add_completion=False)
 THIS_HOST = socket.gethostname()
@@ -113,6 +116,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
     glance = GlanceActivities(config.glance, policy)
     seed = SeedActivities(conn, state)
     preflight = preflight_activities(config, conn)
+    snapshots = SnapshotActivities(conn, state, config.host, checkpoints)
     return [
         hypervisor.inspect_instance,
         hypervisor.stop_instance,
@@ -132,6 +136,12 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         seed.remove_seed_backup,
         preflight.preflight_image,
         InventoryActivities(conn).list_instances,
+        snapshots.take_snapshot,
+        snapshots.discard_snapshot,
+        snapshots.resolve_snapshot,
+        snapshots.prune_snapshots,
+        snapshots.snapshot_catalog,
+        SnapshotPublisher(state, config.glance, policy).publish_snapshot,
     ]
 
 
@@ -155,7 +165,7 @@ def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
         Worker(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
-            workflows=[RebuildInstance, FleetRebuild],
+            workflows=[RebuildInstance, FleetRebuild, *SNAPSHOT_WORKFLOWS],
             identity=identity,
             deployment_config=deployment,
         ),

@@ -20,6 +20,7 @@ from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities import libvirt_storage as st
 from activities import qcow2
+from activities.snapshot_store import SnapshotStore
 from activities.state import StateDir
 
 SHA256_NAME_LENGTH = 64
@@ -50,6 +51,15 @@ def backing_file(path: Path) -> str | None:
 
 
 def image_users(state: StateDir, conn: ld.Libvirt) -> dict[str, set[str]]:
+    """sha256 -> what keeps it: the domains whose disks are backed by it, the snapshots it is."""
+    users = domain_image_users(state, conn)
+    # A snapshot's image is kept while its record is: the record is the snapshot.
+    for record in SnapshotStore(state).all():
+        users[record.sha256].add(f"snapshot {record.snapshot_id}")
+    return users
+
+
+def domain_image_users(state: StateDir, conn: ld.Libvirt) -> dict[str, set[str]]:
     """sha256 -> names of the domains whose disks (or rebuild backups) are backed by it.
 
     Backups lie beside the file a disk path names, through any symlink: they are looked for there.

@@ -110,6 +110,22 @@ class EmptyImage(RebuildError):
     retryable = False
 
 
+class SnapshotNotFound(RebuildError):
+    """No snapshot with this ID on this host (it may live on another host, or have been deleted)."""
+
+    retryable = False
+
+
+class QuiesceFailed(RebuildError):
+    """A quiesced snapshot was asked for and the guest agent could not freeze the file systems."""
+
+    retryable = False
+
+
+class SnapshotFailed(RebuildError):
+    """The backup job ended without a whole copy (the guest shut down, QEMU failed): a retry starts over."""
+
+
 NON_RETRYABLE_TYPES: tuple[str, ...] = tuple(
     cls.__name__ for cls in RebuildError.__subclasses__() if not cls.retryable
 )

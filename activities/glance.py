@@ -32,7 +32,7 @@ ACCEPTED_DISK_FORMATS = ("raw", "qcow2")
 # A Glance image record is a few KiB; a server that sends more is not a Glance we want to parse.
 MAX_RECORD_BYTES = 1 << 20
 _DIGEST = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
-_IMAGE_ID = re.compile(r"[0-9a-fA-F-]{32,36}")
+IMAGE_ID = re.compile(r"[0-9a-fA-F-]{32,36}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -98,7 +98,7 @@ class GlanceActivities:
 
     @activity.defn
     async def resolve_glance_image(self, request: ResolveGlanceImageInput) -> ResolvedImage:
-        if not _IMAGE_ID.fullmatch(request.image_id):
+        if not IMAGE_ID.fullmatch(request.image_id):
             raise InvalidRequest(f"not a Glance image ID: {request.image_id[:80]!r}")
         if origin(request.glance_url)[0] not in _DEFAULT_PORTS:
             raise InvalidRequest(f"Glance URL must be http(s): {request.glance_url[:200]!r}")

@@ -328,7 +328,7 @@ class Domain:
 
         def ask(domain: Any) -> bool:
             try:
-                _agent(domain, "guest-ping", 2)
+                call_agent(domain, "guest-ping", 2)
                 domain.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
             except libvirt.libvirtError:
                 # No agent, or it went away because the guest is already going down.
@@ -342,15 +342,15 @@ class Domain:
     def agent_command(self, command: str, timeout_seconds: int) -> Any:
         """One guest agent command; the agent's ``return`` value. Raises libvirtError when it does not
         answer (callers that wait for an agent catch it)."""
-        return self._call(lambda d: _agent(d, command, timeout_seconds))
+        return self._call(lambda d: call_agent(d, command, timeout_seconds))
 
     def agent_osinfo(self, timeout_seconds: int) -> str | None:
         """The guest's OS as its agent reports it, or None while the agent does not answer."""
 
         def ask(domain: Any) -> str | None:
             try:
-                _agent(domain, "guest-ping", timeout_seconds)
-                info = _agent(domain, "guest-get-osinfo", timeout_seconds)
+                call_agent(domain, "guest-ping", timeout_seconds)
+                info = call_agent(domain, "guest-get-osinfo", timeout_seconds)
             except libvirt.libvirtError:
                 return None
             name = info.get("pretty-name") if isinstance(info, dict) else None
@@ -425,6 +425,6 @@ class Domain:
             self._call(remove)
 
 
-def _agent(domain: Any, command: str, timeout_seconds: int) -> Any:
+def call_agent(domain: Any, command: str, timeout_seconds: int) -> Any:
     answer = libvirt_qemu.qemuAgentCommand(domain, json.dumps({"execute": command}), timeout_seconds, 0)
     return json.loads(answer).get("return") if answer else None

@@ -19,6 +19,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/durable-rebuild")
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA512 = re.compile(r"[0-9a-f]{128}")
+_SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
 MAX_REBUILD_ID = 100
 
 
@@ -31,6 +32,12 @@ def require_sha256(value: str) -> str:
 def require_sha512(value: str) -> str:
     if not isinstance(value, str) or not _SHA512.fullmatch(value):
         raise InvalidRequest(f"not a SHA-512 digest (128 lowercase hex digits): {str(value)[:80]!r}")
+    return value
+
+
+def require_snapshot_id(value: str) -> str:
+    if not isinstance(value, str) or not _SNAPSHOT_ID.fullmatch(value):
+        raise InvalidRequest(f"not a snapshot ID (32 lowercase hex digits): {str(value)[:80]!r}")
     return value
 
 
@@ -84,14 +91,32 @@ class StateDir:
         """Which images a storage pool holds a copy of, each recorded once its copy is whole."""
         return self._inside(self.root / "pool-images", _SAFE_ID.sub("_", pool)[:100])
 
+    @property
+    def snapshots(self) -> Path:
+        """Snapshot records, one per snapshot ID; the images they name live in ``images``."""
+        return self.root / "snapshots"
+
+    def snapshot_record(self, snapshot_id: str) -> Path:
+        return self._inside(self.snapshots, f"{require_snapshot_id(snapshot_id)}.json")
+
+    def snapshot_published(self, snapshot_id: str) -> Path:
+        """The Glance image a publish of this snapshot created, so a retry uploads into the same one."""
+        return self._inside(self.snapshots, f"{require_snapshot_id(snapshot_id)}.glance")
+
+    def snapshot_partial(self, snapshot_id: str) -> Path:
+        """A snapshot being copied: QEMU (the backup job) or qemu-img writes it, then it is hashed."""
+        return self._inside(self.snapshots / "partial", f"{require_snapshot_id(snapshot_id)}.qcow2")
+
     def create(self) -> None:
         self.partial.mkdir(parents=True, exist_ok=True)
+        (self.snapshots / "partial").mkdir(parents=True, exist_ok=True)
         (self.images / "by-sha512").mkdir(exist_ok=True)
         (self.images / "checked").mkdir(exist_ok=True)
         # QEMU runs as its own unprivileged user and opens cached images as backing files: it must
         # traverse the way to them, whatever the worker's umask. It may not list them, and partial
         # downloads stay private to the worker.
-        for directory in (self.root, self.images):
+        # The backup job's QEMU writes a running instance's snapshot into snapshots/partial itself.
+        for directory in (self.root, self.images, self.snapshots, self.snapshots / "partial"):
             os.chmod(directory, os.stat(directory).st_mode & 0o7777 | 0o111)  # noqa: S103
         os.chmod(self.partial, 0o700)
 

@@ -46,6 +46,7 @@ from starter.http_kit import (
 )
 from starter.rebuild_api import MAX_LIST_LIMIT, STATUS_TTL_SECONDS, Sent, Started, add_rebuild_routes
 from starter.rebuilds import DECISIONS, RebuildDescription, RebuildSummary
+from starter.snapshot_api import SNAPSHOT_MODELS, add_snapshot_routes, snapshot_openapi_paths
 from workflows.models import AbortAnswer, StrictAbortRequest, StrictDecision, StrictRebuildRequest
 
 CLIENTS: web.AppKey[ApiClients] = web.AppKey("clients", ApiClients)
@@ -67,6 +68,7 @@ def create_app(
     add_rebuild_routes(app, client, status_ttl)
     app.router.add_get("/openapi.json", openapi)
     add_fleet_routes(app)
+    add_snapshot_routes(app)
     return app
 
 
@@ -89,7 +91,7 @@ def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1, its schemas taken from the same pydantic models the API validates with."""
     models: list[type[BaseModel]] = [
         StrictRebuildRequest, Started, RebuildDescription, RebuildSummary, StrictDecision, Sent,
-        StrictAbortRequest, AbortAnswer, ErrorBody, Health, *FLEET_MODELS,
+        StrictAbortRequest, AbortAnswer, ErrorBody, Health, *FLEET_MODELS, *SNAPSHOT_MODELS,
     ]  # fmt: skip
     schemas: dict[str, Any] = {}
     for model in models:
@@ -146,12 +148,14 @@ def openapi_document() -> dict[str, Any]:
                               body="Decision", body_required=False),
         }  # fmt: skip
     paths.update(fleet_openapi_paths())
+    paths.update(snapshot_openapi_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "durable-rebuild API", "version": "1"},
         "tags": [
             {"name": "rebuilds", "description": "Start, list and watch rebuilds"},
             {"name": "decisions", "description": "Steer a running rebuild: approve, confirm, revert, abort"},
+            {"name": "snapshots", "description": "Snapshot instances while they run, to rebuild from later"},
             {"name": "service", "description": "Health and this description"},
         ],
         "components": {

@@ -37,6 +37,7 @@ from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
 from starter.identity_options import IdentityOptionError, identity_change
 from starter.rebuilds import query_status, start_rebuild
+from starter.snapshot_cli import snapshot_app
 from workflows.identity import SeedFormat
 from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
 from workflows.results import failure_result
@@ -67,6 +68,9 @@ def start(
         str | None, typer.Option(help="Glance image service URL (with --glance-image).")
     ] = None,
     glance_image: Annotated[str | None, typer.Option(help="Glance v2 image ID (with --glance).")] = None,
+    snapshot: Annotated[
+        str | None, typer.Option(help="ID of a snapshot on the instance's host (rebuild snapshot list).")
+    ] = None,
     host: HostOption = THIS_HOST,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and show progress.")] = False,
     start_after: Annotated[
@@ -171,7 +175,7 @@ def start(
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a rebuild of INSTANCE from --image.
+    """Start a rebuild of INSTANCE from --image, --glance-image or --snapshot.
 
     Identity options follow Nova's rebuild: one not given keeps the instance's value, --no-... removes it.
 
@@ -196,6 +200,7 @@ def start(
             disk_format=disk_format,
             glance_url=glance,
             glance_image_id=glance_image,
+            snapshot_id=snapshot,
             start_after=start_after,
             stop_timeout_seconds=stop_timeout,
             boot_marker=boot_marker,
@@ -305,6 +310,7 @@ def _print_result(cli: Cli, result: RebuildResult) -> None:
 steer_cli.register(app)
 app.add_typer(cache_app, name="cache")
 app.add_typer(fleet_app, name="fleet")
+app.add_typer(snapshot_app, name="snapshot")
 app.callback(epilog=EXIT_CODES_HELP)(connection_options)
 
 

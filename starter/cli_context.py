@@ -127,7 +127,7 @@ class Cli:
     def listing(self, rows: Sequence[BaseModel], columns: Sequence[str]) -> ExitCode:
         """A list command's answer: the rows as JSON, or a table of their ``columns``."""
         if self.json:
-            self.print_json([row.model_dump() for row in rows])
+            self.print_json([row.model_dump(mode="json") for row in rows])
             return ExitCode.OK
         table = Table(*columns, box=None)
         for row in rows:

@@ -56,7 +56,7 @@ def reply(model: BaseModel, status: int = 200) -> web.Response:
 
 
 def reply_list(rows: Sequence[BaseModel]) -> web.Response:
-    return web.json_response([row.model_dump() for row in rows])
+    return web.json_response([row.model_dump(mode="json") for row in rows])
 
 
 def answered(answer: BaseModel, accepted: bool) -> web.Response:

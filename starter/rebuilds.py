@@ -29,6 +29,7 @@ from common.connection import identity_host
 from starter.errors import (
     BadFilter,
     BadRequest,
+    Conflict,
     NoWorkerOnHost,
     RebuildAlreadyRunning,
     RebuildNotRunning,
@@ -59,6 +60,7 @@ from workflows.models import (
     rebuild_workflow_id,
 )
 from workflows.results import failure_result
+from workflows.snapshot_models import snapshot_workflow_id
 
 DECISIONS = (APPROVE_SIGNAL, CONFIRM_SIGNAL, REVERT_SIGNAL)
 # A live worker polls again at least every ~70 s (a long poll lasts up to a minute); the server lists
@@ -145,9 +147,13 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
     if request.identity is not None and (problems := identity_problems(request.identity)):
         raise BadRequest("; ".join(problems))
     await check_host_has_worker(client, request.host)
-    if await _running(client.get_workflow_handle(legacy_rebuild_workflow_id(request.host, request.instance))):
+    if await is_running(
+        client.get_workflow_handle(legacy_rebuild_workflow_id(request.host, request.instance))
+    ):
         # Started by an older version under the legacy ID: still the instance's one rebuild.
         raise RebuildAlreadyRunning(request.instance, request.host)
+    if await is_running(client.get_workflow_handle(snapshot_workflow_id(request.host, request.instance))):
+        raise Conflict(f"a snapshot of {request.instance} on {request.host} is being taken: rebuild it after")
     try:
         return await client.start_workflow(
             WORKFLOW_NAME,
@@ -190,7 +196,7 @@ async def latest_rebuild(
     return handle, description
 
 
-async def _running(handle: WorkflowHandle[Any, Any]) -> bool:
+async def is_running(handle: WorkflowHandle[Any, Any]) -> bool:
     try:
         return (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     except RPCError as exc:
@@ -285,7 +291,7 @@ def _final_status(description: Any, result: RebuildResult | None) -> RebuildStat
         instance=instance,
         host=host,
         phase=phase,
-        image_url=None,
+        image_url=result.image_url if result else None,
         image_sha256=result.image_sha256 if result else None,
         step_seconds=dict(result.step_seconds) if result else {},
         last_error=result.error if result else None,

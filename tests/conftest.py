@@ -29,6 +29,7 @@ from starter.api import create_app
 from tests.api_support import CLIENTS
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
+from workflows.snapshot import SNAPSHOT_WORKFLOWS
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +164,11 @@ async def fake_host(client: Client, unique_host: str) -> AsyncIterator[FakeHost]
     """A fake host behind the shared workflow queue, as `rebuild start` uses it."""
     fake = FakeHost()
     async with (
-        Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance]),
+        Worker(
+            client,
+            task_queue=WORKFLOW_TASK_QUEUE,
+            workflows=[RebuildInstance, *SNAPSHOT_WORKFLOWS],
+        ),
         Worker(client, task_queue=host_task_queue(unique_host), activities=fake.activities()),
     ):
         yield fake

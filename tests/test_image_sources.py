@@ -12,19 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from temporalio.client import Client
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.errors import ChecksumMismatch, ImageNotFound, InvalidRequest, UnsafeImage
-from activities.glance import GlanceActivities, GlanceEndpoint
+from activities.glance import GlanceActivities
 from activities.images import ImageActivities
 from activities.state import StateDir
 from devtools.guest import write_image
 from devtools.image_server import ImageServer
-from devtools.temporal_dev import free_port
 from devtools.testbed.e2e import LOOPBACK_NETWORKS, LOOPBACK_POLICY, serve
+from devtools.testbed.glance import TOKEN, FakeGlance, endpoint_for, running_glance
 from devtools.testbed.libvirt_test_driver import make_instances
 from worker import WorkerConfig, host_activities
 from workflows.models import (
@@ -38,7 +37,6 @@ from workflows.models import (
 from workflows.rebuild import RebuildInstance
 
 env = ActivityEnvironment()
-TOKEN = "secret-token"
 LIMIT = 1 << 30
 
 
@@ -118,73 +116,14 @@ async def test_declared_format_must_match_the_header(tmp_path: Path, images: Ima
     assert checked.format == "raw"
 
 
-class FakeGlance:
-    """The slice of the Glance v2 API a rebuild uses, with token checking."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.records: dict[str, dict[str, Any]] = {}
-        self.file_tokens: list[str | None] = []
-        self.app = web.Application()
-        self.app.router.add_get("/v2/images/{id}", self.record)
-        self.app.router.add_get("/v2/images/{id}/file", self.file)
-        self.port = free_port()
-
-    def add(self, path: Path, **fields: Any) -> str:
-        image_id = str(uuid.uuid4())
-        data = path.read_bytes()
-        self.records[image_id] = {
-            "id": image_id,
-            "status": "active",
-            "disk_format": "qcow2" if data.startswith(b"QFI\xfb") else "raw",
-            "os_hash_algo": "sha512",
-            "os_hash_value": hashlib.sha512(data).hexdigest(),
-            "size": len(data),
-            "min_disk": 0,
-            "file": f"/v2/images/{image_id}/file",
-            "path": str(path),
-            **fields,
-        }
-        return image_id
-
-    async def record(self, request: web.Request) -> web.Response:
-        if request.headers.get("X-Auth-Token") != TOKEN:
-            return web.Response(status=401)
-        record = self.records.get(request.match_info["id"])
-        if record is None:
-            return web.Response(status=404)
-        return web.json_response({k: v for k, v in record.items() if k != "path"})
-
-    async def file(self, request: web.Request) -> web.StreamResponse:
-        self.file_tokens.append(request.headers.get("X-Auth-Token"))
-        if request.headers.get("X-Auth-Token") != TOKEN:
-            return web.Response(status=401)
-        return web.FileResponse(self.records[request.match_info["id"]]["path"])
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def endpoint_for(glance: FakeGlance, token_file: Path) -> GlanceEndpoint:
-    """The worker's Glance endpoint, as its operator configures it (the fake speaks plain http)."""
-    if not token_file.exists():
-        token_file.write_text(TOKEN)
-    return GlanceEndpoint(glance.url, token_file, allow_http=True)
-
-
 def glance_activities(glance: FakeGlance, tmp_path: Path) -> GlanceActivities:
     return GlanceActivities(endpoint_for(glance, tmp_path / "token"), LOOPBACK_POLICY)
 
 
 @pytest.fixture
 async def glance(tmp_path: Path) -> AsyncIterator[FakeGlance]:
-    server = FakeGlance(tmp_path)
-    runner = web.AppRunner(server.app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", server.port).start()
-    yield server
-    await runner.cleanup()
+    async with running_glance(tmp_path) as server:
+        yield server
 
 
 async def test_glance_record_is_resolved(glance: FakeGlance, tmp_path: Path) -> None:

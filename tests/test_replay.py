@@ -19,6 +19,7 @@ from temporalio.worker import Replayer
 from tests.history_recorder import WORKFLOW_VERSION, history_path
 from workflows.fleet import FleetRebuild
 from workflows.rebuild import RebuildInstance
+from workflows.snapshot import SNAPSHOT_WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 ABORTABLE_PHASES = (
@@ -41,7 +42,10 @@ PATHS = (
     "rebuild-with-identity-rolled-back",
     "rebuild-with-preflight",
     "rebuild-failed-in-preflight",
+    "rebuild-from-snapshot",
 )
+# SnapshotInstance has no patches yet: its histories are named by their path alone.
+SNAPSHOT_PATHS = ("snapshot-taken-then-pruned", "snapshot-fails-undone", "snapshot-cancelled-undone")
 
 
 @pytest.mark.parametrize("name", PATHS)
@@ -52,8 +56,16 @@ def test_every_path_has_a_history_of_todays_version(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize("name", SNAPSHOT_PATHS)
+def test_every_snapshot_path_has_a_history(name: str) -> None:
+    assert (Path(__file__).parent / "histories" / f"{name}.json").exists()
+
+
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(workflows=[RebuildInstance, FleetRebuild], data_converter=pydantic_data_converter)
+    replayer = Replayer(
+        workflows=[RebuildInstance, FleetRebuild, *SNAPSHOT_WORKFLOWS],
+        data_converter=pydantic_data_converter,
+    )
     await replayer.replay_workflow(history)

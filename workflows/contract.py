@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from temporalio import workflow
 
 from workflows import activity_models as io
+from workflows import snapshot_models as sn
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -63,6 +64,15 @@ remove_seed_backup = HostActivity("remove_seed_backup", io.RemoveSeedBackupInput
 # activities/inventory.py
 list_instances = HostActivity("list_instances", io.ListInstancesInput, io.HostInventory)
 
+# activities/snapshots.py
+take_snapshot = HostActivity("take_snapshot", sn.TakeSnapshotInput, sn.SnapshotRecord)
+discard_snapshot = HostActivity("discard_snapshot", sn.DiscardSnapshotInput, Nothing)
+resolve_snapshot = HostActivity("resolve_snapshot", sn.ResolveSnapshotInput, sn.SnapshotImage)
+prune_snapshots = HostActivity("prune_snapshots", sn.PruneSnapshotsInput, sn.SnapshotCatalogResult)
+snapshot_catalog = HostActivity("snapshot_catalog", sn.SnapshotCatalogRequest, sn.SnapshotCatalogResult)
+# activities/glance_publish.py
+publish_snapshot = HostActivity("publish_snapshot", sn.PublishSnapshotInput, sn.PublishedSnapshot)
+
 # Every activity the workflows call.
 STUBS: tuple[HostActivity[Any, Any], ...] = (
     inspect_instance, stop_instance, start_instance, verify_instance, record_image,
@@ -70,4 +80,5 @@ STUBS: tuple[HostActivity[Any, Any], ...] = (
     stage_root_disk, discard_staged_root_disk, prepare_root_disk, restore_root_disk, remove_backup,
     prepare_seed, restore_seed, remove_seed_backup,
     list_instances,
+    take_snapshot, discard_snapshot, resolve_snapshot, prune_snapshots, snapshot_catalog, publish_snapshot,
 )  # fmt: skip

@@ -26,6 +26,7 @@ from workflows.activity_models import (
 )
 from workflows.fleet_models import RebuildOptions
 from workflows.models import Phase, RebuildRequest
+from workflows.snapshot_models import ResolveSnapshotInput
 
 # Qcow2 metadata can make a file a little larger than its virtual size; allow that much more.
 DOWNLOAD_SLACK_BYTES = 64 << 20
@@ -66,14 +67,22 @@ async def fetch_and_check(
     ``refuse_contradiction`` says whether a request whose disk format contradicts the Glance record is
     refused; it is asked only when it does (a fleet asks whether its patch applies).
     """
-    source = await resolve(order, run, refuse_contradiction)
-    download = FetchImageInput(
-        url=source.url,
-        sha256=source.sha256,
-        sha512=source.sha512,
-        max_bytes=order.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
-    )
-    cached = await run(Phase.FETCH, contract.fetch_image, download)
+    snapshot_id = getattr(order, "snapshot_id", None)
+    if snapshot_id is not None:
+        # A snapshot is in the host's cache already: no fetch. Replay-safe without a patch marker: no
+        # earlier history holds a request naming a snapshot.
+        lookup = ResolveSnapshotInput(snapshot_id=snapshot_id)
+        snapshot = await run(Phase.RESOLVE, contract.resolve_snapshot, lookup)
+        source, cached = snapshot.source, snapshot.cached
+    else:
+        source = await resolve(order, run, refuse_contradiction)
+        download = FetchImageInput(
+            url=source.url,
+            sha256=source.sha256,
+            sha512=source.sha512,
+            max_bytes=order.max_virtual_size_bytes + DOWNLOAD_SLACK_BYTES,
+        )
+        cached = await run(Phase.FETCH, contract.fetch_image, download)
     if after_fetch is not None:
         after_fetch(cached)
     # The format the request or the record declares: an image whose header says otherwise is refused.

@@ -23,6 +23,7 @@ from workflows.checks import *  # noqa: F403
 from workflows.checks import DISK_TARGET, GLANCE_IMAGE_ID, SHA256_HEX, SHA512_HEX, HostName, InstanceName
 from workflows.identity import IdentityChange
 from workflows.names import *  # noqa: F403
+from workflows.snapshot_models import SNAPSHOT_ID
 from workflows.wire import Wire
 
 
@@ -104,10 +105,14 @@ class RebuildRequest(Wire):
     # Drop the instance's snapshots (their metadata once the rebuild is confirmed; their data lives in
     # the old disk, kept until cleanup so a rollback brings them back). Without it they are refused.
     discard_snapshots: bool = False
+    # The image is a snapshot on the instance's host (``rebuild snapshot create``), by its ID.
+    snapshot_id: str | None = None
 
     @property
     def image_label(self) -> str:
-        """How the image is shown to people: its URL or its Glance ID."""
+        """How the image is shown to people: its URL, its Glance ID, or the snapshot's ID."""
+        if self.snapshot_id is not None:
+            return f"snapshot:{self.snapshot_id}"
         return self.image_url or f"glance:{self.glance_image_id}"
 
 
@@ -171,6 +176,13 @@ class StrictRebuildRequest(RebuildRequest):
             raise ValueError(f"not a Glance image ID: {value!r}")
         return value
 
+    @field_validator("snapshot_id")
+    @classmethod
+    def _snapshot_id(cls, value: str | None) -> str | None:
+        if value is not None and not SNAPSHOT_ID.fullmatch(value):
+            raise ValueError(f"not a snapshot ID (32 lowercase hex digits): {value!r}")
+        return value
+
     @field_validator("sha256", "sha512")
     @classmethod
     def _digest(cls, value: str | None, info: ValidationInfo) -> str | None:
@@ -187,8 +199,11 @@ class StrictRebuildRequest(RebuildRequest):
         glance = self.glance_image_id is not None or self.glance_url is not None
         if glance and not (self.glance_image_id and self.glance_url):
             raise ValueError("a Glance image needs both the image ID and the Glance URL")
-        if glance == (self.image_url is not None):
-            raise ValueError("name the image by exactly one of: an image URL, or a Glance image ID")
+        named = [glance, self.image_url is not None, self.snapshot_id is not None]
+        if named.count(True) != 1:
+            raise ValueError(
+                "name the image by exactly one of: an image URL, a Glance image ID, a snapshot ID"
+            )
         return self
 
     @model_validator(mode="after")
@@ -275,3 +290,5 @@ class RebuildResult(Wire):
     stopped_by: StopMethod | None = None
     verified_by: str | None = None
     disk_mode: str | None = None
+    # The image as people name it: its URL, glance:ID or snapshot:ID (status shows it after the end).
+    image_url: str | None = None

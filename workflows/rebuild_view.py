@@ -93,6 +93,7 @@ class RebuildState:
             stopped_by=self.stopped_by,
             verified_by=self.verified_by,
             disk_mode=self.disk_mode,
+            image_url=self.request.image_label,
         )
 
     def not_rebuilt(self, outcome: Outcome, failed_step: Phase) -> RebuildResult:
@@ -109,6 +110,7 @@ class RebuildState:
             stopped_by=self.stopped_by,
             verified_by=self.verified_by,
             disk_mode=self.disk_mode,
+            image_url=self.request.image_label,
         )
 
     def details(self) -> str:

@@ -4,6 +4,7 @@ Pure functions over ``ElementTree`` elements, no libvirt calls: the libvirt laye
 (``activities/libvirt_domain.py``) fetches the XML and applies what these return.
 """
 
+from activities.domain_xml.backup import backup_definition, backup_target, disk_targets
 from activities.domain_xml.devices import (
     GUEST_AGENT_CHANNEL,
     IDENTITY_NAMESPACE,
@@ -51,6 +52,8 @@ __all__ = [
     "SEED_ALIAS",
     "RootDisk",
     "SerialLog",
+    "backup_definition",
+    "backup_target",
     "boot_sequence",
     "chain",
     "checkpoint_covers",
@@ -58,6 +61,7 @@ __all__ = [
     "description_of",
     "disk_element",
     "disk_files",
+    "disk_targets",
     "has_agent_channel",
     "has_pty_console",
     "image_record",

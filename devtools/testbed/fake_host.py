@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
+from workflows import snapshot_models as sn
 from workflows.models import (
     CachedImage,
     CheckedImage,
@@ -45,6 +46,7 @@ from workflows.models import (
     host_task_queue,
 )
 from workflows.rebuild import RebuildInstance
+from workflows.snapshot import SnapshotInstance
 
 SHA = "ab" * 32
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -71,6 +73,7 @@ class FakeHost:
         # The host worker's --disk-mode, and the modes stage was asked for (None: the worker's).
         self.disk_mode = "overlay"
         self.staged_modes: list[str | None] = []
+        self.snapshots: dict[str, sn.SnapshotRecord] = {}
 
     def hold(self, name: str) -> None:
         """Make activity ``name`` wait until :meth:`release` (the first time it runs)."""
@@ -173,6 +176,7 @@ class FakeHost:
             await self._enter("record_image")
 
         return [
+            *self._snapshot_activities(),
             inspect_instance,
             resolve_glance_image,
             fetch_image,
@@ -188,6 +192,64 @@ class FakeHost:
             record_image,
         ]
 
+    def _snapshot_activities(self) -> list[Callable[..., Any]]:
+        @activity.defn(name="take_snapshot")
+        async def take_snapshot(request: sn.TakeSnapshotInput) -> sn.SnapshotRecord:
+            await self._enter("take_snapshot")
+            taken = self.snapshots[request.snapshot_id] = snapshot_record(
+                request.snapshot_id, request.instance
+            )
+            return taken
+
+        @activity.defn(name="discard_snapshot")
+        async def discard_snapshot(request: sn.DiscardSnapshotInput) -> None:
+            await self._enter("discard_snapshot")
+
+        @activity.defn(name="prune_snapshots")
+        async def prune_snapshots(request: sn.PruneSnapshotsInput) -> sn.SnapshotCatalogResult:
+            await self._enter("prune_snapshots")
+            return sn.SnapshotCatalogResult(deleted=("0" * 32,))
+
+        @activity.defn(name="resolve_snapshot")
+        async def resolve_snapshot(request: sn.ResolveSnapshotInput) -> sn.SnapshotImage:
+            await self._enter("resolve_snapshot")
+            return sn.SnapshotImage(
+                record=snapshot_record(request.snapshot_id, "vm"),
+                source=ResolvedImage(url=f"snapshot:{request.snapshot_id}", sha256=SHA, disk_format="qcow2"),
+                cached=CachedImage(sha256=SHA, size=1, downloaded_bytes=0, cache_hit=True),
+            )
+
+        @activity.defn(name="snapshot_catalog")
+        async def snapshot_catalog(request: sn.SnapshotCatalogRequest) -> sn.SnapshotCatalogResult:
+            await self._enter("snapshot_catalog")
+            if request.action == "list":
+                return sn.SnapshotCatalogResult(snapshots=tuple(self.snapshots.values()))
+            if missing := [i for i in request.snapshot_ids if i not in self.snapshots]:
+                raise ApplicationError(
+                    f"no snapshot {missing[0]}", type="SnapshotNotFound", non_retryable=True
+                )
+            for snapshot_id in request.snapshot_ids:
+                del self.snapshots[snapshot_id]
+            return sn.SnapshotCatalogResult(deleted=request.snapshot_ids)
+
+        return [take_snapshot, discard_snapshot, prune_snapshots, resolve_snapshot, snapshot_catalog]
+
+
+def snapshot_record(snapshot_id: str, instance: str) -> sn.SnapshotRecord:
+    return sn.SnapshotRecord(
+        snapshot_id=snapshot_id,
+        instance=instance,
+        instance_uuid=str(uuid.UUID(int=1)),
+        host="fake",
+        taken_at=T0,
+        sha256=SHA,
+        format="qcow2",
+        size=1,
+        virtual_size=1 << 20,
+        consistency="crash-consistent",
+        root_disk_target="vda",
+    )
+
 
 @asynccontextmanager
 async def running_workers(
@@ -200,7 +262,7 @@ async def running_workers(
     workflow_queue = f"wf-{host}"
     chosen = {fn.__name__: fn for fn in fake.activities()} | {fn.__name__: fn for fn in real}
     async with (
-        Worker(client, task_queue=workflow_queue, workflows=[RebuildInstance]),
+        Worker(client, task_queue=workflow_queue, workflows=[RebuildInstance, SnapshotInstance]),
         Worker(
             client,
             task_queue=host_task_queue(host),

@@ -1,0 +1,102 @@
+"""The snapshot endpoints of the HTTP API: the same operations as ``rebuild snapshot create | list |
+show | delete`` (``starter/snapshots.py``), JSON in and out with the snapshot models.
+
+| method and path | does | answers |
+| --- | --- | --- |
+| ``POST /v1/snapshots`` (a ``SnapshotRequest``) | start a snapshot (poll the list for it) | 201, 400, 409 |
+| ``GET /v1/snapshots/{host}?instance=`` | the host's snapshots, oldest first | 200, 400 |
+| ``GET /v1/snapshots/{host}/{snapshot_id}`` | one snapshot's record | 200, 404 |
+| ``DELETE /v1/snapshots/{host}/{snapshot_id}`` | delete it | 200, 404 |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from starter.http_kit import CLIENT, answers, operation, read_body, reply, reply_list, requester
+from starter.rebuild_api import Started
+from starter.snapshots import SnapshotMissing, snapshot_catalog, start_snapshot
+from workflows.checks import check_host_name, check_instance_name
+from workflows.snapshot_models import (
+    SNAPSHOT_ID,
+    SnapshotCatalogRequest,
+    SnapshotCatalogResult,
+    SnapshotRecord,
+    StrictSnapshotRequest,
+)
+
+SNAPSHOT_MODELS: list[type[BaseModel]] = [StrictSnapshotRequest, SnapshotRecord, SnapshotCatalogResult]
+
+
+async def create(request: web.Request) -> web.Response:
+    wanted = await read_body(request, StrictSnapshotRequest)
+    wanted = wanted.model_copy(update={"requested_by": requester(request, wanted.requested_by)})
+    handle = await start_snapshot(request.app[CLIENT], wanted)
+    return reply(Started(workflow_id=handle.id, run_id=handle.result_run_id), status=201)
+
+
+def _host(request: web.Request) -> str:
+    return check_host_name(request.match_info["host"])
+
+
+def _snapshot_id(request: web.Request) -> str:
+    snapshot_id = request.match_info["snapshot_id"]
+    if not SNAPSHOT_ID.fullmatch(snapshot_id):
+        raise SnapshotMissing(f"no snapshot {snapshot_id[:40]!r}: an ID is 32 lowercase hex digits")
+    return snapshot_id
+
+
+async def index(request: web.Request) -> web.Response:
+    instance = request.query.get("instance")
+    if instance is not None:
+        check_instance_name(instance)
+    catalog = SnapshotCatalogRequest(host=_host(request), action="list", instance=instance)
+    return reply_list((await snapshot_catalog(request.app[CLIENT], catalog)).snapshots)
+
+
+async def show(request: web.Request) -> web.Response:
+    host, snapshot_id = _host(request), _snapshot_id(request)
+    found = await snapshot_catalog(request.app[CLIENT], SnapshotCatalogRequest(host=host, action="list"))
+    for record in found.snapshots:
+        if record.snapshot_id == snapshot_id:
+            return reply(record)
+    raise SnapshotMissing(f"no snapshot {snapshot_id} on host {host}")
+
+
+async def delete(request: web.Request) -> web.Response:
+    host, snapshot_id = _host(request), _snapshot_id(request)
+    catalog = SnapshotCatalogRequest(host=host, action="delete", snapshot_ids=(snapshot_id,))
+    return reply(await snapshot_catalog(request.app[CLIENT], catalog))
+
+
+def add_snapshot_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/snapshots", create)
+    app.router.add_get("/v1/snapshots/{host}", index)
+    app.router.add_get("/v1/snapshots/{host}/{snapshot_id}", show)
+    app.router.add_delete("/v1/snapshots/{host}/{snapshot_id}", delete)
+
+
+def snapshot_openapi_paths() -> dict[str, Any]:
+    host = [{"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}]
+    one = [*host, {"name": "snapshot_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    instance = [{"name": "instance", "in": "query", "schema": {"type": "string"}}]
+    listing = {"type": "array", "items": {"$ref": "#/components/schemas/SnapshotRecord"}}
+    return {
+        "/v1/snapshots": {
+            "post": operation("startSnapshot", "snapshots", "Snapshot an instance's root disk while it runs",
+                              answers(201, "Started", 400, 409), body="SnapshotRequest"),
+        },
+        "/v1/snapshots/{host}": {
+            "get": operation("listSnapshots", "snapshots", "A host's snapshots, oldest first",
+                             answers(200, "SnapshotRecord list", 400, schema=listing), host + instance),
+        },
+        "/v1/snapshots/{host}/{snapshot_id}": {
+            "get": operation("getSnapshot", "snapshots", "One snapshot's record",
+                             answers(200, "SnapshotRecord", 404), one),
+            "delete": operation("deleteSnapshot", "snapshots", "Delete a snapshot",
+                                answers(200, "SnapshotCatalogResult", 404), one),
+        },
+    }  # fmt: skip
