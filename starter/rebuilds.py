@@ -376,3 +376,13 @@ async def abort_rebuild(client: Client, instance: str, host: str, request: Abort
     handle, _ = await latest_rebuild(client, instance, host, must_run=True)
     answer: AbortAnswer = await handle.execute_update(ABORT_UPDATE, request, result_type=AbortAnswer)
     return answer
+
+
+async def rebuild_requested_by(client: Client, instance: str, host: str) -> str:
+    """Who started the instance's latest rebuild, from its request as the history holds it."""
+    handle, _ = await latest_rebuild(client, instance, host, must_run=True)
+    async for event in handle.fetch_history_events():
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        (request,) = await client.data_converter.decode(payloads, [RebuildRequest])
+        return str(request.requested_by)
+    raise UnknownRebuild(instance, host)

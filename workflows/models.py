@@ -261,6 +261,8 @@ class RebuildStatus(Wire):
     verified_by: str | None = None
     # How the new root disk was made, once staged: overlay, copy, volume, ... (the back end's word).
     disk_mode: str | None = None
+    # Who let a rebuild that asked for approval go on (the approve signal's requested_by).
+    approved_by: str | None = None
 
 
 class RebuildResult(Wire):
