@@ -23,6 +23,7 @@ ENCODING = b"binary/encrypted"
 # The one plaintext encoding a codec with a key lets through: a null carries nothing to forge or leak.
 PLAIN_ALLOWED = frozenset({b"binary/null"})
 KEY_ENV = "REBUILD_CODEC_KEY_FILE"
+CREDENTIAL = "codec-key"
 NONCE_BYTES = 12
 
 
@@ -94,12 +95,21 @@ class EncryptionCodec(PayloadCodec):
         return self.cipher.decrypt(data[:NONCE_BYTES], data[NONCE_BYTES:], None)
 
 
+def _credential() -> Path | None:
+    """The key systemd passed with ``LoadCredential=codec-key:...``: a unit's dynamic user cannot read
+    the root-only file, but gets its copy in ``$CREDENTIALS_DIRECTORY``."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = Path(directory, CREDENTIAL) if directory else None
+    return path if path is not None and path.exists() else None
+
+
 def data_converter(key_file: Path | None = None) -> DataConverter:
-    """The pydantic converter, encrypting when a key is configured (argument or environment).
+    """The pydantic converter, encrypting when a key is configured (argument, environment, or the
+    systemd credential ``codec-key``).
 
     With a key, failures are encrypted too: their message and stack trace (host paths, console lines)
     move into the encoded attributes, and the history shows only "Encoded failure"."""
-    path = key_file or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None)
+    path = key_file or (Path(os.environ[KEY_ENV]) if os.environ.get(KEY_ENV) else None) or _credential()
     if path is None:
         return pydantic_data_converter
     return dataclasses.replace(
