@@ -26,6 +26,7 @@ from starter.fleets import (
     abort_fleet,
     control_fleet,
     describe_fleet,
+    fleet_hosts,
     fleet_instances,
     list_fleets,
     resize_fleet,
@@ -91,6 +92,11 @@ def _require_fleet_scope(who: ApiClient, fleet: FleetRequest) -> None:
         )
 
 
+async def _require_fleet_hosts(request: web.Request) -> None:
+    """Steering a fleet (pause, resume, batch size, abort) needs every host it touches in scope."""
+    caller(request).require_hosts("fleet", await fleet_hosts(request.app[CLIENT], request.match_info["name"]))
+
+
 def _needs_fleet(handler: Handler) -> Handler:
     """Every fleet endpoint, reading ones included, is for clients with the verb fleet."""
 
@@ -128,18 +134,21 @@ async def instances(request: web.Request) -> web.Response:
 
 async def control(request: web.Request) -> web.Response:
     name, action = request.match_info["name"], request.path.rsplit("/", 1)[1]
+    await _require_fleet_hosts(request)
     answer = await control_fleet(request.app[CLIENT], name, action)
     return answered(answer, answer.accepted)
 
 
 async def batch_size(request: web.Request) -> web.Response:
     change = await read_body(request, StrictBatchSize)
+    await _require_fleet_hosts(request)
     answer = await resize_fleet(request.app[CLIENT], request.match_info["name"], change)
     return answered(answer, answer.accepted)
 
 
 async def abort(request: web.Request) -> web.Response:
     wanted = await read_body(request, StrictFleetAbort)
+    await _require_fleet_hosts(request)
     wanted = wanted.model_copy(update={"requested_by": requester(request, wanted.requested_by)})
     answer = await abort_fleet(request.app[CLIENT], request.match_info["name"], wanted)
     return answered(answer, answer.accepted)

@@ -253,3 +253,17 @@ async def list_fleets(client: Client, running: bool, limit: int) -> list[FleetSu
             )
         )
     return rows
+
+
+async def fleet_hosts(client: Client, name: str) -> list[str]:
+    """The hosts a fleet touches, from its latest run's request (its selection, or the targets a
+    continued run carries)."""
+    handle, _ = await fleet_handle(client, name)
+    async for event in handle.fetch_history_events():
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        (request,) = await client.data_converter.decode(payloads, [FleetRequest])
+        if request.selection is not None:
+            return list(request.selection.all_hosts())
+        carried = request.carried.targets if request.carried else []
+        return list(dict.fromkeys(target.host for target in carried))
+    raise UnknownFleet(name)

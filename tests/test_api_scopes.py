@@ -24,6 +24,7 @@ SELF = "self-token-0123456789ab"
 APPROVER = "approver-token-0123456789"
 FLEETER = "fleeter-token-0123456789"
 OWNER = "owner-token-0123456789ab"
+FLEET_OPS = "fleet-ops-token-0123456789"
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -37,6 +38,7 @@ def clients_for(host: str) -> ApiClients:
         f"approver {APPROVER} hosts={host} instances=web-*,db-* verbs=approve,confirm,revert\n"
         f"fleeter {FLEETER} hosts=* instances=web-* verbs=fleet\n"
         f"owner {OWNER} hosts={host} instances=* verbs=start,approve,self-approve,abort,snapshot\n"
+        f"fleet-ops {FLEET_OPS} hosts=* instances=* verbs=fleet\n"
     )
 
 
@@ -145,6 +147,35 @@ async def test_a_fleet_needs_the_fleet_verb_and_a_scope_that_covers_its_pattern(
     assert "over the pattern '*'" in (await wide.json())["error"]
     listed = {**fleet, "selection": {"instances": [{"host": unique_host, "instance": "db-1"}]}}
     assert (await scoped_api.post("/v1/fleets", json=listed, headers=bearer(FLEETER))).status == 403
+
+
+async def test_steering_a_fleet_needs_every_host_it_touches_in_scope(
+    scoped_api: TestClient[Any, Any], client: Client, unique_host: str
+) -> None:
+    name = f"wide-{unique_host}"
+    fleet = {
+        "name": name,
+        "rebuild": {"image_url": "http://images.invalid/b.qcow2"},
+        "selection": {"hosts": [f"{unique_host}-elsewhere"], "name_pattern": "web-*"},
+    }
+    started = await scoped_api.post("/v1/fleets", json=fleet, headers=bearer(FLEET_OPS))
+    assert started.status == 201, await started.text()
+    try:
+        # portal has no verb fleet; narrow has it, but its hosts leave out the fleet's.
+        for path, body in (("pause", None), ("abort", {"reason": "mine"}), ("batch-size", {"batch_size": 2})):
+            refused = await scoped_api.post(f"/v1/fleets/{name}/{path}", json=body, headers=bearer(PORTAL))
+            assert refused.status == 403
+        narrow = ApiClients.parse(f"narrow {PORTAL} hosts={unique_host} instances=* verbs=fleet")
+        app = TestClient(TestServer(create_app(client, narrow)))
+        await app.start_server()
+        try:
+            refused = await app.post(f"/v1/fleets/{name}/abort", json={"reason": "x"}, headers=bearer(PORTAL))
+            assert refused.status == 403
+            assert f"may not touch host {unique_host}-elsewhere" in (await refused.json())["error"]
+        finally:
+            await app.close()
+    finally:
+        await client.get_workflow_handle(f"fleet:{name}").terminate("test over")
 
 
 async def test_snapshots_need_the_snapshot_verb_on_the_instance(
