@@ -212,3 +212,26 @@ def test_a_line_of_the_old_format_keeps_working_without_self_approval() -> None:
 def test_a_scoped_line_that_cannot_be_used_is_refused_with_its_line(line: str, fragment: str) -> None:
     with pytest.raises(TokensFileError, match=fragment):
         ApiClients.parse(line)
+
+
+async def test_a_client_of_the_old_format_may_not_approve_its_own_rebuild(
+    api: TestClient[Any, Any], client: Client, unique_host: str, fake_host: FakeHost
+) -> None:
+    from tests.api_support import AUTH, OTHER_TOKEN
+
+    started = await api.post(
+        "/v1/rebuilds", json=body(unique_host, "vm-9", require_approval=True), headers=AUTH
+    )
+    assert started.status == 201
+    for _ in range(100):
+        shown = await (await api.get(f"/v1/rebuilds/{unique_host}/vm-9", headers=AUTH)).json()
+        if shown.get("status") and shown["status"]["phase"] == "await-approval":
+            break
+        await asyncio.sleep(0.05)
+    own = await api.post(f"/v1/rebuilds/{unique_host}/vm-9/approve", headers=AUTH)
+    assert own.status == 403
+    other = await api.post(f"/v1/rebuilds/{unique_host}/vm-9/approve", headers=bearer(OTHER_TOKEN))
+    assert other.status == 202
+    handle = client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-9"))
+    assert (await handle.result())["outcome"] == "rebuilt"
+    assert (await handle.query("status"))["approved_by"] == "deploy-bot"
