@@ -39,6 +39,16 @@ def say(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
+def secure_state_dir(state: Path) -> None:
+    """The state directory 0711: QEMU's user must traverse it to the cached images (DESIGN: "On a
+    host"), but nobody lists it or reads what is not made readable on purpose."""
+    state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o711)
+    for name in ("temporal.db", "temporal.db-wal", "temporal.db-shm", "temporal.log"):
+        if (state / name).exists():
+            (state / name).chmod(0o600)
+
+
 def ensure_temporal() -> None:
     if port_open(TEMPORAL_PORT):
         say(f"Temporal dev server already listening on localhost:{TEMPORAL_PORT}")
@@ -49,7 +59,13 @@ def ensure_temporal() -> None:
         ui_port=UI_PORT,
         log_file=STATE / "temporal.log",
     )
-    server.start(detach=True)
+    # The dev server's database holds every history (user data included, without a codec key): 0600.
+    previous = os.umask(0o077)
+    try:
+        server.start(detach=True)
+    finally:
+        os.umask(previous)
+    secure_state_dir(STATE)
     assert server.process is not None
     (STATE / "temporal.pid").write_text(str(server.process.pid))
     say(f"started the Temporal dev server (pid {server.process.pid}, state in {server.db_file})")
@@ -153,6 +169,7 @@ async def rebuild(images: Path) -> int:
 
 
 def main() -> None:
+    secure_state_dir(STATE)
     demo = STATE / "demo"
     images = demo / "images"
     images.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ token) is ``starter/http_kit.py``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import ssl
 import sys
@@ -181,6 +182,13 @@ def _credential(name: str) -> Path | None:
     return path if path is not None and path.exists() else None
 
 
+def _loopback(listen: str) -> bool:
+    try:
+        return ipaddress.ip_address(listen).is_loopback
+    except ValueError:
+        return listen == "localhost"
+
+
 app = typer.Typer(add_completion=False)
 
 
@@ -233,7 +241,19 @@ def run(
         await web.TCPSite(runner, listen, port, ssl_context=context).start()
         scheme = "https" if context else "http"
         log.info("rebuild-api listening on %s://%s:%d", scheme, listen, port,
-                 extra={"clients": sorted(clients.by_token.values())})  # fmt: skip
+                 extra={"clients": clients.names()})  # fmt: skip
+        for name in clients.legacy_names():
+            log.warning(
+                "client %s has no scopes (a NAME TOKEN line): it may touch every host and "
+                "instance with every verb but self-approve; give it hosts= instances= verbs=",
+                name,
+            )
+        if context is None and not _loopback(listen):
+            log.warning(
+                "serving plain HTTP on %s, not a loopback address: tokens and admin passwords "
+                "cross the network in clear; give --tls-cert and --tls-key",
+                listen,
+            )
         await asyncio.Event().wait()
 
     try:

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
+from starter.api_clients import ApiClient, Forbidden
 from starter.fleets import (
     CONTROLS,
     FleetDescription,
@@ -25,6 +26,7 @@ from starter.fleets import (
     abort_fleet,
     control_fleet,
     describe_fleet,
+    fleet_hosts,
     fleet_instances,
     list_fleets,
     resize_fleet,
@@ -33,8 +35,10 @@ from starter.fleets import (
 from starter.http_kit import (
     CLIENT,
     BadQuery,
+    Handler,
     answered,
     answers,
+    caller,
     operation,
     query_flag,
     query_int,
@@ -46,6 +50,7 @@ from starter.http_kit import (
 from workflows.fleet_models import (
     ControlAnswer,
     FleetInstances,
+    FleetRequest,
     InstanceState,
     StrictBatchSize,
     StrictFleetAbort,
@@ -64,10 +69,42 @@ class FleetStarted(BaseModel):
 
 async def start(request: web.Request) -> web.Response:
     fleet = (await read_body(request, StrictFleetRequest)).wire()
+    _require_fleet_scope(caller(request), fleet)
     who = requester(request, fleet.rebuild.requested_by)
     fleet = fleet.model_copy(update={"rebuild": fleet.rebuild.model_copy(update={"requested_by": who})})
     handle = await start_fleet(request.app[CLIENT], fleet)
     return reply(FleetStarted(name=fleet.name, workflow_id=handle.id, run_id=handle.result_run_id), 201)
+
+
+def _require_fleet_scope(who: ApiClient, fleet: FleetRequest) -> None:
+    """A fleet needs the verb fleet, every host in scope, and every instance it can select: listed ones
+    each in scope, a name pattern only where the client's instances are ``*`` or that very pattern."""
+    selection = fleet.selection
+    who.require_hosts("fleet", selection.all_hosts() if selection else [])
+    if selection is None:
+        return
+    for target in selection.instances:
+        who.require("fleet", target.host, target.instance)
+    if selection.name_pattern is not None and not who.covers_pattern(selection.name_pattern):
+        raise Forbidden(
+            f"client {who.name} may not start a fleet over the pattern {selection.name_pattern!r}: "
+            "its instances scope must be * or that pattern"
+        )
+
+
+async def _require_fleet_hosts(request: web.Request) -> None:
+    """Steering a fleet (pause, resume, batch size, abort) needs every host it touches in scope."""
+    caller(request).require_hosts("fleet", await fleet_hosts(request.app[CLIENT], request.match_info["name"]))
+
+
+def _needs_fleet(handler: Handler) -> Handler:
+    """Every fleet endpoint, reading ones included, is for clients with the verb fleet."""
+
+    async def checked(request: web.Request) -> web.StreamResponse:
+        caller(request).require("fleet")
+        return await handler(request)
+
+    return checked
 
 
 async def index(request: web.Request) -> web.Response:
@@ -97,18 +134,21 @@ async def instances(request: web.Request) -> web.Response:
 
 async def control(request: web.Request) -> web.Response:
     name, action = request.match_info["name"], request.path.rsplit("/", 1)[1]
+    await _require_fleet_hosts(request)
     answer = await control_fleet(request.app[CLIENT], name, action)
     return answered(answer, answer.accepted)
 
 
 async def batch_size(request: web.Request) -> web.Response:
     change = await read_body(request, StrictBatchSize)
+    await _require_fleet_hosts(request)
     answer = await resize_fleet(request.app[CLIENT], request.match_info["name"], change)
     return answered(answer, answer.accepted)
 
 
 async def abort(request: web.Request) -> web.Response:
     wanted = await read_body(request, StrictFleetAbort)
+    await _require_fleet_hosts(request)
     wanted = wanted.model_copy(update={"requested_by": requester(request, wanted.requested_by)})
     answer = await abort_fleet(request.app[CLIENT], request.match_info["name"], wanted)
     return answered(answer, answer.accepted)
@@ -116,14 +156,14 @@ async def abort(request: web.Request) -> web.Response:
 
 def add_fleet_routes(app: web.Application) -> None:
     """The fleet endpoints; the application's middlewares (``starter.http_kit``) answer its errors."""
-    app.router.add_post("/v1/fleets", start)
-    app.router.add_get("/v1/fleets", index)
-    app.router.add_get("/v1/fleets/{name}", show)
-    app.router.add_get("/v1/fleets/{name}/instances", instances)
+    app.router.add_post("/v1/fleets", _needs_fleet(start))
+    app.router.add_get("/v1/fleets", _needs_fleet(index))
+    app.router.add_get("/v1/fleets/{name}", _needs_fleet(show))
+    app.router.add_get("/v1/fleets/{name}/instances", _needs_fleet(instances))
     for action in CONTROLS:
-        app.router.add_post(f"/v1/fleets/{{name}}/{action}", control)
-    app.router.add_post("/v1/fleets/{name}/batch-size", batch_size)
-    app.router.add_post("/v1/fleets/{name}/abort", abort)
+        app.router.add_post(f"/v1/fleets/{{name}}/{action}", _needs_fleet(control))
+    app.router.add_post("/v1/fleets/{name}/batch-size", _needs_fleet(batch_size))
+    app.router.add_post("/v1/fleets/{name}/abort", _needs_fleet(abort))
 
 
 FLEET_MODELS: list[type[BaseModel]] = [

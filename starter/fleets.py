@@ -39,6 +39,7 @@ from workflows.fleet_models import (
     fleet_workflow_id,
 )
 from workflows.models import WORKFLOW_TASK_QUEUE, RebuildStatus, check_requested_by
+from workflows.ui_text import escape_markdown, shown_image
 
 CONTROLS = ("pause", "resume")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -104,13 +105,15 @@ async def start_fleet(client: Client, request: FleetRequest) -> WorkflowHandle[A
             task_queue=WORKFLOW_TASK_QUEUE,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            static_summary=f"Fleet {request.name}: rebuild {what}",
-            static_details=(
-                f"image: {request.rebuild.image_label}\n\n"
+            static_summary=escape_markdown(f"Fleet {request.name}: rebuild {what}"),
+            static_details=escape_markdown(
+                f"image: {shown_image(request.rebuild.image_label)}\n\n"
                 f"sha256: {request.rebuild.sha256 or '(computed)'}\n\n"
                 f"batches of {limits.batch_size}, at most {limits.max_unavailable} at once"
                 f"{f', {limits.per_host} per host' if limits.per_host else ''}, "
-                f"stop after {limits.max_failures} failure(s)\n\nrequested by: {request.rebuild.requested_by}"
+                f"stop after {limits.max_failures} failure(s)\n\n"
+                f"requested by: {request.rebuild.requested_by}",
+                keep_paragraphs=True,
             ),
         )
     except WorkflowAlreadyStartedError:
@@ -250,3 +253,17 @@ async def list_fleets(client: Client, running: bool, limit: int) -> list[FleetSu
             )
         )
     return rows
+
+
+async def fleet_hosts(client: Client, name: str) -> list[str]:
+    """The hosts a fleet touches, from its latest run's request (its selection, or the targets a
+    continued run carries)."""
+    handle, _ = await fleet_handle(client, name)
+    async for event in handle.fetch_history_events():
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        (request,) = await client.data_converter.decode(payloads, [FleetRequest])
+        if request.selection is not None:
+            return list(request.selection.all_hosts())
+        carried = request.carried.targets if request.carried else []
+        return list(dict.fromkeys(target.host for target in carried))
+    raise UnknownFleet(name)

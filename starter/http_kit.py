@@ -19,12 +19,13 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from common.connection import TemporalUnavailable
-from starter.api_clients import ApiClients
+from starter.api_clients import ApiClient, ApiClients, Forbidden
 from starter.errors import BadRequest, Conflict, NotFound, ServiceError, Words, validation_problems
 from workflows.models import check_requested_by
 
 CLIENT: web.AppKey[Client] = web.AppKey("client", Client)
 REQUESTER: web.RequestKey[str] = web.RequestKey("requester", str)
+CALLER: web.RequestKey[ApiClient] = web.RequestKey("caller", ApiClient)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 Model = TypeVar("Model", bound=BaseModel)
@@ -101,6 +102,11 @@ def query_flag(request: web.Request, name: str) -> bool:
     return request.query.get(name) == "true"
 
 
+def caller(request: web.Request) -> ApiClient:
+    """The authenticated client, with its scopes (``starter.api_clients``)."""
+    return request[CALLER]
+
+
 def requester(request: web.Request, claimed: str) -> str:
     """The authenticated client's name; a name the body gives is kept only as "on behalf of"."""
     name = request[REQUESTER]
@@ -145,10 +151,11 @@ def bearer_auth(clients: ApiClients) -> Middleware:
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS:
             return await handler(request)
-        name = clients.identify(request.headers.get("Authorization", ""))
-        if name is None:
+        client = clients.identify(request.headers.get("Authorization", ""))
+        if client is None:
             return error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-        request[REQUESTER] = name
+        request[REQUESTER] = client.name
+        request[CALLER] = client
         return await handler(request)
 
     return check
@@ -159,6 +166,8 @@ async def translate_errors(request: web.Request, handler: Handler) -> web.Stream
     """Refusals of the service layer and bad input, for every endpoint of both APIs."""
     try:
         return await handler(request)
+    except Forbidden as exc:
+        return error(403, f"forbidden: {exc}")
     except ValidationError as exc:
         return error(400, f"invalid request: {validation_problems(exc)}")
     except ServiceError as exc:
@@ -172,6 +181,7 @@ async def translate_errors(request: web.Request, handler: Handler) -> web.Stream
 ERROR_MEANINGS = {
     400: "bad input: the message names the field and why",
     401: "no or wrong bearer token; nothing changed",
+    403: "the token's scopes do not cover this host, instance or verb; nothing changed",
     404: "no rebuild of that instance is known",
     409: "a rebuild is already running, none is running, or the abort was refused",
     503: "Temporal is unavailable",
@@ -184,10 +194,10 @@ def json_content(name: str) -> dict[str, Any]:
 
 
 def answers(ok: int, name: str, *errors: int, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An operation's OpenAPI answers: its success, and the errors it can give (401 and 503 always)."""
+    """An operation's OpenAPI answers: its success, and the errors it can give (401, 403, 503 always)."""
     body = {"content": {"application/json": {"schema": schema}}} if schema else json_content(name)
     result: dict[str, Any] = {str(ok): {"description": name, **body}}
-    for status in sorted({401, 503, *errors}):
+    for status in sorted({401, 403, 503, *errors}):
         result[str(status)] = {"description": ERROR_MEANINGS[status], **json_content("ErrorBody")}
     return result
 

@@ -12,15 +12,21 @@ approve | confirm | revert | abort``, JSON in and out with the workflow's own mo
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel
 from temporalio.client import Client
 
+from starter.api_clients import Forbidden, requester_client
+from starter.errors import BadRequest
 from starter.http_kit import (
     CLIENT,
     answered,
+    caller,
+    error,
     query_flag,
     query_int,
     read_body,
@@ -37,16 +43,26 @@ from starter.rebuilds import (
     describe_rebuild,
     list_query,
     list_rebuilds,
+    rebuild_requested_by,
     send_decision,
     start_rebuild,
 )
 from starter.status_cache import StatusCache
+from workflows.identity import identity_problems
 from workflows.models import StrictAbortRequest, StrictDecision, StrictRebuildRequest
 
 STATUS: web.AppKey[StatusCache[RebuildDescription]] = web.AppKey("status", StatusCache)
 # How old a status answer may be: pollers of one rebuild share one trip to Temporal per this long.
 STATUS_TTL_SECONDS = 1.0
 MAX_LIST_LIMIT = 1000
+# SHA-512 crypt costs time in proportion to the password's length (passlib's builtin backend: 2 s for
+# 256 bytes here), so the length is capped, and hashing runs on a small pool, never on the event loop.
+MAX_ADMIN_PASSWORD_BYTES = 256
+HASHERS = 2
+# More passwords than this waiting for a hasher are refused (429), not queued behind one another.
+MAX_PENDING_HASHES = 8
+_hashers = ThreadPoolExecutor(HASHERS, thread_name_prefix="hash-password")
+_pending_hashes = asyncio.BoundedSemaphore(MAX_PENDING_HASHES)
 
 
 class Started(BaseModel):
@@ -59,21 +75,48 @@ class Sent(BaseModel):
     signal: str
 
 
-def _hash_admin_password(payload: Any) -> Any:
-    """Nova's ``adminPass`` arrives in clear over the API: it is hashed here, before any workflow."""
+def _split_admin_password(payload: Any) -> tuple[Any, str | None]:
+    """Nova's ``adminPass`` arrives in clear: taken out of the body, to be hashed once the rest is valid."""
     identity = payload.get("identity") if isinstance(payload, dict) else None
     if not isinstance(identity, dict) or "admin_password" not in identity:
-        return payload
+        return payload, None
     identity = dict(identity)
     password = identity.pop("admin_password")
     if not isinstance(password, str):
-        raise ValueError("identity.admin_password must be a string")
-    identity["admin_password_hash"] = hash_password(password) if password else ""
-    return {**payload, "identity": identity}
+        raise BadRequest("identity.admin_password must be a string")
+    if len(password.encode()) > MAX_ADMIN_PASSWORD_BYTES:
+        raise BadRequest(f"identity.admin_password must be at most {MAX_ADMIN_PASSWORD_BYTES} bytes")
+    return {**payload, "identity": identity}, password
+
+
+async def _hashed(password: str) -> str:
+    """The SHA-512 crypt hash, computed off the event loop by a bounded pool."""
+    if not password:
+        return ""
+    if _pending_hashes.locked():
+        raise TooBusy("too many admin passwords are being hashed; try again in a few seconds")
+    async with _pending_hashes:
+        return await asyncio.get_running_loop().run_in_executor(_hashers, hash_password, password)
+
+
+class TooBusy(Exception):
+    """More passwords wait for a hasher than the API takes (HTTP 429)."""
 
 
 async def start(request: web.Request) -> web.Response:
-    rebuild = StrictRebuildRequest.model_validate(_hash_admin_password(await read_json(request)))
+    body, password = _split_admin_password(await read_json(request))
+    # Everything is checked (the body, the client's scopes, the identity) before the password is hashed.
+    rebuild = StrictRebuildRequest.model_validate(body)
+    caller(request).require("start", rebuild.host, rebuild.instance)
+    if password is not None and rebuild.identity is not None:
+        if problems := identity_problems(rebuild.identity):
+            raise BadRequest("; ".join(problems))
+        try:
+            hashed = await _hashed(password)
+        except TooBusy as exc:
+            return error(429, str(exc), {"Retry-After": "5"})
+        identity = rebuild.identity.model_copy(update={"admin_password_hash": hashed})
+        rebuild = rebuild.model_copy(update={"identity": identity})
     rebuild = rebuild.model_copy(update={"requested_by": requester(request, rebuild.requested_by)})
     handle = await start_rebuild(request.app[CLIENT], rebuild)
     request.app[STATUS].forget(rebuild.host, rebuild.instance)
@@ -82,18 +125,32 @@ async def start(request: web.Request) -> web.Response:
 
 async def show(request: web.Request) -> web.Response:
     host, instance = request.match_info["host"], request.match_info["instance"]
+    if not caller(request).may_reach(host, instance):
+        raise Forbidden(f"client {caller(request).name} may not see instance {instance} on {host}")
     return reply(await request.app[STATUS].get(host, instance))
 
 
 async def index(request: web.Request) -> web.Response:
     query = list_query(request.query.get("phase"), request.query.get("host"), query_flag(request, "running"))
     limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
-    return reply_list(await list_rebuilds(request.app[CLIENT], query, limit))
+    rows = await list_rebuilds(request.app[CLIENT], query, limit)
+    # A client lists only the rebuilds in its scope.
+    who = caller(request)
+    return reply_list([r for r in rows if r.host and r.instance and who.may_reach(r.host, r.instance)])
 
 
 async def decide(request: web.Request) -> web.Response:
     host, instance, verdict = (request.match_info[k] for k in ("host", "instance", "verdict"))
     decision = await read_body(request, StrictDecision, optional=True)
+    who = caller(request)
+    who.require(verdict, host, instance)
+    if verdict == "approve" and "self-approve" not in who.verbs:
+        started_by = await rebuild_requested_by(request.app[CLIENT], instance, host)
+        if requester_client(started_by) == who.name:
+            raise Forbidden(
+                f"client {who.name} started this rebuild and may not approve it itself: "
+                "another client must (or give this one the verb self-approve)"
+            )
     decision = decision.model_copy(update={"requested_by": requester(request, decision.requested_by)})
     workflow_id = await send_decision(request.app[CLIENT], instance, host, verdict, decision)
     request.app[STATUS].forget(host, instance)
@@ -103,6 +160,7 @@ async def decide(request: web.Request) -> web.Response:
 async def abort(request: web.Request) -> web.Response:
     host, instance = request.match_info["host"], request.match_info["instance"]
     wanted = await read_body(request, StrictAbortRequest)
+    caller(request).require("abort", host, instance)
     wanted = wanted.model_copy(update={"requested_by": requester(request, wanted.requested_by)})
     answer = await abort_rebuild(request.app[CLIENT], instance, host, wanted)
     request.app[STATUS].forget(host, instance)

@@ -61,6 +61,7 @@ from workflows.models import (
 )
 from workflows.results import failure_result
 from workflows.snapshot_models import snapshot_workflow_id
+from workflows.ui_text import escape_markdown, shown_image
 
 DECISIONS = (APPROVE_SIGNAL, CONFIRM_SIGNAL, REVERT_SIGNAL)
 # A live worker polls again at least every ~70 s (a long poll lasts up to a minute); the server lists
@@ -166,11 +167,13 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
             search_attributes=sa.of_new_rebuild(
                 request.instance, request.host, request.sha256 or request.image_label
             ),
-            static_summary=f"Rebuild {request.instance} on {request.host}",
-            static_details=(
+            # Markdown in the Web UI: what callers wrote is escaped, a signed URL's credential left out.
+            static_summary=escape_markdown(f"Rebuild {request.instance} on {request.host}"),
+            static_details=escape_markdown(
                 f"instance: {request.instance}\n\nhost: {request.host}\n\n"
-                f"image: {request.image_label}\n\nsha256: {request.sha256 or '(computed)'}\n\n"
-                f"requested by: {request.requested_by}"
+                f"image: {shown_image(request.image_label)}\n\nsha256: {request.sha256 or '(computed)'}\n\n"
+                f"requested by: {request.requested_by}",
+                keep_paragraphs=True,
             ),
         )
     except WorkflowAlreadyStartedError:
@@ -377,3 +380,13 @@ async def abort_rebuild(client: Client, instance: str, host: str, request: Abort
     handle, _ = await latest_rebuild(client, instance, host, must_run=True)
     answer: AbortAnswer = await handle.execute_update(ABORT_UPDATE, request, result_type=AbortAnswer)
     return answer
+
+
+async def rebuild_requested_by(client: Client, instance: str, host: str) -> str:
+    """Who started the instance's latest rebuild, from its request as the history holds it."""
+    handle, _ = await latest_rebuild(client, instance, host, must_run=True)
+    async for event in handle.fetch_history_events():
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        (request,) = await client.data_converter.decode(payloads, [RebuildRequest])
+        return str(request.requested_by)
+    raise UnknownRebuild(instance, host)

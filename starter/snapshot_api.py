@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel
 
-from starter.http_kit import CLIENT, answers, operation, read_body, reply, reply_list, requester
+from starter.http_kit import CLIENT, answers, caller, operation, read_body, reply, reply_list, requester
 from starter.rebuild_api import Started
 from starter.snapshots import SnapshotMissing, snapshot_catalog, start_snapshot
 from workflows.checks import check_host_name, check_instance_name
@@ -33,13 +33,16 @@ SNAPSHOT_MODELS: list[type[BaseModel]] = [StrictSnapshotRequest, SnapshotRecord,
 
 async def create(request: web.Request) -> web.Response:
     wanted = await read_body(request, StrictSnapshotRequest)
+    caller(request).require("snapshot", wanted.host, wanted.instance)
     wanted = wanted.model_copy(update={"requested_by": requester(request, wanted.requested_by)})
     handle = await start_snapshot(request.app[CLIENT], wanted)
     return reply(Started(workflow_id=handle.id, run_id=handle.result_run_id), status=201)
 
 
 def _host(request: web.Request) -> str:
-    return check_host_name(request.match_info["host"])
+    host = check_host_name(request.match_info["host"])
+    caller(request).require("snapshot", host)
+    return host
 
 
 def _snapshot_id(request: web.Request) -> str:
@@ -54,20 +57,28 @@ async def index(request: web.Request) -> web.Response:
     if instance is not None:
         check_instance_name(instance)
     catalog = SnapshotCatalogRequest(host=_host(request), action="list", instance=instance)
-    return reply_list((await snapshot_catalog(request.app[CLIENT], catalog)).snapshots)
+    who = caller(request)
+    found = (await snapshot_catalog(request.app[CLIENT], catalog)).snapshots
+    return reply_list([record for record in found if who.may_reach(record.host, record.instance)])
 
 
 async def show(request: web.Request) -> web.Response:
     host, snapshot_id = _host(request), _snapshot_id(request)
     found = await snapshot_catalog(request.app[CLIENT], SnapshotCatalogRequest(host=host, action="list"))
     for record in found.snapshots:
-        if record.snapshot_id == snapshot_id:
+        if record.snapshot_id == snapshot_id and caller(request).may_reach(host, record.instance):
             return reply(record)
     raise SnapshotMissing(f"no snapshot {snapshot_id} on host {host}")
 
 
 async def delete(request: web.Request) -> web.Response:
     host, snapshot_id = _host(request), _snapshot_id(request)
+    found = await snapshot_catalog(request.app[CLIENT], SnapshotCatalogRequest(host=host, action="list"))
+    if not any(
+        record.snapshot_id == snapshot_id and caller(request).may_reach(host, record.instance)
+        for record in found.snapshots
+    ):
+        raise SnapshotMissing(f"no snapshot {snapshot_id} on host {host}")
     catalog = SnapshotCatalogRequest(host=host, action="delete", snapshot_ids=(snapshot_id,))
     return reply(await snapshot_catalog(request.app[CLIENT], catalog))
 

@@ -28,6 +28,7 @@ from workflows.snapshot_models import (
     SnapshotRequest,
     snapshot_workflow_id,
 )
+from workflows.ui_text import escape_markdown
 
 # What a snapshot's failure means for the caller: bad input (exit 2, HTTP 400/404), or a failure.
 _NOT_FOUND = {"InstanceNotFound", "SnapshotNotFound"}
@@ -59,9 +60,11 @@ async def start_snapshot(client: Client, request: SnapshotRequest) -> WorkflowHa
             task_queue=WORKFLOW_TASK_QUEUE,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            static_summary=f"Snapshot {request.instance} on {request.host}",
-            static_details=(
-                f"instance: {request.instance}\n\nhost: {request.host}\n\nlabel: {request.label or '-'}"
+            static_summary=escape_markdown(f"Snapshot {request.instance} on {request.host}"),
+            static_details=escape_markdown(
+                f"instance: {request.instance}\n\nhost: {request.host}\n\nlabel: {request.label or '-'}\n\n"
+                f"requested by: {request.requested_by}",
+                keep_paragraphs=True,
             ),
         )
     except WorkflowAlreadyStartedError:

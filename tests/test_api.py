@@ -60,8 +60,11 @@ async def test_start_status_approve_and_finish(
     listed = await api.get("/v1/rebuilds", params={"host": unique_host, "running": "true"}, headers=AUTH)
     assert listed.status == 200
 
+    # The requester may not approve its own rebuild: another client does.
     approved = await api.post(
-        f"/v1/rebuilds/{unique_host}/vm-1/approve", json={"requested_by": "ci"}, headers=AUTH
+        f"/v1/rebuilds/{unique_host}/vm-1/approve",
+        json={"requested_by": "ci"},
+        headers={"Authorization": f"Bearer {OTHER_TOKEN}"},
     )
     assert approved.status == 202
     result = await client.get_workflow_handle(rebuild_workflow_id(unique_host, "vm-1")).result()

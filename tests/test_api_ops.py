@@ -101,8 +101,8 @@ def test_unusable_tokens_files_are_refused_with_the_line(text: str, fragment: st
 
 def test_each_token_names_its_own_client() -> None:
     clients = ApiClients.parse("ci a-token-long-enough-1\nbot b-token-long-enough-2\n")
-    assert clients.identify("Bearer a-token-long-enough-1") == "ci"
-    assert clients.identify("Bearer b-token-long-enough-2") == "bot"
+    assert clients.identify("Bearer a-token-long-enough-1").name == "ci"  # type: ignore[union-attr]
+    assert clients.identify("Bearer b-token-long-enough-2").name == "bot"  # type: ignore[union-attr]
     assert clients.identify("Bearer a-token-long-enough") is None
     assert clients.identify("a-token-long-enough-1") is None
 

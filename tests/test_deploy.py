@@ -56,7 +56,8 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
 
 def load(path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load(path.read_text())
-    return interpolate(loaded, env if env is not None else {"REBUILD_HOST": "kvm-1"})  # type: ignore[no-any-return]
+    given = env if env is not None else {"REBUILD_HOST": "kvm-1"}
+    return interpolate(loaded, {"POSTGRES_PASSWORD": "from-the-env-file", **given})  # type: ignore[no-any-return]
 
 
 def services(path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -138,13 +139,13 @@ def test_setup_registers_every_search_attribute_the_workflow_uses() -> None:
 def test_worker_mounts_libvirt_and_disk_paths_one_to_one() -> None:
     volumes = services(STACK)["worker"]["volumes"]
     pairs = [v.split(":") for v in volumes]
-    assert ["/var/run/libvirt", "/var/run/libvirt"] in pairs
+    assert ["/var/run/libvirt/libvirt-sock", "/var/run/libvirt/libvirt-sock"] in pairs
     assert all(outside == inside for outside, inside in pairs)
 
 
 def test_the_api_reads_its_client_tokens_from_a_compose_secret() -> None:
     api = services(STACK)["api"]
-    assert api["secrets"] == ["api-tokens"]
+    assert "api-tokens" in api["secrets"]
     assert api["environment"]["REBUILD_API_TOKENS_FILE"] == "/run/secrets/api-tokens"
 
 
@@ -152,7 +153,7 @@ def test_compose_validates_where_docker_compose_exists() -> None:
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
         return  # the schema checks above stand in; this machine has no compose plugin
-    env = {**os.environ, "REBUILD_HOST": "kvm-1"}
+    env = {**os.environ, "REBUILD_HOST": "kvm-1", "POSTGRES_PASSWORD": "from-the-env-file"}
     done = subprocess.run([docker, "compose", "-f", str(STACK), "config", "-q"],
                           capture_output=True, text=True, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -166,3 +167,56 @@ def test_systemd_units_run_commands_that_exist() -> None:
         assert "[Install]" in text
         command = re.search(r"ExecStart=\S+/bin/([\w-]+)", text)
         assert command and command.group(1) in scripts, unit.name
+
+
+# Issue 24, finding 12: what a deployment from these files leaves open to whoever reaches it.
+
+
+def test_the_stack_has_no_default_database_password() -> None:
+    stack = yaml.safe_load(STACK.read_text())
+    assert "temporal}" not in STACK.read_text().replace("${POSTGRES_PASSWORD:?", "")
+    with pytest.raises(MissingVariable, match="POSTGRES_PASSWORD"):
+        interpolate(stack, {"REBUILD_HOST": "kvm-1"})
+
+
+def test_the_web_ui_allows_no_write_actions() -> None:
+    assert services(STACK)["temporal-ui"]["environment"]["TEMPORAL_DISABLE_WRITE_ACTIONS"] == "true"
+
+
+@pytest.mark.parametrize("path", [STACK, WORKER_ONLY], ids=lambda p: p.name)
+def test_workers_and_the_api_get_the_codec_key_as_a_secret(path: Path) -> None:
+    env = {"REBUILD_HOST": "kvm-1", "TEMPORAL_ADDRESS": "t:7233"}
+    loaded = load(path, env)
+    assert loaded["secrets"]["codec-key"] == {"file": "./secrets/codec-key"}
+    for name in ("worker", "api") if path == STACK else ("worker",):
+        service = loaded["services"][name]
+        assert "codec-key" in service["secrets"], name
+        assert service["environment"]["REBUILD_CODEC_KEY_FILE"] == "/run/secrets/codec-key", name
+
+
+def test_the_worker_container_keeps_only_the_capabilities_it_needs_and_the_libvirt_socket() -> None:
+    worker = services(STACK)["worker"]
+    assert worker["cap_drop"] == ["ALL"]
+    assert set(worker["cap_add"]) == {"CHOWN", "FOWNER", "DAC_OVERRIDE"}
+    assert "no-new-privileges:true" in worker["security_opt"]
+    mounted = [volume.split(":")[0] for volume in worker["volumes"]]
+    assert "/var/run/libvirt" not in mounted
+    assert [m for m in mounted if m.startswith("/var/run/libvirt")] == ["/var/run/libvirt/libvirt-sock"]
+
+
+def test_the_env_example_says_where_the_codec_key_is_and_sets_no_path_the_api_cannot_read() -> None:
+    example = (ROOT / "deploy" / "rebuild.env.example").read_text()
+    assert "/etc/durable-rebuild/codec-key" in example
+    assert not re.search(r"^REBUILD_CODEC_KEY_FILE=\S", example, re.M)
+
+
+def test_the_demo_leaves_its_state_private(tmp_path: Path) -> None:
+    from devtools.demo import secure_state_dir
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    (state / "temporal.db").write_text("histories")
+    (state / "temporal.db").chmod(0o644)
+    secure_state_dir(state)
+    assert state.stat().st_mode & 0o777 == 0o711
+    assert (state / "temporal.db").stat().st_mode & 0o777 == 0o600

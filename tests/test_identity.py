@@ -33,6 +33,7 @@ from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import LOOPBACK_NETWORKS, rebuild_cli, serve
 from devtools.testbed.fake_host import FakeHost
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance
+from starter.api_clients import ApiClients
 from starter.codec_server import build_app
 from starter.identity_options import hash_password
 from tests.history_recorder import record_history
@@ -331,12 +332,17 @@ async def test_user_data_is_encrypted_in_the_history_and_the_codec_server_decode
         encrypted = history.events[0].workflow_execution_started_event_attributes.input
         await handle.terminate("test over")
 
-    server = TestServer(build_app(EncryptionCodec(load_key(key_file)), "http://localhost:8233"))
+    clients = ApiClients.parse("ui a-token-long-enough-1")
+    server = TestServer(build_app(EncryptionCodec(load_key(key_file)), "http://localhost:8233", clients))
     async with TestClient(server) as http:
         answer = await http.post(
             "/decode",
             data=json_format.MessageToJson(encrypted),
-            headers={"Origin": "http://localhost:8233", "Content-Type": "application/json"},
+            headers={
+                "Origin": "http://localhost:8233",
+                "Content-Type": "application/json",
+                "Authorization": "Bearer a-token-long-enough-1",
+            },
         )
         assert answer.status == 200
         assert answer.headers["Access-Control-Allow-Origin"] == "http://localhost:8233"

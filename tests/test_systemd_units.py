@@ -77,6 +77,13 @@ def test_the_worker_is_ordered_after_either_libvirt_daemon() -> None:
     assert re.search(r"^ReadWritePaths=/var/lib/libvirt/images$", text, re.M)
 
 
+def test_both_units_get_the_codec_key_as_a_credential() -> None:
+    # The API's dynamic user cannot read the root-only key file; systemd hands it a copy.
+    for unit in ("rebuild-api.service", "rebuild-worker.service"):
+        text = (UNITS / unit).read_text()
+        assert re.search(r"^LoadCredential=codec-key:/etc/durable-rebuild/codec-key$", text, re.M), unit
+
+
 def test_the_api_unit_gets_its_tokens_as_a_credential_not_a_file_it_must_read() -> None:
     text = (UNITS / "rebuild-api.service").read_text()
     assert "DynamicUser=yes" in text
@@ -89,6 +96,7 @@ async def test_the_api_starts_from_a_credentials_directory(dev_server: DevServer
     credentials = tmp_path / "credentials"
     credentials.mkdir()
     (credentials / "api-tokens").write_text("monitoring a-long-enough-token-123\n")
+    (credentials / "api-tokens").chmod(0o600)
     port = free_port()
     env = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials), "TEMPORAL_ADDRESS": dev_server.address,
            "REBUILD_API_PORT": str(port), "REBUILD_LOG_FORMAT": "json"}  # fmt: skip
@@ -112,3 +120,14 @@ async def test_the_api_starts_from_a_credentials_directory(dev_server: DevServer
         process.terminate()
         process.wait(10)
     assert '"clients": ["monitoring"]' in log.read_text()
+
+
+def test_a_process_finds_the_codec_key_in_its_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.codec import KEY_ENV, EncryptionCodec, data_converter
+
+    (tmp_path / "codec-key").write_text(os.urandom(32).hex())
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert isinstance(data_converter().payload_codec, EncryptionCodec)

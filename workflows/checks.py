@@ -17,10 +17,12 @@ __all__ = [
     "HOST_NAME",
     "INSTANCE_NAME",
     "MAX_REQUESTED_BY",
+    "REQUESTED_BY",
     "SHA256_HEX",
     "SHA512_HEX",
     "HostName",
     "InstanceName",
+    "RequestedBy",
     "check_host_name",
     "check_instance_name",
     "check_requested_by",
@@ -41,9 +43,19 @@ DISK_TARGET = re.compile(r"^[a-z][a-z0-9]{1,31}$")
 MAX_REQUESTED_BY = 200
 
 
+# Shown in the Web UI as markdown: letters, digits and what names and e-mail addresses need, with
+# "name (for someone)" as the API writes it; nothing that makes a link, an image or HTML.
+REQUESTED_BY = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.,@:+=()/-]*")
+
+
 def check_requested_by(value: str) -> str:
     if not 1 <= len(value) <= MAX_REQUESTED_BY:
         raise ValueError(f"requested_by must have 1 to {MAX_REQUESTED_BY} characters, not {len(value)}")
+    if not REQUESTED_BY.fullmatch(value):
+        raise ValueError(
+            "requested_by may hold letters, digits, spaces and _ . , @ : + = ( ) / - only "
+            f"(starting with a letter or digit), not {value[:40]!r}"
+        )
     return value
 
 
@@ -61,3 +73,4 @@ def check_host_name(value: str) -> str:
 
 InstanceName = Annotated[str, AfterValidator(check_instance_name)]
 HostName = Annotated[str, AfterValidator(check_host_name)]
+RequestedBy = Annotated[str, AfterValidator(check_requested_by)]

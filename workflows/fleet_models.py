@@ -17,7 +17,7 @@ from enum import StrEnum
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
-from workflows.checks import MAX_REQUESTED_BY, HostName, InstanceName, check_host_name, check_instance_name
+from workflows.checks import HostName, InstanceName, RequestedBy, check_host_name, check_instance_name
 from workflows.models import DiskFormat, RebuildRequest, StrictRebuildRequest
 from workflows.names import FLEET_WORKFLOW, fleet_workflow_id
 from workflows.wire import Wire
@@ -263,7 +263,7 @@ class StrictRebuildOptions(RebuildOptions):
     boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
     boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
     max_virtual_size_bytes: int = Field(default=1 << 40, gt=0)
-    requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
+    requested_by: RequestedBy = "unknown"
 
     @model_validator(mode="after")
     def _valid_for_a_rebuild(self) -> StrictRebuildOptions:
@@ -344,7 +344,7 @@ class StrictFleetAbort(FleetAbort):
     model_config = ConfigDict(extra="forbid", frozen=True, title="FleetAbort")
 
     reason: str = Field(min_length=1, max_length=500)
-    requested_by: str = Field(default="unknown", min_length=1, max_length=MAX_REQUESTED_BY)
+    requested_by: RequestedBy = "unknown"
 
 
 class StrictBatchSize(BatchSize):

@@ -20,7 +20,15 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_v
 from workflows.activity_models import *  # noqa: F403
 from workflows.activity_models import DISK_MODES, DiskFormat, DiskMode, StopMethod, VerifySpec
 from workflows.checks import *  # noqa: F403
-from workflows.checks import DISK_TARGET, GLANCE_IMAGE_ID, SHA256_HEX, SHA512_HEX, HostName, InstanceName
+from workflows.checks import (
+    DISK_TARGET,
+    GLANCE_IMAGE_ID,
+    SHA256_HEX,
+    SHA512_HEX,
+    HostName,
+    InstanceName,
+    RequestedBy,
+)
 from workflows.identity import IdentityChange
 from workflows.names import *  # noqa: F403
 from workflows.snapshot_models import SNAPSHOT_ID
@@ -123,6 +131,7 @@ class StrictRebuildRequest(RebuildRequest):
 
     instance: InstanceName
     host: HostName
+    requested_by: RequestedBy = "unknown"
     stop_timeout_seconds: float = Field(default=60.0, ge=0, le=3600)
     boot_marker: str | None = Field(default=None, min_length=1, max_length=200)
     boot_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
@@ -222,6 +231,7 @@ class StrictAbortRequest(AbortRequest):
     model_config = ConfigDict(extra="forbid", frozen=True, title="AbortRequest")
 
     reason: str = Field(min_length=1, max_length=500)
+    requested_by: RequestedBy = "unknown"
 
 
 class Decision(Wire):
@@ -235,6 +245,7 @@ class StrictDecision(Decision):
     model_config = ConfigDict(extra="forbid", frozen=True, title="Decision")
 
     reason: str = Field(default="", max_length=500)
+    requested_by: RequestedBy = "unknown"
 
 
 class AbortAnswer(Wire):
@@ -268,6 +279,8 @@ class RebuildStatus(Wire):
     verified_by: str | None = None
     # How the new root disk was made, once staged: overlay, copy, volume, ... (the back end's word).
     disk_mode: str | None = None
+    # Who let a rebuild that asked for approval go on (the approve signal's requested_by).
+    approved_by: str | None = None
 
 
 class RebuildResult(Wire):

@@ -85,7 +85,9 @@ class RebuildInstance:
 
     @workflow.query(name=STATUS_QUERY)
     def status(self) -> RebuildStatus:
-        return self._state.status(self._saga.names(), workflow.info().start_time)
+        status = self._state.status(self._saga.names(), workflow.info().start_time)
+        # A query's answer is not in the history: adding to it needs no patch.
+        return status.model_copy(update={"approved_by": self._approved_by})
 
     @workflow.signal(name=ABORT_SIGNAL)
     def abort(self, request: AbortRequest) -> None:

@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError, CancelledError, TimeoutError
 from workflows.activity_models import StopMethod
 from workflows.image_steps import NewImage
 from workflows.models import Outcome, Phase, RebuildRequest, RebuildResult, RebuildStatus
+from workflows.ui_text import escape_markdown, shown_image
 
 # What the status says in words, where the phase alone could mislead an operator.
 SUMMARY = {
@@ -116,20 +117,22 @@ class RebuildState:
     def details(self) -> str:
         """The Web UI's current details: where the rebuild is, how long each step took, what failed."""
         request = self.request
+        # Markdown from requests and errors is escaped, a signed URL's credential left out (ui_text).
         lines = [
-            f"**{request.instance}** on `{request.host}`: phase **{self.phase.value}**",
-            f"image: {request.image_label}",
+            f"**{escape_markdown(request.instance)}** on {escape_markdown(request.host)}: "
+            f"phase **{self.phase.value}**",
+            f"image: {escape_markdown(shown_image(request.image_label))}",
         ]
         if self.step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in self.step_seconds.items())
             lines.append(f"steps: {timings}")
         if self.identity:
-            lines.append(f"identity: {self.identity}")
+            lines.append(f"identity: {escape_markdown(self.identity)}")
         stop = f"stopped by {self.stopped_by}" if self.stopped_by else "stop: ACPI, agent, then forced"
         verify = f"verified by {self.verified_by}" if self.verified_by else f"verify: {self._verify_label()}"
-        lines.append(f"{stop}; {verify}")
+        lines.append(escape_markdown(f"{stop}; {verify}"))
         if self.last_error:
-            lines.append(f"error: {self.last_error}")
+            lines.append(f"error: {escape_markdown(self.last_error)}")
         return "\n\n".join(lines)
 
     def _verify_label(self) -> str:

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from workflows.activity_models import CachedImage, ResolvedImage
-from workflows.checks import HostName, InstanceName
+from workflows.checks import HostName, InstanceName, RequestedBy
 from workflows.wire import Wire
 
 # A snapshot's ID: 32 lowercase hex digits (a UUID without dashes), the only name its record has.
@@ -53,7 +53,7 @@ class StrictSnapshotRequest(SnapshotRequest):
     host: HostName
     label: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")
     keep: int | None = Field(default=None, ge=1, le=1000)
-    requested_by: str = Field(default="unknown", max_length=200)
+    requested_by: RequestedBy = "unknown"
 
 
 class SnapshotRecord(Wire):
