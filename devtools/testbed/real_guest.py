@@ -24,10 +24,10 @@ BOOT_SECONDS = 600.0
 MULTI_USER = r"real image [A-Z] reached multi-user"
 
 
-def guest_group(name: str) -> pytest.MarkDecorator:
-    """Tests of one group run in one pytest-xdist worker, on the one guest booted there; two groups
-    can run at once, each on its own guest."""
-    return pytest.mark.xdist_group(f"real-guest-{name}")
+# Every real-guest test runs in one pytest-xdist worker, one after another, on the one guest booted
+# there. A TCG guest keeps a core busy: four at once on a 2-core machine starved each other (a boot
+# to multi-user took 360 s instead of 15-40 s, a rollback test timed out, the suite took 25-36 min).
+ONE_GUEST_AT_A_TIME = pytest.mark.xdist_group("real-guest")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess
 from devtools.testbed.real_guest import (
     BOOT_SECONDS,
     MULTI_USER,
-    guest_group,
+    ONE_GUEST_AT_A_TIME,
     image_in_guest,
     rebuild,
     rebuild_verified_by_agent,
@@ -27,7 +27,7 @@ from devtools.testbed.real_guest import (
 )
 from workflows.models import VerifyInstanceInput
 
-pytestmark = [pytest.mark.timeout(1800), guest_group("rollback-and-preflight")]
+pytestmark = [pytest.mark.timeout(1800), ONE_GUEST_AT_A_TIME]
 MARKER_B = RealGuestImages.marker("B")
 
 

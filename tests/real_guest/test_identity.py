@@ -27,8 +27,8 @@ from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import CliResult, Guest, WorkerProcess
 from devtools.testbed.real_guest import (
     BOOT_SECONDS,
+    ONE_GUEST_AT_A_TIME,
     guest_exec,
-    guest_group,
     image_in_guest,
     read_in_guest,
     rebuild,
@@ -36,7 +36,7 @@ from devtools.testbed.real_guest import (
 )
 from workflows.identity import GuestIdentity
 
-pytestmark = [pytest.mark.timeout(2400), guest_group("identity")]
+pytestmark = [pytest.mark.timeout(2400), ONE_GUEST_AT_A_TIME]
 # Debian's cloud-init puts the keys with its default user, "debian".
 AUTHORIZED_KEYS = "/home/debian/.ssh/authorized_keys"
 SCRIPT_OUTPUT = "/var/lib/rebuild-user-data"

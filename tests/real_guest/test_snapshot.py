@@ -14,9 +14,9 @@ import pytest
 
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import Guest, WorkerProcess, rebuild_cli, wait_for_file
-from devtools.testbed.real_guest import BOOT_SECONDS, agent, guest_exec, guest_group, read_in_guest
+from devtools.testbed.real_guest import BOOT_SECONDS, ONE_GUEST_AT_A_TIME, agent, guest_exec, read_in_guest
 
-pytestmark = [pytest.mark.timeout(2400), guest_group("snapshot")]
+pytestmark = [pytest.mark.timeout(2400), ONE_GUEST_AT_A_TIME]
 KEPT = "/root/kept-by-the-snapshot"
 
 
