@@ -308,7 +308,7 @@ def run(
 ) -> None:
     """Run the rebuild worker for this hypervisor host."""
     configure_logging(log_format)
-    if not HOST_NAME.match(host):
+    if not HOST_NAME.fullmatch(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(ExitCode.BAD_INPUT)
     if disk_mode not in DISK_MODES:

@@ -59,7 +59,7 @@ class HypervisorActivities:
     @activity.defn
     async def inspect_instance(self, request: InspectInstanceInput) -> InstanceInfo:
         """What the rebuild needs to know, and every refusal that can be made while the instance runs."""
-        if request.root_disk is not None and not DISK_TARGET.match(request.root_disk):
+        if request.root_disk is not None and not DISK_TARGET.fullmatch(request.root_disk):
             raise InvalidRequest(f"not a disk target device: {request.root_disk[:40]!r}")
         domain = self.libvirt.domain(request.instance)
 

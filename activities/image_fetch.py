@@ -321,7 +321,7 @@ def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tu
     if status == 416 and offset:
         # Our partial file already holds every byte (the hash decides whether they are right), unless
         # the server says the image has another size.
-        match = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
+        match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", ""))
         return offset, int(match.group(1)) if match else offset
     if status in (404, 410):
         raise ImageNotFound(f"image server answered {status} for {url}")
@@ -331,7 +331,7 @@ def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tu
         length = response.content_length
         return 0, length
     if status == 206:
-        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
         if not match or int(match.group(1)) != offset:
             raise ImageDownloadError(
                 f"image server sent range {response.headers.get('Content-Range')!r}, "
