@@ -104,6 +104,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         checkpoints,
         preflight_by_default=config.preflight_by_default,
         boot_check=BootCheck(conn, disks.root_disks),
+        state=state,
     )
     images = ImageActivities(
         state,

@@ -243,7 +243,8 @@ class _FileConsole:
 
 
 class _StreamConsole:
-    """A pty console through libvirt's console stream, opened again if another client takes it."""
+    """A pty console through libvirt's console stream, never forced: when another client holds it (or
+    takes it with force while the check reads), the check fails with ``ConsoleBusy``."""
 
     def __init__(self, domain: ld.Domain) -> None:
         self.domain = domain
@@ -252,7 +253,8 @@ class _StreamConsole:
     def read(self) -> bytes:
         data = self.stream.read()
         if data is None and self.domain.is_active():
-            # The console closed under a running domain (another client forced it): reopen.
+            # The console closed under a running domain (another client forced it): reopening tells
+            # whether it is still theirs (ConsoleBusy) or free again.
             self.stream.close()
             self.stream = self.domain.console()
             return b""

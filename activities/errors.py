@@ -54,6 +54,12 @@ class BootCheckFailed(RebuildError):
     retryable = False
 
 
+class ConsoleBusy(RebuildError):
+    """Another client holds the domain's console: the boot check never forces it away."""
+
+    retryable = False
+
+
 class ImageNotFound(RebuildError):
     retryable = False
 

@@ -313,6 +313,9 @@ class RestoreRootDiskInput(OnRootDisk):
 
 class StartInstanceInput(Wire):
     instance: str
+    # A rebuild's own start is recorded on the host (the domain, this boot, where its console stood):
+    # verify checks only a boot its rebuild started. None: a rollback's restart, recorded nowhere.
+    rebuild_id: str | None = None
 
 
 class StartResult(Wire):
@@ -324,10 +327,13 @@ class VerifyInstanceInput(Wire):
     instance: str
     boot_marker: str | None = None
     boot_timeout_seconds: float = 120.0
+    # Where this boot's console output begins. verify_instance takes it from its start record instead:
+    # only the sandbox's check (pre-flight) uses it as given.
     console_offset: int = 0
     verify: str | None = None
     # With these: the running domain's root disk must be the new one, as QEMU opened it (its back end
-    # says how it knows; rebuild_id finds what stage wrote).
+    # says how it knows; rebuild_id finds what stage wrote). verify_instance needs rebuild_id: it checks
+    # only the boot that this rebuild's start_instance recorded.
     root_disk_target: str | None = None
     image_sha256: str | None = None
     rebuild_id: str | None = None
