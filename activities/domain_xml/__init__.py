@@ -40,7 +40,7 @@ from activities.domain_xml.disks import (
     with_disk,
     with_format,
 )
-from activities.domain_xml.sandbox import description_of, sandbox_definition
+from activities.domain_xml.sandbox import description_of, sandbox_definition, sandbox_owner
 from activities.domain_xml.volumes import pointed_at, volume_backing, volume_definition, volume_format
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "root_disk_element",
     "same",
     "sandbox_definition",
+    "sandbox_owner",
     "seed_disk",
     "seed_file",
     "serial_log",

@@ -9,6 +9,12 @@ from pathlib import Path
 from activities.domain_xml.devices import GUEST_AGENT_CHANNEL, has_agent_channel
 from activities.errors import UnsupportedInstance
 
+# A sandbox's owner mark (libvirt's per-application <metadata>): pre-flight destroys only transient
+# domains that carry its own worker's mark, never a domain that merely has a sandbox's name.
+SANDBOX_NAMESPACE = "https://github.com/durable-rebuild/rebuild/sandbox/1"
+SANDBOX_PREFIX = "sandbox"
+ET.register_namespace(SANDBOX_PREFIX, SANDBOX_NAMESPACE)
+
 # Devices a sandbox never gets: anything that reaches outside it or belongs to the instance alone.
 _DROPPED_DEVICES = (
     "interface",
@@ -48,6 +54,7 @@ def sandbox_definition(
     *,
     max_memory_mib: int,
     description: str,
+    owner: str,
 ) -> str:
     """A transient domain shaped like the instance (machine, firmware, CPU, memory up to a limit) with
     nothing that could let it pass for the instance or reach its networks: no NICs, no other disks.
@@ -66,6 +73,8 @@ def sandbox_definition(
     name_element.text = name
     ET.SubElement(xml, "uuid").text = str(uuid.uuid4())
     ET.SubElement(xml, "description").text = description
+    metadata = ET.SubElement(xml, "metadata")
+    ET.SubElement(metadata, f"{{{SANDBOX_NAMESPACE}}}owner").text = owner
     for tag in ("memory", "currentMemory"):
         amount = xml.find(tag)
         if amount is not None:
@@ -113,6 +122,12 @@ def sandbox_definition(
 
 def description_of(xml: ET.Element) -> str:
     return xml.findtext("description") or ""
+
+
+def sandbox_owner(xml: ET.Element) -> str | None:
+    """The owner mark a sandbox was created with, None for any other domain."""
+    mark = xml.find(f"./metadata/{{{SANDBOX_NAMESPACE}}}owner")
+    return None if mark is None else mark.text or ""
 
 
 def _point_at(disk: ET.Element, new_disk: ET.Element, overlay: Path) -> None:
