@@ -84,6 +84,12 @@ class HostOutOfSpace(RebuildError):
     retryable = False
 
 
+class CacheQuotaExceeded(RebuildError):
+    """The image would take the host's image cache past the worker's quota (``--cache-quota-gib``)."""
+
+    retryable = False
+
+
 class DiskMissing(RebuildError):
     """Neither the root disk nor its backup exists: nothing we can do safely."""
 
