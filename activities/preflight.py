@@ -38,6 +38,7 @@ from activities.errors import (
     PreflightFailed,
     UnsupportedInstance,
 )
+from activities.identity_store import IdentityStore
 from activities.root_disks import RootDiskAt
 from activities.seed_image import build_seed
 from activities.state import StateDir
@@ -121,7 +122,7 @@ class PreflightActivities:
                 await qemu_img.create_overlay(str(overlay), str(image), request.image_format, size)
                 console.write_bytes(b"")
                 seed_path = None
-                identity = dx.current_identity(xml)
+                identity = IdentityStore(self.state).load(xml)
                 if request.change is not None:
                     identity = request.change.applied_to(identity or GuestIdentity())
                 if identity is not None:
