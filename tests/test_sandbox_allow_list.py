@@ -123,3 +123,22 @@ def test_what_a_sandbox_cannot_have_is_refused_with_the_reason(
 ) -> None:
     with pytest.raises(UnsupportedInstance, match=why):
         _sandbox(HOSTILE.replace(*change), tmp_path)
+
+
+def test_uefi_firmware_is_the_instances_kind_with_a_fresh_nvram(libvirt_conn: Any, tmp_path: Path) -> None:
+    explicit = HOSTILE.replace(
+        "<smbios mode='sysinfo'/>",
+        "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+        "<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/srv/instances/vm-hostile/VARS.fd</nvram>",
+    )
+    argv = str(libvirt_conn.domainXMLToNative("qemu-argv", _sandbox(explicit, tmp_path), 0))
+    assert "/usr/share/OVMF/OVMF_CODE_4M.fd" in argv and "/srv/instances" not in argv
+    # Autoselected firmware keeps being autoselected: libvirt refuses a loader path beside it.
+    autoselected = HOSTILE.replace("<os>", "<os firmware='efi'>").replace(
+        "<smbios mode='sysinfo'/>",
+        "<loader readonly='yes' type='pflash' secure='yes'>/usr/share/OVMF/OVMF_CODE_4M.ms.fd</loader>",
+    )
+    os_element = ET.fromstring(_sandbox(autoselected, tmp_path)).find("os")
+    assert os_element is not None and os_element.get("firmware") == "efi"
+    assert os_element.find("loader") is None
+    assert os_element.find("./firmware/feature[@name='secure-boot']") is not None

@@ -91,7 +91,15 @@ def sandbox_definition(
     }
     ET.SubElement(new_os, "type", type_attributes).text = "hvm"
     loader = os_element.find("loader") if os_element is not None else None
-    if loader is not None:
+    if new_os.get("firmware") is not None:
+        # Autoselected firmware: libvirt picks the loader (and a fresh NVRAM) by the wanted features.
+        wanted = os_element.find("firmware") if os_element is not None else None
+        if wanted is not None:
+            new_os.append(_copy(wanted))
+        elif loader is not None and loader.get("secure") == "yes":
+            firmware = ET.SubElement(new_os, "firmware")
+            ET.SubElement(firmware, "feature", {"enabled": "yes", "name": "secure-boot"})
+    elif loader is not None:
         if loader.get("readonly") != "yes" and loader.get("type", "rom") == "pflash":
             raise UnsupportedInstance(
                 "pre-flight cannot share the instance's writable firmware image (<loader> without "
@@ -101,6 +109,10 @@ def sandbox_definition(
             new_os, "loader", {k: v for k, v in loader.attrib.items() if k in _LOADER_ATTRIBUTES}
         )
         copied.text = loader.text
+        nvram = os_element.find("nvram") if os_element is not None else None
+        if nvram is not None and nvram.get("template"):
+            # A fresh NVRAM from the firmware's template, never the instance's own variables.
+            ET.SubElement(new_os, "nvram", {"template": str(nvram.get("template"))})
     features = instance.find("features")
     if features is not None:
         kept = ET.SubElement(xml, "features")
