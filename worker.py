@@ -32,6 +32,7 @@ from activities.disks import DiskActivities
 from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoint
 from activities.glance_publish import SnapshotPublisher
 from activities.hypervisor import HypervisorActivities
+from activities.image_fetch import DEFAULT_CACHE_QUOTA_BYTES, DEFAULT_MAX_IMAGE_BYTES
 from activities.images import ImageActivities
 from activities.inventory import InventoryActivities
 from activities.libvirt_domain import Libvirt
@@ -54,6 +55,7 @@ from workflows.snapshot import SNAPSHOT_WORKFLOWS
 app = typer.Typer(add_completion=False)
 THIS_HOST = socket.gethostname()
 DEPLOYMENT_NAME = "durable-rebuild"
+GIB = 1 << 30
 log = logging.getLogger("rebuild.worker")
 
 
@@ -79,6 +81,10 @@ class WorkerConfig:
     preflight_max_memory_mib: int = 2048
     # How a file root disk's new disk is made unless the request says: overlay or copy.
     disk_mode: str = "overlay"
+    # Whatever a request says: no image larger than this, no more than this in the image cache (None:
+    # no quota but the file system's free space). Checked before a download.
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    cache_quota_bytes: int | None = DEFAULT_CACHE_QUOTA_BYTES
 
     def deployment(self) -> WorkerDeploymentConfig | None:
         """Pinned: a rebuild stays on the code that started it, however long it waits for approval."""
@@ -104,6 +110,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         checkpoints,
         preflight_by_default=config.preflight_by_default,
         boot_check=BootCheck(conn, disks.root_disks),
+        state=state,
     )
     images = ImageActivities(
         state,
@@ -112,6 +119,8 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         file_image_dir=config.file_image_dir,
         glance=config.glance,
         address_policy=policy,
+        max_image_bytes=config.max_image_bytes,
+        cache_quota_bytes=config.cache_quota_bytes,
     )
     glance = GlanceActivities(config.glance, policy)
     seed = SeedActivities(conn, state)
@@ -287,6 +296,25 @@ def run(
             "else a full copy, made before the stop).",
         ),
     ] = "overlay",
+    max_image_gib: Annotated[
+        float,
+        typer.Option(
+            envvar="REBUILD_MAX_IMAGE_GIB",
+            min=0.001,
+            help="No image larger than this is downloaded, whatever a request's limit says; checked "
+            "before the download (and as bytes come when a server does not say the size).",
+        ),
+    ] = DEFAULT_MAX_IMAGE_BYTES / GIB,
+    cache_quota_gib: Annotated[
+        float,
+        typer.Option(
+            envvar="REBUILD_CACHE_QUOTA_GIB",
+            min=0,
+            help="The image cache (images and partial downloads) holds at most this much; an image "
+            "that would pass it is refused before its download (rebuild cache prune frees room). "
+            "0: no quota but the file system's free space.",
+        ),
+    ] = DEFAULT_CACHE_QUOTA_BYTES / GIB,
     log_format: Annotated[
         LogFormat, typer.Option(envvar="REBUILD_LOG_FORMAT", help="text for a terminal, json for a pipeline.")
     ] = LogFormat.TEXT,
@@ -308,7 +336,7 @@ def run(
 ) -> None:
     """Run the rebuild worker for this hypervisor host."""
     configure_logging(log_format)
-    if not HOST_NAME.match(host):
+    if not HOST_NAME.fullmatch(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(ExitCode.BAD_INPUT)
     if disk_mode not in DISK_MODES:
@@ -341,6 +369,8 @@ def run(
         preflight_slots,
         preflight_max_memory,
         disk_mode,
+        max_image_bytes=int(max_image_gib * GIB),
+        cache_quota_bytes=int(cache_quota_gib * GIB) or None,
     )
     try:
         asyncio.run(serve(config))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 import xml.etree.ElementTree as ET
 from typing import Protocol
@@ -20,7 +19,14 @@ from activities import libvirt_domain as ld
 from activities.errors import BootCheckFailed, UnsupportedInstance
 from activities.root_disks import RootDiskAt, RootDisks
 from activities.root_disks.file_overlay import overlay_on_image
-from workflows.models import DEFAULT_RUNNING_SECONDS, VerifyInstanceInput, VerifyResult, VerifySpec
+from workflows.models import (
+    DEFAULT_RUNNING_SECONDS,
+    ConsoleRegex,
+    VerifyInstanceInput,
+    VerifyResult,
+    VerifySpec,
+    console_regex,
+)
 
 POLL_SECONDS = 0.1
 # How much of a console the boot check reads in one go, and how much of the latest output a pattern
@@ -133,7 +139,7 @@ class BootCheck:
             source = await asyncio.to_thread(_StreamConsole, domain)
         try:
             return await self._wait_for_output(
-                domain, source, re.compile(pattern.encode()), f"a match of {pattern!r}", request
+                domain, source, console_regex(pattern), f"a match of {pattern!r}", request
             )
         finally:
             await asyncio.to_thread(source.close)
@@ -147,7 +153,7 @@ class BootCheck:
             raise UnsupportedInstance(
                 f"instance {domain.name!r} has no file serial console to read a boot marker from"
             )
-        regex = re.compile(re.escape(request.boot_marker.encode()))
+        regex = _Literal(request.boot_marker.encode())
         source = _FileConsole(log.path, request.console_offset)
         await self._wait_for_output(domain, source, regex, repr(request.boot_marker), request)
 
@@ -155,30 +161,54 @@ class BootCheck:
         self,
         domain: ld.Domain,
         source: _Console,
-        regex: re.Pattern[bytes],
+        regex: ConsoleRegex,
         what: str,
         request: VerifyInstanceInput,
     ) -> str:
         """Read what the console prints as it comes, until ``regex`` matches in the last
-        ``MATCH_WINDOW`` bytes, the domain stops, or the boot timeout passes."""
+        ``MATCH_WINDOW`` bytes, the domain stops, or the boot timeout passes.
+
+        The pattern is RE2's (linear in the window, whatever the pattern), searched in a thread, and
+        the deadline and the heartbeat are checked after every read, so a guest that prints without
+        end cannot keep the check past its timeout, nor stop the worker from cancelling it."""
         deadline = time.monotonic() + request.boot_timeout_seconds
         seen = b""
         while True:
             data = await asyncio.to_thread(source.read)
             if data:
                 seen = (seen + data)[-MATCH_WINDOW:]
-                found = regex.search(seen)
+                found = await asyncio.to_thread(regex.search, seen)
                 if found:
-                    return found.group(0).decode(errors="replace")
-                continue
-            await self._ensure_running(domain, f"printing {what}")
+                    return bytes(found.group(0)).decode(errors="replace")
+            else:
+                await self._ensure_running(domain, f"printing {what}")
             if time.monotonic() >= deadline:
                 raise BootCheckFailed(
                     f"instance {domain.name!r} did not print {what} on its serial console within "
                     f"{request.boot_timeout_seconds:g} s"
                 )
             activity.heartbeat(f"waiting for {what} on the console")
-            await asyncio.sleep(POLL_SECONDS)
+            if not data:
+                await asyncio.sleep(POLL_SECONDS)
+
+
+class _Literal:
+    """A boot marker: found as it is written, no pattern."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+
+    def search(self, text: bytes) -> _Found | None:
+        return _Found(self.marker) if self.marker in text else None
+
+
+class _Found:
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+
+    def group(self, index: int) -> bytes:
+        assert index == 0
+        return self.text
 
 
 class _Console(Protocol):
@@ -213,7 +243,8 @@ class _FileConsole:
 
 
 class _StreamConsole:
-    """A pty console through libvirt's console stream, opened again if another client takes it."""
+    """A pty console through libvirt's console stream, never forced: when another client holds it (or
+    takes it with force while the check reads), the check fails with ``ConsoleBusy``."""
 
     def __init__(self, domain: ld.Domain) -> None:
         self.domain = domain
@@ -222,7 +253,8 @@ class _StreamConsole:
     def read(self) -> bytes:
         data = self.stream.read()
         if data is None and self.domain.is_active():
-            # The console closed under a running domain (another client forced it): reopen.
+            # The console closed under a running domain (another client forced it): reopening tells
+            # whether it is still theirs (ConsoleBusy) or free again.
             self.stream.close()
             self.stream = self.domain.console()
             return b""

@@ -54,6 +54,12 @@ class BootCheckFailed(RebuildError):
     retryable = False
 
 
+class ConsoleBusy(RebuildError):
+    """Another client holds the domain's console: the boot check never forces it away."""
+
+    retryable = False
+
+
 class ImageNotFound(RebuildError):
     retryable = False
 
@@ -75,6 +81,12 @@ class ImageTooLarge(RebuildError):
 
 
 class HostOutOfSpace(RebuildError):
+    retryable = False
+
+
+class CacheQuotaExceeded(RebuildError):
+    """The image would take the host's image cache past the worker's quota (``--cache-quota-gib``)."""
+
     retryable = False
 
 

@@ -6,8 +6,11 @@ Every blocking libvirt call runs in a thread; waits heartbeat so a dead worker i
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from temporalio import activity
 
@@ -16,9 +19,10 @@ from activities import libvirt_domain as ld
 from activities import rebuildable
 from activities.boot_check import BootCheck, console_size
 from activities.checkpoints import Checkpoints
-from activities.errors import InvalidRequest
+from activities.errors import BootCheckFailed, InvalidRequest
 from activities.heartbeat import keep_alive
 from activities.root_disks import RootDiskAt
+from activities.state import StateDir, write_atomically
 from workflows.models import (
     DISK_TARGET,
     InspectInstanceInput,
@@ -41,6 +45,8 @@ AGENT_AFTER_SECONDS = 10.0
 # Inspect asks libvirt whether it would accept the new disk's definition before the image is known:
 # any cached image's path stands for it (the path is never opened).
 PLANNED_BASE = "/var/lib/durable-rebuild/images/" + "0" * 64
+# Start records outlive every rebuild (the longest approval plus confirm window is 37 days).
+START_RECORD_DAYS = 40
 
 
 class HypervisorActivities:
@@ -50,16 +56,19 @@ class HypervisorActivities:
         checkpoints: Checkpoints | None = None,
         preflight_by_default: bool = False,
         boot_check: BootCheck | None = None,
+        state: StateDir | None = None,
     ) -> None:
         self.libvirt = libvirt_conn
         self.checkpoints = checkpoints or Checkpoints()
         self.preflight_by_default = preflight_by_default
         self.boot_check = boot_check or BootCheck(libvirt_conn)
+        # Where start records are kept; without it, start records nothing and verify refuses all.
+        self.state = state
 
     @activity.defn
     async def inspect_instance(self, request: InspectInstanceInput) -> InstanceInfo:
         """What the rebuild needs to know, and every refusal that can be made while the instance runs."""
-        if request.root_disk is not None and not DISK_TARGET.match(request.root_disk):
+        if request.root_disk is not None and not DISK_TARGET.fullmatch(request.root_disk):
             raise InvalidRequest(f"not a disk target device: {request.root_disk[:40]!r}")
         domain = self.libvirt.domain(request.instance)
 
@@ -137,18 +146,98 @@ class HypervisorActivities:
 
     @activity.defn
     async def start_instance(self, request: StartInstanceInput) -> StartResult:
-        """An instance already running is a success: a retry after a crash must not fail."""
+        """An instance already running is a success: a retry after a crash must not fail.
+
+        With a rebuild ID, the start is recorded (which domain, which boot, where its console stood
+        before it): verify checks that boot only. An instance that was running already gets no
+        record, unless this rebuild's earlier attempt started it.
+        """
         async with keep_alive():
+            record = None if request.rebuild_id is None else self._start_record_path(request.rebuild_id)
+            domain = self.libvirt.domain(request.instance)
+            if record is not None:
+                await asyncio.to_thread(self._record_before_start, record, domain)
             await self.checkpoints.reach("start.before-create")
-            already_running = await asyncio.to_thread(self.libvirt.domain(request.instance).start)
+            already_running = await asyncio.to_thread(domain.start)
             started_at = datetime.now(UTC)
+            if record is not None:
+                await asyncio.to_thread(self._record_after_start, record, domain)
             await self.checkpoints.reach("start.after-create")
             return StartResult(started_at=started_at, already_running=already_running)
 
+    def _start_record_path(self, rebuild_id: str) -> Path:
+        if self.state is None:
+            raise InvalidRequest("this worker has no state directory to record starts in")
+        return self.state.start_record(rebuild_id)
+
+    def _record_before_start(self, path: Path, domain: ld.Domain) -> None:
+        """Before a start: this rebuild is about to boot this domain, its console now ends here."""
+        if domain.is_active():
+            return  # not started by this call: recorded (or not) by the attempt that started it
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        self._prune_start_records(path.parent)
+        log = dx.serial_log(domain.definition())
+        record = {
+            "instance": domain.name,
+            "uuid": domain.uuid(),
+            "console_offset": console_size(log),
+            "run_id": None,
+        }
+        write_atomically(path, json.dumps(record), mode=0o600)
+
+    def _record_after_start(self, path: Path, domain: ld.Domain) -> None:
+        """After it: which run of the domain is this rebuild's (libvirt's ID changes at every start)."""
+        record = _read_record(path)
+        if record is None or record.get("instance") != domain.name or record.get("run_id") is not None:
+            return
+        if record.get("uuid") != domain.uuid():
+            return
+        write_atomically(path, json.dumps(record | {"run_id": domain.run_id()}), mode=0o600)
+
+    @staticmethod
+    def _prune_start_records(directory: Path) -> None:
+        oldest = time.time() - START_RECORD_DAYS * 86400
+        for old in directory.glob("*.json"):
+            try:
+                if old.stat().st_mtime < oldest:
+                    old.unlink()
+            except FileNotFoundError:
+                continue
+
     @activity.defn
     async def verify_instance(self, request: VerifyInstanceInput) -> VerifyResult | None:
-        """The new image booted, as the request's verify mode proves it (see ``BootCheck``)."""
-        return await self.boot_check.verify(request)
+        """The new image booted, as the request's verify mode proves it (see ``BootCheck``).
+
+        Only on the boot this rebuild started (its start record), and only on that boot's console
+        output: verify is no oracle over another instance's serial log.
+        """
+        if request.rebuild_id is None:
+            raise InvalidRequest("verify checks only a boot its rebuild started: a rebuild_id is required")
+        path = self._start_record_path(request.rebuild_id)
+        record = await asyncio.to_thread(_read_record, path)
+        if record is None or record.get("instance") != request.instance:
+            raise InvalidRequest(
+                f"rebuild {request.rebuild_id!r} did not start instance {request.instance!r} on this host: "
+                "verify checks only a boot its own rebuild started"
+            )
+        domain = self.libvirt.domain(request.instance)
+        uuid, run_id = await asyncio.to_thread(lambda: (domain.uuid(), domain.run_id()))
+        if uuid != record.get("uuid"):
+            raise InvalidRequest(
+                f"instance {request.instance!r} is another domain than the one rebuild "
+                f"{request.rebuild_id!r} started (UUID {uuid}, not {record.get('uuid')})"
+            )
+        if run_id is None:
+            raise BootCheckFailed(f"instance {request.instance!r} is not running after start")
+        if run_id != record.get("run_id"):
+            raise BootCheckFailed(
+                f"instance {request.instance!r} was started again since rebuild {request.rebuild_id!r} "
+                "started it: this boot is not the rebuild's to verify"
+            )
+        offset = record.get("console_offset")
+        checked = request.model_copy(update={"console_offset": offset if isinstance(offset, int) else 0})
+        return await self.boot_check.verify(checked)
 
     @activity.defn
     async def record_image(self, request: RecordImageInput) -> None:
@@ -159,3 +248,11 @@ class HypervisorActivities:
             "rebuilt-at": request.rebuilt_at.isoformat(),
         }
         await asyncio.to_thread(self.libvirt.domain(request.instance).record_image, attributes)
+
+
+def _read_record(path: Path) -> dict[str, object] | None:
+    try:
+        found = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None

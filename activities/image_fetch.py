@@ -27,6 +27,7 @@ from temporalio import activity
 from activities.checkpoints import Checkpoints
 from activities.digests import Digests
 from activities.errors import (
+    CacheQuotaExceeded,
     ChecksumMismatch,
     HostOutOfSpace,
     ImageDownloadError,
@@ -53,6 +54,10 @@ MAX_URL_LENGTH = 4096
 # Redirects an image server may send (each hop is checked against the address policy).
 MAX_REDIRECTS = 5
 _UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
+# The worker's own limits, whatever a request says (rebuild-worker --max-image-gib, --cache-quota-gib):
+# a request's max_bytes is only ever lowered by them.
+DEFAULT_MAX_IMAGE_BYTES = 256 << 30
+DEFAULT_CACHE_QUOTA_BYTES = 1 << 40
 
 
 class ImageFetch:
@@ -64,8 +69,14 @@ class ImageFetch:
         file_image_dir: Path | None = None,
         glance: GlanceEndpoint | None = None,
         address_policy: AddressPolicy | None = None,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        cache_quota_bytes: int | None = DEFAULT_CACHE_QUOTA_BYTES,
     ) -> None:
         self.state = state
+        # Anyone who reaches Temporal names max_bytes: the worker's cap bounds it, and the cache's
+        # quota bounds all images together (None: only the file system's free space does).
+        self.max_image_bytes = max_image_bytes
+        self.cache_quota_bytes = cache_quota_bytes
         self.checkpoints = checkpoints or Checkpoints()
         # No total timeout: a large image over a slow link is fine as long as bytes keep coming.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=read_timeout_seconds)
@@ -89,9 +100,13 @@ class ImageFetch:
 
     async def fetch(self, request: FetchImageInput) -> CachedImage:
         _validate_fetch(request)
+        if request.max_bytes > self.max_image_bytes:
+            request = request.model_copy(update={"max_bytes": self.max_image_bytes})
         self.state.create()
         if known := self._known(request):
             return _cache_hit(known)
+        # Before any byte moves: a full cache takes nothing more.
+        self._require_quota(1, request.url)
         key = request.sha256 or request.sha512 or hashlib.sha256(request.url.encode()).hexdigest()
         key = require_digest(key)
         waiting_since = time.time()
@@ -107,6 +122,25 @@ class ImageFetch:
                 write_atomically(self.state.sha512_index(request.sha512), cached.sha256)
             write_atomically(self.state.partial_path(key, ".done"), cached.sha256)
             return cached
+
+    def _quota_room(self) -> int | None:
+        """How many more bytes the cache's quota takes now; None without a quota."""
+        if self.cache_quota_bytes is None:
+            return None
+        return max(0, self.cache_quota_bytes - cache_usage(self.state))
+
+    def _require_quota(self, needed: int, url: str) -> None:
+        room = self._quota_room()
+        if room is not None and needed > room:
+            raise self._over_quota(url, needed)
+
+    def _over_quota(self, url: str, needed: int) -> CacheQuotaExceeded:
+        assert self.cache_quota_bytes is not None
+        return CacheQuotaExceeded(
+            f"the image at {url} needs {needed} more bytes in this host's image cache, which holds "
+            f"{cache_usage(self.state)} of its quota of {self.cache_quota_bytes} bytes "
+            "(rebuild-worker --cache-quota-gib); free some with `rebuild cache prune`"
+        )
 
     async def _download(self, request: FetchImageInput, partial: Path) -> CachedImage:
         offset = partial.stat().st_size if partial.exists() else 0
@@ -156,11 +190,14 @@ class ImageFetch:
                     partial.unlink(missing_ok=True)
                     raise ImageTooLarge(
                         f"image at {request.url} is {total} bytes, over the limit of {request.max_bytes}"
+                        f"{_limit_words(self.max_image_bytes, request.max_bytes)}"
                     )
                 if total is not None:
+                    self._require_quota(total - offset, request.url)
                     _require_space(partial.parent, total - offset)
                 if response.status != 416:
-                    received = await self._stream(response, partial, digests, offset, total, request)
+                    room = self._quota_room()
+                    received = await self._stream(response, partial, digests, offset, total, request, room)
         except aiohttp.TooManyRedirects:
             raise ImageNotFound(f"{request.url} redirects more than {MAX_REDIRECTS} times") from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as err:
@@ -207,7 +244,11 @@ class ImageFetch:
             raise ImageNotFound(f"no image file at {source}")
         size = source.stat().st_size
         if size > request.max_bytes:
-            raise ImageTooLarge(f"image {source} is {size} bytes, over the limit of {request.max_bytes}")
+            raise ImageTooLarge(
+                f"image {source} is {size} bytes, over the limit of {request.max_bytes}"
+                f"{_limit_words(self.max_image_bytes, request.max_bytes)}"
+            )
+        self._require_quota(size, request.url)
         _require_space(partial.parent, size)
         digests = Digests(want_sha512=request.sha512 is not None)
         async with keep_alive(FetchProgress(offset=0, total=size)):
@@ -222,7 +263,9 @@ class ImageFetch:
         offset: int,
         total: int | None,
         request: FetchImageInput,
+        room: int | None,
     ) -> int:
+        """The body into the partial file; ``room``: how many bytes the cache's quota still takes."""
         received = 0
         last_beat = 0.0
         halfway_seen = False
@@ -237,8 +280,14 @@ class ImageFetch:
                         await sink.close()
                         partial.unlink(missing_ok=True)
                         raise ImageTooLarge(
-                            f"image at {request.url} is larger than the limit of {request.max_bytes} bytes"
+                            f"image at {request.url} is larger than the limit of {request.max_bytes}"
+                            f"{_limit_words(self.max_image_bytes, request.max_bytes)}"
                         )
+                    if room is not None and received > room:
+                        # A server that did not say the size: the quota is checked as bytes come.
+                        await sink.close()
+                        partial.unlink(missing_ok=True)
+                        raise self._over_quota(request.url, received)
                     now = time.monotonic()
                     if now - last_beat >= HEARTBEAT_EVERY_SECONDS:
                         activity.heartbeat(FetchProgress(offset=position, total=total))
@@ -264,6 +313,22 @@ class ImageFetch:
                     os.fsync(out.fileno())
         activity.heartbeat(FetchProgress(offset=offset + received, total=total))
         return received
+
+
+def _limit_words(cap: int, limit: int) -> str:
+    return " bytes (this worker's --max-image-gib)" if limit == cap else " bytes (the request's max_bytes)"
+
+
+def cache_usage(state: StateDir) -> int:
+    """Bytes the image cache holds: cached images and partial downloads (their apparent sizes)."""
+    used = 0
+    for directory, suffix in ((state.images, ""), (state.partial, ".part")):
+        with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False):
+                        used += entry.stat(follow_symlinks=False).st_size
+    return used
 
 
 def _validate_fetch(request: FetchImageInput) -> None:
@@ -321,7 +386,7 @@ def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tu
     if status == 416 and offset:
         # Our partial file already holds every byte (the hash decides whether they are right), unless
         # the server says the image has another size.
-        match = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
+        match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", ""))
         return offset, int(match.group(1)) if match else offset
     if status in (404, 410):
         raise ImageNotFound(f"image server answered {status} for {url}")
@@ -331,7 +396,7 @@ def _resume_point(response: aiohttp.ClientResponse, offset: int, url: str) -> tu
         length = response.content_length
         return 0, length
     if status == 206:
-        match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
         if not match or int(match.group(1)) != offset:
             raise ImageDownloadError(
                 f"image server sent range {response.headers.get('Content-Range')!r}, "

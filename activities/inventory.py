@@ -29,7 +29,7 @@ class InventoryActivities:
     def _list(self, pattern: str | None) -> list[InventoryEntry]:
         entries = []
         for name in self.libvirt.domain_names():
-            if not INSTANCE_NAME.match(name) or (pattern and not fnmatch.fnmatchcase(name, pattern)):
+            if not INSTANCE_NAME.fullmatch(name) or (pattern and not fnmatch.fnmatchcase(name, pattern)):
                 continue
             entry = _entry(self.libvirt.domain(name))
             if entry is not None:

@@ -9,6 +9,8 @@ from typing import Any
 
 import libvirt
 
+from activities.errors import ConsoleBusy
+
 _events_lock = threading.Lock()
 _events_running = False
 
@@ -35,7 +37,9 @@ def ensure_event_loop() -> None:
 class ConsoleStream:
     """The domain's first serial console, read through libvirt's stream (works for ``pty`` consoles).
 
-    Opened with FORCE: a console left open by an earlier attempt of the same check must not block it.
+    Opened without FORCE: forcing would kick an operator off the console. When another client holds
+    it, ``ConsoleBusy`` says so (the check's own streams are closed when the check ends, and libvirt
+    drops those of a dead worker's connection).
     """
 
     def __init__(self, domain: Any, translate: Callable[[libvirt.libvirtError, str], Exception]) -> None:
@@ -43,10 +47,16 @@ class ConsoleStream:
         self._translate = translate
         self._stream = domain.connect().newStream(libvirt.VIR_STREAM_NONBLOCK)
         try:
-            domain.openConsole(None, self._stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
-        except libvirt.libvirtError:
+            domain.openConsole(None, self._stream, 0)
+        except libvirt.libvirtError as err:
             with contextlib.suppress(libvirt.libvirtError):
                 self._stream.abort()
+            if "active console session" in (err.get_error_message() or "").lower():
+                raise ConsoleBusy(
+                    f"the serial console of {self._name!r} is held by another client (an operator's "
+                    "virsh console?): the boot check reads it but never forces it away; close that "
+                    "session, or verify by agent or a file console"
+                ) from None
             raise
 
     def read(self) -> bytes | None:

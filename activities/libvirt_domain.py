@@ -222,6 +222,11 @@ class Domain:
     def is_active(self) -> bool:
         return bool(self._call(lambda d: d.isActive()))
 
+    def run_id(self) -> int | None:
+        """libvirt's ID of the running domain: a new one at every start; None while it is off."""
+        found = int(self._call(lambda d: d.ID()))
+        return found if found >= 0 else None
+
     def is_persistent(self) -> bool:
         return bool(self._call(lambda d: d.isPersistent()))
 

@@ -28,14 +28,17 @@ from activities import libvirt_domain as ld
 from activities import qemu_img, root_disks
 from activities.boot_check import BootCheck
 from activities.checkpoints import Checkpoints
+from activities.disks import MAX_ROOT_DISK_BYTES
 from activities.errors import (
     BootCheckFailed,
     DefinitionRefused,
     HypervisorError,
+    ImageTooLarge,
     InstanceNotFound,
     PreflightFailed,
     UnsupportedInstance,
 )
+from activities.identity_store import IdentityStore
 from activities.root_disks import RootDiskAt
 from activities.seed_image import build_seed
 from activities.state import StateDir
@@ -88,14 +91,25 @@ class PreflightActivities:
         image = self.state.image_path(request.image_sha256)
         if request.image_format not in ("raw", "qcow2"):
             raise UnsupportedInstance(f"image format must be raw or qcow2, not {request.image_format[:40]!r}")
+        for what, size in (("image", request.image_virtual_size), ("minimum disk", request.min_virtual_size)):
+            # Bounded as prepare bounds them: the sandbox's overlay is as large as the new disk.
+            if not 0 <= size <= MAX_ROOT_DISK_BYTES:
+                raise ImageTooLarge(
+                    f"{what} size {size} bytes is over the limit of {MAX_ROOT_DISK_BYTES} bytes"
+                )
         self.directory.mkdir(mode=0o711, exist_ok=True)
         os.chmod(self.directory, 0o711)  # noqa: S103 - QEMU's user traverses to the overlay
         overlay = self.directory / f"{name}.qcow2"
         console = self.directory / f"{name}.console.log"
         seed = self.directory / f"{name}.seed.iso"
         began = time.monotonic()
-        # A crashed or retried attempt left its sandbox: it goes first.
-        await asyncio.to_thread(self._remove_sandbox, name)
+        # A crashed or retried attempt left its sandbox: it goes first. A domain of that name that is
+        # not this worker's sandbox (persistent, or without its owner mark) is left alone, and refused.
+        if await asyncio.to_thread(self._remove_sandbox, name):
+            raise PreflightFailed(
+                f"a domain named {name!r} exists and is not a pre-flight sandbox of this worker "
+                "(persistent, or without its owner mark): left alone, pre-flight cannot use its name"
+            )
         async with self._slot():
             waited = time.monotonic() - began
             try:
@@ -108,7 +122,7 @@ class PreflightActivities:
                 await qemu_img.create_overlay(str(overlay), str(image), request.image_format, size)
                 console.write_bytes(b"")
                 seed_path = None
-                identity = dx.current_identity(xml)
+                identity = IdentityStore(self.state).load(xml)
                 if request.change is not None:
                     identity = request.change.applied_to(identity or GuestIdentity())
                 if identity is not None:
@@ -124,6 +138,7 @@ class PreflightActivities:
                     seed_path,
                     max_memory_mib=self.max_memory_mib,
                     description=self._owner_mark,
+                    owner=self._owner_mark,
                 )
                 await asyncio.to_thread(self._create, name, definition)
                 await self.checkpoints.reach("preflight.after-create")
@@ -161,11 +176,27 @@ class PreflightActivities:
         except (HypervisorError, DefinitionRefused) as err:
             raise PreflightFailed(f"libvirt could not start the pre-flight sandbox: {err.message}") from None
 
-    def _remove_sandbox(self, name: str) -> None:
-        """Destroy the transient sandbox and delete its files; what is already gone is fine."""
-        self.libvirt.domain(name).remove()
+    def _remove_sandbox(self, name: str) -> bool:
+        """Destroy this worker's sandbox ``name`` and delete its files; what is already gone is fine.
+
+        Only a transient domain that carries this worker's owner mark is destroyed (destroying a
+        transient domain removes it: nothing is ever undefined). Another domain of that name, a
+        persistent one above all, is left alone with the files: True says one is in the way.
+        """
+        domain = self.libvirt.domain(name)
+        try:
+            persistent = domain.is_persistent()
+            owner = dx.sandbox_owner(domain.live_definition())
+        except InstanceNotFound:
+            pass
+        else:
+            if persistent or owner != self._owner_mark:
+                return True
+            with contextlib.suppress(InstanceNotFound):
+                domain.force_off()
         for suffix in (".qcow2", ".console.log", ".seed.iso"):
             (self.directory / f"{name}{suffix}").unlink(missing_ok=True)
+        return False
 
     def sweep(self) -> list[str]:
         """At worker start: remove the sandboxes nobody owns any more.
@@ -189,11 +220,11 @@ class PreflightActivities:
                 if not name.startswith(SANDBOX_PREFIX):
                     continue
                 try:
-                    description = dx.description_of(self.libvirt.domain(name).live_definition())
+                    domain = self.libvirt.domain(name)
+                    ours = not domain.is_persistent() and dx.sandbox_owner(domain.live_definition())
                 except InstanceNotFound:
                     continue  # another worker's transient sandbox, gone since the listing
-                if description == self._owner_mark:
-                    self._remove_sandbox(name)
+                if ours == self._owner_mark and not self._remove_sandbox(name):
                     removed.append(name)
             for leftover in self.directory.glob(f"{SANDBOX_PREFIX}*"):
                 leftover.unlink(missing_ok=True)

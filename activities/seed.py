@@ -1,9 +1,10 @@
 """The seed activities: the guest's identity as a cloud-init seed, attached, undone, cleaned up.
 
 The seed is a read-only CD-ROM beside the root disk, marked with the user alias ``ua-rebuild-seed`` so a
-later rebuild finds and replaces it. The identity itself (minus any password in clear: there is none)
-lives in the domain's ``<metadata>``; seed and metadata change in one ``define``, so a crash leaves
-the old pair or the new one. What the instance had before is written beside the disk first, and the
+later rebuild finds and replaces it. The identity's public part lives in the domain's ``<metadata>``,
+its secrets (user data, the password hash) in a root-only file of the state directory that the
+metadata names by digest (``IdentityStore``); seed and metadata change in one ``define``, so a crash
+leaves the old pair or the new one. What the instance had before is written beside the disk first, and the
 undo puts exactly that back; cleanup removes the old seed file once the rebuild is kept.
 """
 
@@ -19,6 +20,7 @@ from temporalio import activity
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities.errors import InvalidRequest
+from activities.identity_store import IdentityStore
 from activities.seed_image import build_seed
 from activities.state import StateDir, seed_path, seed_undo_path, write_atomically
 from workflows.identity import GuestIdentity, identity_problems
@@ -36,6 +38,7 @@ class SeedActivities:
     def __init__(self, libvirt_conn: ld.Libvirt, state: StateDir | None = None) -> None:
         self.libvirt = libvirt_conn
         self.state = state
+        self.identities = IdentityStore(state)
 
     async def _definition(self, instance: str, target: str | None) -> tuple[ET.Element, str]:
         """The definition, and where the seed's files go: beside a file root disk; for other kinds
@@ -59,7 +62,7 @@ class SeedActivities:
             # A retry: the definition may already hold the new seed; what came before is recorded.
             before = _Before.model_validate_json(undo.read_text())
         else:
-            before = _Before(seed_path=dx.seed_file(xml), identity=dx.current_identity(xml))
+            before = _Before(seed_path=dx.seed_file(xml), identity=self.identities.load(xml))
             write_atomically(undo, before.model_dump_json(), mode=0o600)
         identity = before.identity or GuestIdentity()
         if request.change is not None:
@@ -67,7 +70,8 @@ class SeedActivities:
         seed = seed_path(home, request.rebuild_id)
         instance_id = f"{xml.findtext('uuid')}-{request.rebuild_id}"
         await asyncio.to_thread(build_seed, identity, instance_id, seed)
-        definition = dx.with_seed(xml, request.instance, str(seed), identity)
+        _, secrets = self.identities.save(xml, identity)
+        definition = dx.with_seed(xml, request.instance, str(seed), identity, secrets)
         await asyncio.to_thread(self.libvirt.domain(request.instance).define, definition)
         return SeedResult(
             seed_path=str(seed),
@@ -84,8 +88,12 @@ class SeedActivities:
         if not undo.exists():
             return
         before = _Before.model_validate_json(undo.read_text())
-        definition = dx.with_seed(xml, request.instance, before.seed_path, before.identity)
+        new_secrets = dx.identity_secrets_digest(xml)
+        secrets = self.identities.save(xml, before.identity)[1] if before.identity is not None else None
+        definition = dx.with_seed(xml, request.instance, before.seed_path, before.identity, secrets)
         await asyncio.to_thread(self.libvirt.domain(request.instance).define, definition)
+        if new_secrets is not None and new_secrets != secrets:
+            self.identities.remove(xml, new_secrets)
         new = seed_path(home, request.rebuild_id)
         if str(new) != before.seed_path:
             new.unlink(missing_ok=True)
@@ -94,11 +102,13 @@ class SeedActivities:
     @activity.defn
     async def remove_seed_backup(self, request: RemoveSeedBackupInput) -> None:
         """The rebuild is kept: the old seed file goes (only one this project made, beside the disk)."""
-        _, home = await self._definition(request.instance, request.root_disk_target)
+        xml, home = await self._definition(request.instance, request.root_disk_target)
         undo = seed_undo_path(home, request.rebuild_id)
         if not undo.exists():
             return
         before = _Before.model_validate_json(undo.read_text())
+        # The secrets of the identity before the rebuild go too, unless the new one has the same.
+        self.identities.forget(xml, before.identity, keep=dx.identity_secrets_digest(xml))
         new = seed_path(home, request.rebuild_id)
         old = Path(before.seed_path) if before.seed_path else None
         if (

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
@@ -48,9 +49,14 @@ def build_seed(identity: GuestIdentity, instance_id: str, path: Path) -> None:
             io.BytesIO(data), len(data), _iso_name(name) + ";1", rr_name=parts[-1], joliet_path=f"/{name}"
         )
     temporary = path.with_name(f".{path.name}.tmp")
-    iso.write(str(temporary))
+    # 0600 whatever the umask, from its first byte: the seed holds the user data and the password
+    # hash. QEMU's user reads it all the same: libvirt's DAC driver hands a guest's disks to it.
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        os.fchmod(out.fileno(), 0o600)
+        iso.write_fp(out)
     iso.close()
-    temporary.chmod(0o644)
     temporary.replace(path)
 
 

@@ -21,6 +21,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHA512 = re.compile(r"[0-9a-f]{128}")
 _SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
 MAX_REBUILD_ID = 100
+# What a rebuild ID is where it names a file by itself: a workflow's run ID (a UUID), or a test's name.
+_REBUILD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def require_sha256(value: str) -> str:
@@ -38,6 +40,15 @@ def require_sha512(value: str) -> str:
 def require_snapshot_id(value: str) -> str:
     if not isinstance(value, str) or not _SNAPSHOT_ID.fullmatch(value):
         raise InvalidRequest(f"not a snapshot ID (32 lowercase hex digits): {str(value)[:80]!r}")
+    return value
+
+
+def require_rebuild_id(value: str) -> str:
+    """A rebuild ID as it is, never rewritten: two IDs never share a file (``a/b`` is no ID)."""
+    if not isinstance(value, str) or not _REBUILD_ID.fullmatch(value):
+        raise InvalidRequest(
+            f"not a rebuild ID (1 to {MAX_REBUILD_ID} letters, digits, '_', '.', '-'): {str(value)[:120]!r}"
+        )
     return value
 
 
@@ -86,6 +97,14 @@ class StateDir:
     def rebuild_records(self, rebuild_id: str) -> Path:
         """What a rebuild records about disks that are not files (they have no "beside" to keep it)."""
         return self._inside(self.root / "rebuilds", _rebuild_suffix(rebuild_id))
+
+    @property
+    def started(self) -> Path:
+        """Which domain each rebuild started, and from where its console is this boot's (root only)."""
+        return self.root / "started"
+
+    def start_record(self, rebuild_id: str) -> Path:
+        return self._inside(self.started, f"{require_rebuild_id(rebuild_id)}.json")
 
     def pool_images(self, pool: str) -> Path:
         """Which images a storage pool holds a copy of, each recorded once its copy is whole."""

@@ -108,7 +108,7 @@ async def nova_order(name: str, url: str, sha: str, state_dir: Path) -> tuple[fl
     conn = ld.Libvirt(LIBVIRT_URI)
     state = StateDir(state_dir)
     hypervisor, images, disks = (
-        HypervisorActivities(conn),
+        HypervisorActivities(conn, state=state),
         ImageActivities(state, address_policy=LOOPBACK_POLICY),
         DiskActivities(conn, state),
     )
@@ -129,11 +129,13 @@ async def nova_order(name: str, url: str, sha: str, state_dir: Path) -> tuple[fl
             image_virtual_size=image.virtual_size, original_format="qcow2", rebuild_id="bench-nova",
         ),
     )  # fmt: skip
-    await env.run(hypervisor.start_instance, StartInstanceInput(instance=name))
+    await env.run(hypervisor.start_instance, StartInstanceInput(instance=name, rebuild_id="bench-nova"))
     running = time.perf_counter() - off
     await env.run(
         hypervisor.verify_instance,
-        VerifyInstanceInput(instance=name, verify="agent", boot_timeout_seconds=BOOT_SECONDS),
+        VerifyInstanceInput(
+            instance=name, verify="agent", boot_timeout_seconds=BOOT_SECONDS, rebuild_id="bench-nova"
+        ),
     )
     conn.close()
     return running, time.perf_counter() - off

@@ -52,7 +52,7 @@ class BadInstancesFile(BadRequest):
 
 def parse_duration(text: str) -> float:
     """``90``, ``30s``, ``5m``, ``1.5h``: seconds."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if not match:
         raise BadRequest(f"not a duration: {text!r} (examples: 30s, 5m, 1h)")
     return float(match.group(1)) * _UNITS[match.group(2)]

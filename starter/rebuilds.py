@@ -340,7 +340,7 @@ def list_query(phase: str | None, host: str | None, running: bool) -> str:
     clauses = [f"WorkflowType = '{WORKFLOW_NAME}'"]
     for key, value in ((sa.REBUILD_PHASE, phase), (sa.HYPERVISOR_HOST, host)):
         if value is not None:
-            if not _FILTER_VALUE.match(value):
+            if not _FILTER_VALUE.fullmatch(value):
                 raise BadFilter(value)
             clauses.append(f"{key.name} = '{value}'")
     if running:

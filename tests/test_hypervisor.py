@@ -12,7 +12,8 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.errors import BootCheckFailed, InstanceNotFound, InvalidRequest, UnsupportedInstance
 from activities.hypervisor import HypervisorActivities
-from devtools.testbed.libvirt_test_driver import make_instance, make_instances
+from activities.state import StateDir
+from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance, make_instances
 from workflows.models import (
     InspectInstanceInput,
     RecordImageInput,
@@ -23,6 +24,18 @@ from workflows.models import (
 )
 
 env = ActivityEnvironment()
+REBUILD_ID = "rebuild-under-test"
+
+
+async def booted(tmp_path: Path, vm: DriverInstance, console: bytes = b"") -> HypervisorActivities:
+    """The instance started by a rebuild (its start recorded), after an earlier boot printed ``console``."""
+    state = StateDir(tmp_path / "state")
+    state.create()
+    hypervisor = HypervisorActivities(vm.libvirt, state=state)
+    vm.libvirt.domain(vm.name).force_off()
+    vm.serial.write_bytes(console)
+    await env.run(hypervisor.start_instance, StartInstanceInput(instance=vm.name, rebuild_id=REBUILD_ID))
+    return hypervisor
 
 
 async def test_inspect_reads_the_definition(tmp_path: Path) -> None:
@@ -144,11 +157,10 @@ async def test_start_is_idempotent(tmp_path: Path) -> None:
 
 async def test_verify_reads_only_this_boots_console_output(tmp_path: Path) -> None:
     vm = make_instance(tmp_path)
-    vm.serial.write_bytes(b"image B\r\n")  # an earlier boot printed it: it must not count
-    offset = vm.serial.stat().st_size
-    hypervisor = HypervisorActivities(vm.libvirt)
+    # An earlier boot printed it: it must not count, whatever offset the request claims.
+    hypervisor = await booted(tmp_path, vm, b"image B\r\n")
     check = VerifyInstanceInput(
-        instance="vm-1", boot_marker="image B", boot_timeout_seconds=0.5, console_offset=offset
+        instance="vm-1", boot_marker="image B", boot_timeout_seconds=0.5, rebuild_id=REBUILD_ID
     )
     with pytest.raises(BootCheckFailed, match="did not print"):
         await env.run(hypervisor.verify_instance, check)
@@ -159,8 +171,10 @@ async def test_verify_reads_only_this_boots_console_output(tmp_path: Path) -> No
 
 async def test_verify_fails_when_the_instance_is_off(tmp_path: Path) -> None:
     vm = make_instance(tmp_path, running=False)
+    hypervisor = await booted(tmp_path, vm)
+    vm.libvirt.domain("vm-1").force_off()
     with pytest.raises(BootCheckFailed, match="not running"):
-        await env.run(HypervisorActivities(vm.libvirt).verify_instance, VerifyInstanceInput(instance="vm-1"))
+        await env.run(hypervisor.verify_instance, VerifyInstanceInput(instance="vm-1", rebuild_id=REBUILD_ID))
 
 
 async def test_record_image_is_seen_by_the_next_inspect(tmp_path: Path) -> None:
@@ -189,8 +203,8 @@ async def test_stop_says_how_the_instance_went_off(tmp_path: Path) -> None:
 async def test_verify_without_a_mode_checks_that_a_domain_without_agent_keeps_running(tmp_path: Path) -> None:
     vm = make_instance(tmp_path)
     result = await env.run(
-        HypervisorActivities(vm.libvirt).verify_instance,
-        VerifyInstanceInput(instance="vm-1", boot_timeout_seconds=0.3),
+        (await booted(tmp_path, vm)).verify_instance,
+        VerifyInstanceInput(instance="vm-1", boot_timeout_seconds=0.3, rebuild_id=REBUILD_ID),
     )
     assert result is not None
     assert result.verified_by == "running:0.3"
@@ -199,11 +213,9 @@ async def test_verify_without_a_mode_checks_that_a_domain_without_agent_keeps_ru
 
 async def test_verify_console_regex_reads_the_file_console_of_this_boot(tmp_path: Path) -> None:
     vm = make_instance(tmp_path)
-    vm.serial.write_bytes(b"real image B reached multi-user\r\n")
-    offset = vm.serial.stat().st_size
-    hypervisor = HypervisorActivities(vm.libvirt)
+    hypervisor = await booted(tmp_path, vm, b"real image B reached multi-user\r\n")
     check = VerifyInstanceInput(
-        instance="vm-1", verify="console:image [AB] reached", boot_timeout_seconds=0.5, console_offset=offset
+        instance="vm-1", verify="console:image [AB] reached", boot_timeout_seconds=0.5, rebuild_id=REBUILD_ID
     )
     with pytest.raises(BootCheckFailed, match="did not print"):
         await env.run(hypervisor.verify_instance, check)
@@ -216,10 +228,13 @@ async def test_verify_console_regex_reads_the_file_console_of_this_boot(tmp_path
 
 async def test_verify_by_agent_needs_the_agent_channel(tmp_path: Path) -> None:
     vm = make_instance(tmp_path)
+    hypervisor = await booted(tmp_path, vm)
     with pytest.raises(UnsupportedInstance, match="no guest agent channel"):
         await env.run(
-            HypervisorActivities(vm.libvirt).verify_instance,
-            VerifyInstanceInput(instance="vm-1", verify="agent", boot_timeout_seconds=0.3),
+            hypervisor.verify_instance,
+            VerifyInstanceInput(
+                instance="vm-1", verify="agent", boot_timeout_seconds=0.3, rebuild_id=REBUILD_ID
+            ),
         )
 
 

@@ -18,10 +18,11 @@ import libvirt
 import pytest
 from temporalio.client import Client
 
+from activities.domain_xml.sandbox import SANDBOX_NAMESPACE
 from activities.errors import BootCheckFailed
 from activities.preflight import SANDBOX_PREFIX, verified_unless_fatal
 from activities.state import StateDir
-from devtools.guest import domain_xml, write_image
+from devtools.guest import domain_xml, remove_domain, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import Guest, WorkerProcess, rebuild_cli, serve, wait_for_file
@@ -119,10 +120,17 @@ def test_a_starting_worker_removes_sandboxes_a_crashed_one_left(
     disk = write_image(directory / f"{name}.qcow2", "orphan", fmt="qcow2")
     xml = domain_xml(name, disk, guest_dir / "orphan.log", root_format="qcow2").replace(
         "<devices>",
-        f"<description>durable-rebuild pre-flight sandbox of {state.root}, removed after its check"
-        "</description>\n  <devices>",
+        f"<metadata><sandbox:owner xmlns:sandbox='{SANDBOX_NAMESPACE}'>durable-rebuild pre-flight "
+        f"sandbox of {state.root}, removed after its check</sandbox:owner></metadata>\n  <devices>",
     )
     libvirt_conn.createXML(xml, 0)
+    # Named like a sandbox and persistent (an operator's domain): never destroyed, never undefined.
+    persistent = f"{SANDBOX_PREFIX}prod"
+    libvirt_conn.defineXML(
+        domain_xml(persistent, write_image(guest_dir / "p.img", "prod"), guest_dir / "p.log").replace(
+            "<devices>", xml[xml.index("<metadata>") : xml.index("</metadata>") + 11] + "\n  <devices>"
+        )
+    )
     foreign = f"{SANDBOX_PREFIX}of-another-worker"
     libvirt_conn.createXML(
         domain_xml(foreign, write_image(guest_dir / "f.img", "foreign"), guest_dir / "f.log"), 0
@@ -133,10 +141,12 @@ def test_a_starting_worker_removes_sandboxes_a_crashed_one_left(
         assert name not in sandboxes(libvirt_conn)
         assert not disk.exists()
         assert foreign in sandboxes(libvirt_conn)  # not this worker's: left alone
+        assert libvirt_conn.lookupByName(persistent).isPersistent()
     finally:
         for leftover in (name, foreign):
             with contextlib.suppress(libvirt.libvirtError):
                 libvirt_conn.lookupByName(leftover).destroy()
+        remove_domain(libvirt_conn, persistent)
 
 
 # --- a console that says the boot is over ends the check at once -----------------------------------

@@ -6,9 +6,8 @@ activities under ``activities/`` import them. Wire models: see ``workflows/wire.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 from workflows.identity import IdentityChange, SeedFormat
 from workflows.wire import Wire
@@ -16,9 +15,11 @@ from workflows.wire import Wire
 __all__ = [
     "DEFAULT_RUNNING_SECONDS",
     "DISK_MODES",
+    "MAX_CONSOLE_PATTERN",
     "CachedImage",
     "CheckImageInput",
     "CheckedImage",
+    "ConsoleRegex",
     "DiscardStagedRootDiskInput",
     "DiskFormat",
     "DiskMode",
@@ -54,6 +55,7 @@ __all__ = [
     "VerifyInstanceInput",
     "VerifyResult",
     "VerifySpec",
+    "console_regex",
 ]  # fmt: skip
 
 
@@ -67,6 +69,36 @@ DISK_MODES: tuple[str, ...] = ("overlay", "copy")
 StopMethod = Literal["acpi", "agent", "forced"]
 # With no --verify, a domain without a guest agent channel must still run this long after start.
 DEFAULT_RUNNING_SECONDS = 5.0
+# The longest console:REGEX pattern: RE2 matches in time linear in the text, times the pattern's size.
+MAX_CONSOLE_PATTERN = 300
+
+
+class ConsoleRegex(Protocol):
+    """A compiled console pattern (RE2's): ``search`` returns a match with ``group(0)``, or None."""
+
+    def search(self, text: bytes) -> Any: ...
+
+
+def console_regex(pattern: str) -> ConsoleRegex:
+    """``pattern`` compiled by RE2, a linear-time engine: no pattern can make a search backtrack for
+    ever (Python's ``re`` takes exponential time on ``(a+)+b`` against a line of ``a``s, holding the GIL).
+    RE2 has no backreferences, lookarounds or ``\\Z``; a pattern that needs them is refused here, at the
+    edge, with RE2's reason. RE2 is imported here, never where a workflow runs."""
+    import re2  # kept out of the workflow sandbox's imports
+
+    if len(pattern) > MAX_CONSOLE_PATTERN:
+        raise ValueError(f"console:REGEX may have at most {MAX_CONSOLE_PATTERN} characters")
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        compiled: ConsoleRegex = re2.compile(pattern.encode(), options)
+    except re2.error as err:
+        reason = err.args[0].decode(errors="replace") if err.args else "bad pattern"
+        raise ValueError(
+            f"console:REGEX must be a regular expression RE2 accepts (no backreferences or "
+            f"lookarounds): {reason}"
+        ) from None
+    return compiled
 
 
 class VerifySpec(Wire):
@@ -87,10 +119,7 @@ class VerifySpec(Wire):
         if kind == "agent" and not sep:
             return cls(kind="agent")
         if kind == "console" and argument:
-            try:
-                re.compile(argument)
-            except re.error as err:
-                raise ValueError(f"console:REGEX has a bad regular expression: {err}") from None
+            console_regex(argument)
             return cls(kind="console", pattern=argument)
         if kind == "running" and argument:
             try:
@@ -284,6 +313,9 @@ class RestoreRootDiskInput(OnRootDisk):
 
 class StartInstanceInput(Wire):
     instance: str
+    # A rebuild's own start is recorded on the host (the domain, this boot, where its console stood):
+    # verify checks only a boot its rebuild started. None: a rollback's restart, recorded nowhere.
+    rebuild_id: str | None = None
 
 
 class StartResult(Wire):
@@ -295,10 +327,13 @@ class VerifyInstanceInput(Wire):
     instance: str
     boot_marker: str | None = None
     boot_timeout_seconds: float = 120.0
+    # Where this boot's console output begins. verify_instance takes it from its start record instead:
+    # only the sandbox's check (pre-flight) uses it as given.
     console_offset: int = 0
     verify: str | None = None
     # With these: the running domain's root disk must be the new one, as QEMU opened it (its back end
-    # says how it knows; rebuild_id finds what stage wrote).
+    # says how it knows; rebuild_id finds what stage wrote). verify_instance needs rebuild_id: it checks
+    # only the boot that this rebuild's start_instance recorded.
     root_disk_target: str | None = None
     image_sha256: str | None = None
     rebuild_id: str | None = None

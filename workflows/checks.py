@@ -60,13 +60,13 @@ def check_requested_by(value: str) -> str:
 
 
 def check_instance_name(value: str) -> str:
-    if not INSTANCE_NAME.match(value):
+    if not INSTANCE_NAME.fullmatch(value):
         raise ValueError(f"not a usable instance name: {value!r}")
     return value
 
 
 def check_host_name(value: str) -> str:
-    if not HOST_NAME.match(value):
+    if not HOST_NAME.fullmatch(value):
         raise ValueError(f"not a usable host name: {value!r}")
     return value
 

@@ -99,7 +99,7 @@ def identity_problems(change: IdentityChange) -> list[str]:
         if len(change.ssh_keys) > MAX_SSH_KEYS:
             problems.append(f"{len(change.ssh_keys)} SSH keys, at most {MAX_SSH_KEYS}")
         for key in change.ssh_keys:
-            if len(key) > MAX_SSH_KEY or not _SSH_KEY.match(key):
+            if len(key) > MAX_SSH_KEY or not _SSH_KEY.fullmatch(key):
                 problems.append(f"not an OpenSSH public key: {key[:40]!r}...")
     if change.metadata is not None:
         if len(change.metadata) > MAX_METADATA_ITEMS:
@@ -109,10 +109,10 @@ def identity_problems(change: IdentityChange) -> list[str]:
                 problems.append(
                     f"metadata {key[:40]!r}: keys 1 to {MAX_FIELD} characters, values at most {MAX_FIELD}"
                 )
-    if change.admin_password_hash and not _SHA512_CRYPT.match(change.admin_password_hash):
+    if change.admin_password_hash and not _SHA512_CRYPT.fullmatch(change.admin_password_hash):
         problems.append("the admin password must arrive as a SHA-512 crypt hash ($6$...), never in clear")
     return problems
 
 
 def valid_hostname(name: str) -> bool:
-    return len(name) <= 253 and all(_HOST_LABEL.match(label) for label in name.rstrip(".").split("."))
+    return len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in name.rstrip(".").split("."))

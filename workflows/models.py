@@ -181,7 +181,7 @@ class StrictRebuildRequest(RebuildRequest):
     @field_validator("glance_image_id")
     @classmethod
     def _glance_image_id(cls, value: str | None) -> str | None:
-        if value is not None and not GLANCE_IMAGE_ID.match(value):
+        if value is not None and not GLANCE_IMAGE_ID.fullmatch(value):
             raise ValueError(f"not a Glance image ID: {value!r}")
         return value
 
@@ -199,7 +199,7 @@ class StrictRebuildRequest(RebuildRequest):
             return None
         lowered = value.lower()
         pattern, digits = (SHA256_HEX, 64) if info.field_name == "sha256" else (SHA512_HEX, 128)
-        if not pattern.match(lowered):
+        if not pattern.fullmatch(lowered):
             raise ValueError(f"{info.field_name} must be {digits} hexadecimal characters")
         return lowered
 

@@ -337,7 +337,7 @@ class RebuildInstance:
         started = await self._steps.run(
             Phase.START,
             contract.start_instance,
-            io.StartInstanceInput(instance=request.instance),
+            io.StartInstanceInput(instance=request.instance, rebuild_id=self._rebuild_id),
             START,
         )
         verified = await self._steps.run(

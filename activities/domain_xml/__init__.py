@@ -16,6 +16,7 @@ from activities.domain_xml.devices import (
     current_identity,
     has_agent_channel,
     has_pty_console,
+    identity_secrets_digest,
     image_record,
     seed_disk,
     seed_file,
@@ -40,7 +41,7 @@ from activities.domain_xml.disks import (
     with_disk,
     with_format,
 )
-from activities.domain_xml.sandbox import description_of, sandbox_definition
+from activities.domain_xml.sandbox import description_of, sandbox_definition, sandbox_owner
 from activities.domain_xml.volumes import pointed_at, volume_backing, volume_definition, volume_format
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "disk_targets",
     "has_agent_channel",
     "has_pty_console",
+    "identity_secrets_digest",
     "image_record",
     "parse",
     "pointed_at",
@@ -72,6 +74,7 @@ __all__ = [
     "root_disk_element",
     "same",
     "sandbox_definition",
+    "sandbox_owner",
     "seed_disk",
     "seed_file",
     "serial_log",

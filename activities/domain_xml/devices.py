@@ -3,6 +3,7 @@ agent's channel, the cloud-init seed CD-ROM with the identity recorded beside it
 
 from __future__ import annotations
 
+import hashlib
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -66,10 +67,17 @@ def image_record(attributes: dict[str, str]) -> str:
 
 
 def current_identity(xml: ET.Element) -> GuestIdentity | None:
+    """The identity the domain's metadata records: its public part (``IdentityStore`` adds the rest)."""
     element = xml.find(f"./metadata/{{{IDENTITY_NAMESPACE}}}identity")
     if element is None or not element.text:
         return None
     return GuestIdentity.model_validate_json(element.text)
+
+
+def identity_secrets_digest(xml: ET.Element) -> str | None:
+    """The digest naming the secret part of the recorded identity (kept outside the domain)."""
+    element = xml.find(f"./metadata/{{{IDENTITY_NAMESPACE}}}identity")
+    return None if element is None else element.get("secrets")
 
 
 def seed_disk(xml: ET.Element) -> ET.Element | None:
@@ -96,8 +104,17 @@ def cdrom_bus(xml: ET.Element, instance: str) -> tuple[str, tuple[str, ...]]:
     return ("sata", _SATA_TARGETS) if "q35" in machine else ("ide", _IDE_TARGETS)
 
 
-def with_seed(xml: ET.Element, instance: str, seed: str | None, identity: GuestIdentity | None) -> str:
-    """The definition with ``seed`` as its seed CD-ROM (none: removed) and ``identity`` recorded."""
+def with_seed(
+    xml: ET.Element,
+    instance: str,
+    seed: str | None,
+    identity: GuestIdentity | None,
+    secrets: str | None = None,
+) -> str:
+    """The definition with ``seed`` as its seed CD-ROM (none: removed) and ``identity`` recorded.
+
+    Only the identity's public part goes into the metadata (any local user reads it): the user data
+    as its SHA-256, the secret part as the digest ``secrets`` that names its root-only file."""
     devices = xml.find("devices")
     if devices is None:
         raise UnsupportedInstance(f"instance {instance!r} has no <devices>")
@@ -132,5 +149,12 @@ def with_seed(xml: ET.Element, instance: str, seed: str | None, identity: GuestI
     for old in metadata.findall(f"{{{IDENTITY_NAMESPACE}}}identity"):
         metadata.remove(old)
     if identity is not None:
-        ET.SubElement(metadata, f"{{{IDENTITY_NAMESPACE}}}identity").text = identity.model_dump_json()
+        attributes = {}
+        if identity.user_data:
+            attributes["user-data-sha256"] = hashlib.sha256(identity.user_data.encode()).hexdigest()
+        if secrets is not None:
+            attributes["secrets"] = secrets
+        public = identity.model_copy(update={"user_data": None, "admin_password_hash": None})
+        element = ET.SubElement(metadata, f"{{{IDENTITY_NAMESPACE}}}identity", attributes)
+        element.text = public.model_dump_json()
     return ET.tostring(xml, encoding="unicode")

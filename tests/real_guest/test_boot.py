@@ -8,14 +8,11 @@ multi-user" on the console and keep their name in ``/etc/rebuild-image``.
 from __future__ import annotations
 
 import pytest
-from temporalio.testing import ActivityEnvironment
 
-from activities.hypervisor import HypervisorActivities
-from activities.libvirt_domain import Libvirt
 from devtools.image_server import ImageServer
 from devtools.real_guest import RealGuestImages, image_sha256
 from devtools.temporal_dev import DevServer
-from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess
+from devtools.testbed.e2e import Guest, WorkerProcess
 from devtools.testbed.real_guest import (
     BOOT_SECONDS,
     MULTI_USER,
@@ -25,7 +22,6 @@ from devtools.testbed.real_guest import (
     rebuild_verified_by_agent,
     wait_for_agent,
 )
-from workflows.models import VerifyInstanceInput
 
 pytestmark = [pytest.mark.timeout(1800), ONE_GUEST_AT_A_TIME]
 MARKER_B = RealGuestImages.marker("B")
@@ -51,17 +47,10 @@ async def test_image_that_never_reaches_multi_user_is_rolled_back(
     assert outcome["stopped_by"] in ("acpi", "agent")
     # The new image really booted (its kernel line); how far it got before the timeout depends on load.
     assert "init=/bin/false" in real_guest.console()[offset:]
-    # The rollback started the old image: the same check, now through the pty stream, must pass.
-    check = VerifyInstanceInput(
-        instance=real_guest.name, verify=f"console:{MULTI_USER}", boot_timeout_seconds=BOOT_SECONDS
-    )
-    host = Libvirt(LIBVIRT_URI)
-    try:
-        verified = await ActivityEnvironment().run(HypervisorActivities(host).verify_instance, check)
-    finally:
-        host.close()
-    assert verified is not None
-    assert verified.detail == f"real image {before} reached multi-user"
+    # The rollback started the old image: its console (the log the pty is mirrored into) shows it reach
+    # multi-user after the failed boot, and its agent answers. (verify_instance itself checks only a
+    # boot that a rebuild's start recorded, and the rollback's restart is none.)
+    real_guest.wait_for_console(f"real image {before} reached multi-user", offset, BOOT_SECONDS)
     wait_for_agent(real_guest, BOOT_SECONDS)
     assert image_in_guest(real_guest) == before
     assert real_guest.leftovers() == []
