@@ -36,7 +36,7 @@ from starter.cli_context import (
 from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
 from starter.identity_options import IdentityOptionError, identity_change
-from starter.rebuilds import query_status, start_rebuild
+from starter.rebuilds import query_status, start_rebuild, wait_past_inspect
 from starter.snapshot_cli import snapshot_app
 from workflows.identity import SeedFormat
 from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
@@ -243,13 +243,20 @@ def _seed_format(value: str | None) -> SeedFormat | None:
 async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | None) -> int:
     client = await connect(address)
     handle = await start_rebuild(client, request)
-    if not wait:
-        if cli.json:
-            cli.print_json({"workflow_id": handle.id, "run_id": handle.result_run_id})
-        else:
-            cli.say(f"started rebuild of {request.instance} on {request.host}: workflow {handle.id}")
-        return ExitCode.OK
-    return await _wait(cli, handle)
+    if wait:
+        return await _wait(cli, handle)
+    # Past inspect, or it failed there: a wrong name or an unsupported root disk is exit 2 now.
+    phase = await wait_past_inspect(handle)
+    if phase is None:
+        return await _ended(cli, handle)
+    if cli.json:
+        cli.print_json({"workflow_id": handle.id, "run_id": handle.result_run_id, "phase": phase.value})
+    else:
+        cli.say(
+            f"started rebuild of {request.instance} on {request.host}: workflow {handle.id}, "
+            f"phase {phase.value}; see: rebuild watch {request.instance} --host {request.host}"
+        )
+    return ExitCode.OK
 
 
 # How a failure's cause names the way the workflow ended, in the words of its status.
@@ -259,9 +266,16 @@ _ENDED_AS = ((TerminatedError, "TERMINATED"), (CancelledError, "CANCELED"), (Tim
 async def _wait(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
     watcher = asyncio.create_task(_show_phases(cli, handle))
     try:
+        return await _ended(cli, handle)
+    finally:
+        watcher.cancel()
+
+
+async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
+    """The rebuild's end as its result says it, and the exit code for it."""
+    try:
         rebuilt = await handle.result()
     except WorkflowFailureError as failure:
-        watcher.cancel()
         outcome = failure_result(failure.cause)
         ended = next((name for kind, name in _ENDED_AS if isinstance(failure.cause, kind)), "FAILED")
         code = exit_for_rebuild(ended, outcome)
@@ -271,7 +285,6 @@ async def _wait(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
             message = failure.cause.message if isinstance(failure.cause, ApplicationError) else failure.cause
             cli.error(code, str(message))
         return code
-    watcher.cancel()
     if cli.json:
         cli.print_json(rebuilt)
     else:

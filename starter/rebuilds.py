@@ -9,6 +9,7 @@ process that only talks to Temporal has no business loading libvirt and the acti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -178,6 +179,35 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
         )
     except WorkflowAlreadyStartedError:
         raise RebuildAlreadyRunning(request.instance, request.host) from None
+
+
+# Phases in which a rebuild has not yet shown that its instance exists and can be rebuilt, or is
+# ending (an inspect that failed rolls nothing back, but passes through these before the end).
+_NOT_PAST_INSPECT = frozenset({Phase.PENDING, Phase.INSPECT, Phase.ROLLBACK, Phase.FAILED})
+INSPECT_WAIT_SECONDS = 60.0
+
+
+async def wait_past_inspect(
+    handle: WorkflowHandle[Any, RebuildResult], give_up_after: float = INSPECT_WAIT_SECONDS
+) -> Phase | None:
+    """Wait until a rebuild that just started is past inspect: its phase then, or None once it ended.
+
+    A wrong instance name, a host without the instance or a root disk no back end replaces fails
+    inspect within a second; the caller learns it here instead of from a later ``status``. A rebuild
+    still inspecting after ``give_up_after`` seconds (libvirt slow to answer) is left to run: its
+    phase is returned.
+    """
+    deadline = asyncio.get_running_loop().time() + give_up_after
+    phase = Phase.PENDING
+    while True:
+        description = await handle.describe(rpc_timeout=_RPC_TIMEOUT)
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return None
+        with contextlib.suppress(RPCError, TimeoutError):
+            phase = (await asyncio.wait_for(query_status(handle), 5)).phase
+        if phase not in _NOT_PAST_INSPECT or asyncio.get_running_loop().time() > deadline:
+            return phase
+        await asyncio.sleep(0.1)
 
 
 async def latest_rebuild(

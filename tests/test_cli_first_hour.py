@@ -1,0 +1,102 @@
+"""Issue 25, the operator's first hour: the ``rebuild`` CLI as a subprocess, against the dev server and a
+worker whose host activities are the real ones on libvirt's ``test:///`` driver."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from common.connection import worker_identity
+from common.exit_codes import ExitCode
+from devtools.image_server import ImageServer
+from devtools.temporal_dev import DevServer
+from devtools.testbed.e2e import LOOPBACK_NETWORKS, rebuild_cli, serve
+from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
+from worker import WorkerConfig, host_activities
+from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
+from workflows.rebuild import RebuildInstance
+
+NARROW = {"COLUMNS": "80"}
+
+
+@dataclass
+class DriverHost:
+    name: str
+    address: str
+    instances: list[DriverInstance]
+    state_dir: Path
+
+    async def cli(self, *args: str) -> tuple[int, str, str]:
+        done = await rebuild_cli(self.address, *args, env=NARROW)
+        return done.code, done.stdout, done.stderr
+
+
+@pytest.fixture
+async def driver_host(
+    dev_server: DevServer, client: Client, unique_host: str, tmp_path: Path
+) -> AsyncIterator[DriverHost]:
+    """vm-1 (a raw file root disk) and vm-2 (a block device no pool manages: not supported)."""
+    instances = make_instances(tmp_path, ["vm-1", "vm-2"])
+    conn = instances[0].libvirt.connection()
+    xml = conn.lookupByName("vm-2").XMLDesc(0)
+    xml = xml.replace("<disk type='file' device='disk'>", "<disk type='block' device='disk'>", 1)
+    xml = xml.replace(f"<source file='{instances[1].disk}'", "<source dev='/dev/sdz'", 1)
+    conn.defineXML(xml)
+    config = WorkerConfig(
+        host=unique_host,
+        libvirt_uri=instances[0].libvirt.uri,
+        state_dir=tmp_path / "state",
+        allowed_image_networks=LOOPBACK_NETWORKS,
+    )
+    identity = worker_identity(unique_host)
+    async with (
+        Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance], identity=identity),
+        Worker(
+            client,
+            task_queue=host_task_queue(unique_host),
+            activities=host_activities(config, instances[0].libvirt),
+            identity=identity,
+        ),
+    ):
+        yield DriverHost(unique_host, dev_server.address, instances, config.state_dir)
+
+
+async def test_start_of_an_unknown_instance_exits_2_at_once(driver_host: DriverHost) -> None:
+    url = "http://127.0.0.1:9/never-fetched.qcow2"
+    code, out, err = await driver_host.cli("start", "no-such-vm", "--host", driver_host.name, "--image", url)
+    assert code == ExitCode.BAD_INPUT, (out, err)
+    assert "instance 'no-such-vm' is not defined on this host" in err
+    assert "started" not in out
+    code, out, _ = await driver_host.cli(
+        "start", "no-such-vm", "--host", driver_host.name, "--image", url, "--json"
+    )
+    assert code == ExitCode.BAD_INPUT
+    assert '"error_type":"InstanceNotFound"' in out
+
+
+async def test_start_of_an_unsupported_root_disk_exits_2_at_once(driver_host: DriverHost) -> None:
+    url = "http://127.0.0.1:9/never-fetched.qcow2"
+    code, out, err = await driver_host.cli("start", "vm-2", "--host", driver_host.name, "--image", url)
+    assert code == ExitCode.BAD_INPUT, (out, err)
+    assert "/dev/sdz, which belongs to no libvirt storage pool" in err
+
+
+async def test_start_returns_once_past_inspect_and_says_how_to_follow(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    code, out, err = await driver_host.cli(
+        "start", "vm-1", "--host", host, "--image", url, "--sha256", sha, "--require-approval"
+    )
+    assert code == ExitCode.OK, err
+    assert out.startswith(f"started rebuild of vm-1 on {host}")
+    assert "phase inspect" not in out and "phase pending" not in out
+    assert f"see: rebuild watch vm-1 --host {host}" in out
+    code, _, err = await driver_host.cli("abort", "vm-1", "--host", host, "--reason", "test over")
+    assert code == ExitCode.OK, err
