@@ -264,6 +264,10 @@ async def describe_rebuild(
         # need a worker to replay the whole history, and seconds when none polls.
         result = await _final_result(client, handle.id, description.run_id)
         status = _final_status(description, result)
+        if status is not None and status.image_url is None:
+            # Ended without a result that names it (terminated, or a result from before it did).
+            image = await _requested_image(client, handle.id, description.run_id)
+            status = status.model_copy(update={"image_url": image})
     pending = []
     waiting: str | None = None
     now = datetime.now(UTC)
@@ -301,6 +305,19 @@ async def _final_result(client: Client, workflow_id: str, run_id: str) -> Rebuil
         return failure_result(failure.cause)
     except ValidationError:
         return None
+
+
+async def _requested_image(client: Client, workflow_id: str, run_id: str) -> str | None:
+    """The image as the run's request named it, from the first event of its history."""
+    run = client.get_workflow_handle(workflow_id, run_id=run_id)
+    async for event in run.fetch_history_events(rpc_timeout=_RPC_TIMEOUT):
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        try:
+            (request,) = await client.data_converter.decode(payloads, [RebuildRequest])
+        except Exception:
+            return None
+        return request.image_label if isinstance(request, RebuildRequest) else None
+    return None
 
 
 def _final_status(description: Any, result: RebuildResult | None) -> RebuildStatus | None:

@@ -94,6 +94,8 @@ async def _status(cli: Cli, instance: str, host: str, address: str | None) -> in
         if state.rebuild_id:
             cli.say(f"  rebuild id: {state.rebuild_id} (names the backup next to the disk)")
         cli.say(f"  image: {state.image_url}")
+        if state.image_sha256:
+            cli.say(f"  image sha256: {state.image_sha256}")
         if state.step_seconds:
             cli.say(f"  steps: {', '.join(f'{k} {v:.2f}s' for k, v in state.step_seconds.items())}")
         cli.say(f"  verify: {state.verified_by or state.verify}")

@@ -3,11 +3,14 @@ worker whose host activities are the real ones on libvirt's ``test:///`` driver.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 from temporalio.client import Client
 from temporalio.worker import Worker
 
@@ -17,8 +20,9 @@ from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import LOOPBACK_NETWORKS, rebuild_cli, serve
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
+from tests.api_support import AUTH
 from worker import WorkerConfig, host_activities
-from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
+from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 
 NARROW = {"COLUMNS": "80"}
@@ -100,3 +104,40 @@ async def test_start_returns_once_past_inspect_and_says_how_to_follow(
     assert f"see: rebuild watch vm-1 --host {host}" in out
     code, _, err = await driver_host.cli("abort", "vm-1", "--host", host, "--reason", "test over")
     assert code == ExitCode.OK, err
+
+
+async def test_a_finished_rebuild_keeps_its_image_in_status_json_and_the_api(
+    driver_host: DriverHost, images: ImageServer, api: TestClient[Any, Any]
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    code, out, err = await driver_host.cli(
+        "start", "vm-1", "--host", host, "--image", url, "--sha256", sha, "--stop-timeout", "0", "--wait"
+    )
+    assert code == ExitCode.OK, (out, err)
+    code, out, err = await driver_host.cli("status", "vm-1", "--host", host)
+    assert code == ExitCode.OK, err
+    assert f"  image: {url}\n" in out
+    assert f"  image sha256: {sha}\n" in out
+    code, out, err = await driver_host.cli("status", "vm-1", "--host", host, "--json")
+    shown = json.loads(out)
+    assert (shown["status"]["image_url"], shown["result"]["image_url"]) == (url, url)
+    response = await api.get(f"/v1/rebuilds/{host}/vm-1", headers=AUTH)
+    assert response.status == 200
+    body = await response.json()
+    assert (body["status"]["image_url"], body["result"]["image_url"]) == (url, url)
+
+
+async def test_a_terminated_rebuild_still_names_its_image(
+    driver_host: DriverHost, images: ImageServer, client: Client
+) -> None:
+    url, _ = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    code, _, err = await driver_host.cli(
+        "start", "vm-1", "--host", host, "--image", url, "--require-approval"
+    )
+    assert code == ExitCode.OK, err
+    await client.get_workflow_handle(rebuild_workflow_id(host, "vm-1")).terminate("test")
+    code, out, _ = await driver_host.cli("status", "vm-1", "--host", host)
+    assert code == ExitCode.ENDED_WITHOUT_RESULT
+    assert f"  image: {url}\n" in out
