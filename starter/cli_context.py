@@ -67,9 +67,36 @@ def exit_for_fleet(workflow_status: str, report: FleetReport | None) -> ExitCode
     return exit_for_workflow(workflow_status)
 
 
+# The option that sets each request field, where its name is not the field's with dashes: the same
+# for `rebuild start` and `rebuild fleet start`.
+OPTION_FOR_FIELD = {
+    "instance": "INSTANCE",
+    "image_url": "--image",
+    "glance_url": "--glance",
+    "glance_image_id": "--glance-image",
+    "snapshot_id": "--snapshot",
+    "start_after": "--start/--no-start",
+    "stop_timeout_seconds": "--stop-timeout",
+    "boot_timeout_seconds": "--boot-timeout",
+    "approval_timeout_seconds": "--approval-timeout",
+    "confirm_within_seconds": "--confirm-within",
+    "preflight": "--preflight/--no-preflight",
+    "batch_size": "--batch",
+    "pause_between_seconds": "--pause-between",
+    "name_pattern": "--select",
+    "instances": "--instances-file",
+    "hosts": "--host",
+}
+
+
+def option_for(field: str) -> str:
+    """How the CLI names a request's field: the option that sets it."""
+    return OPTION_FOR_FIELD.get(field, f"--{field.replace('_', '-')}")
+
+
 # A refusal as the operator reads it: where to look is a command, an input is an option.
 CLI_WORDS = Words(
-    field=lambda name: f"--{name.replace('_', '-')}",
+    field=option_for,
     rebuild=lambda host, instance: f"rebuild status {instance} --host {host}",
     fleet=lambda name: f"rebuild fleet status {name}",
 )
@@ -141,7 +168,7 @@ class Cli:
         try:
             yield
         except ValidationError as exc:
-            self.fail(ExitCode.BAD_INPUT, f"invalid {what}: {validation_problems(exc)}")
+            self.fail(ExitCode.BAD_INPUT, f"invalid {what}: {validation_problems(exc, option_for)}")
         except ServiceError as exc:  # an unreadable instances file, a duration
             self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
         except ValueError as exc:  # an identity option, a requester's name
@@ -156,7 +183,7 @@ class Cli:
         except ServiceError as exc:
             self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
         except ValidationError as exc:
-            self.fail(ExitCode.BAD_INPUT, validation_problems(exc))
+            self.fail(ExitCode.BAD_INPUT, validation_problems(exc, option_for))
         except ValueError as exc:
             self.fail(ExitCode.BAD_INPUT, str(exc))
         except TemporalUnavailable as exc:

@@ -4,6 +4,8 @@ worker whose host activities are the real ones on libvirt's ``test:///`` driver.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from common.connection import worker_identity
 from common.exit_codes import ExitCode
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
-from devtools.testbed.e2e import LOOPBACK_NETWORKS, rebuild_cli, serve
+from devtools.testbed.e2e import BIN, LOOPBACK_NETWORKS, rebuild_cli, serve
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
 from tests.api_support import AUTH
 from worker import WorkerConfig, host_activities
@@ -141,3 +143,49 @@ async def test_a_terminated_rebuild_still_names_its_image(
     code, out, _ = await driver_host.cli("status", "vm-1", "--host", host)
     assert code == ExitCode.ENDED_WITHOUT_RESULT
     assert f"  image: {url}\n" in out
+
+
+def rebuild_now(*args: str) -> subprocess.CompletedProcess[str]:
+    """``rebuild ARGS`` refused before it reaches Temporal (the address leads nowhere)."""
+    env = dict(os.environ, TEMPORAL_ADDRESS="127.0.0.1:1", **NARROW)
+    return subprocess.run([str(BIN / "rebuild"), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--image", "notaurl"], "--image: image URL must be http://, https:// or file:///: 'notaurl'"),
+        (
+            ["--image", "http://x/y", "--snapshot", "ab" * 16],
+            "name the image by exactly one of: --image, --glance-image (with --glance), --snapshot",
+        ),
+        (
+            ["--glance-image", "6f1c3d1e-8a8b-4c7e-9a55-0c7d3f2b1a90"],
+            "a Glance image needs both --glance-image and --glance",
+        ),
+        (["--image", "http://x/y", "--sha256", "abc"], "--sha256: must be 64 hexadecimal characters"),
+        (["--image", "http://x/y", "--stop-timeout", "-1"], "--stop-timeout: Input should be greater"),
+        (
+            ["--image", "http://x/y", "--boot-marker", "m", "--verify", "agent"],
+            "give either --boot-marker or --verify, not both",
+        ),
+    ],
+)
+def test_refusals_name_the_options_not_the_fields(args: list[str], said: str) -> None:
+    done = rebuild_now("start", "vm-1", "--host", "h", *args)
+    assert done.returncode == ExitCode.BAD_INPUT, done.stderr
+    assert said in done.stderr
+    for field in ("image_url", "glance_image_id", "glance_url", "snapshot_id", "stop_timeout_seconds"):
+        assert field not in done.stderr
+
+
+def test_fleet_refusals_name_the_options_too() -> None:
+    done = rebuild_now("fleet", "start", "--image", "notaurl", "--select", "web-*", "--host", "h")
+    assert done.returncode == ExitCode.BAD_INPUT
+    assert "--image: image URL must be" in done.stderr
+    assert "image_url" not in done.stderr
+    batch = rebuild_now(
+        "fleet", "start", "--image", "http://x/y", "--select", "w*", "--host", "h", "--batch", "0"
+    )
+    assert batch.returncode == ExitCode.BAD_INPUT
+    assert "--batch: Input should be greater than or equal to 1" in batch.stderr

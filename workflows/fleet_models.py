@@ -272,7 +272,10 @@ class StrictRebuildOptions(RebuildOptions):
             StrictRebuildRequest(instance="i", host="h", **self.model_dump())
         except ValidationError as exc:
             raise ValueError(
-                "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                "; ".join(
+                    (f"`{e['loc'][0]}`: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+                    for e in exc.errors()
+                )
             ) from None
         return self
 

@@ -200,25 +200,26 @@ class StrictRebuildRequest(RebuildRequest):
         lowered = value.lower()
         pattern, digits = (SHA256_HEX, 64) if info.field_name == "sha256" else (SHA512_HEX, 128)
         if not pattern.match(lowered):
-            raise ValueError(f"{info.field_name} must be {digits} hexadecimal characters")
+            raise ValueError(f"must be {digits} hexadecimal characters")
         return lowered
 
     @model_validator(mode="after")
     def _one_image_source(self) -> StrictRebuildRequest:
         glance = self.glance_image_id is not None or self.glance_url is not None
         if glance and not (self.glance_image_id and self.glance_url):
-            raise ValueError("a Glance image needs both the image ID and the Glance URL")
+            raise ValueError("a Glance image needs both `glance_image_id` and `glance_url`")
         named = [glance, self.image_url is not None, self.snapshot_id is not None]
         if named.count(True) != 1:
             raise ValueError(
-                "name the image by exactly one of: an image URL, a Glance image ID, a snapshot ID"
+                "name the image by exactly one of: `image_url`, `glance_image_id` (with `glance_url`), "
+                "`snapshot_id`"
             )
         return self
 
     @model_validator(mode="after")
     def _one_boot_check(self) -> StrictRebuildRequest:
         if self.boot_marker is not None and self.verify is not None:
-            raise ValueError("give either a boot marker or a verify mode, not both")
+            raise ValueError("give either `boot_marker` or `verify`, not both")
         return self
 
 
