@@ -244,7 +244,8 @@ async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | N
     client = await connect(address)
     handle = await start_rebuild(client, request)
     if wait:
-        return await _wait(cli, handle)
+        with cli.following(request.instance, request.host, handle.id):
+            return await _wait(cli, handle)
     # Past inspect, or it failed there: a wrong name or an unsupported root disk is exit 2 now.
     phase = await wait_past_inspect(handle)
     if phase is None:

@@ -163,6 +163,21 @@ class Cli:
         return ExitCode.OK
 
     @contextlib.contextmanager
+    def following(self, instance: str, host: str, workflow_id: str) -> Iterator[None]:
+        """Following a rebuild (``start --wait``, ``watch``): Ctrl-C stops the following, never the
+        rebuild, and says so, with how to follow it again and how to abort it (then exit 130)."""
+        try:
+            yield
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            target = f"{instance} --host {host}"
+            self.error(
+                ExitCode.INTERRUPTED,
+                f"interrupted; the rebuild goes on (workflow {workflow_id}). Follow it: rebuild watch "
+                f"{target} (or rebuild status {target}); abort it: rebuild abort {target} --reason TEXT",
+            )
+            raise
+
+    @contextlib.contextmanager
     def refusing(self, what: str) -> Iterator[None]:
         """Options turned into a request: one that cannot be used exits 2, before anything starts."""
         try:

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from temporalio.client import WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from common.connection import connect
 from common.exit_codes import ExitCode
@@ -122,8 +122,15 @@ async def _watch(cli: Cli, instance: str, host: str, address: str | None) -> int
     `rebuild start --wait`. Example: rebuild watch web-1
     """
     client = await connect(address)
+    handle, _ = await latest_rebuild(client, instance, host)
+    with cli.following(instance, host, handle.id):
+        return await _follow(cli, client, handle, instance, host)
+
+
+async def _follow(
+    cli: Cli, client: Client, handle: WorkflowHandle[Any, Any], instance: str, host: str
+) -> int:
     if cli.json:
-        handle, _ = await latest_rebuild(client, instance, host)
         with contextlib.suppress(WorkflowFailureError):
             await handle.result()
         described = await describe_rebuild(client, instance, host)

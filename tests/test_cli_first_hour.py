@@ -3,8 +3,10 @@ worker whose host activities are the real ones on libvirt's ``test:///`` driver.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
 from common.connection import worker_identity
@@ -189,3 +191,54 @@ def test_fleet_refusals_name_the_options_too() -> None:
     )
     assert batch.returncode == ExitCode.BAD_INPUT
     assert "--batch: Input should be greater than or equal to 1" in batch.stderr
+
+
+async def interrupted(address: str, *args: str, once: str) -> tuple[int, str, str]:
+    """``rebuild ARGS``, interrupted by Ctrl-C (SIGINT) once its stderr or stdout shows ``once``."""
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "rebuild"),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, TEMPORAL_ADDRESS=address, **NARROW),
+    )
+    stderr = process.stderr
+    assert stderr is not None
+    seen = b""
+
+    async def read_until_shown() -> None:
+        nonlocal seen
+        while once.encode() not in seen:
+            chunk = await stderr.read(200)
+            if not chunk:
+                raise AssertionError(f"{args} ended before showing {once!r}: {seen!r}")
+            seen += chunk
+
+    await asyncio.wait_for(read_until_shown(), 60)
+    process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), (seen + err).decode()
+
+
+async def test_ctrl_c_during_wait_says_the_rebuild_goes_on_and_how_to_follow_or_abort_it(
+    driver_host: DriverHost, images: ImageServer, client: Client
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    target = f"vm-1 --host {host}"
+    code, _, err = await interrupted(
+        driver_host.address,
+        "start", "vm-1", "--host", host, "--image", url, "--sha256", sha, "--require-approval", "--wait",
+        once="phase: await-approval",
+    )  # fmt: skip
+    assert code == ExitCode.INTERRUPTED, err
+    assert "interrupted; the rebuild goes on" in err
+    assert f"Follow it: rebuild watch {target}" in " ".join(err.split())
+    assert f"abort it: rebuild abort {target} --reason TEXT" in " ".join(err.split())
+    assert "Traceback" not in err
+    handle = client.get_workflow_handle(rebuild_workflow_id(host, "vm-1"))
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    code, _, err = await driver_host.cli("abort", "vm-1", "--host", host, "--reason", "test over")
+    assert code == ExitCode.OK, err
