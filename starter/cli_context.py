@@ -22,11 +22,11 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 from temporalio.service import RPCError, RPCStatusCode
-from typer.core import TyperCommand, TyperGroup
 
 from common.connection import TemporalUnavailable
 from common.exit_codes import ExitCode, leave
 from common.exit_codes import table as exit_code_table
+from common.help import HelpCommand, HelpGroup
 from starter.errors import ServiceError, Words, validation_problems
 from workflows.fleet_models import FleetReport
 from workflows.models import RebuildResult
@@ -233,7 +233,7 @@ def _usage_error(exc: Exception) -> tuple[int, str] | None:
     return (code, str(describe())) if isinstance(code, int) and callable(describe) else None
 
 
-class CliCommand(TyperCommand):
+class CliCommand(HelpCommand):
     """A command whose usage errors come out as JSON under its ``--json``.
 
     An error found while options are checked comes after ``--json`` was read (it is eager). One found
@@ -264,7 +264,7 @@ class CliCommand(TyperCommand):
         return any(options.get(name) for name in names if name)
 
 
-class CliGroup(TyperGroup):
+class CliGroup(HelpGroup):
     """A command group whose usage errors (an unknown command or option) come out as JSON when the
     rest of the line asks for it: no command's parser has read that rest, so its ``--json`` is a word."""
 
