@@ -14,18 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
 from aiohttp.test_utils import TestClient
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.worker import Worker
 
+import worker
+from activities.state import DEFAULT_STATE_DIR
 from common.connection import worker_identity
 from common.exit_codes import ExitCode
+from devtools import demo
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import BIN, LOOPBACK_NETWORKS, rebuild_cli, serve
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
 from tests.api_support import AUTH
-from worker import WorkerConfig, host_activities
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 
@@ -55,7 +58,7 @@ async def driver_host(
     xml = xml.replace("<disk type='file' device='disk'>", "<disk type='block' device='disk'>", 1)
     xml = xml.replace(f"<source file='{instances[1].disk}'", "<source dev='/dev/sdz'", 1)
     conn.defineXML(xml)
-    config = WorkerConfig(
+    config = worker.WorkerConfig(
         host=unique_host,
         libvirt_uri=instances[0].libvirt.uri,
         state_dir=tmp_path / "state",
@@ -67,7 +70,7 @@ async def driver_host(
         Worker(
             client,
             task_queue=host_task_queue(unique_host),
-            activities=host_activities(config, instances[0].libvirt),
+            activities=worker.host_activities(config, instances[0].libvirt),
             identity=identity,
         ),
     ):
@@ -242,3 +245,25 @@ async def test_ctrl_c_during_wait_says_the_rebuild_goes_on_and_how_to_follow_or_
     assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
     code, _, err = await driver_host.cli("abort", "vm-1", "--host", host, "--reason", "test over")
     assert code == ExitCode.OK, err
+
+
+def test_cache_list_says_which_state_directory_it_read(tmp_path: Path) -> None:
+    uri = ["--libvirt-uri", "test:///default"]
+    given = rebuild_now("cache", "list", "--state-dir", str(tmp_path), *uri)
+    assert given.returncode == ExitCode.OK, given.stderr
+    lines = given.stdout.splitlines()
+    assert lines[0] == f"state directory: {tmp_path} (--state-dir or REBUILD_STATE_DIR)"
+    assert lines[1] == f"no cached images in {tmp_path / 'images'}"
+    by_default = rebuild_now("cache", "list", *uri)
+    assert by_default.stdout.startswith(
+        f"state directory: {DEFAULT_STATE_DIR} (the worker's default; --state-dir or REBUILD_STATE_DIR"
+    )
+    missing = rebuild_now("cache", "prune", "--dry-run", "--state-dir", str(tmp_path / "nope"), *uri)
+    assert "it does not exist: is the worker's --state-dir another?" in missing.stdout
+
+
+def test_cache_and_worker_and_demo_share_one_default_state_directory() -> None:
+    defaults = {p.name: p.default for p in typer.main.get_command(worker.app).params}
+    assert defaults["state_dir"] == DEFAULT_STATE_DIR
+    assert str(DEFAULT_STATE_DIR) in " ".join(rebuild_now("cache", "list", "--help").stdout.split())
+    assert demo.STATE == DEFAULT_STATE_DIR or "REBUILD_STATE_DIR" in os.environ
