@@ -95,7 +95,9 @@ def start(
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a rebuild of INSTANCE from --image, --glance-image or --snapshot.
+    """Start a rebuild of INSTANCE from --image, --glance-image, --snapshot or its current image.
+
+    No image named: the one its metadata records, with its digest (as `openstack server rebuild`).
 
     Identity options follow Nova's rebuild: one not given keeps the instance's value, --no-... removes it.
 

@@ -267,3 +267,35 @@ def test_cache_and_worker_and_demo_share_one_default_state_directory() -> None:
     assert defaults["state_dir"] == DEFAULT_STATE_DIR
     assert str(DEFAULT_STATE_DIR) in " ".join(rebuild_now("cache", "list", "--help").stdout.split())
     assert demo.STATE == DEFAULT_STATE_DIR or "REBUILD_STATE_DIR" in os.environ
+
+
+async def test_start_without_an_image_rebuilds_from_the_current_one_or_says_none_is_recorded(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    host = driver_host.name
+    code, out, err = await driver_host.cli("start", "vm-1", "--host", host, "--stop-timeout", "0")
+    assert code == ExitCode.BAD_INPUT, (out, err)
+    assert "instance 'vm-1' records no image in its <metadata>" in err
+    assert "name the image to rebuild it from" in err
+
+    url, sha = serve(images, "image B", "qcow2")
+    code, _, err = await driver_host.cli(
+        "start", "vm-1", "--host", host, "--image", url, "--sha256", sha, "--stop-timeout", "0", "--wait"
+    )
+    assert code == ExitCode.OK, err
+    code, out, err = await driver_host.cli("start", "vm-1", "--host", host, "--stop-timeout", "0", "--wait")
+    assert code == ExitCode.OK, err
+    assert f"image sha256 {sha}" in out
+    code, out, _ = await driver_host.cli("status", "vm-1", "--host", host)
+    assert f"  image: {url}\n" in out
+    downloads = [r for r in images.requests if r.path == "image-B.qcow2" and r.status in (200, 206)]
+    assert len(downloads) == 1  # the reinstall found the recorded image in the host's cache
+
+
+def test_a_digest_without_an_image_and_a_fleet_without_one_are_refused() -> None:
+    digest = rebuild_now("start", "vm-1", "--host", "h", "--sha256", "ab" * 32)
+    assert digest.returncode == ExitCode.BAD_INPUT
+    assert "--sha256, --sha512 and --disk-format go with the image they describe" in digest.stderr
+    fleet = rebuild_now("fleet", "start", "--select", "w*", "--host", "h")
+    assert fleet.returncode == ExitCode.BAD_INPUT
+    assert "name the fleet's image by --image or --glance-image (with --glance)" in fleet.stderr

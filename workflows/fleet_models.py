@@ -268,6 +268,9 @@ class StrictRebuildOptions(RebuildOptions):
     @model_validator(mode="after")
     def _valid_for_a_rebuild(self) -> StrictRebuildOptions:
         # The image fields are checked exactly as a single rebuild checks them, once, at the edge.
+        if self.image_url is None and self.glance_image_id is None and self.glance_url is None:
+            # Each instance's own current image is no fleet's image: a fleet names the one it rolls out.
+            raise ValueError("name the fleet's image by `image_url` or `glance_image_id` (with `glance_url`)")
         try:
             StrictRebuildRequest(instance="i", host="h", **self.model_dump())
         except ValidationError as exc:
