@@ -34,10 +34,9 @@ from starter.cli_context import (
 )
 from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
-from starter.identity_options import IdentityOptionError, identity_change
+from starter.identity_options import identity_change
 from starter.rebuilds import query_status, start_rebuild, wait_past_inspect
 from starter.snapshot_cli import snapshot_app
-from workflows.identity import SeedFormat
 from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
 from workflows.results import failure_result
 
@@ -105,14 +104,7 @@ def start(
     """
     cli = Cli.of(ctx)
     with cli.refusing("request"):
-        if checksum is not None:
-            algo, _, value = checksum.partition(":")
-            if algo.lower() not in ("sha256", "sha512") or not value:
-                cli.fail(ExitCode.BAD_INPUT, f"--checksum must be sha256:HEX or sha512:HEX, not {checksum!r}")
-            if algo.lower() == "sha256":
-                sha256 = sha256 or value
-            else:
-                sha512 = sha512 or value
+        sha256, sha512 = ro.digests(checksum, sha256, sha512)
         request = StrictRebuildRequest(
             instance=instance,
             host=host,
@@ -148,18 +140,10 @@ def start(
                 metadata=metadata,
                 no_metadata=no_metadata,
                 admin_password_file=admin_password_file,
-                seed_format=_seed_format(seed_format),
+                seed_format=ro.seed_format_of(seed_format),
             ),
         )
     cli.run(_start(cli, request, wait, address))
-
-
-def _seed_format(value: str | None) -> SeedFormat | None:
-    if value is None:
-        return None
-    if value not in ("nocloud", "config-drive"):
-        raise IdentityOptionError(f"--seed-format must be nocloud or config-drive, not {value!r}")
-    return "nocloud" if value == "nocloud" else "config-drive"
 
 
 async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | None) -> int:

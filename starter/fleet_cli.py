@@ -37,6 +37,7 @@ from starter.fleets import (
     resize_fleet,
     start_fleet,
 )
+from starter.identity_options import identity_change
 from workflows.fleet_models import (
     ControlAnswer,
     FleetRequest,
@@ -74,6 +75,7 @@ def start(
     image: ro.ImageOption = None,
     sha256: ro.Sha256Option = None,
     sha512: ro.Sha512Option = None,
+    checksum: ro.ChecksumOption = None,
     disk_format: ro.DiskFormatOption = None,
     glance: ro.GlanceOption = None,
     glance_image: ro.GlanceImageOption = None,
@@ -159,18 +161,36 @@ def start(
     stop_timeout: ro.StopTimeoutOption = 60.0,
     boot_marker: ro.BootMarkerOption = None,
     boot_timeout: ro.BootTimeoutOption = 120.0,
+    verify: ro.VerifyOption = None,
+    require_approval: ro.RequireApprovalOption = False,
+    approval_timeout: ro.ApprovalTimeoutOption = 3600.0,
+    confirm_within: ro.ConfirmWithinOption = None,
+    revert_by_default: ro.RevertByDefaultOption = False,
+    ssh_key: ro.SshKeyOption = None,
+    no_ssh_keys: ro.NoSshKeysOption = False,
+    user_data: ro.UserDataOption = None,
+    no_user_data: ro.NoUserDataOption = False,
+    metadata: ro.MetadataOption = None,
+    no_metadata: ro.NoMetadataOption = False,
+    admin_password_file: ro.AdminPasswordFileOption = None,
+    seed_format: ro.SeedFormatOption = None,
     requested_by: ro.RequestedByOption = ro.REQUESTED_BY,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the fleet until it ends.")] = False,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a rolling rebuild of many instances.
+    """Start a rolling rebuild of many instances, each with the options of `rebuild start`.
+
+    Each rebuild waits for its own approval (rebuild approve INSTANCE --host HOST) and confirm window.
+
+    Every guest gets the same identity: no per-guest host name or display name.
 
     Example: rebuild fleet start --image https://images.example/noble.qcow2 --sha256 HEX
     --select 'web-*' --host kvm-01 --host kvm-02 --batch 20 --max-unavailable 5 --per-host 2 --max-failures 3
     """
     cli = Cli.of(ctx)
     with cli.refusing("fleet"):
+        sha256, sha512 = ro.digests(checksum, sha256, sha512)
         rebuild = StrictRebuildOptions(
             image_url=image,
             sha256=sha256,
@@ -185,6 +205,24 @@ def start(
             requested_by=requested_by,
             preflight=preflight,
             disk_mode=disk_mode,
+            verify=verify,
+            require_approval=require_approval,
+            approval_timeout_seconds=approval_timeout,
+            confirm_within_seconds=confirm_within,
+            revert_by_default=revert_by_default,
+            identity=identity_change(
+                ssh_key_files=ssh_key,
+                no_ssh_keys=no_ssh_keys,
+                user_data_file=user_data,
+                no_user_data=no_user_data,
+                hostname=None,
+                name=None,
+                description=None,
+                metadata=metadata,
+                no_metadata=no_metadata,
+                admin_password_file=admin_password_file,
+                seed_format=ro.seed_format_of(seed_format),
+            ),
         )
         if (instances_file is None) == (select is None):
             cli.fail(

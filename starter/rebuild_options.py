@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from workflows.identity import SeedFormat
+
 # The panels of `rebuild start --help` (and of `rebuild fleet start --help`), in the order shown.
 IMAGE_PANEL = "Image"
 STOP_BOOT_PANEL = "Stop, boot and verify"
@@ -241,3 +243,23 @@ SeedFormatOption = Annotated[
         help="cloud-init seed: nocloud (default) or config-drive (Nova's).",
     ),
 ]
+
+
+def digests(checksum: str | None, sha256: str | None, sha512: str | None) -> tuple[str | None, str | None]:
+    """``--checksum ALGO:HEX`` folded into ``--sha256``/``--sha512`` (which win where both are given)."""
+    if checksum is None:
+        return sha256, sha512
+    algo, _, value = checksum.partition(":")
+    if algo.lower() not in ("sha256", "sha512") or not value:
+        raise ValueError(f"--checksum must be sha256:HEX or sha512:HEX, not {checksum!r}")
+    if algo.lower() == "sha256":
+        return sha256 or value, sha512
+    return sha256, sha512 or value
+
+
+def seed_format_of(value: str | None) -> SeedFormat | None:
+    if value is None:
+        return None
+    if value not in ("nocloud", "config-drive"):
+        raise ValueError(f"--seed-format must be nocloud or config-drive, not {value!r}")
+    return "nocloud" if value == "nocloud" else "config-drive"

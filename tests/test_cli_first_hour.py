@@ -28,8 +28,10 @@ from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import BIN, LOOPBACK_NETWORKS, rebuild_cli, serve
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
+from starter.cli import app
 from tests.api_support import AUTH
-from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue, rebuild_workflow_id
+from workflows.fleet import FleetRebuild
+from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, host_task_queue, rebuild_workflow_id
 from workflows.rebuild import RebuildInstance
 
 NARROW = {"COLUMNS": "80"}
@@ -66,7 +68,12 @@ async def driver_host(
     )
     identity = worker_identity(unique_host)
     async with (
-        Worker(client, task_queue=WORKFLOW_TASK_QUEUE, workflows=[RebuildInstance], identity=identity),
+        Worker(
+            client,
+            task_queue=WORKFLOW_TASK_QUEUE,
+            workflows=[RebuildInstance, FleetRebuild],
+            identity=identity,
+        ),
         Worker(
             client,
             task_queue=host_task_queue(unique_host),
@@ -299,3 +306,45 @@ def test_a_digest_without_an_image_and_a_fleet_without_one_are_refused() -> None
     fleet = rebuild_now("fleet", "start", "--select", "w*", "--host", "h")
     assert fleet.returncode == ExitCode.BAD_INPUT
     assert "name the fleet's image by --image or --glance-image (with --glance)" in fleet.stderr
+
+
+async def test_fleet_start_gives_every_rebuild_the_options_rebuild_start_has(
+    driver_host: DriverHost, images: ImageServer, client: Client, tmp_path: Path
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    listed = tmp_path / "instances"
+    listed.write_text(f"{host} vm-1\n")
+    code, out, err = await driver_host.cli(
+        "fleet", "start", "--instances-file", str(listed), "--image", url, "--checksum", f"sha256:{sha}",
+        "--verify", "console:login:", "--require-approval", "--approval-timeout", "600",
+        "--confirm-within", "60", "--revert-by-default", "--metadata", "role=web", "--name", "f-opts",
+    )  # fmt: skip
+    assert code == ExitCode.OK, (out, err)
+    child = client.get_workflow_handle(rebuild_workflow_id(host, "vm-1"))
+    for _ in range(200):
+        code, out, _ = await driver_host.cli("status", "vm-1", "--host", host)
+        if "phase: await-approval" in out:
+            break
+        await asyncio.sleep(0.2)
+    assert "phase: await-approval" in out
+    async for event in child.fetch_history_events():
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        (request,) = await client.data_converter.decode(payloads, [RebuildRequest])
+        break
+    assert (request.sha256, request.verify, request.require_approval) == (sha, "console:login:", True)
+    assert (request.approval_timeout_seconds, request.confirm_within_seconds) == (600, 60)
+    assert request.revert_by_default and request.identity.metadata == {"role": "web"}
+    code, _, err = await driver_host.cli("fleet", "abort", "f-opts", "--reason", "test over")
+    assert code == ExitCode.OK, err
+
+
+def test_fleet_start_has_every_option_of_rebuild_start_but_the_per_instance_ones() -> None:
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    single = {p.name: p for p in commands["start"].params}
+    fleet = {p.name: p for p in commands["fleet"].commands["start"].params}
+    per_instance = {"instance", "snapshot", "host", "hostname", "name", "description", "root_disk"}
+    per_instance |= {"discard_snapshots"}
+    assert set(single) - set(fleet) - per_instance == set()
+    for name in set(single) & set(fleet) - {"host", "name", "wait"}:
+        assert single[name].help == fleet[name].help, name  # one definition: one text
