@@ -28,12 +28,11 @@ from common.exit_codes import ExitCode, leave
 from common.exit_codes import table as exit_code_table
 from common.help import HelpCommand, HelpGroup
 from starter.errors import ServiceError, Words, validation_problems
+from starter.rebuilds import BAD_INPUT_TYPES
 from workflows.fleet_models import FleetReport
 from workflows.models import RebuildResult
 
 EXIT_CODES_HELP = "Exit codes (every command):\n\n" + exit_code_table()
-# Failures that mean the request itself was wrong, not that the rebuild broke.
-BAD_INPUT_TYPES = frozenset({"InstanceNotFound", "UnsupportedInstance", "InvalidRequest"})
 # What a command exits with for each way a workflow can be; anything else ended without a result.
 EXIT_FOR_WORKFLOW_STATUS = {
     "RUNNING": ExitCode.OK,

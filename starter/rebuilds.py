@@ -210,6 +210,33 @@ async def wait_past_inspect(
         await asyncio.sleep(0.1)
 
 
+# Failures that mean the request itself was wrong (a name no host has, a disk no back end replaces, no
+# image recorded), not that the rebuild broke: exit 2, HTTP 400.
+BAD_INPUT_TYPES = frozenset({"InstanceNotFound", "UnsupportedInstance", "InvalidRequest"})
+
+
+class RefusedAtInspect(BadRequest):
+    """The rebuild ended at inspect because of what it was asked: nothing changed."""
+
+
+async def start_past_inspect(
+    client: Client, request: RebuildRequest
+) -> tuple[WorkflowHandle[Any, RebuildResult], Phase | None]:
+    """:func:`start_rebuild`, answered once the rebuild is past inspect (its phase then): a request
+    that inspect refuses raises :class:`RefusedAtInspect` with inspect's reason. None: it ended
+    otherwise, already (its result says how)."""
+    handle = await start_rebuild(client, request)
+    phase = await wait_past_inspect(handle)
+    if phase is None:
+        try:
+            await handle.result(rpc_timeout=_RPC_TIMEOUT)
+        except WorkflowFailureError as failure:
+            outcome = failure_result(failure.cause)
+            if outcome is not None and outcome.error_type in BAD_INPUT_TYPES:
+                raise RefusedAtInspect(outcome.error or "refused at inspect") from None
+    return handle, phase
+
+
 async def latest_rebuild(
     client: Client, instance: str, host: str, must_run: bool = False
 ) -> tuple[WorkflowHandle[Any, RebuildResult], Any]:

@@ -348,3 +348,18 @@ def test_fleet_start_has_every_option_of_rebuild_start_but_the_per_instance_ones
     assert set(single) - set(fleet) - per_instance == set()
     for name in set(single) & set(fleet) - {"host", "name", "wait"}:
         assert single[name].help == fleet[name].help, name  # one definition: one text
+
+
+async def test_the_api_answers_a_start_once_past_inspect_and_refuses_an_unknown_instance_with_400(
+    driver_host: DriverHost, images: ImageServer, api: TestClient[Any, Any]
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    body = {"host": driver_host.name, "image_url": url, "sha256": sha, "require_approval": True}
+    refused = await api.post("/v1/rebuilds", json={**body, "instance": "no-such-vm"}, headers=AUTH)
+    assert refused.status == 400
+    assert "instance 'no-such-vm' is not defined on this host" in (await refused.json())["error"]
+    started = await api.post("/v1/rebuilds", json={**body, "instance": "vm-1"}, headers=AUTH)
+    assert started.status == 201
+    assert (await started.json())["phase"] not in (None, "pending", "inspect")
+    code, _, err = await driver_host.cli("abort", "vm-1", "--host", driver_host.name, "--reason", "test over")
+    assert code == ExitCode.OK, err
