@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import typer
 from aiohttp.test_utils import TestClient
-from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.worker import Worker
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer, Worker
 
 import worker
 from activities.state import DEFAULT_STATE_DIR
@@ -30,8 +31,10 @@ from devtools.testbed.e2e import BIN, LOOPBACK_NETWORKS, rebuild_cli, serve
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
 from starter.cli import app
 from tests.api_support import AUTH
+from tests.history_recorder import record_patched_history
 from workflows.fleet import FleetRebuild
 from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, host_task_queue, rebuild_workflow_id
+from workflows.names import PATCH_CURRENT_IMAGE
 from workflows.rebuild import RebuildInstance
 
 NARROW = {"COLUMNS": "80"}
@@ -276,14 +279,23 @@ def test_cache_and_worker_and_demo_share_one_default_state_directory() -> None:
     assert demo.STATE == DEFAULT_STATE_DIR or "REBUILD_STATE_DIR" in os.environ
 
 
+async def replayed_and_recorded(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """The run replays on today's code (saved for the replay test with REBUILD_RECORD_HISTORIES=1)."""
+    replayer = Replayer(workflows=[RebuildInstance], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(await handle.fetch_history())
+    await record_patched_history(handle, name, PATCH_CURRENT_IMAGE)
+
+
 async def test_start_without_an_image_rebuilds_from_the_current_one_or_says_none_is_recorded(
-    driver_host: DriverHost, images: ImageServer
+    driver_host: DriverHost, images: ImageServer, client: Client
 ) -> None:
     host = driver_host.name
     code, out, err = await driver_host.cli("start", "vm-1", "--host", host, "--stop-timeout", "0")
     assert code == ExitCode.BAD_INPUT, (out, err)
     assert "instance 'vm-1' records no image in its <metadata>" in err
     assert "name the image to rebuild it from" in err
+    handle = client.get_workflow_handle(rebuild_workflow_id(host, "vm-1"))
+    await replayed_and_recorded(handle, "rebuild-refused-no-image-recorded")
 
     url, sha = serve(images, "image B", "qcow2")
     code, _, err = await driver_host.cli(
@@ -295,6 +307,7 @@ async def test_start_without_an_image_rebuilds_from_the_current_one_or_says_none
     assert f"image sha256 {sha}" in out
     code, out, _ = await driver_host.cli("status", "vm-1", "--host", host)
     assert f"  image: {url}\n" in out
+    await replayed_and_recorded(handle, "rebuild-from-current-image")
     downloads = [r for r in images.requests if r.path == "image-B.qcow2" and r.status in (200, 206)]
     assert len(downloads) == 1  # the reinstall found the recorded image in the host's cache
 
