@@ -45,6 +45,7 @@ from common.codec import CodecKeyError
 from common.connection import TemporalUnavailable, connect, worker_identity
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
+from common.help import HelpCommand
 from common.logs import LogFormat, configure_logging
 from common.metrics import prometheus_runtime
 from workflows.fleet import FleetRebuild
@@ -215,34 +216,71 @@ async def serve(config: WorkerConfig) -> None:
         await stop.wait()
 
 
-@app.command(epilog="Exit codes (every command):\n\n" + exit_code_table())
+# The panels of `rebuild-worker --help`.
+HOST_PANEL = "This host"
+IMAGES_PANEL = "Where images may come from"
+GLANCE_PANEL = "Glance"
+DEFAULTS_PANEL = "Defaults for the rebuilds on this host (a request may say otherwise)"
+VERSIONING_PANEL = "Worker Versioning"
+SANDBOX_PANEL = "Pre-flight sandboxes"
+
+
+@app.command(cls=HelpCommand, epilog="Exit codes (every command):\n\n" + exit_code_table())
 def run(
     host: Annotated[
         str,
         typer.Option(
-            envvar="REBUILD_HOST", help="This hypervisor's name; the worker polls rebuild-host-NAME."
+            envvar="REBUILD_HOST",
+            help="This hypervisor's name; the worker polls rebuild-host-NAME.",
+            rich_help_panel=HOST_PANEL,
         ),
     ] = THIS_HOST,
     libvirt_uri: Annotated[
-        str, typer.Option(envvar="REBUILD_LIBVIRT_URI", help="libvirt connection URI.")
+        str,
+        typer.Option(
+            envvar="REBUILD_LIBVIRT_URI",
+            help="libvirt connection URI.",
+            rich_help_panel=HOST_PANEL,
+        ),
     ] = "qemu:///system",
     state_dir: Annotated[
-        Path, typer.Option(envvar="REBUILD_STATE_DIR", help="Image cache and state.")
+        Path,
+        typer.Option(
+            envvar="REBUILD_STATE_DIR",
+            help="Image cache and state.",
+            rich_help_panel=HOST_PANEL,
+        ),
     ] = DEFAULT_STATE_DIR,
     address: Annotated[
-        str | None, typer.Option(help="Temporal address (default: envconfig, localhost:7233).")
+        str | None,
+        typer.Option(
+            help="Temporal address (default: envconfig, localhost:7233).",
+            rich_help_panel=HOST_PANEL,
+        ),
     ] = None,
     download_read_timeout: Annotated[
-        float, typer.Option(help="Seconds without a byte before a download is declared stalled.")
+        float,
+        typer.Option(
+            help="Seconds without a byte before a download is declared stalled.",
+            rich_help_panel=IMAGES_PANEL,
+            metavar="SECONDS",
+        ),
     ] = 30.0,
     file_image_dir: Annotated[
-        Path | None, typer.Option(help="Directory file:// images may come from (default: none allowed).")
+        Path | None,
+        typer.Option(
+            help="Directory file:// images may come from (default: none allowed).",
+            rich_help_panel=IMAGES_PANEL,
+            metavar="DIR",
+        ),
     ] = None,
     glance_url: Annotated[
         str | None,
         typer.Option(
             envvar="REBUILD_GLANCE_URL",
             help="The Glance endpoint this worker's token belongs to, e.g. https://glance:9292.",
+            rich_help_panel=GLANCE_PANEL,
+            metavar="URL",
         ),
     ] = None,
     glance_token_file: Annotated[
@@ -251,10 +289,17 @@ def run(
             envvar="REBUILD_GLANCE_TOKEN_FILE",
             help="File holding a Keystone token for --glance-url; re-read when it changes, never sent "
             "to any other URL or along a redirect.",
+            rich_help_panel=GLANCE_PANEL,
+            metavar="FILE",
         ),
     ] = None,
     glance_allow_http: Annotated[
-        bool, typer.Option(help="Accept a plain-http Glance endpoint (its token crosses in clear).")
+        bool,
+        typer.Option(
+            "--glance-allow-http",
+            help="Accept a plain-http Glance endpoint (its token crosses in clear).",
+            rich_help_panel=GLANCE_PANEL,
+        ),
     ] = False,
     allow_image_network: Annotated[
         list[str] | None,
@@ -263,6 +308,8 @@ def run(
             help="A network (CIDR) images may come from besides public addresses, e.g. 10.0.5.0/24 for "
             "a private image server; repeatable. Loopback, link-local (metadata) and private "
             "networks are refused unless allowed here.",
+            rich_help_panel=IMAGES_PANEL,
+            metavar="CIDR",
         ),
     ] = None,
     metrics: Annotated[
@@ -270,6 +317,8 @@ def run(
         typer.Option(
             envvar="REBUILD_METRICS_ADDRESS",
             help="Serve Prometheus metrics at this address, e.g. 0.0.0.0:9464.",
+            rich_help_panel=HOST_PANEL,
+            metavar="HOST:PORT",
         ),
     ] = None,
     preflight: Annotated[
@@ -277,14 +326,28 @@ def run(
         typer.Option(
             "--preflight/--no-preflight",
             help="Boot each new image in a sandbox before stopping the instance, unless a request "
-            "says otherwise (rebuild start --preflight/--no-preflight).",
+            "says otherwise (rebuild start --preflight or --no-preflight).",
+            rich_help_panel=DEFAULTS_PANEL,
         ),
     ] = False,
     preflight_slots: Annotated[
-        int, typer.Option(min=1, max=64, help="Pre-flight sandboxes at most at once on this host.")
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Pre-flight sandboxes at most at once on this host.",
+            rich_help_panel=SANDBOX_PANEL,
+            metavar="N",
+        ),
     ] = 2,
     preflight_max_memory: Annotated[
-        int, typer.Option(min=64, help="Memory cap of a pre-flight sandbox, MiB.")
+        int,
+        typer.Option(
+            min=64,
+            help="Memory cap of a pre-flight sandbox, MiB.",
+            rich_help_panel=SANDBOX_PANEL,
+            metavar="MIB",
+        ),
     ] = 2048,
     disk_mode: Annotated[
         str,
@@ -294,6 +357,8 @@ def run(
             "--disk-mode): overlay (a qcow2 overlay on the cached image, constant time) or copy (a "
             "standalone disk in the old disk's format: a reflink where the file system has them, "
             "else a full copy, made before the stop).",
+            rich_help_panel=DEFAULTS_PANEL,
+            metavar="MODE",
         ),
     ] = "overlay",
     max_image_gib: Annotated[
@@ -316,11 +381,21 @@ def run(
         ),
     ] = DEFAULT_CACHE_QUOTA_BYTES / GIB,
     log_format: Annotated[
-        LogFormat, typer.Option(envvar="REBUILD_LOG_FORMAT", help="text for a terminal, json for a pipeline.")
+        LogFormat,
+        typer.Option(
+            envvar="REBUILD_LOG_FORMAT",
+            help="text for a terminal, json for a pipeline.",
+            rich_help_panel=HOST_PANEL,
+        ),
     ] = LogFormat.TEXT,
     pause_dir: Annotated[
         Path | None,
-        typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
+        typer.Option(
+            envvar="REBUILD_PAUSE_DIR",
+            help="Test hook: pause activities at named points.",
+            rich_help_panel=HOST_PANEL,
+            metavar="DIR",
+        ),
     ] = None,
     build_id: Annotated[
         str | None,
@@ -328,10 +403,17 @@ def run(
             envvar="REBUILD_BUILD_ID",
             help="Join Worker Versioning as this build of --deployment-name (rebuilds are pinned to it); "
             "default: unversioned.",
+            rich_help_panel=VERSIONING_PANEL,
+            metavar="ID",
         ),
     ] = None,
     deployment_name: Annotated[
-        str, typer.Option(help="Worker Deployment this worker's build belongs to.")
+        str,
+        typer.Option(
+            help="Worker Deployment this worker's build belongs to.",
+            rich_help_panel=VERSIONING_PANEL,
+            metavar="NAME",
+        ),
     ] = DEPLOYMENT_NAME,
 ) -> None:
     """Run the rebuild worker for this hypervisor host."""

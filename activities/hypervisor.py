@@ -88,6 +88,7 @@ class HypervisorActivities:
                 root_disk_format=disk.format,
                 root_disk_target=disk.target,
                 current_image_sha256=record.get("sha256") if record is not None else None,
+                current_image_url=record.get("url") if record is not None else None,
                 has_identity=dx.current_identity(xml) is not None,
                 preflight_by_default=self.preflight_by_default,
             )

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import libvirt
 
+from activities.state import DEFAULT_STATE_DIR
 from devtools.guest import domain_xml, remove_domain, write_image
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, pid_alive, port_open
@@ -27,7 +28,7 @@ from workflows.models import rebuild_workflow_id
 
 # Host-wide, like a real worker's: a second checkout's demo reuses the same dev server and replaces
 # the same worker instead of starting a rival one on the same host queue.
-STATE = Path(os.environ.get("REBUILD_STATE_DIR", "/var/lib/durable-rebuild"))
+STATE = Path(os.environ.get("REBUILD_STATE_DIR", str(DEFAULT_STATE_DIR)))
 VM = "demo-vm"
 TEMPORAL_PORT, UI_PORT, IMAGE_PORT = 7233, 8233, 8088
 LIBVIRT_URI = "qemu:///system"
@@ -88,8 +89,9 @@ def restart_worker() -> None:
             str(BIN / "rebuild-worker"),
             "--libvirt-uri",
             LIBVIRT_URI,
+            # The worker's default state directory, so `rebuild cache list` reads its cache as is.
             "--state-dir",
-            str(STATE / "host"),
+            str(STATE),
             "--address",
             f"127.0.0.1:{TEMPORAL_PORT}",
             # The demo's image server is on loopback, which workers refuse unless told otherwise.

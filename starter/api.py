@@ -30,6 +30,7 @@ from temporalio.service import RPCError
 from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
+from common.help import HelpCommand
 from common.logs import LogFormat, configure_logging
 from starter.api_clients import ApiClients, TokensFileError
 from starter.fleet_api import FLEET_MODELS, add_fleet_routes, fleet_openapi_paths
@@ -192,7 +193,7 @@ def _loopback(listen: str) -> bool:
 app = typer.Typer(add_completion=False)
 
 
-@app.command(epilog="Exit codes (every command):\n\n" + exit_code_table())
+@app.command(cls=HelpCommand, epilog="Exit codes (every command):\n\n" + exit_code_table())
 def run(
     listen: Annotated[
         str, typer.Option(envvar="REBUILD_API_LISTEN", help="Address to listen on.")

@@ -24,7 +24,9 @@ cache_app = command_group("The host's image cache (run on the hypervisor host it
 StateDirOption = Annotated[
     Path | None,
     typer.Option(
-        envvar="REBUILD_STATE_DIR", help="The worker's state directory (default: the worker's default)."
+        envvar="REBUILD_STATE_DIR",
+        metavar="DIR",
+        help="The worker's state directory (default: the worker's, /var/lib/durable-rebuild).",
     ),
 ]
 LibvirtOption = Annotated[
@@ -47,9 +49,14 @@ def cache_list(
     from activities.state import DEFAULT_STATE_DIR, StateDir
 
     cli = Cli.of(ctx)
-    entries = list_cache(StateDir(state_dir or DEFAULT_STATE_DIR), _open_libvirt(cli, libvirt_uri))
+    state = StateDir(state_dir or DEFAULT_STATE_DIR)
+    entries = list_cache(state, _open_libvirt(cli, libvirt_uri))
     if cli.json:
         cli.print_json([dataclasses.asdict(e) for e in entries])
+        leave(ExitCode.OK)
+    cli.say(_which_state_dir(state.root, state_dir is None))
+    if not entries:
+        cli.say(f"no cached images in {state.images}")
         leave(ExitCode.OK)
     table = Table("sha256", "where", "size", "last used", "used by", box=None)
     for entry in entries:
@@ -82,16 +89,29 @@ def cache_prune(
     cli = Cli.of(ctx)
     conn = _open_libvirt(cli, libvirt_uri)
     limit = int(max_total_gib * (1 << 30)) if max_total_gib is not None else None
-    report = prune_cache(StateDir(state_dir or DEFAULT_STATE_DIR), conn, max_age_days * 86400, limit, dry_run)
+    state = StateDir(state_dir or DEFAULT_STATE_DIR)
+    report = prune_cache(state, conn, max_age_days * 86400, limit, dry_run)
     if cli.json:
         cli.print_json(dataclasses.asdict(report))
     else:
+        cli.say(_which_state_dir(state.root, state_dir is None))
         verb = "would remove" if dry_run else "removed"
         cli.say(
             f"{verb} {len(report.removed)} image(s), {_size(report.freed_bytes)}; "
             f"kept {len(report.kept_in_use)} in use; {report.partials_removed} stale partial download(s)"
         )
     leave(ExitCode.OK)
+
+
+def _which_state_dir(root: Path, by_default: bool) -> str:
+    """Which worker's cache this is: an empty table from another directory must not look like none."""
+    how = (
+        "the worker's default; --state-dir or REBUILD_STATE_DIR names another"
+        if by_default
+        else "--state-dir or REBUILD_STATE_DIR"
+    )
+    missing = "" if root.is_dir() else "; it does not exist: is the worker's --state-dir another?"
+    return f"state directory: {root} ({how}){missing}"
 
 
 def _open_libvirt(cli: Cli, uri: str) -> Libvirt:

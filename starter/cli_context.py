@@ -22,18 +22,17 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 from temporalio.service import RPCError, RPCStatusCode
-from typer.core import TyperCommand, TyperGroup
 
 from common.connection import TemporalUnavailable
 from common.exit_codes import ExitCode, leave
 from common.exit_codes import table as exit_code_table
+from common.help import HelpCommand, HelpGroup
 from starter.errors import ServiceError, Words, validation_problems
+from starter.rebuilds import BAD_INPUT_TYPES
 from workflows.fleet_models import FleetReport
 from workflows.models import RebuildResult
 
 EXIT_CODES_HELP = "Exit codes (every command):\n\n" + exit_code_table()
-# Failures that mean the request itself was wrong, not that the rebuild broke.
-BAD_INPUT_TYPES = frozenset({"InstanceNotFound", "UnsupportedInstance", "InvalidRequest"})
 # What a command exits with for each way a workflow can be; anything else ended without a result.
 EXIT_FOR_WORKFLOW_STATUS = {
     "RUNNING": ExitCode.OK,
@@ -67,9 +66,36 @@ def exit_for_fleet(workflow_status: str, report: FleetReport | None) -> ExitCode
     return exit_for_workflow(workflow_status)
 
 
+# The option that sets each request field, where its name is not the field's with dashes: the same
+# for `rebuild start` and `rebuild fleet start`.
+OPTION_FOR_FIELD = {
+    "instance": "INSTANCE",
+    "image_url": "--image",
+    "glance_url": "--glance",
+    "glance_image_id": "--glance-image",
+    "snapshot_id": "--snapshot",
+    "start_after": "--start/--no-start",
+    "stop_timeout_seconds": "--stop-timeout",
+    "boot_timeout_seconds": "--boot-timeout",
+    "approval_timeout_seconds": "--approval-timeout",
+    "confirm_within_seconds": "--confirm-within",
+    "preflight": "--preflight/--no-preflight",
+    "batch_size": "--batch",
+    "pause_between_seconds": "--pause-between",
+    "name_pattern": "--select",
+    "instances": "--instances-file",
+    "hosts": "--host",
+}
+
+
+def option_for(field: str) -> str:
+    """How the CLI names a request's field: the option that sets it."""
+    return OPTION_FOR_FIELD.get(field, f"--{field.replace('_', '-')}")
+
+
 # A refusal as the operator reads it: where to look is a command, an input is an option.
 CLI_WORDS = Words(
-    field=lambda name: f"--{name.replace('_', '-')}",
+    field=option_for,
     rebuild=lambda host, instance: f"rebuild status {instance} --host {host}",
     fleet=lambda name: f"rebuild fleet status {name}",
 )
@@ -136,12 +162,27 @@ class Cli:
         return ExitCode.OK
 
     @contextlib.contextmanager
+    def following(self, instance: str, host: str, workflow_id: str) -> Iterator[None]:
+        """Following a rebuild (``start --wait``, ``watch``): Ctrl-C stops the following, never the
+        rebuild, and says so, with how to follow it again and how to abort it (then exit 130)."""
+        try:
+            yield
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            target = f"{instance} --host {host}"
+            self.error(
+                ExitCode.INTERRUPTED,
+                f"interrupted; the rebuild goes on (workflow {workflow_id}). Follow it: rebuild watch "
+                f"{target} (or rebuild status {target}); abort it: rebuild abort {target} --reason TEXT",
+            )
+            raise
+
+    @contextlib.contextmanager
     def refusing(self, what: str) -> Iterator[None]:
         """Options turned into a request: one that cannot be used exits 2, before anything starts."""
         try:
             yield
         except ValidationError as exc:
-            self.fail(ExitCode.BAD_INPUT, f"invalid {what}: {validation_problems(exc)}")
+            self.fail(ExitCode.BAD_INPUT, f"invalid {what}: {validation_problems(exc, option_for)}")
         except ServiceError as exc:  # an unreadable instances file, a duration
             self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
         except ValueError as exc:  # an identity option, a requester's name
@@ -156,7 +197,7 @@ class Cli:
         except ServiceError as exc:
             self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
         except ValidationError as exc:
-            self.fail(ExitCode.BAD_INPUT, validation_problems(exc))
+            self.fail(ExitCode.BAD_INPUT, validation_problems(exc, option_for))
         except ValueError as exc:
             self.fail(ExitCode.BAD_INPUT, str(exc))
         except TemporalUnavailable as exc:
@@ -191,7 +232,7 @@ def _usage_error(exc: Exception) -> tuple[int, str] | None:
     return (code, str(describe())) if isinstance(code, int) and callable(describe) else None
 
 
-class CliCommand(TyperCommand):
+class CliCommand(HelpCommand):
     """A command whose usage errors come out as JSON under its ``--json``.
 
     An error found while options are checked comes after ``--json`` was read (it is eager). One found
@@ -222,7 +263,7 @@ class CliCommand(TyperCommand):
         return any(options.get(name) for name in names if name)
 
 
-class CliGroup(TyperGroup):
+class CliGroup(HelpGroup):
     """A command group whose usage errors (an unknown command or option) come out as JSON when the
     rest of the line asks for it: no command's parser has read that rest, so its ``--json`` is a word."""
 

@@ -17,6 +17,9 @@ from typing import Annotated
 import typer
 
 PACKAGE = "durable-rebuild"
+# The options the `temporal` CLI has, by its names; each also read from envconfig's variable.
+CONNECTION_PANEL = "Temporal connection (as the temporal CLI's)"
+TLS_PANEL = "TLS details (as the temporal CLI's)"
 THIS_HOST = socket.gethostname()
 # Every command about one instance takes its hypervisor the same way (README: REBUILD_HOST).
 HostOption = Annotated[
@@ -52,43 +55,107 @@ def connection_options(
     address: Annotated[
         str | None,
         typer.Option(
-            envvar="TEMPORAL_ADDRESS", help="Temporal frontend, host:port (default localhost:7233)."
+            envvar="TEMPORAL_ADDRESS",
+            help="Temporal frontend, host:port (default localhost:7233).",
+            rich_help_panel=CONNECTION_PANEL,
         ),
     ] = None,
     namespace: Annotated[
-        str | None, typer.Option("--namespace", "-n", envvar="TEMPORAL_NAMESPACE", help="Temporal namespace.")
+        str | None,
+        typer.Option(
+            "--namespace",
+            "-n",
+            envvar="TEMPORAL_NAMESPACE",
+            help="Temporal namespace.",
+            rich_help_panel=CONNECTION_PANEL,
+        ),
     ] = None,
     profile: Annotated[
-        str | None, typer.Option(envvar="TEMPORAL_PROFILE", help="Profile in the envconfig TOML file.")
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_PROFILE",
+            help="Profile in the envconfig TOML file.",
+            rich_help_panel=CONNECTION_PANEL,
+        ),
     ] = None,
     config_file: Annotated[
-        str | None, typer.Option(envvar="TEMPORAL_CONFIG_FILE", help="The envconfig TOML file.")
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_CONFIG_FILE",
+            help="The envconfig TOML file.",
+            rich_help_panel=CONNECTION_PANEL,
+        ),
     ] = None,
     api_key: Annotated[
-        str | None, typer.Option(envvar="TEMPORAL_API_KEY", help="API key (implies TLS).", show_default=False)
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_API_KEY",
+            help="API key (implies TLS).",
+            show_default=False,
+            rich_help_panel=CONNECTION_PANEL,
+        ),
     ] = None,
     tls: Annotated[
-        bool | None, typer.Option("--tls/--no-tls", envvar="TEMPORAL_TLS", help="Connect with TLS.")
+        bool | None,
+        typer.Option(
+            "--tls/--no-tls",
+            envvar="TEMPORAL_TLS",
+            help="Connect with TLS.",
+            rich_help_panel=CONNECTION_PANEL,
+        ),
     ] = None,
     tls_cert_path: Annotated[
-        str | None, typer.Option(envvar="TEMPORAL_TLS_CLIENT_CERT_PATH", help="Client certificate (mTLS).")
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_TLS_CLIENT_CERT_PATH",
+            help="Client certificate (mTLS).",
+            rich_help_panel=TLS_PANEL,
+            metavar="FILE",
+        ),
     ] = None,
     tls_key_path: Annotated[
-        str | None, typer.Option(envvar="TEMPORAL_TLS_CLIENT_KEY_PATH", help="Client private key (mTLS).")
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_TLS_CLIENT_KEY_PATH",
+            help="Client private key (mTLS).",
+            rich_help_panel=TLS_PANEL,
+            metavar="FILE",
+        ),
     ] = None,
     tls_ca_path: Annotated[
-        str | None, typer.Option(envvar="TEMPORAL_TLS_SERVER_CA_CERT_PATH", help="CA of the server.")
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_TLS_SERVER_CA_CERT_PATH",
+            help="CA of the server.",
+            rich_help_panel=TLS_PANEL,
+            metavar="FILE",
+        ),
     ] = None,
     tls_server_name: Annotated[
-        str | None, typer.Option(envvar="TEMPORAL_TLS_SERVER_NAME", help="Server name to verify.")
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_TLS_SERVER_NAME",
+            help="Server name to verify.",
+            rich_help_panel=TLS_PANEL,
+            metavar="NAME",
+        ),
     ] = None,
     tls_disable_host_verification: Annotated[
         bool,
-        typer.Option(envvar="TEMPORAL_TLS_DISABLE_HOST_VERIFICATION", help="Skip the server name check."),
+        typer.Option(
+            "--tls-disable-host-verification",
+            envvar="TEMPORAL_TLS_DISABLE_HOST_VERIFICATION",
+            help="Skip the server name check.",
+            rich_help_panel=TLS_PANEL,
+        ),
     ] = False,
     grpc_meta: Annotated[
         list[str] | None,
-        typer.Option(callback=_grpc_meta, help="gRPC metadata KEY=VALUE on every call (repeatable)."),
+        typer.Option(
+            callback=_grpc_meta,
+            help="gRPC metadata KEY=VALUE on every call (repeatable).",
+            rich_help_panel=CONNECTION_PANEL,
+        ),
     ] = None,
     show_version: Annotated[
         bool,

@@ -9,9 +9,10 @@ at a command, ``starter/http_kit.py`` at a resource's path.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
@@ -130,9 +131,24 @@ class BadFilter(BadRequest):
         super().__init__(f"not a usable filter value: {value!r}")
 
 
-def validation_problems(exc: ValidationError) -> str:
-    """One line naming each bad field and why, for operators and API callers alike."""
-    return "; ".join(
-        (f"{'.'.join(map(str, e['loc']))}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
-        for e in exc.errors()
-    )
+# A field named inside a validator's message: `image_url`. Each edge says it in its own words.
+_NAMED_FIELD = re.compile(r"`([a-z][a-z0-9_]*)`")
+
+
+def validation_problems(exc: ValidationError, field: Callable[[str], str] | None = None) -> str:
+    """One line naming each bad field and why, for operators and API callers alike.
+
+    Without ``field``, fields are named as the request spells them (``identity.hostname``); with it
+    (an edge's :attr:`Words.field`), each by the edge's own name for it: the CLI's option.
+    """
+
+    def problem(error: Any) -> str:
+        loc = [str(part) for part in error["loc"] if isinstance(part, str)]
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if field is None:
+            where = ".".join(map(str, error["loc"]))
+            return f"{where}: {message}" if where else message
+        message = _NAMED_FIELD.sub(lambda named: field(named[1]), message)
+        return f"{field(loc[-1])}: {message}" if loc else message
+
+    return "; ".join(problem(error) for error in exc.errors())

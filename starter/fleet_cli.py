@@ -22,6 +22,7 @@ from temporalio.client import Client
 from common.connection import connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
+from starter import rebuild_options as ro
 from starter.cli_context import AddressOption, Cli, JsonOption, command, command_group, exit_for_fleet
 from starter.fleets import (
     FleetDescription,
@@ -36,6 +37,7 @@ from starter.fleets import (
     resize_fleet,
     start_fleet,
 )
+from starter.identity_options import identity_change
 from workflows.fleet_models import (
     ControlAnswer,
     FleetRequest,
@@ -57,6 +59,8 @@ EXIT_CODES_HELP = (
 fleet_app = command_group(
     "Rolling rebuilds across many instances and hosts: batches, limits, a failure budget.", epilog=None
 )
+SELECTION_PANEL = "Which instances"
+PACE_PANEL = "Pace and failure budget"
 NameArgument = Annotated[str, typer.Argument(help="The fleet's name (as `rebuild fleet start` printed it).")]
 
 
@@ -68,78 +72,125 @@ def _fleet_group(ctx: typer.Context) -> None:
 @command(fleet_app, "start", epilog=EXIT_CODES_HELP)
 def start(
     ctx: typer.Context,
-    image: Annotated[str | None, typer.Option(help="URL of the new image (http(s):// or file:///).")] = None,
-    sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 of the image, hex.")] = None,
-    sha512: Annotated[str | None, typer.Option(help="Expected SHA-512 of the image, hex.")] = None,
-    disk_format: Annotated[str | None, typer.Option(help="Declared format: raw or qcow2.")] = None,
-    glance: Annotated[str | None, typer.Option(help="Glance URL (with --glance-image).")] = None,
-    glance_image: Annotated[str | None, typer.Option(help="Glance v2 image ID (with --glance).")] = None,
+    image: ro.ImageOption = None,
+    sha256: ro.Sha256Option = None,
+    sha512: ro.Sha512Option = None,
+    checksum: ro.ChecksumOption = None,
+    disk_format: ro.DiskFormatOption = None,
+    glance: ro.GlanceOption = None,
+    glance_image: ro.GlanceImageOption = None,
     instances_file: Annotated[
-        Path | None, typer.Option(help="File with one 'HOST INSTANCE' per line (# comments allowed).")
+        Path | None,
+        typer.Option(
+            rich_help_panel=SELECTION_PANEL,
+            help="File with one 'HOST INSTANCE' per line (# comments allowed).",
+        ),
     ] = None,
     select: Annotated[
         str | None,
-        typer.Option(help="Pattern (fnmatch) on instance names, applied to what each --host's worker lists."),
+        typer.Option(
+            rich_help_panel=SELECTION_PANEL,
+            help="Pattern (fnmatch) on instance names, applied to what each --host's worker lists.",
+        ),
     ] = None,
     host: Annotated[
-        list[str] | None, typer.Option(help="A host whose instances --select chooses from; repeatable.")
+        list[str] | None,
+        typer.Option(
+            rich_help_panel=SELECTION_PANEL,
+            help="A host whose instances --select chooses from; repeatable.",
+        ),
     ] = None,
-    batch: Annotated[int, typer.Option(help="Instances per batch; a batch begins when the last ended.")] = 10,
-    max_unavailable: Annotated[int, typer.Option(help="Never more than this many rebuilds at once.")] = 1,
-    max_failures: Annotated[int, typer.Option(help="Start no more rebuilds once this many have failed.")] = 1,
+    batch: Annotated[
+        int,
+        typer.Option(
+            rich_help_panel=PACE_PANEL,
+            help="Instances per batch; a batch begins when the last ended.",
+        ),
+    ] = 10,
+    max_unavailable: Annotated[
+        int,
+        typer.Option(
+            rich_help_panel=PACE_PANEL,
+            help="Never more than this many rebuilds at once.",
+        ),
+    ] = 1,
+    max_failures: Annotated[
+        int,
+        typer.Option(
+            rich_help_panel=PACE_PANEL,
+            help="Start no more rebuilds once this many have failed.",
+        ),
+    ] = 1,
     exact_budget: Annotated[
         bool,
         typer.Option(
             "--exact-budget/--allow-overshoot",
+            rich_help_panel=PACE_PANEL,
             help="Never run more rebuilds than failures left (stop at exactly --max-failures), or run "
             "--max-unavailable regardless and let those in flight fail past the budget.",
         ),
     ] = True,
-    per_host: Annotated[int | None, typer.Option(help="At most this many at once on a host.")] = None,
-    pause_between: Annotated[str, typer.Option(help="Wait between batches, e.g. 30s, 5m.")] = "0",
+    per_host: Annotated[
+        int | None,
+        typer.Option(
+            rich_help_panel=PACE_PANEL,
+            help="At most this many at once on a host.",
+        ),
+    ] = None,
+    pause_between: Annotated[
+        str,
+        typer.Option(
+            rich_help_panel=PACE_PANEL,
+            help="Wait between batches, e.g. 30s, 5m.",
+        ),
+    ] = "0",
     prefetch: Annotated[
-        bool, typer.Option("--prefetch", help="Fetch and check the image on every host before any stop.")
+        bool,
+        typer.Option(
+            "--prefetch",
+            rich_help_panel=PACE_PANEL,
+            help="Fetch and check the image on every host before any stop.",
+        ),
     ] = False,
-    preflight: Annotated[
-        bool | None,
-        typer.Option(
-            "--preflight/--no-preflight",
-            help="Each rebuild boots the new image in a sandbox before its stop (default: each worker's).",
-        ),
-    ] = None,
-    disk_mode: Annotated[
-        str | None,
-        typer.Option(
-            help="A file root disk's new disk: overlay (qcow2 on the cached image) or copy (a standalone "
-            "disk in its own format, a reflink where it can) (default: each worker's --disk-mode)."
-        ),
-    ] = None,
+    preflight: ro.PreflightOption = None,
+    disk_mode: ro.DiskModeOption = None,
     name: Annotated[
         str | None, typer.Option(help="The fleet's name (default: derived from image and selection).")
     ] = None,
-    start_after: Annotated[
-        bool | None,
-        typer.Option("--start/--no-start", help="Start instances afterwards (default: if running before)."),
-    ] = None,
-    stop_timeout: Annotated[float, typer.Option(help="Seconds of ACPI shutdown before forced off.")] = 60.0,
-    boot_marker: Annotated[
-        str | None, typer.Option(help="Text the new image must print on the serial console.")
-    ] = None,
-    boot_timeout: Annotated[float, typer.Option(help="Seconds to wait for --boot-marker.")] = 120.0,
-    requested_by: Annotated[str, typer.Option(help="Who asked, shown in the Web UI.")] = os.environ.get(
-        "USER", "unknown"
-    ),
+    start_after: ro.StartAfterOption = None,
+    stop_timeout: ro.StopTimeoutOption = 60.0,
+    boot_marker: ro.BootMarkerOption = None,
+    boot_timeout: ro.BootTimeoutOption = 120.0,
+    verify: ro.VerifyOption = None,
+    require_approval: ro.RequireApprovalOption = False,
+    approval_timeout: ro.ApprovalTimeoutOption = 3600.0,
+    confirm_within: ro.ConfirmWithinOption = None,
+    revert_by_default: ro.RevertByDefaultOption = False,
+    ssh_key: ro.SshKeyOption = None,
+    no_ssh_keys: ro.NoSshKeysOption = False,
+    user_data: ro.UserDataOption = None,
+    no_user_data: ro.NoUserDataOption = False,
+    metadata: ro.MetadataOption = None,
+    no_metadata: ro.NoMetadataOption = False,
+    admin_password_file: ro.AdminPasswordFileOption = None,
+    seed_format: ro.SeedFormatOption = None,
+    requested_by: ro.RequestedByOption = ro.REQUESTED_BY,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the fleet until it ends.")] = False,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a rolling rebuild of many instances.
+    """Start a rolling rebuild of many instances, each with the options of `rebuild start`.
+
+    Each rebuild waits for its own approval (rebuild approve INSTANCE --host HOST) and confirm window.
+
+    Every guest gets the same identity: no per-guest host name or display name.
 
     Example: rebuild fleet start --image https://images.example/noble.qcow2 --sha256 HEX
     --select 'web-*' --host kvm-01 --host kvm-02 --batch 20 --max-unavailable 5 --per-host 2 --max-failures 3
     """
     cli = Cli.of(ctx)
     with cli.refusing("fleet"):
+        sha256, sha512 = ro.digests(checksum, sha256, sha512)
         rebuild = StrictRebuildOptions(
             image_url=image,
             sha256=sha256,
@@ -154,6 +205,24 @@ def start(
             requested_by=requested_by,
             preflight=preflight,
             disk_mode=disk_mode,
+            verify=verify,
+            require_approval=require_approval,
+            approval_timeout_seconds=approval_timeout,
+            confirm_within_seconds=confirm_within,
+            revert_by_default=revert_by_default,
+            identity=identity_change(
+                ssh_key_files=ssh_key,
+                no_ssh_keys=no_ssh_keys,
+                user_data_file=user_data,
+                no_user_data=no_user_data,
+                hostname=None,
+                name=None,
+                description=None,
+                metadata=metadata,
+                no_metadata=no_metadata,
+                admin_password_file=admin_password_file,
+                seed_format=ro.seed_format_of(seed_format),
+            ),
         )
         if (instances_file is None) == (select is None):
             cli.fail(

@@ -3,7 +3,7 @@ approve | confirm | revert | abort``, JSON in and out with the workflow's own mo
 
 | method and path | does | answers |
 | --- | --- | --- |
-| ``POST /v1/rebuilds`` (a ``RebuildRequest``) | start a rebuild | 201, 400, 409 already running |
+| ``POST /v1/rebuilds`` (a ``RebuildRequest``) | start; answers once past inspect | 201, 400, 409 running |
 | ``GET /v1/rebuilds?phase=&host=&running=true&limit=50`` | list through visibility | 200, 400 |
 | ``GET /v1/rebuilds/{host}/{instance}`` | status; the result once finished | 200, 404 |
 | ``POST /v1/rebuilds/{host}/{instance}/approve|confirm|revert`` | send the signal | 202, 404, 409 |
@@ -45,7 +45,7 @@ from starter.rebuilds import (
     list_rebuilds,
     rebuild_requested_by,
     send_decision,
-    start_rebuild,
+    start_past_inspect,
 )
 from starter.status_cache import StatusCache
 from workflows.identity import identity_problems
@@ -68,6 +68,8 @@ _pending_hashes = asyncio.BoundedSemaphore(MAX_PENDING_HASHES)
 class Started(BaseModel):
     workflow_id: str
     run_id: str | None
+    # The phase it had reached when the answer was given (past inspect); None: it had ended already.
+    phase: str | None = None
 
 
 class Sent(BaseModel):
@@ -118,9 +120,15 @@ async def start(request: web.Request) -> web.Response:
         identity = rebuild.identity.model_copy(update={"admin_password_hash": hashed})
         rebuild = rebuild.model_copy(update={"identity": identity})
     rebuild = rebuild.model_copy(update={"requested_by": requester(request, rebuild.requested_by)})
-    handle = await start_rebuild(request.app[CLIENT], rebuild)
-    request.app[STATUS].forget(rebuild.host, rebuild.instance)
-    return reply(Started(workflow_id=handle.id, run_id=handle.result_run_id), status=201)
+    try:
+        # Answered once past inspect: a wrong name or an unsupported root disk is a 400 now.
+        handle, phase = await start_past_inspect(request.app[CLIENT], rebuild)
+    finally:
+        request.app[STATUS].forget(rebuild.host, rebuild.instance)
+    started = Started(
+        workflow_id=handle.id, run_id=handle.result_run_id, phase=phase.value if phase else None
+    )
+    return reply(started, status=201)
 
 
 async def show(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ process that only talks to Temporal has no business loading libvirt and the acti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -180,6 +181,62 @@ async def start_rebuild(client: Client, request: RebuildRequest) -> WorkflowHand
         raise RebuildAlreadyRunning(request.instance, request.host) from None
 
 
+# Phases in which a rebuild has not yet shown that its instance exists and can be rebuilt, or is
+# ending (an inspect that failed rolls nothing back, but passes through these before the end).
+_NOT_PAST_INSPECT = frozenset({Phase.PENDING, Phase.INSPECT, Phase.ROLLBACK, Phase.FAILED})
+INSPECT_WAIT_SECONDS = 60.0
+
+
+async def wait_past_inspect(
+    handle: WorkflowHandle[Any, RebuildResult], give_up_after: float = INSPECT_WAIT_SECONDS
+) -> Phase | None:
+    """Wait until a rebuild that just started is past inspect: its phase then, or None once it ended.
+
+    A wrong instance name, a host without the instance or a root disk no back end replaces fails
+    inspect within a second; the caller learns it here instead of from a later ``status``. A rebuild
+    still inspecting after ``give_up_after`` seconds (libvirt slow to answer) is left to run: its
+    phase is returned.
+    """
+    deadline = asyncio.get_running_loop().time() + give_up_after
+    phase = Phase.PENDING
+    while True:
+        description = await handle.describe(rpc_timeout=_RPC_TIMEOUT)
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            return None
+        with contextlib.suppress(RPCError, TimeoutError):
+            phase = (await asyncio.wait_for(query_status(handle), 5)).phase
+        if phase not in _NOT_PAST_INSPECT or asyncio.get_running_loop().time() > deadline:
+            return phase
+        await asyncio.sleep(0.1)
+
+
+# Failures that mean the request itself was wrong (a name no host has, a disk no back end replaces, no
+# image recorded), not that the rebuild broke: exit 2, HTTP 400.
+BAD_INPUT_TYPES = frozenset({"InstanceNotFound", "UnsupportedInstance", "InvalidRequest"})
+
+
+class RefusedAtInspect(BadRequest):
+    """The rebuild ended at inspect because of what it was asked: nothing changed."""
+
+
+async def start_past_inspect(
+    client: Client, request: RebuildRequest
+) -> tuple[WorkflowHandle[Any, RebuildResult], Phase | None]:
+    """:func:`start_rebuild`, answered once the rebuild is past inspect (its phase then): a request
+    that inspect refuses raises :class:`RefusedAtInspect` with inspect's reason. None: it ended
+    otherwise, already (its result says how)."""
+    handle = await start_rebuild(client, request)
+    phase = await wait_past_inspect(handle)
+    if phase is None:
+        try:
+            await handle.result(rpc_timeout=_RPC_TIMEOUT)
+        except WorkflowFailureError as failure:
+            outcome = failure_result(failure.cause)
+            if outcome is not None and outcome.error_type in BAD_INPUT_TYPES:
+                raise RefusedAtInspect(outcome.error or "refused at inspect") from None
+    return handle, phase
+
+
 async def latest_rebuild(
     client: Client, instance: str, host: str, must_run: bool = False
 ) -> tuple[WorkflowHandle[Any, RebuildResult], Any]:
@@ -234,6 +291,10 @@ async def describe_rebuild(
         # need a worker to replay the whole history, and seconds when none polls.
         result = await _final_result(client, handle.id, description.run_id)
         status = _final_status(description, result)
+        if status is not None and status.image_url is None:
+            # Ended without a result that names it (terminated, or a result from before it did).
+            image = await _requested_image(client, handle.id, description.run_id)
+            status = status.model_copy(update={"image_url": image})
     pending = []
     waiting: str | None = None
     now = datetime.now(UTC)
@@ -271,6 +332,19 @@ async def _final_result(client: Client, workflow_id: str, run_id: str) -> Rebuil
         return failure_result(failure.cause)
     except ValidationError:
         return None
+
+
+async def _requested_image(client: Client, workflow_id: str, run_id: str) -> str | None:
+    """The image as the run's request named it, from the first event of its history."""
+    run = client.get_workflow_handle(workflow_id, run_id=run_id)
+    async for event in run.fetch_history_events(rpc_timeout=_RPC_TIMEOUT):
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        try:
+            (request,) = await client.data_converter.decode(payloads, [RebuildRequest])
+        except Exception:
+            return None
+        return request.image_label if isinstance(request, RebuildRequest) else None
+    return None
 
 
 def _final_status(description: Any, result: RebuildResult | None) -> RebuildStatus | None:

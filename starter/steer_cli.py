@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from temporalio.client import WorkflowFailureError
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from common.connection import connect
 from common.exit_codes import ExitCode
@@ -94,6 +94,8 @@ async def _status(cli: Cli, instance: str, host: str, address: str | None) -> in
         if state.rebuild_id:
             cli.say(f"  rebuild id: {state.rebuild_id} (names the backup next to the disk)")
         cli.say(f"  image: {state.image_url}")
+        if state.image_sha256:
+            cli.say(f"  image sha256: {state.image_sha256}")
         if state.step_seconds:
             cli.say(f"  steps: {', '.join(f'{k} {v:.2f}s' for k, v in state.step_seconds.items())}")
         cli.say(f"  verify: {state.verified_by or state.verify}")
@@ -120,8 +122,15 @@ async def _watch(cli: Cli, instance: str, host: str, address: str | None) -> int
     `rebuild start --wait`. Example: rebuild watch web-1
     """
     client = await connect(address)
+    handle, _ = await latest_rebuild(client, instance, host)
+    with cli.following(instance, host, handle.id):
+        return await _follow(cli, client, handle, instance, host)
+
+
+async def _follow(
+    cli: Cli, client: Client, handle: WorkflowHandle[Any, Any], instance: str, host: str
+) -> int:
     if cli.json:
-        handle, _ = await latest_rebuild(client, instance, host)
         with contextlib.suppress(WorkflowFailureError):
             await handle.result()
         described = await describe_rebuild(client, instance, host)

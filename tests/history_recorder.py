@@ -28,6 +28,12 @@ async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> Path | 
     return await _record(handle, history_path(name))
 
 
+async def record_patched_history(handle: WorkflowHandle[Any, Any], name: str, patch: str) -> Path | None:
+    """A path only a newer patch takes (asked only where it applies): named after that patch, so
+    ``WORKFLOW_VERSION`` and the other paths' histories stay as they are."""
+    return await _record(handle, HISTORIES / f"{name}--{patch}.json")
+
+
 async def record_fleet_history(handle: WorkflowHandle[Any, Any], name: str) -> Path | None:
     """The same for a fleet's history, named by its path alone (the fleet's patches are few)."""
     return await _record(handle, HISTORIES / f"{name}.json")

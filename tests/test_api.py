@@ -91,8 +91,11 @@ async def test_abort_answers_whether_it_was_accepted(
     ("payload", "fragment"),
     [
         ({"instance": "vm-1", "host": "h", "image_url": "ftp://x/y"}, "image URL must be"),
-        ({"instance": "vm-1", "host": "h", "image_url": "http://x/y", "sha256": "zz"}, "sha256 must be"),
-        ({"instance": "vm-1", "host": "h"}, "exactly one of"),
+        ({"instance": "vm-1", "host": "h", "image_url": "http://x/y", "sha256": "zz"}, "sha256: must be"),
+        (
+            {"instance": "vm-1", "host": "h", "image_url": "http://x/y", "snapshot_id": "ab" * 16},
+            "exactly one of",
+        ),
         ({"instance": "vm-1", "host": "h", "image_url": "http://x/y", "bogus": 1}, "bogus"),
     ],
 )

@@ -110,7 +110,7 @@ def test_options_that_cannot_be_used_are_json_under_json_in_every_group() -> Non
     start = run("start", "vm-1", "--host", "h", "--image", "ftp://x/y", "--json")
     assert start.returncode == ExitCode.BAD_INPUT
     assert json.loads(start.stdout) == {
-        "error": "invalid request: image_url: image URL must be http://, https:// or file:///: 'ftp://x/y'",
+        "error": "invalid request: --image: image URL must be http://, https:// or file:///: 'ftp://x/y'",
         "exit_code": 2,
     }
     fleet = run("fleet", "start", "--image", "http://x/y", "--json")

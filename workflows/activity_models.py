@@ -156,6 +156,9 @@ class InstanceInfo(Wire):
     root_disk_format: str
     root_disk_target: str
     current_image_sha256: str | None = None
+    # The image URL the last rebuild recorded (``snapshot:ID`` for a snapshot): a request naming no
+    # image is rebuilt from it ("reinstall", as `openstack server rebuild` without an image).
+    current_image_url: str | None = None
     # The instance got its identity from an earlier rebuild: every rebuild renews its seed.
     has_identity: bool = False
     # This host's worker boots new images in a sandbox first unless a request says otherwise.

@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
 from workflows.checks import HostName, InstanceName, RequestedBy, check_host_name, check_instance_name
+from workflows.identity import IdentityChange, identity_problems
 from workflows.models import DiskFormat, RebuildRequest, StrictRebuildRequest
 from workflows.names import FLEET_WORKFLOW, fleet_workflow_id
 from workflows.wire import Wire
@@ -86,6 +87,15 @@ class RebuildOptions(Wire):
     preflight: bool | None = None
     # A file root disk's new disk: overlay or copy; None: each host worker's default.
     disk_mode: str | None = None
+    # As a single rebuild's (``RebuildRequest``), the same for every child: how each proves it booted,
+    # whether each waits for its own `approve`, keeps its old disk for a confirm window, and the
+    # identity every guest gets (never a per-instance one such as a host name).
+    verify: str | None = None
+    require_approval: bool = False
+    approval_timeout_seconds: float = 3600.0
+    confirm_within_seconds: float | None = None
+    revert_by_default: bool = False
+    identity: IdentityChange | None = None
 
     def request_for(self, target: FleetTarget) -> RebuildRequest:
         return RebuildRequest(instance=target.instance, host=target.host, **self.model_dump())
@@ -268,11 +278,27 @@ class StrictRebuildOptions(RebuildOptions):
     @model_validator(mode="after")
     def _valid_for_a_rebuild(self) -> StrictRebuildOptions:
         # The image fields are checked exactly as a single rebuild checks them, once, at the edge.
+        if self.image_url is None and self.glance_image_id is None and self.glance_url is None:
+            # Each instance's own current image is no fleet's image: a fleet names the one it rolls out.
+            raise ValueError("name the fleet's image by `image_url` or `glance_image_id` (with `glance_url`)")
+        if self.identity is not None:
+            named = [
+                f"`{field}`" for field in ("hostname", "name", "description") if getattr(self.identity, field)
+            ]
+            if named:
+                raise ValueError(
+                    f"a fleet gives every guest the same identity: no per-guest {', '.join(named)}"
+                )
+            if problems := identity_problems(self.identity):
+                raise ValueError("; ".join(problems))
         try:
             StrictRebuildRequest(instance="i", host="h", **self.model_dump())
         except ValidationError as exc:
             raise ValueError(
-                "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                "; ".join(
+                    (f"`{e['loc'][0]}`: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+                    for e in exc.errors()
+                )
             ) from None
         return self
 

@@ -121,7 +121,14 @@ class RebuildRequest(Wire):
         """How the image is shown to people: its URL, its Glance ID, or the snapshot's ID."""
         if self.snapshot_id is not None:
             return f"snapshot:{self.snapshot_id}"
+        if self.names_no_image:
+            return "(the instance's current image)"
         return self.image_url or f"glance:{self.glance_image_id}"
+
+    @property
+    def names_no_image(self) -> bool:
+        """No image named: the rebuild reuses the one the instance's metadata records ("reinstall")."""
+        return self.image_url is None and self.glance_image_id is None and self.snapshot_id is None
 
 
 class StrictRebuildRequest(RebuildRequest):
@@ -200,25 +207,31 @@ class StrictRebuildRequest(RebuildRequest):
         lowered = value.lower()
         pattern, digits = (SHA256_HEX, 64) if info.field_name == "sha256" else (SHA512_HEX, 128)
         if not pattern.fullmatch(lowered):
-            raise ValueError(f"{info.field_name} must be {digits} hexadecimal characters")
+            raise ValueError(f"must be {digits} hexadecimal characters")
         return lowered
 
     @model_validator(mode="after")
     def _one_image_source(self) -> StrictRebuildRequest:
         glance = self.glance_image_id is not None or self.glance_url is not None
         if glance and not (self.glance_image_id and self.glance_url):
-            raise ValueError("a Glance image needs both the image ID and the Glance URL")
+            raise ValueError("a Glance image needs both `glance_image_id` and `glance_url`")
         named = [glance, self.image_url is not None, self.snapshot_id is not None]
-        if named.count(True) != 1:
+        if named.count(True) > 1:
             raise ValueError(
-                "name the image by exactly one of: an image URL, a Glance image ID, a snapshot ID"
+                "name the image by exactly one of: `image_url`, `glance_image_id` (with `glance_url`), "
+                "`snapshot_id` (or none: the instance's current image)"
+            )
+        if not any(named) and (self.sha256 or self.sha512 or self.disk_format):
+            raise ValueError(
+                "`sha256`, `sha512` and `disk_format` go with the image they describe: the current image "
+                "is rebuilt with its recorded digest"
             )
         return self
 
     @model_validator(mode="after")
     def _one_boot_check(self) -> StrictRebuildRequest:
         if self.boot_marker is not None and self.verify is not None:
-            raise ValueError("give either a boot marker or a verify mode, not both")
+            raise ValueError("give either `boot_marker` or `verify`, not both")
         return self
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "FLEET_STATUS_QUERY",
     "FLEET_WORKFLOW",
     "PATCH_CLEANUP_NEVER_FAILS",
+    "PATCH_CURRENT_IMAGE",
     "PATCH_IMAGE_ID_AFTER_FETCH",
     "PATCH_REBUILD_ID",
     "PATCH_STAGE_BEFORE_STOP",
@@ -67,6 +68,8 @@ PATCH_CLEANUP_NEVER_FAILS = "cleanup-never-fails-a-rebuild"
 PATCH_PREFETCH_REFUSES_CONTRADICTION = "prefetch-refuses-a-format-glance-contradicts"
 # The new root disk is written before the stop (stage), so the downtime keeps only the swap.
 PATCH_STAGE_BEFORE_STOP = "stage-root-disk-before-stop"
+# A request that names no image is rebuilt from the instance's recorded one, or refused after inspect.
+PATCH_CURRENT_IMAGE = "current-image-by-default"
 # A fleet waits for its update handlers (an abort signalling children) before it ends.
 PATCH_FLEET_WAITS_FOR_HANDLERS = "fleet-waits-for-its-handlers"
 

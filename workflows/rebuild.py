@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
         APPROVE_SIGNAL,
         CONFIRM_SIGNAL,
         PATCH_CLEANUP_NEVER_FAILS,
+        PATCH_CURRENT_IMAGE,
         PATCH_IMAGE_ID_AFTER_FETCH,
         PATCH_REBUILD_ID,
         PATCH_STAGE_BEFORE_STOP,
@@ -148,6 +149,7 @@ class RebuildInstance:
         count("rebuilds_started")
         try:
             instance = await self._inspect(request)
+            request = self._current_image(request, instance)
             image = await self._fetch_and_check(request)
             await self._preflight(request, instance, image)
             if request.require_approval:
@@ -186,6 +188,30 @@ class RebuildInstance:
             ),
             INSPECT,
         )
+
+    def _current_image(self, request: RebuildRequest, instance: io.InstanceInfo) -> RebuildRequest:
+        """A request naming no image rebuilds the instance from the image it records ("reinstall"),
+        with the recorded digest; one that records none is refused, nothing changed.
+
+        Asked only for requests that name no image, which no history from before it holds (the edges
+        refused them), so other rebuilds record no marker.
+        """
+        if not request.names_no_image or not workflow.patched(PATCH_CURRENT_IMAGE):
+            return request
+        url, sha256 = instance.current_image_url, instance.current_image_sha256
+        if url is None or sha256 is None:
+            raise ApplicationError(
+                f"instance {request.instance!r} records no image in its <metadata> (no rebuild here has "
+                "recorded one yet): name the image to rebuild it from",
+                type="InvalidRequest",
+                non_retryable=True,
+            )
+        if url.startswith("snapshot:"):
+            current = request.model_copy(update={"snapshot_id": url.removeprefix("snapshot:")})
+        else:
+            current = request.model_copy(update={"image_url": url, "sha256": sha256})
+        self._request = self._state.request = current
+        return current
 
     async def _fetch_and_check(self, request: RebuildRequest) -> NewImage:
         """Download and check the image while the instance still runs: nothing changes on it yet."""

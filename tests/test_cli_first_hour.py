@@ -1,0 +1,378 @@
+"""Issue 25, the operator's first hour: the ``rebuild`` CLI as a subprocess, against the dev server and a
+worker whose host activities are the real ones on libvirt's ``test:///`` driver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from aiohttp.test_utils import TestClient
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer, Worker
+
+import worker
+from activities.state import DEFAULT_STATE_DIR
+from common.connection import worker_identity
+from common.exit_codes import ExitCode
+from devtools import demo
+from devtools.image_server import ImageServer
+from devtools.temporal_dev import DevServer
+from devtools.testbed.e2e import BIN, LOOPBACK_NETWORKS, rebuild_cli, serve
+from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
+from starter.cli import app
+from tests.api_support import AUTH
+from tests.history_recorder import record_patched_history
+from workflows.fleet import FleetRebuild
+from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, host_task_queue, rebuild_workflow_id
+from workflows.names import PATCH_CURRENT_IMAGE
+from workflows.rebuild import RebuildInstance
+
+NARROW = {"COLUMNS": "80"}
+
+
+@dataclass
+class DriverHost:
+    name: str
+    address: str
+    instances: list[DriverInstance]
+    state_dir: Path
+
+    async def cli(self, *args: str) -> tuple[int, str, str]:
+        done = await rebuild_cli(self.address, *args, env=NARROW)
+        return done.code, done.stdout, done.stderr
+
+
+@pytest.fixture
+async def driver_host(
+    dev_server: DevServer, client: Client, unique_host: str, tmp_path: Path
+) -> AsyncIterator[DriverHost]:
+    """vm-1 (a raw file root disk) and vm-2 (a block device no pool manages: not supported)."""
+    instances = make_instances(tmp_path, ["vm-1", "vm-2"])
+    conn = instances[0].libvirt.connection()
+    xml = conn.lookupByName("vm-2").XMLDesc(0)
+    xml = xml.replace("<disk type='file' device='disk'>", "<disk type='block' device='disk'>", 1)
+    xml = xml.replace(f"<source file='{instances[1].disk}'", "<source dev='/dev/sdz'", 1)
+    conn.defineXML(xml)
+    config = worker.WorkerConfig(
+        host=unique_host,
+        libvirt_uri=instances[0].libvirt.uri,
+        state_dir=tmp_path / "state",
+        allowed_image_networks=LOOPBACK_NETWORKS,
+    )
+    identity = worker_identity(unique_host)
+    async with (
+        Worker(
+            client,
+            task_queue=WORKFLOW_TASK_QUEUE,
+            workflows=[RebuildInstance, FleetRebuild],
+            identity=identity,
+        ),
+        Worker(
+            client,
+            task_queue=host_task_queue(unique_host),
+            activities=worker.host_activities(config, instances[0].libvirt),
+            identity=identity,
+        ),
+    ):
+        yield DriverHost(unique_host, dev_server.address, instances, config.state_dir)
+
+
+async def test_start_of_an_unknown_instance_exits_2_at_once(driver_host: DriverHost) -> None:
+    url = "http://127.0.0.1:9/never-fetched.qcow2"
+    code, out, err = await driver_host.cli("start", "no-such-vm", "--host", driver_host.name, "--image", url)
+    assert code == ExitCode.BAD_INPUT, (out, err)
+    assert "instance 'no-such-vm' is not defined on this host" in err
+    assert "started" not in out
+    code, out, _ = await driver_host.cli(
+        "start", "no-such-vm", "--host", driver_host.name, "--image", url, "--json"
+    )
+    assert code == ExitCode.BAD_INPUT
+    assert '"error_type":"InstanceNotFound"' in out
+
+
+async def test_start_of_an_unsupported_root_disk_exits_2_at_once(driver_host: DriverHost) -> None:
+    url = "http://127.0.0.1:9/never-fetched.qcow2"
+    code, out, err = await driver_host.cli("start", "vm-2", "--host", driver_host.name, "--image", url)
+    assert code == ExitCode.BAD_INPUT, (out, err)
+    assert "/dev/sdz, which belongs to no libvirt storage pool" in err
+
+
+async def test_start_returns_once_past_inspect_and_says_how_to_follow(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    code, out, err = await driver_host.cli(
+        "start", "vm-1", "--host", host, "--image", url, "--sha256", sha, "--require-approval"
+    )
+    assert code == ExitCode.OK, err
+    assert out.startswith(f"started rebuild of vm-1 on {host}")
+    assert "phase inspect" not in out and "phase pending" not in out
+    assert f"see: rebuild watch vm-1 --host {host}" in out
+    code, _, err = await driver_host.cli("abort", "vm-1", "--host", host, "--reason", "test over")
+    assert code == ExitCode.OK, err
+
+
+async def test_a_finished_rebuild_keeps_its_image_in_status_json_and_the_api(
+    driver_host: DriverHost, images: ImageServer, api: TestClient[Any, Any]
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    code, out, err = await driver_host.cli(
+        "start", "vm-1", "--host", host, "--image", url, "--sha256", sha, "--stop-timeout", "0", "--wait"
+    )
+    assert code == ExitCode.OK, (out, err)
+    code, out, err = await driver_host.cli("status", "vm-1", "--host", host)
+    assert code == ExitCode.OK, err
+    assert f"  image: {url}\n" in out
+    assert f"  image sha256: {sha}\n" in out
+    code, out, err = await driver_host.cli("status", "vm-1", "--host", host, "--json")
+    shown = json.loads(out)
+    assert (shown["status"]["image_url"], shown["result"]["image_url"]) == (url, url)
+    response = await api.get(f"/v1/rebuilds/{host}/vm-1", headers=AUTH)
+    assert response.status == 200
+    body = await response.json()
+    assert (body["status"]["image_url"], body["result"]["image_url"]) == (url, url)
+
+
+async def test_a_terminated_rebuild_still_names_its_image(
+    driver_host: DriverHost, images: ImageServer, client: Client
+) -> None:
+    url, _ = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    code, _, err = await driver_host.cli(
+        "start", "vm-1", "--host", host, "--image", url, "--require-approval"
+    )
+    assert code == ExitCode.OK, err
+    await client.get_workflow_handle(rebuild_workflow_id(host, "vm-1")).terminate("test")
+    code, out, _ = await driver_host.cli("status", "vm-1", "--host", host)
+    assert code == ExitCode.ENDED_WITHOUT_RESULT
+    assert f"  image: {url}\n" in out
+
+
+def rebuild_now(*args: str) -> subprocess.CompletedProcess[str]:
+    """``rebuild ARGS`` refused before it reaches Temporal (the address leads nowhere)."""
+    env = dict(os.environ, TEMPORAL_ADDRESS="127.0.0.1:1", **NARROW)
+    return subprocess.run([str(BIN / "rebuild"), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--image", "notaurl"], "--image: image URL must be http://, https:// or file:///: 'notaurl'"),
+        (
+            ["--image", "http://x/y", "--snapshot", "ab" * 16],
+            "name the image by exactly one of: --image, --glance-image (with --glance), --snapshot",
+        ),
+        (
+            ["--glance-image", "6f1c3d1e-8a8b-4c7e-9a55-0c7d3f2b1a90"],
+            "a Glance image needs both --glance-image and --glance",
+        ),
+        (["--image", "http://x/y", "--sha256", "abc"], "--sha256: must be 64 hexadecimal characters"),
+        (["--image", "http://x/y", "--stop-timeout", "-1"], "--stop-timeout: Input should be greater"),
+        (
+            ["--image", "http://x/y", "--boot-marker", "m", "--verify", "agent"],
+            "give either --boot-marker or --verify, not both",
+        ),
+    ],
+)
+def test_refusals_name_the_options_not_the_fields(args: list[str], said: str) -> None:
+    done = rebuild_now("start", "vm-1", "--host", "h", *args)
+    assert done.returncode == ExitCode.BAD_INPUT, done.stderr
+    assert said in done.stderr
+    for field in ("image_url", "glance_image_id", "glance_url", "snapshot_id", "stop_timeout_seconds"):
+        assert field not in done.stderr
+
+
+def test_fleet_refusals_name_the_options_too() -> None:
+    done = rebuild_now("fleet", "start", "--image", "notaurl", "--select", "web-*", "--host", "h")
+    assert done.returncode == ExitCode.BAD_INPUT
+    assert "--image: image URL must be" in done.stderr
+    assert "image_url" not in done.stderr
+    batch = rebuild_now(
+        "fleet", "start", "--image", "http://x/y", "--select", "w*", "--host", "h", "--batch", "0"
+    )
+    assert batch.returncode == ExitCode.BAD_INPUT
+    assert "--batch: Input should be greater than or equal to 1" in batch.stderr
+
+
+async def interrupted(address: str, *args: str, once: str) -> tuple[int, str, str]:
+    """``rebuild ARGS``, interrupted by Ctrl-C (SIGINT) once its stderr or stdout shows ``once``."""
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "rebuild"),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, TEMPORAL_ADDRESS=address, **NARROW),
+    )
+    stderr = process.stderr
+    assert stderr is not None
+    seen = b""
+
+    async def read_until_shown() -> None:
+        nonlocal seen
+        while once.encode() not in seen:
+            chunk = await stderr.read(200)
+            if not chunk:
+                raise AssertionError(f"{args} ended before showing {once!r}: {seen!r}")
+            seen += chunk
+
+    await asyncio.wait_for(read_until_shown(), 60)
+    process.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), (seen + err).decode()
+
+
+async def test_ctrl_c_during_wait_says_the_rebuild_goes_on_and_how_to_follow_or_abort_it(
+    driver_host: DriverHost, images: ImageServer, client: Client
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    target = f"vm-1 --host {host}"
+    code, _, err = await interrupted(
+        driver_host.address,
+        "start", "vm-1", "--host", host, "--image", url, "--sha256", sha, "--require-approval", "--wait",
+        once="phase: await-approval",
+    )  # fmt: skip
+    assert code == ExitCode.INTERRUPTED, err
+    assert "interrupted; the rebuild goes on" in err
+    assert f"Follow it: rebuild watch {target}" in " ".join(err.split())
+    assert f"abort it: rebuild abort {target} --reason TEXT" in " ".join(err.split())
+    assert "Traceback" not in err
+    handle = client.get_workflow_handle(rebuild_workflow_id(host, "vm-1"))
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    code, _, err = await driver_host.cli("abort", "vm-1", "--host", host, "--reason", "test over")
+    assert code == ExitCode.OK, err
+
+
+def test_cache_list_says_which_state_directory_it_read(tmp_path: Path) -> None:
+    uri = ["--libvirt-uri", "test:///default"]
+    given = rebuild_now("cache", "list", "--state-dir", str(tmp_path), *uri)
+    assert given.returncode == ExitCode.OK, given.stderr
+    lines = given.stdout.splitlines()
+    assert lines[0] == f"state directory: {tmp_path} (--state-dir or REBUILD_STATE_DIR)"
+    assert lines[1] == f"no cached images in {tmp_path / 'images'}"
+    by_default = rebuild_now("cache", "list", *uri)
+    assert by_default.stdout.startswith(
+        f"state directory: {DEFAULT_STATE_DIR} (the worker's default; --state-dir or REBUILD_STATE_DIR"
+    )
+    missing = rebuild_now("cache", "prune", "--dry-run", "--state-dir", str(tmp_path / "nope"), *uri)
+    assert "it does not exist: is the worker's --state-dir another?" in missing.stdout
+
+
+def test_cache_and_worker_and_demo_share_one_default_state_directory() -> None:
+    defaults = {p.name: p.default for p in typer.main.get_command(worker.app).params}
+    assert defaults["state_dir"] == DEFAULT_STATE_DIR
+    assert str(DEFAULT_STATE_DIR) in " ".join(rebuild_now("cache", "list", "--help").stdout.split())
+    assert demo.STATE == DEFAULT_STATE_DIR or "REBUILD_STATE_DIR" in os.environ
+
+
+async def replayed_and_recorded(handle: WorkflowHandle[Any, Any], name: str) -> None:
+    """The run replays on today's code (saved for the replay test with REBUILD_RECORD_HISTORIES=1)."""
+    replayer = Replayer(workflows=[RebuildInstance], data_converter=pydantic_data_converter)
+    await replayer.replay_workflow(await handle.fetch_history())
+    await record_patched_history(handle, name, PATCH_CURRENT_IMAGE)
+
+
+async def test_start_without_an_image_rebuilds_from_the_current_one_or_says_none_is_recorded(
+    driver_host: DriverHost, images: ImageServer, client: Client
+) -> None:
+    host = driver_host.name
+    code, out, err = await driver_host.cli("start", "vm-1", "--host", host, "--stop-timeout", "0")
+    assert code == ExitCode.BAD_INPUT, (out, err)
+    assert "instance 'vm-1' records no image in its <metadata>" in err
+    assert "name the image to rebuild it from" in err
+    handle = client.get_workflow_handle(rebuild_workflow_id(host, "vm-1"))
+    await replayed_and_recorded(handle, "rebuild-refused-no-image-recorded")
+
+    url, sha = serve(images, "image B", "qcow2")
+    code, _, err = await driver_host.cli(
+        "start", "vm-1", "--host", host, "--image", url, "--sha256", sha, "--stop-timeout", "0", "--wait"
+    )
+    assert code == ExitCode.OK, err
+    code, out, err = await driver_host.cli("start", "vm-1", "--host", host, "--stop-timeout", "0", "--wait")
+    assert code == ExitCode.OK, err
+    assert f"image sha256 {sha}" in out
+    code, out, _ = await driver_host.cli("status", "vm-1", "--host", host)
+    assert f"  image: {url}\n" in out
+    await replayed_and_recorded(handle, "rebuild-from-current-image")
+    downloads = [r for r in images.requests if r.path == "image-B.qcow2" and r.status in (200, 206)]
+    assert len(downloads) == 1  # the reinstall found the recorded image in the host's cache
+
+
+def test_a_digest_without_an_image_and_a_fleet_without_one_are_refused() -> None:
+    digest = rebuild_now("start", "vm-1", "--host", "h", "--sha256", "ab" * 32)
+    assert digest.returncode == ExitCode.BAD_INPUT
+    assert "--sha256, --sha512 and --disk-format go with the image they describe" in digest.stderr
+    fleet = rebuild_now("fleet", "start", "--select", "w*", "--host", "h")
+    assert fleet.returncode == ExitCode.BAD_INPUT
+    assert "name the fleet's image by --image or --glance-image (with --glance)" in fleet.stderr
+
+
+async def test_fleet_start_gives_every_rebuild_the_options_rebuild_start_has(
+    driver_host: DriverHost, images: ImageServer, client: Client, tmp_path: Path
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    listed = tmp_path / "instances"
+    listed.write_text(f"{host} vm-1\n")
+    code, out, err = await driver_host.cli(
+        "fleet", "start", "--instances-file", str(listed), "--image", url, "--checksum", f"sha256:{sha}",
+        "--verify", "console:login:", "--require-approval", "--approval-timeout", "600",
+        "--confirm-within", "60", "--revert-by-default", "--metadata", "role=web", "--name", "f-opts",
+    )  # fmt: skip
+    assert code == ExitCode.OK, (out, err)
+    child = client.get_workflow_handle(rebuild_workflow_id(host, "vm-1"))
+    for _ in range(200):
+        code, out, _ = await driver_host.cli("status", "vm-1", "--host", host)
+        if "phase: await-approval" in out:
+            break
+        await asyncio.sleep(0.2)
+    assert "phase: await-approval" in out
+    async for event in child.fetch_history_events():
+        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        (request,) = await client.data_converter.decode(payloads, [RebuildRequest])
+        break
+    assert (request.sha256, request.verify, request.require_approval) == (sha, "console:login:", True)
+    assert (request.approval_timeout_seconds, request.confirm_within_seconds) == (600, 60)
+    assert request.revert_by_default and request.identity.metadata == {"role": "web"}
+    code, _, err = await driver_host.cli("fleet", "abort", "f-opts", "--reason", "test over")
+    assert code == ExitCode.OK, err
+
+
+def test_fleet_start_has_every_option_of_rebuild_start_but_the_per_instance_ones() -> None:
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    single = {p.name: p for p in commands["start"].params}
+    fleet = {p.name: p for p in commands["fleet"].commands["start"].params}
+    per_instance = {"instance", "snapshot", "host", "hostname", "name", "description", "root_disk"}
+    per_instance |= {"discard_snapshots"}
+    assert set(single) - set(fleet) - per_instance == set()
+    for name in set(single) & set(fleet) - {"host", "name", "wait"}:
+        assert single[name].help == fleet[name].help, name  # one definition: one text
+
+
+async def test_the_api_answers_a_start_once_past_inspect_and_refuses_an_unknown_instance_with_400(
+    driver_host: DriverHost, images: ImageServer, api: TestClient[Any, Any]
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    body = {"host": driver_host.name, "image_url": url, "sha256": sha, "require_approval": True}
+    refused = await api.post("/v1/rebuilds", json={**body, "instance": "no-such-vm"}, headers=AUTH)
+    assert refused.status == 400
+    assert "instance 'no-such-vm' is not defined on this host" in (await refused.json())["error"]
+    started = await api.post("/v1/rebuilds", json={**body, "instance": "vm-1"}, headers=AUTH)
+    assert started.status == 201
+    assert (await started.json())["phase"] not in (None, "pending", "inspect")
+    code, _, err = await driver_host.cli("abort", "vm-1", "--host", driver_host.name, "--reason", "test over")
+    assert code == ExitCode.OK, err
