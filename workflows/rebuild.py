@@ -24,13 +24,14 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from workflows import activity_models as io
-    from workflows import contract, image_steps
+    from workflows import contract, image_steps, metrics
     from workflows import search_attributes as sa
     from workflows.image_steps import In, NewImage, Out
     from workflows.models import (
         AbortAnswer,
         AbortRequest,
         Decision,
+        Outcome,
         Phase,
         RebuildRequest,
         RebuildResult,
@@ -64,7 +65,6 @@ with workflow.unsafe.imports_passed_through():
         START,
         Aborted,
         StepRunner,
-        count,
         preflight_options,
         stop_options,
         verify_options,
@@ -145,7 +145,7 @@ class RebuildInstance:
     async def run(self, request: RebuildRequest) -> RebuildResult:
         """The rebuild's steps; any failure, abort or cancellation before cleanup runs the undos."""
         self._rebuild_id = self._state.rebuild_id = _rebuild_id()
-        count("rebuilds_started")
+        metrics.rebuild_started(request.host)
         try:
             instance = await self._inspect(request)
             image = await self._fetch_and_check(request)
@@ -172,7 +172,7 @@ class RebuildInstance:
         self._saga.clear()
         await self._clean_up(instance, image, seeded)
         self._steps.enter(Phase.DONE)
-        count("rebuilds_finished")
+        metrics.rebuild_finished(request.host, Outcome.REBUILT, _seconds_since_start(), downtime)
         return self._state.rebuilt(image, downtime, stopped.forced)
 
     async def _inspect(self, request: RebuildRequest) -> io.InstanceInfo:
@@ -436,6 +436,10 @@ class RebuildInstance:
             contract.stop_instance,
             io.StopInstanceInput(instance=self._request.instance, timeout_seconds=0),
         )
+
+
+def _seconds_since_start() -> float:
+    return (workflow.now() - workflow.info().start_time).total_seconds()
 
 
 def _rebuild_id() -> str:
