@@ -44,7 +44,7 @@ from common.codec import CodecKeyError
 from common.connection import TemporalUnavailable, connect, worker_identity
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
-from common.logs import LogFormat, configure_logging
+from common.logs import LogFormat, LogLevel, configure_logging
 from common.metrics import prometheus_runtime
 from workflows.fleet import FleetRebuild
 from workflows.models import DISK_MODES, HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
@@ -290,6 +290,9 @@ def run(
     log_format: Annotated[
         LogFormat, typer.Option(envvar="REBUILD_LOG_FORMAT", help="text for a terminal, json for a pipeline.")
     ] = LogFormat.TEXT,
+    log_level: Annotated[
+        LogLevel, typer.Option(envvar="REBUILD_LOG_LEVEL", help="The least severe level logged.")
+    ] = LogLevel.INFO,
     pause_dir: Annotated[
         Path | None,
         typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
@@ -307,7 +310,7 @@ def run(
     ] = DEPLOYMENT_NAME,
 ) -> None:
     """Run the rebuild worker for this hypervisor host."""
-    configure_logging(log_format)
+    configure_logging(log_format, log_level)
     if not HOST_NAME.match(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(ExitCode.BAD_INPUT)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import ssl
 import sys
@@ -30,12 +31,13 @@ from temporalio.service import RPCError
 from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
-from common.logs import LogFormat, configure_logging
+from common.logs import LogFormat, LogLevel, configure_logging
 from starter.api_clients import ApiClients, TokensFileError
 from starter.fleet_api import FLEET_MODELS, add_fleet_routes, fleet_openapi_paths
 from starter.http_kit import (
     CLIENT,
     ERROR_MEANINGS,
+    ClientAccessLogger,
     ErrorBody,
     answers,
     error,
@@ -217,9 +219,12 @@ def run(
     log_format: Annotated[
         LogFormat, typer.Option(envvar="REBUILD_LOG_FORMAT", help="Log lines.")
     ] = LogFormat.TEXT,
+    log_level: Annotated[
+        LogLevel, typer.Option(envvar="REBUILD_LOG_LEVEL", help="The least severe level logged.")
+    ] = LogLevel.INFO,
 ) -> None:
     """Serve the rebuild HTTP API. Every request but /healthz and /openapi.json needs a client's token."""
-    configure_logging(log_format)
+    configure_logging(log_format, log_level)
     tokens_file = tokens_file or _credential("api-tokens")
     tls_cert = tls_cert or _credential("api-tls.crt")
     tls_key = tls_key or _credential("api-tls.key")
@@ -236,7 +241,11 @@ def run(
 
     async def serve() -> None:
         client = await connect(address)
-        runner = web.AppRunner(create_app(client, clients), access_log=log)
+        runner = web.AppRunner(
+            create_app(client, clients),
+            access_log=logging.getLogger("rebuild.api.access"),
+            access_log_class=ClientAccessLogger,
+        )
         await runner.setup()
         await web.TCPSite(runner, listen, port, ssl_context=context).start()
         scheme = "https" if context else "http"

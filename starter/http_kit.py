@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -223,3 +224,29 @@ def operation(
 def middlewares(clients: ApiClients) -> list[Middleware]:
     """In this order: JSON for every error, then the token, then the refusals' words."""
     return [json_errors, bearer_auth(clients), translate_errors]
+
+
+class ClientAccessLogger(AbstractAccessLogger):
+    """One line a request that names the client by its token's name, not only by its address:
+    ``portal GET /v1/rebuilds/kvm-1/web-1 200 12.3 ms``. Health probes are not logged."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path in PUBLIC_PATHS and response.status < 400:
+            return
+        client = request.get(REQUESTER, "-")
+        self.logger.info(
+            "%s %s %s %d %.1f ms",
+            client,
+            request.method,
+            request.path,
+            response.status,
+            time * 1000,
+            extra={
+                "client": client,
+                "remote": request.remote,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "seconds": round(time, 6),
+            },
+        )

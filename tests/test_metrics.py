@@ -187,8 +187,12 @@ async def test_a_real_worker_serves_conventional_metrics(
     assert metrics.value("rebuild_step_seconds_bucket", step="prepare", le="1") == 1
     # Its log is one JSON object a line; the workflow's lines carry the workflow's identity.
     entries = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()]
-    phases = [e for e in entries if e.get("temporal_workflow", {}).get("workflow_id") == handle.id]
-    assert any(e["message"].startswith("vm-missing on ") and "phase failed" in e["message"] for e in phases)
+    # Its context in fields (issue 26, point 3), the message as written: no dict appended to it.
+    phases = [e for e in entries if e.get("workflow_id") == handle.id]
+    failed = [e for e in phases if e.get("phase") == "failed"]
+    assert [e["message"] for e in failed] == [f"vm-missing on {unique_host}: phase failed"]
+    assert failed[0]["instance"] == "vm-missing" and failed[0]["host"] == unique_host
+    assert failed[0]["run_id"] == handle.result_run_id and failed[0]["attempt"] == 1
     assert {e["level"] for e in entries} <= {"debug", "info", "warning", "error"}
     # Every series the Grafana dashboard and the alert rules query is one this worker serves (the two
     # outcome counters it does not cause here are checked by the test above).

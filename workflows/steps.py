@@ -116,7 +116,14 @@ class StepRunner:
     def enter(self, phase: Phase) -> None:
         state = self._state
         state.phase = phase
-        workflow.logger.info("%s on %s: phase %s", state.request.instance, state.request.host, phase.value)
+        request = state.request
+        workflow.logger.info(
+            "%s on %s: phase %s",
+            request.instance,
+            request.host,
+            phase.value,
+            extra={"instance": request.instance, "host": request.host, "phase": phase.value},
+        )
         workflow.upsert_search_attributes([sa.REBUILD_PHASE.value_set(phase.value)])
         workflow.set_current_details(state.details())
 
