@@ -41,11 +41,13 @@ from activities.seed import SeedActivities
 from activities.snapshots import SnapshotActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from common.codec import CodecKeyError
+from common.config_file import run_with_config
 from common.connection import TemporalUnavailable, connect, worker_identity
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from common.logs import LogFormat, LogLevel, configure_logging
 from common.metrics import prometheus_runtime
+from common.systemd import notify
 from workflows.fleet import FleetRebuild
 from workflows.models import DISK_MODES, HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
@@ -203,7 +205,9 @@ async def serve(config: WorkerConfig) -> None:
             version,
             extra={"host": config.host, "metrics": config.metrics_address},
         )
+        notify("READY=1", f"STATUS=polling {host_task_queue(config.host)}")
         await stop.wait()
+        notify("STOPPING=1", "STATUS=finishing the running activities")
 
 
 @app.command(epilog="Exit codes (every command):\n\n" + exit_code_table())
@@ -221,13 +225,24 @@ def run(
         Path, typer.Option(envvar="REBUILD_STATE_DIR", help="Image cache and state.")
     ] = DEFAULT_STATE_DIR,
     address: Annotated[
-        str | None, typer.Option(help="Temporal address (default: envconfig, localhost:7233).")
+        str | None,
+        typer.Option(
+            envvar="TEMPORAL_ADDRESS", help="Temporal address (default: envconfig, localhost:7233)."
+        ),
     ] = None,
     download_read_timeout: Annotated[
-        float, typer.Option(help="Seconds without a byte before a download is declared stalled.")
+        float,
+        typer.Option(
+            envvar="REBUILD_DOWNLOAD_READ_TIMEOUT",
+            help="Seconds without a byte before a download is declared stalled.",
+        ),
     ] = 30.0,
     file_image_dir: Annotated[
-        Path | None, typer.Option(help="Directory file:// images may come from (default: none allowed).")
+        Path | None,
+        typer.Option(
+            envvar="REBUILD_FILE_IMAGE_DIR",
+            help="Directory file:// images may come from (default: none allowed).",
+        ),
     ] = None,
     glance_url: Annotated[
         str | None,
@@ -245,7 +260,11 @@ def run(
         ),
     ] = None,
     glance_allow_http: Annotated[
-        bool, typer.Option(help="Accept a plain-http Glance endpoint (its token crosses in clear).")
+        bool,
+        typer.Option(
+            envvar="REBUILD_GLANCE_ALLOW_HTTP",
+            help="Accept a plain-http Glance endpoint (its token crosses in clear).",
+        ),
     ] = False,
     allow_image_network: Annotated[
         list[str] | None,
@@ -267,15 +286,25 @@ def run(
         bool,
         typer.Option(
             "--preflight/--no-preflight",
+            envvar="REBUILD_PREFLIGHT",
             help="Boot each new image in a sandbox before stopping the instance, unless a request "
             "says otherwise (rebuild start --preflight/--no-preflight).",
         ),
     ] = False,
     preflight_slots: Annotated[
-        int, typer.Option(min=1, max=64, help="Pre-flight sandboxes at most at once on this host.")
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            envvar="REBUILD_PREFLIGHT_SLOTS",
+            help="Pre-flight sandboxes at most at once on this host.",
+        ),
     ] = 2,
     preflight_max_memory: Annotated[
-        int, typer.Option(min=64, help="Memory cap of a pre-flight sandbox, MiB.")
+        int,
+        typer.Option(
+            min=64, envvar="REBUILD_PREFLIGHT_MAX_MEMORY", help="Memory cap of a pre-flight sandbox, MiB."
+        ),
     ] = 2048,
     disk_mode: Annotated[
         str,
@@ -295,7 +324,8 @@ def run(
     ] = LogLevel.INFO,
     pause_dir: Annotated[
         Path | None,
-        typer.Option(envvar="REBUILD_PAUSE_DIR", help="Test hook: pause activities at named points."),
+        # A test hook: not in the production --help.
+        typer.Option(envvar="REBUILD_PAUSE_DIR", hidden=True, help="Pause activities at named points."),
     ] = None,
     build_id: Annotated[
         str | None,
@@ -306,10 +336,23 @@ def run(
         ),
     ] = None,
     deployment_name: Annotated[
-        str, typer.Option(help="Worker Deployment this worker's build belongs to.")
+        str,
+        typer.Option(
+            envvar="REBUILD_DEPLOYMENT_NAME", help="Worker Deployment this worker's build belongs to."
+        ),
     ] = DEPLOYMENT_NAME,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="REBUILD_WORKER_CONFIG",
+            help="A TOML file of these options, named as here without the dashes (state-dir = "
+            '"/srv/rebuild"); the command line and the environment win over it.',
+        ),
+    ] = None,
 ) -> None:
     """Run the rebuild worker for this hypervisor host."""
+    del config_file  # read before the options were parsed: its settings are their defaults
     configure_logging(log_format, log_level)
     if not HOST_NAME.match(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
@@ -368,7 +411,7 @@ def _glance_endpoint(url: str | None, token_file: Path | None, allow_http: bool)
 
 
 def main() -> None:
-    app()
+    run_with_config(app, "rebuild-worker", "REBUILD_WORKER_CONFIG")
 
 
 if __name__ == "__main__":

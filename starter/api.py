@@ -28,10 +28,12 @@ from pydantic import BaseModel
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from common.config_file import run_with_config
 from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from common.logs import LogFormat, LogLevel, configure_logging
+from common.systemd import notify
 from starter.api_clients import ApiClients, TokensFileError
 from starter.fleet_api import FLEET_MODELS, add_fleet_routes, fleet_openapi_paths
 from starter.http_kit import (
@@ -215,15 +217,27 @@ def run(
     tls_key: Annotated[
         Path | None, typer.Option(envvar="REBUILD_API_TLS_KEY", help="TLS private key (PEM).")
     ] = None,
-    address: Annotated[str | None, typer.Option(help="Temporal address (default: envconfig).")] = None,
+    address: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_ADDRESS", help="Temporal address (default: envconfig).")
+    ] = None,
     log_format: Annotated[
         LogFormat, typer.Option(envvar="REBUILD_LOG_FORMAT", help="Log lines.")
     ] = LogFormat.TEXT,
     log_level: Annotated[
         LogLevel, typer.Option(envvar="REBUILD_LOG_LEVEL", help="The least severe level logged.")
     ] = LogLevel.INFO,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="REBUILD_API_CONFIG",
+            help="A TOML file of these options, named as here without the dashes (state-dir = "
+            '"/srv/rebuild"); the command line and the environment win over it.',
+        ),
+    ] = None,
 ) -> None:
     """Serve the rebuild HTTP API. Every request but /healthz and /openapi.json needs a client's token."""
+    del config_file  # read before the options were parsed: its settings are their defaults
     configure_logging(log_format, log_level)
     tokens_file = tokens_file or _credential("api-tokens")
     tls_cert = tls_cert or _credential("api-tls.crt")
@@ -263,6 +277,7 @@ def run(
                 "cross the network in clear; give --tls-cert and --tls-key",
                 listen,
             )
+        notify("READY=1", f"STATUS=listening on {scheme}://{listen}:{port}")
         await asyncio.Event().wait()
 
     try:
@@ -276,7 +291,7 @@ def run(
 
 
 def main() -> None:
-    app()
+    run_with_config(app, "rebuild-api", "REBUILD_API_CONFIG")
 
 
 if __name__ == "__main__":
