@@ -17,6 +17,7 @@ activities, typed), ``names.py`` (the names clients and histories know).
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -171,6 +172,7 @@ class RebuildInstance:
         # The new disk is in place and verified: from here on nothing is undone.
         self._saga.clear()
         await self._clean_up(instance, image, seeded)
+        self._state.outcome, self._state.downtime_seconds = Outcome.REBUILT, downtime
         self._steps.enter(Phase.DONE)
         metrics.rebuild_finished(request.host, Outcome.REBUILT, _seconds_since_start(), downtime)
         return self._state.rebuilt(image, downtime, stopped.forced)
@@ -408,6 +410,7 @@ class RebuildInstance:
     async def _await_approval(self, request: RebuildRequest) -> None:
         """Nothing has changed yet; without an approval in time, nothing will."""
         seconds = request.approval_timeout_seconds
+        self._state.approval_deadline = workflow.now() + timedelta(seconds=seconds)
         if not await self._steps.wait(Phase.AWAIT_APPROVAL, lambda: self._approved_by is not None, seconds):
             raise ApplicationError(
                 f"no approval within {seconds:g} s", type="ApprovalTimeout", non_retryable=True
@@ -415,6 +418,7 @@ class RebuildInstance:
 
     async def _confirm_window(self, seconds: float, revert_by_default: bool) -> None:
         """The new image runs; the old disk waits as a backup for `confirm`, `revert` or the end."""
+        self._state.confirm_deadline = workflow.now() + timedelta(seconds=seconds)
         if not await self._steps.wait(Phase.CONFIRM_WINDOW, lambda: self._decision is not None, seconds):
             verdict = "revert" if revert_by_default else "confirm"
             self._decision = (verdict, f"{verdict} by default: the {seconds:g} s window ended")

@@ -111,6 +111,7 @@ class Saga:
     def _end(self, outcome: Outcome, failed_step: Phase, what: str) -> ApplicationError:
         """Enter the ending's phase; the error to fail the workflow with, the result as its detail."""
         phase, error_type = ENDINGS[outcome]
+        self._state.outcome = outcome
         request = self._state.request
         seconds = (workflow.now() - workflow.info().start_time).total_seconds()
         metrics.rebuild_finished(request.host, outcome, seconds, None)
