@@ -115,15 +115,21 @@ def openapi_document() -> dict[str, Any]:
         {"name": "running", "in": "query", "schema": {"type": "boolean"}},
         {"name": "limit", "in": "query",
          "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 50}},
+        {"name": "cursor", "in": "query", "schema": {"type": "string"},
+         "description": 'the next page, as the previous page\'s Link: <...>; rel="next" header gives it'},
     ]  # fmt: skip
     listing = {"type": "array", "items": {"$ref": "#/components/schemas/RebuildSummary"}}
     anyone: dict[str, Any] = {"security": []}
+    started = answers(201, "Started", 400, 409)
+    started["201"]["headers"] = {"Location": {"description": "the rebuild's status",
+                                              "schema": {"type": "string"}}}  # fmt: skip
+    listed = answers(200, "RebuildSummary list", 400, schema=listing)
+    listed["200"]["headers"] = {"Link": {"description": 'the next page: <...>; rel="next"',
+                                         "schema": {"type": "string"}}}  # fmt: skip
     paths: dict[str, Any] = {
         "/v1/rebuilds": {
-            "post": operation("startRebuild", "rebuilds", "Start a rebuild",
-                              answers(201, "Started", 400, 409), body="RebuildRequest"),
-            "get": operation("listRebuilds", "rebuilds", "List rebuilds",
-                             answers(200, "RebuildSummary list", 400, schema=listing), filters),
+            "post": operation("startRebuild", "rebuilds", "Start a rebuild", started, body="RebuildRequest"),
+            "get": operation("listRebuilds", "rebuilds", "List rebuilds, newest first", listed, filters),
         },
         "/v1/rebuilds/{host}/{instance}": {
             "get": operation("getRebuild", "rebuilds", "A rebuild's status",

@@ -4,7 +4,7 @@ approve | confirm | revert | abort``, JSON in and out with the workflow's own mo
 | method and path | does | answers |
 | --- | --- | --- |
 | ``POST /v1/rebuilds`` (a ``RebuildRequest``) | start a rebuild | 201, 400, 409 already running |
-| ``GET /v1/rebuilds?phase=&host=&running=true&limit=50`` | list through visibility | 200, 400 |
+| ``GET /v1/rebuilds?phase=&host=&running=true&limit=50&cursor=`` | list, a page at a time | 200, 400 |
 | ``GET /v1/rebuilds/{host}/{instance}`` | status; the result once finished | 200, 404 |
 | ``POST /v1/rebuilds/{host}/{instance}/approve|confirm|revert`` | send the signal | 202, 404, 409 |
 | ``POST /v1/rebuilds/{host}/{instance}/abort`` (``{"reason": ...}``) | abort through the update | 200, 409 |
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -27,6 +28,7 @@ from starter.http_kit import (
     answered,
     caller,
     error,
+    query_cursor,
     query_flag,
     query_int,
     read_body,
@@ -34,6 +36,7 @@ from starter.http_kit import (
     reply,
     reply_list,
     requester,
+    with_next_page,
 )
 from starter.identity_options import hash_password
 from starter.rebuilds import (
@@ -42,7 +45,7 @@ from starter.rebuilds import (
     abort_rebuild,
     describe_rebuild,
     list_query,
-    list_rebuilds,
+    list_rebuilds_page,
     rebuild_requested_by,
     send_decision,
     start_rebuild,
@@ -120,7 +123,11 @@ async def start(request: web.Request) -> web.Response:
     rebuild = rebuild.model_copy(update={"requested_by": requester(request, rebuild.requested_by)})
     handle = await start_rebuild(request.app[CLIENT], rebuild)
     request.app[STATUS].forget(rebuild.host, rebuild.instance)
-    return reply(Started(workflow_id=handle.id, run_id=handle.result_run_id), status=201)
+    return reply(
+        Started(workflow_id=handle.id, run_id=handle.result_run_id),
+        status=201,
+        headers={"Location": f"/v1/rebuilds/{quote(rebuild.host)}/{quote(rebuild.instance)}"},
+    )
 
 
 async def show(request: web.Request) -> web.Response:
@@ -133,10 +140,11 @@ async def show(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     query = list_query(request.query.get("phase"), request.query.get("host"), query_flag(request, "running"))
     limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
-    rows = await list_rebuilds(request.app[CLIENT], query, limit)
-    # A client lists only the rebuilds in its scope.
+    rows, after = await list_rebuilds_page(request.app[CLIENT], query, limit, query_cursor(request))
+    # A client lists only the rebuilds in its scope (a page may hold fewer rows than the limit).
     who = caller(request)
-    return reply_list([r for r in rows if r.host and r.instance and who.may_reach(r.host, r.instance)])
+    shown = reply_list([r for r in rows if r.host and r.instance and who.may_reach(r.host, r.instance)])
+    return with_next_page(request, shown, after)
 
 
 async def decide(request: web.Request) -> web.Response:
