@@ -146,7 +146,13 @@ def query_int(request: web.Request, name: str, default: int, minimum: int, maxim
 
 
 def query_flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name) == "true"
+    """``?name=true`` or ``false`` (absent: false); anything else is refused, not read as false."""
+    values = request.query.getall(name, [])
+    if not values:
+        return False
+    if len(values) > 1 or values[0] not in ("true", "false"):
+        raise BadQuery(f"{name} must be true or false, once, not {', '.join(map(repr, values))[:80]}")
+    return values[0] == "true"
 
 
 def caller(request: web.Request) -> ApiClient:

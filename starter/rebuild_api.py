@@ -39,9 +39,11 @@ from starter.http_kit import (
     with_next_page,
 )
 from starter.identity_options import hash_password
+from starter.openapi import Op, Param, route
 from starter.rebuilds import (
     DECISIONS,
     RebuildDescription,
+    RebuildSummary,
     abort_rebuild,
     describe_rebuild,
     list_query,
@@ -52,7 +54,7 @@ from starter.rebuilds import (
 )
 from starter.status_cache import StatusCache
 from workflows.identity import identity_problems
-from workflows.models import StrictAbortRequest, StrictDecision, StrictRebuildRequest
+from workflows.models import AbortAnswer, StrictAbortRequest, StrictDecision, StrictRebuildRequest
 
 STATUS: web.AppKey[StatusCache[RebuildDescription]] = web.AppKey("status", StatusCache)
 # How old a status answer may be: pollers of one rebuild share one trip to Temporal per this long.
@@ -180,9 +182,70 @@ def add_rebuild_routes(app: web.Application, client: Client, status_ttl: float) 
         return await describe_rebuild(client, instance, host)
 
     app[STATUS] = StatusCache(describe, status_ttl)
-    app.router.add_post("/v1/rebuilds", start)
-    app.router.add_get("/v1/rebuilds", index)
-    app.router.add_get("/v1/rebuilds/{host}/{instance}", show)
-    app.router.add_post("/v1/rebuilds/{host}/{instance}/abort", abort)
-    verdicts = "|".join(DECISIONS)
-    app.router.add_post(f"/v1/rebuilds/{{host}}/{{instance}}/{{verdict:{verdicts}}}", decide)
+    route(
+        app,
+        "POST",
+        "/v1/rebuilds",
+        start,
+        Op(
+            "startRebuild",
+            "rebuilds",
+            "Start a rebuild",
+            201,
+            Started,
+            errors=(400, 409, 429),
+            body=StrictRebuildRequest,
+            headers={"Location": "the rebuild's status"},
+        ),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/rebuilds",
+        index,
+        Op(
+            "listRebuilds",
+            "rebuilds",
+            "List rebuilds, newest first",
+            200,
+            RebuildSummary,
+            many=True,
+            errors=(400,),
+            query=LIST_FILTERS,
+            headers={"Link": 'the next page: <...>; rel="next"'},
+        ),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/rebuilds/{host}/{instance}",
+        show,
+        Op("getRebuild", "rebuilds", "A rebuild's status", 200, RebuildDescription, errors=(404,)),
+    )
+    route(
+        app,
+        "POST",
+        "/v1/rebuilds/{host}/{instance}/abort",
+        abort,
+        Op(
+            "abortRebuild",
+            "decisions",
+            "Abort (answers whether it was accepted)",
+            200,
+            AbortAnswer,
+            errors=(400, 404, 409),
+            body=StrictAbortRequest,
+        ),
+    )
+    route(app, "POST", f"/v1/rebuilds/{{host}}/{{instance}}/{{verdict:{'|'.join(DECISIONS)}}}", decide, Op(
+        "decideRebuild", "decisions", "Send approve, confirm or revert", 202, Sent,
+        errors=(400, 404, 409), body=StrictDecision, body_required=False))  # fmt: skip
+
+
+LIST_FILTERS = (
+    Param("phase"),
+    Param("host"),
+    Param("running", "boolean"),
+    Param("limit", "integer", minimum=1, maximum=MAX_LIST_LIMIT, default=50),
+    Param("cursor", description='the next page, as the previous page\'s Link: <...>; rel="next" gives it'),
+)

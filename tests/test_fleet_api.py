@@ -74,8 +74,8 @@ async def test_start_steer_and_follow_a_fleet_over_http(
     assert unknown.status == 404
 
 
-def test_openapi_describes_the_fleet_endpoints() -> None:
-    document = openapi_document()
+async def test_openapi_describes_the_fleet_endpoints(api: TestClient[Any, Any]) -> None:
+    document = openapi_document(api.app)
     assert {"/v1/fleets", "/v1/fleets/{name}", "/v1/fleets/{name}/abort", "/v1/fleets/{name}/pause"} <= set(
         document["paths"]
     )
