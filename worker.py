@@ -42,12 +42,14 @@ from activities.seed import SeedActivities
 from activities.snapshots import SnapshotActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
 from common.codec import CodecKeyError
+from common.config_file import run_with_config
 from common.connection import TemporalUnavailable, connect, worker_identity
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from common.help import HelpCommand
-from common.logs import LogFormat, configure_logging
+from common.logs import LogFormat, LogLevel, configure_logging
 from common.metrics import prometheus_runtime
+from common.systemd import notify
 from workflows.fleet import FleetRebuild
 from workflows.models import DISK_MODES, HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
@@ -213,7 +215,9 @@ async def serve(config: WorkerConfig) -> None:
             version,
             extra={"host": config.host, "metrics": config.metrics_address},
         )
+        notify("READY=1", f"STATUS=polling {host_task_queue(config.host)}")
         await stop.wait()
+        notify("STOPPING=1", "STATUS=finishing the running activities")
 
 
 # The panels of `rebuild-worker --help`.
@@ -254,6 +258,7 @@ def run(
     address: Annotated[
         str | None,
         typer.Option(
+            envvar="TEMPORAL_ADDRESS",
             help="Temporal address (default: envconfig, localhost:7233).",
             rich_help_panel=HOST_PANEL,
         ),
@@ -261,6 +266,7 @@ def run(
     download_read_timeout: Annotated[
         float,
         typer.Option(
+            envvar="REBUILD_DOWNLOAD_READ_TIMEOUT",
             help="Seconds without a byte before a download is declared stalled.",
             rich_help_panel=IMAGES_PANEL,
             metavar="SECONDS",
@@ -269,6 +275,7 @@ def run(
     file_image_dir: Annotated[
         Path | None,
         typer.Option(
+            envvar="REBUILD_FILE_IMAGE_DIR",
             help="Directory file:// images may come from (default: none allowed).",
             rich_help_panel=IMAGES_PANEL,
             metavar="DIR",
@@ -297,6 +304,7 @@ def run(
         bool,
         typer.Option(
             "--glance-allow-http",
+            envvar="REBUILD_GLANCE_ALLOW_HTTP",
             help="Accept a plain-http Glance endpoint (its token crosses in clear).",
             rich_help_panel=GLANCE_PANEL,
         ),
@@ -325,6 +333,7 @@ def run(
         bool,
         typer.Option(
             "--preflight/--no-preflight",
+            envvar="REBUILD_PREFLIGHT",
             help="Boot each new image in a sandbox before stopping the instance, unless a request "
             "says otherwise (rebuild start --preflight or --no-preflight).",
             rich_help_panel=DEFAULTS_PANEL,
@@ -335,6 +344,7 @@ def run(
         typer.Option(
             min=1,
             max=64,
+            envvar="REBUILD_PREFLIGHT_SLOTS",
             help="Pre-flight sandboxes at most at once on this host.",
             rich_help_panel=SANDBOX_PANEL,
             metavar="N",
@@ -343,6 +353,7 @@ def run(
     preflight_max_memory: Annotated[
         int,
         typer.Option(
+            envvar="REBUILD_PREFLIGHT_MAX_MEMORY",
             min=64,
             help="Memory cap of a pre-flight sandbox, MiB.",
             rich_help_panel=SANDBOX_PANEL,
@@ -388,14 +399,13 @@ def run(
             rich_help_panel=HOST_PANEL,
         ),
     ] = LogFormat.TEXT,
+    log_level: Annotated[
+        LogLevel, typer.Option(envvar="REBUILD_LOG_LEVEL", help="The least severe level logged.")
+    ] = LogLevel.INFO,
     pause_dir: Annotated[
         Path | None,
-        typer.Option(
-            envvar="REBUILD_PAUSE_DIR",
-            help="Test hook: pause activities at named points.",
-            rich_help_panel=HOST_PANEL,
-            metavar="DIR",
-        ),
+        # A test hook: not in the production --help.
+        typer.Option(envvar="REBUILD_PAUSE_DIR", hidden=True, help="Pause activities at named points."),
     ] = None,
     build_id: Annotated[
         str | None,
@@ -410,14 +420,25 @@ def run(
     deployment_name: Annotated[
         str,
         typer.Option(
+            envvar="REBUILD_DEPLOYMENT_NAME",
             help="Worker Deployment this worker's build belongs to.",
             rich_help_panel=VERSIONING_PANEL,
             metavar="NAME",
         ),
     ] = DEPLOYMENT_NAME,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="REBUILD_WORKER_CONFIG",
+            help="A TOML file of these options, named as here without the dashes (state-dir = "
+            '"/srv/rebuild"); the command line and the environment win over it.',
+        ),
+    ] = None,
 ) -> None:
     """Run the rebuild worker for this hypervisor host."""
-    configure_logging(log_format)
+    del config_file  # read before the options were parsed: its settings are their defaults
+    configure_logging(log_format, log_level)
     if not HOST_NAME.fullmatch(host):
         print(f"rebuild-worker: not a usable host name: {host!r}", file=sys.stderr)
         raise typer.Exit(ExitCode.BAD_INPUT)
@@ -477,7 +498,7 @@ def _glance_endpoint(url: str | None, token_file: Path | None, allow_http: bool)
 
 
 def main() -> None:
-    app()
+    run_with_config(app, "rebuild-worker", "REBUILD_WORKER_CONFIG")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ from activities.heartbeat import keep_alive
 from activities.network import AddressPolicy, GuardedConnector
 from activities.sink import PipelinedSink
 from activities.state import StateDir, fsync_dir, require_digest, write_atomically
+from workflows import metrics
 from workflows.models import CachedImage, FetchImageInput, FetchProgress
+from workflows.names import host_of_queue
 
 CHUNK_BYTES = 1 << 20
 # Measured with bench/download.py's server: with writing and hashing off the loop, 256 KiB reads as
@@ -212,8 +214,8 @@ class ImageFetch:
                 f"download of {request.url} ended at {size} of {total} bytes; will resume"
             )
         activity.metric_meter().create_counter(
-            "image_download_bytes", "Bytes of images downloaded", "By"
-        ).add(received)
+            metrics.DOWNLOAD_BYTES, "Bytes of images downloaded", "By"
+        ).add(received, {"host": host_of_queue(activity.info().task_queue)})
         return await self._admit(request, partial, digests, size, received)
 
     async def _admit(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import ssl
 import sys
@@ -27,29 +28,27 @@ from pydantic import BaseModel
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from common.config_file import run_with_config
 from common.connection import TemporalUnavailable, connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from common.help import HelpCommand
-from common.logs import LogFormat, configure_logging
+from common.logs import LogFormat, LogLevel, configure_logging
+from common.systemd import notify
 from starter.api_clients import ApiClients, TokensFileError
-from starter.fleet_api import FLEET_MODELS, add_fleet_routes, fleet_openapi_paths
+from starter.fleet_api import add_fleet_routes
 from starter.http_kit import (
     CLIENT,
-    ERROR_MEANINGS,
+    ClientAccessLogger,
     ErrorBody,
-    answers,
     error,
-    json_content,
     log,
     middlewares,
-    operation,
     reply,
 )
-from starter.rebuild_api import MAX_LIST_LIMIT, STATUS_TTL_SECONDS, Sent, Started, add_rebuild_routes
-from starter.rebuilds import DECISIONS, RebuildDescription, RebuildSummary
-from starter.snapshot_api import SNAPSHOT_MODELS, add_snapshot_routes, snapshot_openapi_paths
-from workflows.models import AbortAnswer, StrictAbortRequest, StrictDecision, StrictRebuildRequest
+from starter.openapi import Op, document, route
+from starter.rebuild_api import STATUS_TTL_SECONDS, add_rebuild_routes
+from starter.snapshot_api import add_snapshot_routes
 
 CLIENTS: web.AppKey[ApiClients] = web.AppKey("clients", ApiClients)
 HEALTH_TIMEOUT = 3.0
@@ -66,9 +65,24 @@ def create_app(
     app = web.Application(middlewares=middlewares(clients))  # type: ignore[arg-type]
     app[CLIENT] = client
     app[CLIENTS] = clients
-    app.router.add_get("/healthz", healthz)
+    route(
+        app,
+        "GET",
+        "/healthz",
+        healthz,
+        Op(
+            "getHealth",
+            "service",
+            "Liveness and Temporal's reachability (no token needed)",
+            200,
+            Health,
+            errors=(503,),
+            public=True,
+        ),
+    )
     add_rebuild_routes(app, client, status_ttl)
-    app.router.add_get("/openapi.json", openapi)
+    route(app, "GET", "/openapi.json", openapi, Op(
+        "getOpenApi", "service", "This document", 200, {"type": "object"}, public=True))  # fmt: skip
     add_fleet_routes(app)
     add_snapshot_routes(app)
     return app
@@ -86,87 +100,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(request.app))
 
 
-def openapi_document() -> dict[str, Any]:
-    """OpenAPI 3.1, its schemas taken from the same pydantic models the API validates with."""
-    models: list[type[BaseModel]] = [
-        StrictRebuildRequest, Started, RebuildDescription, RebuildSummary, StrictDecision, Sent,
-        StrictAbortRequest, AbortAnswer, ErrorBody, Health, *FLEET_MODELS, *SNAPSHOT_MODELS,
-    ]  # fmt: skip
-    schemas: dict[str, Any] = {}
-    for model in models:
-        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(schema.pop("$defs", {}))
-        # The strict forms are what callers send; they keep the wire models' names.
-        schemas[model.__name__.removeprefix("Strict")] = schema
+TAGS = [
+    {"name": "rebuilds", "description": "Start, list and watch rebuilds"},
+    {"name": "decisions", "description": "Steer a running rebuild: approve, confirm, revert, abort"},
+    {"name": "fleets", "description": "Rolling rebuilds of many instances"},
+    {"name": "snapshots", "description": "Snapshot instances while they run, to rebuild from later"},
+    {"name": "service", "description": "Health and this description"},
+]
 
-    target = [
-        {"name": "host", "in": "path", "required": True, "schema": {"type": "string"}},
-        {"name": "instance", "in": "path", "required": True, "schema": {"type": "string"}},
-    ]
-    filters = [
-        {"name": "phase", "in": "query", "schema": {"type": "string"}},
-        {"name": "host", "in": "query", "schema": {"type": "string"}},
-        {"name": "running", "in": "query", "schema": {"type": "boolean"}},
-        {"name": "limit", "in": "query",
-         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "default": 50}},
-    ]  # fmt: skip
-    listing = {"type": "array", "items": {"$ref": "#/components/schemas/RebuildSummary"}}
-    anyone: dict[str, Any] = {"security": []}
-    paths: dict[str, Any] = {
-        "/v1/rebuilds": {
-            "post": operation("startRebuild", "rebuilds", "Start a rebuild",
-                              answers(201, "Started", 400, 409), body="RebuildRequest"),
-            "get": operation("listRebuilds", "rebuilds", "List rebuilds",
-                             answers(200, "RebuildSummary list", 400, schema=listing), filters),
-        },
-        "/v1/rebuilds/{host}/{instance}": {
-            "get": operation("getRebuild", "rebuilds", "A rebuild's status",
-                             answers(200, "RebuildDescription", 404), target),
-        },
-        "/v1/rebuilds/{host}/{instance}/abort": {
-            "post": operation("abortRebuild", "decisions", "Abort (answers whether it was accepted)",
-                              answers(200, "AbortAnswer", 400, 404, 409), target, body="AbortRequest"),
-        },
-        "/healthz": {
-            "get": anyone | operation(
-                "getHealth", "service", "Liveness and Temporal's reachability (no token needed)",
-                {"200": {"description": "Health", **json_content("Health")},
-                 "503": {"description": ERROR_MEANINGS[503], **json_content("ErrorBody")}}),
-        },
-        "/openapi.json": {
-            "get": anyone | operation(
-                "getOpenApi", "service", "This document",
-                {"200": {"description": "OpenAPI 3.1 document",
-                         "content": {"application/json": {"schema": {"type": "object"}}}}}),
-        },
-    }  # fmt: skip
-    for verdict in DECISIONS:
-        paths[f"/v1/rebuilds/{{host}}/{{instance}}/{verdict}"] = {
-            "post": operation(f"{verdict}Rebuild", "decisions", f"Send {verdict}",
-                              answers(202, "Sent", 400, 404, 409), target,
-                              body="Decision", body_required=False),
-        }  # fmt: skip
-    paths.update(fleet_openapi_paths())
-    paths.update(snapshot_openapi_paths())
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "durable-rebuild API", "version": "1"},
-        "tags": [
-            {"name": "rebuilds", "description": "Start, list and watch rebuilds"},
-            {"name": "decisions", "description": "Steer a running rebuild: approve, confirm, revert, abort"},
-            {"name": "snapshots", "description": "Snapshot instances while they run, to rebuild from later"},
-            {"name": "service", "description": "Health and this description"},
-        ],
-        "components": {
-            "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "security": [{"bearer": []}],
-        "paths": paths,
-    }
+
+def openapi_document(app: web.Application) -> dict[str, Any]:
+    """OpenAPI 3.1, from the routes ``app`` serves and the pydantic models they validate with."""
+    return document(app, {"title": "durable-rebuild API", "version": "1"}, TAGS, ErrorBody)
 
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -214,13 +162,28 @@ def run(
     tls_key: Annotated[
         Path | None, typer.Option(envvar="REBUILD_API_TLS_KEY", help="TLS private key (PEM).")
     ] = None,
-    address: Annotated[str | None, typer.Option(help="Temporal address (default: envconfig).")] = None,
+    address: Annotated[
+        str | None, typer.Option(envvar="TEMPORAL_ADDRESS", help="Temporal address (default: envconfig).")
+    ] = None,
     log_format: Annotated[
         LogFormat, typer.Option(envvar="REBUILD_LOG_FORMAT", help="Log lines.")
     ] = LogFormat.TEXT,
+    log_level: Annotated[
+        LogLevel, typer.Option(envvar="REBUILD_LOG_LEVEL", help="The least severe level logged.")
+    ] = LogLevel.INFO,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="REBUILD_API_CONFIG",
+            help="A TOML file of these options, named as here without the dashes (state-dir = "
+            '"/srv/rebuild"); the command line and the environment win over it.',
+        ),
+    ] = None,
 ) -> None:
     """Serve the rebuild HTTP API. Every request but /healthz and /openapi.json needs a client's token."""
-    configure_logging(log_format)
+    del config_file  # read before the options were parsed: its settings are their defaults
+    configure_logging(log_format, log_level)
     tokens_file = tokens_file or _credential("api-tokens")
     tls_cert = tls_cert or _credential("api-tls.crt")
     tls_key = tls_key or _credential("api-tls.key")
@@ -237,7 +200,11 @@ def run(
 
     async def serve() -> None:
         client = await connect(address)
-        runner = web.AppRunner(create_app(client, clients), access_log=log)
+        runner = web.AppRunner(
+            create_app(client, clients),
+            access_log=logging.getLogger("rebuild.api.access"),
+            access_log_class=ClientAccessLogger,
+        )
         await runner.setup()
         await web.TCPSite(runner, listen, port, ssl_context=context).start()
         scheme = "https" if context else "http"
@@ -255,6 +222,7 @@ def run(
                 "cross the network in clear; give --tls-cert and --tls-key",
                 listen,
             )
+        notify("READY=1", f"STATUS=listening on {scheme}://{listen}:{port}")
         await asyncio.Event().wait()
 
     try:
@@ -268,7 +236,7 @@ def run(
 
 
 def main() -> None:
-    app()
+    run_with_config(app, "rebuild-api", "REBUILD_API_CONFIG")
 
 
 if __name__ == "__main__":

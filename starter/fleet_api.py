@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
 from pydantic import BaseModel
 
@@ -37,9 +35,7 @@ from starter.http_kit import (
     BadQuery,
     Handler,
     answered,
-    answers,
     caller,
-    operation,
     query_flag,
     query_int,
     read_body,
@@ -47,6 +43,7 @@ from starter.http_kit import (
     reply_list,
     requester,
 )
+from starter.openapi import Op, Param, route
 from workflows.fleet_models import (
     ControlAnswer,
     FleetInstances,
@@ -132,7 +129,7 @@ async def instances(request: web.Request) -> web.Response:
     return reply(page)
 
 
-async def control(request: web.Request) -> web.Response:
+async def control_handler(request: web.Request) -> web.Response:
     name, action = request.match_info["name"], request.path.rsplit("/", 1)[1]
     await _require_fleet_hosts(request)
     answer = await control_fleet(request.app[CLIENT], name, action)
@@ -156,67 +153,97 @@ async def abort(request: web.Request) -> web.Response:
 
 def add_fleet_routes(app: web.Application) -> None:
     """The fleet endpoints; the application's middlewares (``starter.http_kit``) answer its errors."""
-    app.router.add_post("/v1/fleets", _needs_fleet(start))
-    app.router.add_get("/v1/fleets", _needs_fleet(index))
-    app.router.add_get("/v1/fleets/{name}", _needs_fleet(show))
-    app.router.add_get("/v1/fleets/{name}/instances", _needs_fleet(instances))
+    control = ControlAnswer
+    route(
+        app,
+        "POST",
+        "/v1/fleets",
+        _needs_fleet(start),
+        Op(
+            "startFleet",
+            "fleets",
+            "Start a rolling rebuild",
+            201,
+            FleetStarted,
+            errors=(400, 409),
+            body=StrictFleetRequest,
+        ),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/fleets",
+        _needs_fleet(index),
+        Op(
+            "listFleets",
+            "fleets",
+            "List fleets",
+            200,
+            FleetSummary,
+            many=True,
+            errors=(400,),
+            query=(
+                Param("running", "boolean"),
+                Param("limit", "integer", minimum=1, maximum=MAX_LIST_LIMIT, default=50),
+            ),
+        ),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/fleets/{name}",
+        _needs_fleet(show),
+        Op("getFleet", "fleets", "A fleet's progress", 200, FleetDescription, errors=(404,)),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/fleets/{name}/instances",
+        _needs_fleet(instances),
+        Op(
+            "listFleetInstances",
+            "fleets",
+            "Every instance's state, paged",
+            200,
+            FleetInstances,
+            errors=(400, 404),
+            query=(
+                Param("state"),
+                Param("offset", "integer", minimum=0, default=0),
+                Param("limit", "integer", minimum=1, maximum=MAX_PAGE, default=1000),
+            ),
+        ),
+    )
     for action in CONTROLS:
-        app.router.add_post(f"/v1/fleets/{{name}}/{action}", _needs_fleet(control))
-    app.router.add_post("/v1/fleets/{name}/batch-size", _needs_fleet(batch_size))
-    app.router.add_post("/v1/fleets/{name}/abort", _needs_fleet(abort))
-
-
-FLEET_MODELS: list[type[BaseModel]] = [
-    StrictFleetRequest,
-    FleetStarted,
-    FleetDescription,
-    FleetSummary,
-    FleetInstances,
-    StrictBatchSize,
-    StrictFleetAbort,
-    ControlAnswer,
-]
-
-
-def fleet_openapi_paths() -> dict[str, Any]:
-    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-
-    def query(*names_and_types: tuple[str, str]) -> list[dict[str, Any]]:
-        return [{"name": n, "in": "query", "schema": {"type": t}} for n, t in names_and_types]
-
-    listing = {"type": "array", "items": {"$ref": "#/components/schemas/FleetSummary"}}
-    control = answers(200, "ControlAnswer", 400, 404, 409)
-    paths: dict[str, Any] = {
-        "/v1/fleets": {
-            "post": operation("startFleet", "fleets", "Start a rolling rebuild",
-                              answers(201, "FleetStarted", 400, 409), body="FleetRequest"),
-            "get": operation("listFleets", "fleets", "List fleets",
-                             answers(200, "FleetSummary list", 400, schema=listing),
-                             query(("running", "boolean"), ("limit", "integer"))),
-        },
-        "/v1/fleets/{name}": {
-            "get": operation("getFleet", "fleets", "A fleet's progress",
-                             answers(200, "FleetDescription", 404), name),
-        },
-        "/v1/fleets/{name}/instances": {
-            "get": operation("listFleetInstances", "fleets", "Every instance's state, paged",
-                             answers(200, "FleetInstances", 400, 404),
-                             name + query(("state", "string"), ("offset", "integer"), ("limit", "integer"))),
-        },
-        "/v1/fleets/{name}/batch-size": {
-            "post": operation("setFleetBatchSize", "fleets", "Change the batch size from the next batch on",
-                              control, name, body="BatchSize"),
-        },
-        "/v1/fleets/{name}/abort": {
-            "post": operation("abortFleet", "fleets", "Abort: start nothing more, running rebuilds roll back",
-                              control, name, body="FleetAbort"),
-        },
-    }  # fmt: skip
-    for action in CONTROLS:
-        summary = f"{action.capitalize()} the fleet"
-        paths[f"/v1/fleets/{{name}}/{action}"] = {
-            "post": operation(
-                f"{action}Fleet", "fleets", summary, answers(200, "ControlAnswer", 404, 409), name
-            )
-        }
-    return paths
+        route(
+            app,
+            "POST",
+            f"/v1/fleets/{{name}}/{action}",
+            _needs_fleet(control_handler),
+            Op(
+                f"{action}Fleet",
+                "fleets",
+                f"{action.capitalize()} the fleet",
+                200,
+                control,
+                errors=(404, 409),
+            ),
+        )
+    route(
+        app,
+        "POST",
+        "/v1/fleets/{name}/batch-size",
+        _needs_fleet(batch_size),
+        Op(
+            "setFleetBatchSize",
+            "fleets",
+            "Change the batch size from the next batch on",
+            200,
+            control,
+            errors=(400, 404, 409),
+            body=StrictBatchSize,
+        ),
+    )
+    route(app, "POST", "/v1/fleets/{name}/abort", _needs_fleet(abort), Op(
+        "abortFleet", "fleets", "Abort: start nothing more, running rebuilds roll back", 200, control,
+        errors=(400, 404, 409), body=StrictFleetAbort))  # fmt: skip

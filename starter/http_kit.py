@@ -9,11 +9,14 @@ where it helps), a body or query that cannot be used (400), a missing token (401
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from pydantic import BaseModel, ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
@@ -41,19 +44,63 @@ log = logging.getLogger("rebuild.api")
 class ErrorBody(BaseModel):
     error: str
     status: int
+    # What kind of refusal, for a program: the exception type's name where one was raised
+    # (``Forbidden``, ``RebuildRunning``, ``ValidationError``), else the status's (``NotFound``).
+    type: str
+
+
+# An error's type where no exception names it.
+STATUS_TYPES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    413: "PayloadTooLarge",
+    429: "TooBusy",
+    500: "InternalError",
+    502: "TemporalRefused",
+    503: "TemporalUnavailable",
+}
 
 
 class BadQuery(BadRequest):
     """A query parameter that cannot be used (``?limit=abc``)."""
 
 
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = ErrorBody(error=message, status=status).model_dump()
+def error(
+    status: int, message: str, headers: dict[str, str] | None = None, kind: str | None = None
+) -> web.Response:
+    kind = kind or STATUS_TYPES.get(status, "Error")
+    body = ErrorBody(error=message, status=status, type=kind).model_dump()
     return web.json_response(body, status=status, headers=headers)
 
 
-def reply(model: BaseModel, status: int = 200) -> web.Response:
-    return web.Response(text=model.model_dump_json(), status=status, content_type="application/json")
+def reply(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=model.model_dump_json(), status=status, content_type="application/json", headers=headers
+    )
+
+
+def query_cursor(request: web.Request) -> bytes | None:
+    """``?cursor=`` as a list's ``Link: rel="next"`` gave it: Temporal's next-page token, base64url."""
+    raw = request.query.get("cursor")
+    if not raw:
+        return None
+    try:
+        return base64.b64decode(raw + "=" * (-len(raw) % 4), altchars=b"-_", validate=True)
+    except (ValueError, binascii.Error):
+        raise BadQuery(f"cursor is not one this API gave: {raw[:40]!r}") from None
+
+
+def with_next_page(request: web.Request, response: web.Response, cursor: bytes | None) -> web.Response:
+    """A list's next page as RFC 8288 links it: ``Link: </v1/rebuilds?...&cursor=...>; rel="next"``."""
+    if cursor:
+        token = base64.urlsafe_b64encode(cursor).decode().rstrip("=")
+        following = request.rel_url.update_query(cursor=token)
+        response.headers["Link"] = f'<{following}>; rel="next"'
+    return response
 
 
 def reply_list(rows: Sequence[BaseModel]) -> web.Response:
@@ -99,7 +146,13 @@ def query_int(request: web.Request, name: str, default: int, minimum: int, maxim
 
 
 def query_flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name) == "true"
+    """``?name=true`` or ``false`` (absent: false); anything else is refused, not read as false."""
+    values = request.query.getall(name, [])
+    if not values:
+        return False
+    if len(values) > 1 or values[0] not in ("true", "false"):
+        raise BadQuery(f"{name} must be true or false, once, not {', '.join(map(repr, values))[:80]}")
+    return values[0] == "true"
 
 
 def caller(request: web.Request) -> ApiClient:
@@ -167,14 +220,14 @@ async def translate_errors(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except Forbidden as exc:
-        return error(403, f"forbidden: {exc}")
+        return error(403, f"forbidden: {exc}", kind="Forbidden")
     except ValidationError as exc:
-        return error(400, f"invalid request: {validation_problems(exc)}")
+        return error(400, f"invalid request: {validation_problems(exc)}", kind="ValidationError")
     except ServiceError as exc:
         status = next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 400)
-        return error(status, exc.said_with(API_WORDS))
+        return error(status, exc.said_with(API_WORDS), kind=type(exc).__name__)
     except ValueError as exc:
-        return error(400, str(exc))
+        return error(400, str(exc), kind=type(exc).__name__)
 
 
 # What each error status means, as the OpenAPI document says it.
@@ -223,3 +276,29 @@ def operation(
 def middlewares(clients: ApiClients) -> list[Middleware]:
     """In this order: JSON for every error, then the token, then the refusals' words."""
     return [json_errors, bearer_auth(clients), translate_errors]
+
+
+class ClientAccessLogger(AbstractAccessLogger):
+    """One line a request that names the client by its token's name, not only by its address:
+    ``portal GET /v1/rebuilds/kvm-1/web-1 200 12.3 ms``. Health probes are not logged."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.path in PUBLIC_PATHS and response.status < 400:
+            return
+        client = request.get(REQUESTER, "-")
+        self.logger.info(
+            "%s %s %s %d %.1f ms",
+            client,
+            request.method,
+            request.path,
+            response.status,
+            time * 1000,
+            extra={
+                "client": client,
+                "remote": request.remote,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "seconds": round(time, 6),
+            },
+        )

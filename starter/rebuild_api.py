@@ -4,7 +4,7 @@ approve | confirm | revert | abort``, JSON in and out with the workflow's own mo
 | method and path | does | answers |
 | --- | --- | --- |
 | ``POST /v1/rebuilds`` (a ``RebuildRequest``) | start; answers once past inspect | 201, 400, 409 running |
-| ``GET /v1/rebuilds?phase=&host=&running=true&limit=50`` | list through visibility | 200, 400 |
+| ``GET /v1/rebuilds?phase=&host=&running=true&limit=50&cursor=`` | list, a page at a time | 200, 400 |
 | ``GET /v1/rebuilds/{host}/{instance}`` | status; the result once finished | 200, 404 |
 | ``POST /v1/rebuilds/{host}/{instance}/approve|confirm|revert`` | send the signal | 202, 404, 409 |
 | ``POST /v1/rebuilds/{host}/{instance}/abort`` (``{"reason": ...}``) | abort through the update | 200, 409 |
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -27,6 +28,7 @@ from starter.http_kit import (
     answered,
     caller,
     error,
+    query_cursor,
     query_flag,
     query_int,
     read_body,
@@ -34,22 +36,25 @@ from starter.http_kit import (
     reply,
     reply_list,
     requester,
+    with_next_page,
 )
 from starter.identity_options import hash_password
+from starter.openapi import Op, Param, route
 from starter.rebuilds import (
     DECISIONS,
     RebuildDescription,
+    RebuildSummary,
     abort_rebuild,
     describe_rebuild,
     list_query,
-    list_rebuilds,
+    list_rebuilds_page,
     rebuild_requested_by,
     send_decision,
     start_past_inspect,
 )
 from starter.status_cache import StatusCache
 from workflows.identity import identity_problems
-from workflows.models import StrictAbortRequest, StrictDecision, StrictRebuildRequest
+from workflows.models import AbortAnswer, StrictAbortRequest, StrictDecision, StrictRebuildRequest
 
 STATUS: web.AppKey[StatusCache[RebuildDescription]] = web.AppKey("status", StatusCache)
 # How old a status answer may be: pollers of one rebuild share one trip to Temporal per this long.
@@ -128,7 +133,11 @@ async def start(request: web.Request) -> web.Response:
     started = Started(
         workflow_id=handle.id, run_id=handle.result_run_id, phase=phase.value if phase else None
     )
-    return reply(started, status=201)
+    return reply(
+        started,
+        status=201,
+        headers={"Location": f"/v1/rebuilds/{quote(rebuild.host)}/{quote(rebuild.instance)}"},
+    )
 
 
 async def show(request: web.Request) -> web.Response:
@@ -141,10 +150,11 @@ async def show(request: web.Request) -> web.Response:
 async def index(request: web.Request) -> web.Response:
     query = list_query(request.query.get("phase"), request.query.get("host"), query_flag(request, "running"))
     limit = query_int(request, "limit", 50, 1, MAX_LIST_LIMIT)
-    rows = await list_rebuilds(request.app[CLIENT], query, limit)
-    # A client lists only the rebuilds in its scope.
+    rows, after = await list_rebuilds_page(request.app[CLIENT], query, limit, query_cursor(request))
+    # A client lists only the rebuilds in its scope (a page may hold fewer rows than the limit).
     who = caller(request)
-    return reply_list([r for r in rows if r.host and r.instance and who.may_reach(r.host, r.instance)])
+    shown = reply_list([r for r in rows if r.host and r.instance and who.may_reach(r.host, r.instance)])
+    return with_next_page(request, shown, after)
 
 
 async def decide(request: web.Request) -> web.Response:
@@ -180,9 +190,70 @@ def add_rebuild_routes(app: web.Application, client: Client, status_ttl: float) 
         return await describe_rebuild(client, instance, host)
 
     app[STATUS] = StatusCache(describe, status_ttl)
-    app.router.add_post("/v1/rebuilds", start)
-    app.router.add_get("/v1/rebuilds", index)
-    app.router.add_get("/v1/rebuilds/{host}/{instance}", show)
-    app.router.add_post("/v1/rebuilds/{host}/{instance}/abort", abort)
-    verdicts = "|".join(DECISIONS)
-    app.router.add_post(f"/v1/rebuilds/{{host}}/{{instance}}/{{verdict:{verdicts}}}", decide)
+    route(
+        app,
+        "POST",
+        "/v1/rebuilds",
+        start,
+        Op(
+            "startRebuild",
+            "rebuilds",
+            "Start a rebuild",
+            201,
+            Started,
+            errors=(400, 409, 429),
+            body=StrictRebuildRequest,
+            headers={"Location": "the rebuild's status"},
+        ),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/rebuilds",
+        index,
+        Op(
+            "listRebuilds",
+            "rebuilds",
+            "List rebuilds, newest first",
+            200,
+            RebuildSummary,
+            many=True,
+            errors=(400,),
+            query=LIST_FILTERS,
+            headers={"Link": 'the next page: <...>; rel="next"'},
+        ),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/rebuilds/{host}/{instance}",
+        show,
+        Op("getRebuild", "rebuilds", "A rebuild's status", 200, RebuildDescription, errors=(404,)),
+    )
+    route(
+        app,
+        "POST",
+        "/v1/rebuilds/{host}/{instance}/abort",
+        abort,
+        Op(
+            "abortRebuild",
+            "decisions",
+            "Abort (answers whether it was accepted)",
+            200,
+            AbortAnswer,
+            errors=(400, 404, 409),
+            body=StrictAbortRequest,
+        ),
+    )
+    route(app, "POST", f"/v1/rebuilds/{{host}}/{{instance}}/{{verdict:{'|'.join(DECISIONS)}}}", decide, Op(
+        "decideRebuild", "decisions", "Send approve, confirm or revert", 202, Sent,
+        errors=(400, 404, 409), body=StrictDecision, body_required=False))  # fmt: skip
+
+
+LIST_FILTERS = (
+    Param("phase"),
+    Param("host"),
+    Param("running", "boolean"),
+    Param("limit", "integer", minimum=1, maximum=MAX_LIST_LIMIT, default=50),
+    Param("cursor", description='the next page, as the previous page\'s Link: <...>; rel="next" gives it'),
+)

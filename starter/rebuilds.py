@@ -18,7 +18,13 @@ from pydantic import BaseModel, ValidationError
 from temporalio.api.enums.v1 import PendingActivityState, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecution,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
 from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
@@ -97,6 +103,7 @@ class RebuildDescription(BaseModel):
 
 class RebuildSummary(BaseModel):
     workflow_id: str
+    run_id: str
     instance: str | None
     host: str | None
     phase: str | None
@@ -423,20 +430,45 @@ def list_query(phase: str | None, host: str | None, running: bool) -> str:
 
 
 async def list_rebuilds(client: Client, query: str, limit: int) -> list[RebuildSummary]:
-    rows = []
-    async for execution in client.list_workflows(query, limit=limit):
-        attributes = {pair.key.name: pair.value for pair in execution.typed_search_attributes}
-        rows.append(
-            RebuildSummary(
-                workflow_id=execution.id,
-                instance=attributes.get(sa.INSTANCE_ID.name),
-                host=attributes.get(sa.HYPERVISOR_HOST.name),
-                phase=attributes.get(sa.REBUILD_PHASE.name),
-                status=execution.status.name if execution.status else None,
-                started=execution.start_time.isoformat(),
-            )
-        )
+    rows, _ = await list_rebuilds_page(client, query, limit, None)
     return rows
+
+
+async def list_rebuilds_page(
+    client: Client, query: str, limit: int, cursor: bytes | None
+) -> tuple[list[RebuildSummary], bytes | None]:
+    """One page of at most ``limit`` rebuilds from ``cursor`` on (Temporal's next-page token), and
+    the cursor of the next page (None after the last)."""
+    pages = client.list_workflows(query, page_size=limit, next_page_token=cursor)
+    try:
+        await pages.fetch_next_page()
+    except RPCError as err:
+        # A token it cannot decode: INVALID_ARGUMENT from some servers, UNKNOWN from the dev server.
+        if cursor is None or err.status not in CURSOR_REFUSALS:
+            raise
+        raise BadCursor(f"the cursor is not one Temporal gave for this list: {err.message}") from None
+    rows = [_summary(execution) for execution in pages.current_page or ()]
+    return rows, pages.next_page_token
+
+
+CURSOR_REFUSALS = frozenset({RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.INTERNAL, RPCStatusCode.UNKNOWN})
+
+
+class BadCursor(BadRequest):
+    """A page cursor that is not Temporal's next-page token for this list."""
+
+
+def _summary(execution: WorkflowExecution) -> RebuildSummary:
+    attributes = {pair.key.name: pair.value for pair in execution.typed_search_attributes}
+    return RebuildSummary(
+        workflow_id=execution.id,
+        run_id=execution.run_id,
+        instance=attributes.get(sa.INSTANCE_ID.name),
+        host=attributes.get(sa.HYPERVISOR_HOST.name),
+        phase=attributes.get(sa.REBUILD_PHASE.name),
+        status=execution.status.name if execution.status else None,
+        started=execution.start_time.isoformat(),
+    )
 
 
 async def send_decision(client: Client, instance: str, host: str, verdict: str, decision: Decision) -> str:

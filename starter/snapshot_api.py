@@ -11,12 +11,10 @@ show | delete`` (``starter/snapshots.py``), JSON in and out with the snapshot mo
 
 from __future__ import annotations
 
-from typing import Any
-
 from aiohttp import web
-from pydantic import BaseModel
 
-from starter.http_kit import CLIENT, answers, caller, operation, read_body, reply, reply_list, requester
+from starter.http_kit import CLIENT, caller, read_body, reply, reply_list, requester
+from starter.openapi import Op, Param, route
 from starter.rebuild_api import Started
 from starter.snapshots import SnapshotMissing, snapshot_catalog, start_snapshot
 from workflows.checks import check_host_name, check_instance_name
@@ -27,8 +25,6 @@ from workflows.snapshot_models import (
     SnapshotRecord,
     StrictSnapshotRequest,
 )
-
-SNAPSHOT_MODELS: list[type[BaseModel]] = [StrictSnapshotRequest, SnapshotRecord, SnapshotCatalogResult]
 
 
 async def create(request: web.Request) -> web.Response:
@@ -84,30 +80,44 @@ async def delete(request: web.Request) -> web.Response:
 
 
 def add_snapshot_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/snapshots", create)
-    app.router.add_get("/v1/snapshots/{host}", index)
-    app.router.add_get("/v1/snapshots/{host}/{snapshot_id}", show)
-    app.router.add_delete("/v1/snapshots/{host}/{snapshot_id}", delete)
-
-
-def snapshot_openapi_paths() -> dict[str, Any]:
-    host = [{"name": "host", "in": "path", "required": True, "schema": {"type": "string"}}]
-    one = [*host, {"name": "snapshot_id", "in": "path", "required": True, "schema": {"type": "string"}}]
-    instance = [{"name": "instance", "in": "query", "schema": {"type": "string"}}]
-    listing = {"type": "array", "items": {"$ref": "#/components/schemas/SnapshotRecord"}}
-    return {
-        "/v1/snapshots": {
-            "post": operation("startSnapshot", "snapshots", "Snapshot an instance's root disk while it runs",
-                              answers(201, "Started", 400, 409), body="SnapshotRequest"),
-        },
-        "/v1/snapshots/{host}": {
-            "get": operation("listSnapshots", "snapshots", "A host's snapshots, oldest first",
-                             answers(200, "SnapshotRecord list", 400, schema=listing), host + instance),
-        },
-        "/v1/snapshots/{host}/{snapshot_id}": {
-            "get": operation("getSnapshot", "snapshots", "One snapshot's record",
-                             answers(200, "SnapshotRecord", 404), one),
-            "delete": operation("deleteSnapshot", "snapshots", "Delete a snapshot",
-                                answers(200, "SnapshotCatalogResult", 404), one),
-        },
-    }  # fmt: skip
+    route(
+        app,
+        "POST",
+        "/v1/snapshots",
+        create,
+        Op(
+            "startSnapshot",
+            "snapshots",
+            "Snapshot an instance's root disk while it runs",
+            201,
+            Started,
+            errors=(400, 409),
+            body=StrictSnapshotRequest,
+        ),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/snapshots/{host}",
+        index,
+        Op(
+            "listSnapshots",
+            "snapshots",
+            "A host's snapshots, oldest first",
+            200,
+            SnapshotRecord,
+            many=True,
+            errors=(400,),
+            query=(Param("instance"),),
+        ),
+    )
+    route(
+        app,
+        "GET",
+        "/v1/snapshots/{host}/{snapshot_id}",
+        show,
+        Op("getSnapshot", "snapshots", "One snapshot's record", 200, SnapshotRecord, errors=(400, 404)),
+    )
+    route(app, "DELETE", "/v1/snapshots/{host}/{snapshot_id}", delete, Op(
+        "deleteSnapshot", "snapshots", "Delete a snapshot", 200, SnapshotCatalogResult,
+        errors=(400, 404)))  # fmt: skip

@@ -36,7 +36,7 @@ from starter.rebuilds import (
     list_rebuilds,
     send_decision,
 )
-from workflows.models import AbortRequest, Decision, StrictAbortRequest, StrictDecision
+from workflows.models import AbortRequest, Decision, Phase, StrictAbortRequest, StrictDecision
 
 InstanceArgument = Annotated[str, typer.Argument(help="libvirt domain name of the instance.")]
 DECISIONS = {
@@ -91,6 +91,13 @@ async def _status(cli: Cli, instance: str, host: str, address: str | None) -> in
         cli.say(f"  phase: {state.phase.value}")
         if state.summary:
             cli.say(f"  state: {state.summary}")
+        if state.outcome is not None:
+            down = f", instance down {state.downtime_seconds:.2f} s" if state.downtime_seconds else ""
+            cli.say(f"  outcome: {state.outcome.value}{down}")
+        if state.phase == Phase.AWAIT_APPROVAL and state.approval_deadline is not None:
+            cli.say(f"  waiting for approve until {state.approval_deadline:%Y-%m-%d %H:%M:%S %Z}")
+        if state.phase == Phase.CONFIRM_WINDOW and state.confirm_deadline is not None:
+            cli.say(f"  waiting for confirm or revert until {state.confirm_deadline:%Y-%m-%d %H:%M:%S %Z}")
         if state.rebuild_id:
             cli.say(f"  rebuild id: {state.rebuild_id} (names the backup next to the disk)")
         cli.say(f"  image: {state.image_url}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from typing import Any
 
@@ -47,6 +48,7 @@ async def test_start_status_approve_and_finish(
         "error": f"a rebuild of vm-1 on {unique_host} is already running (workflow {workflow_id}); "
         f"see: GET /v1/rebuilds/{unique_host}/vm-1",
         "status": 409,
+        "type": "RebuildAlreadyRunning",
     }
 
     for _ in range(100):
@@ -118,7 +120,7 @@ async def test_openapi_describes_every_route(api: TestClient[Any, Any]) -> None:
     response = await api.get("/openapi.json")
     assert response.status == 200
     document = await response.json()
-    assert document == openapi_document()
+    assert document == openapi_document(api.app)
     routes = {
         (resource.canonical, route.method)
         for resource in api.app.router.resources()
@@ -126,9 +128,12 @@ async def test_openapi_describes_every_route(api: TestClient[Any, Any]) -> None:
         if route.method != "HEAD"
     }
     documented = {(path, method.upper()) for path, ops in document["paths"].items() for method in ops}
-    served = {(path.replace("{verdict}", v), m) for path, m in routes for v in
-              (["approve", "confirm", "revert"] if "{verdict}" in path else [""])}  # fmt: skip
+    # aiohttp's {verdict:approve|confirm|revert} is OpenAPI's {verdict}, an enum of the three.
+    served = {(re.sub(r"\{(\w+):[^}]+\}", r"{\1}", path), m) for path, m in routes}
     assert served == documented
+    decide = document["paths"]["/v1/rebuilds/{host}/{instance}/{verdict}"]["post"]
+    (verdict,) = [p for p in decide["parameters"] if p["name"] == "verdict"]
+    assert verdict["schema"]["enum"] == ["approve", "confirm", "revert"]
     assert "RebuildRequest" in document["components"]["schemas"]
 
 
@@ -183,7 +188,7 @@ async def test_healthz_needs_no_token_and_reports_temporal(api: TestClient[Any, 
 async def test_every_error_is_json_with_its_status(api: TestClient[Any, Any]) -> None:
     unknown = await api.get("/v2/nothing", headers=AUTH)
     assert unknown.status == 404
-    assert await unknown.json() == {"error": "not found", "status": 404}
+    assert await unknown.json() == {"error": "not found", "status": 404, "type": "NotFound"}
     wrong_method = await api.delete("/v1/rebuilds", headers=AUTH)
     assert wrong_method.status == 405
     assert (await wrong_method.json())["status"] == 405
@@ -274,3 +279,38 @@ async def test_a_finished_rebuild_is_answered_without_a_worker(
     assert bad["result"]["outcome"] == "rolled-back"
     assert bad["result"]["failed_step"] == "verify"
     assert "verify_instance failed on purpose" in bad["status"]["last_error"]
+
+
+async def test_a_start_says_where_its_status_is_and_lists_page_by_cursor(
+    api: TestClient[Any, Any], client: Client, unique_host: str, fake_host: FakeHost
+) -> None:
+    """Issue 26, point 5: Location on 201, run_id in each row, and every older rebuild reachable
+    through Link: rel="next" (Temporal's next-page token as a cursor)."""
+    run_ids = []
+    for instance in ("vm-a", "vm-b", "vm-c"):
+        started = await api.post("/v1/rebuilds", json=start_body(unique_host, instance), headers=AUTH)
+        assert started.status == 201
+        assert started.headers["Location"] == f"/v1/rebuilds/{unique_host}/{instance}"
+        run_ids.append((await started.json())["run_id"])
+        shown = await api.get(started.headers["Location"], headers=AUTH)
+        assert shown.status == 200
+    seen: list[dict[str, Any]] = []
+    url: str | None = f"/v1/rebuilds?host={unique_host}&limit=2"
+    pages = 0
+    while url is not None:
+        page = await api.get(url, headers=AUTH)
+        assert page.status == 200
+        rows = await page.json()
+        assert len(rows) <= 2
+        seen += rows
+        pages += 1
+        link = page.headers.get("Link")
+        url = link.split(">", 1)[0].removeprefix("<") if link else None
+        assert pages <= 3, "the cursor never ended"
+    assert pages == 2
+    assert sorted(row["instance"] for row in seen) == ["vm-a", "vm-b", "vm-c"]
+    assert sorted(row["run_id"] for row in seen) == sorted(run_ids)
+    for cursor, kind in (("%%%", "BadQuery"), ("bm90LWEtdG9rZW4", "BadCursor")):
+        bad = await api.get("/v1/rebuilds", params={"cursor": cursor}, headers=AUTH)
+        assert bad.status == 400, await bad.text()
+        assert (await bad.json())["type"] == kind

@@ -83,7 +83,7 @@ async def test_a_client_reaches_only_its_hosts_and_instances_and_nothing_starts(
                                   headers=bearer(PORTAL))  # fmt: skip
     assert abort.status == 403
     assert (await abort.json()) == {"error": "forbidden: client portal may not abort (its verbs: start)",
-                                    "status": 403}  # fmt: skip
+                                    "status": 403, "type": "Forbidden"}  # fmt: skip
     listed = await scoped_api.get("/v1/rebuilds", params={"host": unique_host}, headers=bearer(PORTAL))
     assert [row["instance"] for row in await listed.json()] == []
     await scoped_api.post(

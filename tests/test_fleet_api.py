@@ -40,6 +40,7 @@ async def test_start_steer_and_follow_a_fleet_over_http(
         assert await again.json() == {
             "error": f"fleet {name} is already running (workflow fleet:{name}); see: GET /v1/fleets/{name}",
             "status": 409,
+            "type": "FleetAlreadyRunning",
         }
 
         paused = await api.post(f"/v1/fleets/{name}/pause", headers=AUTH)
@@ -65,12 +66,16 @@ async def test_start_steer_and_follow_a_fleet_over_http(
     assert shown["report"]["counts"]["rebuilt"] == 8 and shown["report"]["stop_reason"] is None
     assert (await rebuilt.json())["total"] == 8
     assert name in {row["name"] for row in listed}
-    assert await late_abort.json() == {"error": f"fleet {name} is not running", "status": 409}
+    assert await late_abort.json() == {
+        "error": f"fleet {name} is not running",
+        "status": 409,
+        "type": "FleetNotRunning",
+    }
     assert unknown.status == 404
 
 
-def test_openapi_describes_the_fleet_endpoints() -> None:
-    document = openapi_document()
+async def test_openapi_describes_the_fleet_endpoints(api: TestClient[Any, Any]) -> None:
+    document = openapi_document(api.app)
     assert {"/v1/fleets", "/v1/fleets/{name}", "/v1/fleets/{name}/abort", "/v1/fleets/{name}/pause"} <= set(
         document["paths"]
     )
@@ -79,11 +84,12 @@ def test_openapi_describes_the_fleet_endpoints() -> None:
 
 async def test_fleet_errors_are_json_with_their_status_as_for_rebuilds(api: TestClient[Any, Any]) -> None:
     unknown = await api.get("/v1/fleets/no-such-fleet", headers=AUTH)
-    assert await unknown.json() == {"error": "no fleet named no-such-fleet is known", "status": 404}
+    unknown_fleet = {"error": "no fleet named no-such-fleet is known", "status": 404, "type": "UnknownFleet"}
+    assert await unknown.json() == unknown_fleet
     steered = await api.post("/v1/fleets/no-such-fleet/pause", headers=AUTH)
-    assert await steered.json() == {"error": "no fleet named no-such-fleet is known", "status": 404}
+    assert await steered.json() == unknown_fleet
     not_json = await api.post("/v1/fleets", data=b"{", headers=AUTH)
-    assert await not_json.json() == {"error": "the body must be JSON", "status": 400}
+    assert await not_json.json() == {"error": "the body must be JSON", "status": 400, "type": "BadRequest"}
 
 
 @pytest.mark.parametrize("limit", ["abc", "0", "5000"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,12 +19,15 @@ import aiohttp
 import pytest
 
 from devtools.temporal_dev import DevServer, free_port
+from devtools.testbed.e2e import WorkerProcess
+from devtools.units import PLAIN, TEMPLATE, template_text
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deploy" / "systemd"
 INSTALLED_BIN = "/opt/durable-rebuild/.venv/bin/"
 # The exposure levels the README states; a change that loosens a unit fails here.
-MAX_EXPOSURE = {"rebuild-worker.service": 2.2, "rebuild-api.service": 1.1}
+MAX_EXPOSURE = {"rebuild-worker.service": 2.2, "rebuild-worker@.service": 2.2, "rebuild-api.service": 1.1}
+BUILD_BIN = "/opt/durable-rebuild/builds/%i/.venv/bin/"
 
 
 def systemd_analyze() -> str:
@@ -38,7 +42,8 @@ def units_here(directory: Path) -> list[Path]:
     made = []
     for unit in sorted(UNITS.glob("*.service")):
         copy = directory / unit.name
-        copy.write_text(unit.read_text().replace(INSTALLED_BIN, f"{Path(sys.executable).parent}/"))
+        here = f"{Path(sys.executable).parent}/"
+        copy.write_text(unit.read_text().replace(INSTALLED_BIN, here).replace(BUILD_BIN, here))
         made.append(copy)
     return made
 
@@ -50,6 +55,37 @@ def test_units_pass_systemd_analyze_verify_without_a_warning(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     # verify exits 0 on unknown keys and unparsable values; it only says so.
     assert done.stdout + done.stderr == ""
+
+
+def test_the_template_unit_is_the_plain_unit_per_build() -> None:
+    """Derived, so the two cannot drift: `python -m devtools.units` writes it."""
+    assert TEMPLATE.read_text() == template_text(PLAIN.read_text())
+    text = TEMPLATE.read_text()
+    assert re.search(r"^Environment=REBUILD_BUILD_ID=%i$", text, re.M)
+    for unit in (PLAIN, TEMPLATE, UNITS / "rebuild-api.service"):
+        assert re.search(r"^Type=notify$", unit.read_text(), re.M), unit.name
+
+
+async def test_the_worker_tells_systemd_it_is_ready_once_it_polls(
+    dev_server: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unique_host: str
+) -> None:
+    """What Type=notify waits for: READY=1 on $NOTIFY_SOCKET after the worker polls, STOPPING=1 at
+    its stop (systemd's side played by a datagram socket)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify"
+    listener.bind(str(path))
+    listener.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    worker = WorkerProcess(unique_host, tmp_path / "state", dev_server.address, tmp_path / "worker.log")
+    worker.start()
+    try:
+        ready = listener.recv(4096).decode()
+    finally:
+        worker.stop()
+    assert ready.splitlines()[0] == "READY=1", ready
+    assert f"STATUS=polling rebuild-host-{unique_host}" in ready
+    assert "STOPPING=1" in listener.recv(4096).decode()
+    listener.close()
 
 
 def test_a_broken_unit_is_noticed(tmp_path: Path) -> None:

@@ -294,6 +294,13 @@ class RebuildStatus(Wire):
     disk_mode: str | None = None
     # Who let a rebuild that asked for approval go on (the approve signal's requested_by).
     approved_by: str | None = None
+    # Until when the rebuild waits for `approve` (then fails, nothing changed), or for `confirm` or
+    # `revert` (then does the default); set while it waits.
+    approval_deadline: datetime | None = None
+    confirm_deadline: datetime | None = None
+    # Once it has ended: how, and how long the instance was down (None: it was not running).
+    outcome: Outcome | None = None
+    downtime_seconds: float | None = None
 
 
 class RebuildResult(Wire):

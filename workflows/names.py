@@ -74,9 +74,17 @@ PATCH_CURRENT_IMAGE = "current-image-by-default"
 PATCH_FLEET_WAITS_FOR_HANDLERS = "fleet-waits-for-its-handlers"
 
 
+HOST_QUEUE_PREFIX = "rebuild-host-"
+
+
 def host_task_queue(host: str) -> str:
     """The queue polled only by the worker on ``host``: host activities must run where the disk is."""
-    return f"rebuild-host-{host}"
+    return f"{HOST_QUEUE_PREFIX}{host}"
+
+
+def host_of_queue(queue: str) -> str:
+    """The host whose queue ``queue`` is (an activity's own task queue names its hypervisor)."""
+    return queue.removeprefix(HOST_QUEUE_PREFIX)
 
 
 def rebuild_workflow_id(host: str, instance: str) -> str:

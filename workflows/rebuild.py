@@ -17,6 +17,7 @@ activities, typed), ``names.py`` (the names clients and histories know).
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -24,13 +25,14 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from workflows import activity_models as io
-    from workflows import contract, image_steps
+    from workflows import contract, image_steps, metrics
     from workflows import search_attributes as sa
     from workflows.image_steps import In, NewImage, Out
     from workflows.models import (
         AbortAnswer,
         AbortRequest,
         Decision,
+        Outcome,
         Phase,
         RebuildRequest,
         RebuildResult,
@@ -65,7 +67,6 @@ with workflow.unsafe.imports_passed_through():
         START,
         Aborted,
         StepRunner,
-        count,
         preflight_options,
         stop_options,
         verify_options,
@@ -146,7 +147,7 @@ class RebuildInstance:
     async def run(self, request: RebuildRequest) -> RebuildResult:
         """The rebuild's steps; any failure, abort or cancellation before cleanup runs the undos."""
         self._rebuild_id = self._state.rebuild_id = _rebuild_id()
-        count("rebuilds_started")
+        metrics.rebuild_started(request.host)
         try:
             instance = await self._inspect(request)
             request = self._current_image(request, instance)
@@ -173,8 +174,9 @@ class RebuildInstance:
         # The new disk is in place and verified: from here on nothing is undone.
         self._saga.clear()
         await self._clean_up(instance, image, seeded)
+        self._state.outcome, self._state.downtime_seconds = Outcome.REBUILT, downtime
         self._steps.enter(Phase.DONE)
-        count("rebuilds_finished")
+        metrics.rebuild_finished(request.host, Outcome.REBUILT, _seconds_since_start(), downtime)
         return self._state.rebuilt(image, downtime, stopped.forced)
 
     async def _inspect(self, request: RebuildRequest) -> io.InstanceInfo:
@@ -434,6 +436,7 @@ class RebuildInstance:
     async def _await_approval(self, request: RebuildRequest) -> None:
         """Nothing has changed yet; without an approval in time, nothing will."""
         seconds = request.approval_timeout_seconds
+        self._state.approval_deadline = workflow.now() + timedelta(seconds=seconds)
         if not await self._steps.wait(Phase.AWAIT_APPROVAL, lambda: self._approved_by is not None, seconds):
             raise ApplicationError(
                 f"no approval within {seconds:g} s", type="ApprovalTimeout", non_retryable=True
@@ -441,6 +444,7 @@ class RebuildInstance:
 
     async def _confirm_window(self, seconds: float, revert_by_default: bool) -> None:
         """The new image runs; the old disk waits as a backup for `confirm`, `revert` or the end."""
+        self._state.confirm_deadline = workflow.now() + timedelta(seconds=seconds)
         if not await self._steps.wait(Phase.CONFIRM_WINDOW, lambda: self._decision is not None, seconds):
             verdict = "revert" if revert_by_default else "confirm"
             self._decision = (verdict, f"{verdict} by default: the {seconds:g} s window ended")
@@ -462,6 +466,10 @@ class RebuildInstance:
             contract.stop_instance,
             io.StopInstanceInput(instance=self._request.instance, timeout_seconds=0),
         )
+
+
+def _seconds_since_start() -> float:
+    return (workflow.now() - workflow.info().start_time).total_seconds()
 
 
 def _rebuild_id() -> str:

@@ -17,6 +17,12 @@ from workflows.image_steps import NewImage
 from workflows.models import Outcome, Phase, RebuildRequest, RebuildResult, RebuildStatus
 from workflows.ui_text import escape_markdown, shown_image
 
+OUTCOME_WORDS = {
+    Outcome.REBUILT: "rebuilt",
+    Outcome.ROLLED_BACK: "rolled back",
+    Outcome.UNCHANGED: "failed, nothing changed",
+    Outcome.ROLLBACK_FAILED: "rollback FAILED, manual attention needed",
+}
 # What the status says in words, where the phase alone could mislead an operator.
 SUMMARY = {
     Phase.CONFIRM_WINDOW: "new disk running; the old one is kept until confirm, revert or the window's end",
@@ -48,6 +54,11 @@ class RebuildState:
         self.abort_reason: str | None = None
         self.ignored_signals: list[str] = []
         self.undone: list[str] = []
+        # What the rebuild waits for, until when; and, once over, how it ended.
+        self.approval_deadline: datetime | None = None
+        self.confirm_deadline: datetime | None = None
+        self.outcome: Outcome | None = None
+        self.downtime_seconds: float | None = None
 
     def add_seconds(self, key: str, seconds: float) -> None:
         self.step_seconds[key] = self.step_seconds.get(key, 0.0) + seconds
@@ -78,6 +89,10 @@ class RebuildState:
             stopped_by=self.stopped_by,
             verified_by=self.verified_by,
             disk_mode=self.disk_mode,
+            approval_deadline=self.approval_deadline,
+            confirm_deadline=self.confirm_deadline,
+            outcome=self.outcome,
+            downtime_seconds=self.downtime_seconds,
         )
 
     def rebuilt(self, image: NewImage, downtime: float | None, forced_stop: bool) -> RebuildResult:
@@ -123,6 +138,18 @@ class RebuildState:
             f"phase **{self.phase.value}**",
             f"image: {escape_markdown(shown_image(request.image_label))}",
         ]
+        if self.outcome is not None:
+            ended = f"outcome: **{OUTCOME_WORDS[self.outcome]}**"
+            if self.downtime_seconds is not None:
+                ended += f", instance down {self.downtime_seconds:.2f} s"
+            lines.append(ended)
+        if self.phase == Phase.AWAIT_APPROVAL and self.approval_deadline is not None:
+            lines.append(f"waiting for approve until {_utc(self.approval_deadline)}, then fails unchanged")
+        if self.phase == Phase.CONFIRM_WINDOW and self.confirm_deadline is not None:
+            default = "revert" if request.revert_by_default else "confirm"
+            lines.append(
+                f"waiting for confirm or revert until {_utc(self.confirm_deadline)}, then {default}s"
+            )
         if self.step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in self.step_seconds.items())
             lines.append(f"steps: {timings}")
@@ -156,3 +183,7 @@ def describe(err: BaseException) -> tuple[str, str]:
             message, kind = "cancelled", "Cancelled"
         current = current.__cause__
     return message or kind, kind
+
+
+def _utc(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -22,15 +22,16 @@ from typing import Any, NoReturn
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
+from workflows import metrics
 from workflows.models import Outcome, Phase
 from workflows.rebuild_view import RebuildState, describe
-from workflows.steps import StepRunner, count
+from workflows.steps import StepRunner
 
-# The three endings: the phase each leaves the rebuild in, its error type, and its counter.
+# The three endings: the phase each leaves the rebuild in, and its error type.
 ENDINGS = {
-    Outcome.UNCHANGED: (Phase.FAILED, "RebuildFailed", "rebuilds_failed_unchanged"),
-    Outcome.ROLLED_BACK: (Phase.ROLLED_BACK, "RebuildRolledBack", "rebuilds_rolled_back"),
-    Outcome.ROLLBACK_FAILED: (Phase.FAILED, "RollbackFailed", "rebuilds_rollback_failed"),
+    Outcome.UNCHANGED: (Phase.FAILED, "RebuildFailed"),
+    Outcome.ROLLED_BACK: (Phase.ROLLED_BACK, "RebuildRolledBack"),
+    Outcome.ROLLBACK_FAILED: (Phase.FAILED, "RollbackFailed"),
 }
 
 
@@ -109,8 +110,11 @@ class Saga:
 
     def _end(self, outcome: Outcome, failed_step: Phase, what: str) -> ApplicationError:
         """Enter the ending's phase; the error to fail the workflow with, the result as its detail."""
-        phase, error_type, counter = ENDINGS[outcome]
-        count(counter)
+        phase, error_type = ENDINGS[outcome]
+        self._state.outcome = outcome
+        request = self._state.request
+        seconds = (workflow.now() - workflow.info().start_time).total_seconds()
+        metrics.rebuild_finished(request.host, outcome, seconds, None)
         self._steps.enter(phase)
         # "failed at X: error; ..." or, when the rollback failed too, "failed at X and its rollback ...".
         joint = " and " if outcome == Outcome.ROLLBACK_FAILED else ": "

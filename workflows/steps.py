@@ -17,7 +17,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.workflow import ActivityCancellationType
 
-from workflows import contract
+from workflows import contract, metrics
 from workflows import search_attributes as sa
 from workflows.models import Phase
 from workflows.rebuild_view import RebuildState
@@ -116,7 +116,14 @@ class StepRunner:
     def enter(self, phase: Phase) -> None:
         state = self._state
         state.phase = phase
-        workflow.logger.info("%s on %s: phase %s", state.request.instance, state.request.host, phase.value)
+        request = state.request
+        workflow.logger.info(
+            "%s on %s: phase %s",
+            request.instance,
+            request.host,
+            phase.value,
+            extra={"instance": request.instance, "host": request.host, "phase": phase.value},
+        )
         workflow.upsert_search_attributes([sa.REBUILD_PHASE.value_set(phase.value)])
         workflow.set_current_details(state.details())
 
@@ -190,12 +197,4 @@ class StepRunner:
         self._current = None
         elapsed = (workflow.now() - began).total_seconds()
         self._state.add_seconds(phase.value, elapsed)
-        # Seconds, named so: the exporter's unit suffix would make "s" a "_s".
-        workflow.metric_meter().create_histogram_float(
-            "rebuild_step_seconds", "Duration of each rebuild step in seconds"
-        ).record(elapsed, {"step": phase.value})
-
-
-def count(name: str) -> None:
-    """The project's own counters, next to the SDK's (replay-safe: the meter skips replays)."""
-    workflow.metric_meter().create_counter(name, f"Rebuilds: {name.removeprefix('rebuilds_')}").add(1)
+        metrics.step_finished(self._state.request.host, phase.value, elapsed)
