@@ -18,6 +18,7 @@ from typing import Any
 
 import libvirt
 
+from activities.domain_xml import SEED_ALIAS
 from activities.network import AddressPolicy, parse_networks
 from devtools.guest import domain_xml, remove_domain, write_image
 from devtools.image_server import ImageServer
@@ -61,7 +62,10 @@ class Guest:
             time.sleep(0.05)
 
     def identity(self) -> dict[str, Any]:
-        """What a rebuild must keep: UUID, MACs, vCPUs, memory, other disks."""
+        """What a rebuild must keep: UUID, MACs, vCPUs, memory, other disks.
+
+        The identity seed CD-ROM is not one of them: each rebuild that gives an identity writes a new
+        seed (a new file), and it is the rebuild's own device (``SEED_ALIAS``)."""
         xml = ET.fromstring(self.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         return {
             "uuid": xml.findtext("uuid"),
@@ -71,7 +75,7 @@ class Guest:
             "data_disks": [
                 s.get("file")
                 for d in xml.findall("./devices/disk")
-                if (t := d.find("target")) is not None and t.get("dev") != "vda"
+                if _kept_disk(d)
                 for s in d.findall("source")
             ],
         }
@@ -90,6 +94,14 @@ class Guest:
 
     def remove(self) -> None:
         remove_domain(self.conn, self.name)
+
+
+def _kept_disk(disk: ET.Element) -> bool:
+    """A disk other than the root (vda) and the rebuild's seed CD-ROM."""
+    target, alias = disk.find("target"), disk.find("alias")
+    if target is None or target.get("dev") == "vda":
+        return False
+    return alias is None or alias.get("name") != SEED_ALIAS
 
 
 def make_guest(conn: Any, directory: Path, marker: str = "image A", root_format: str = "raw") -> Guest:
