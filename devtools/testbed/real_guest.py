@@ -24,10 +24,13 @@ BOOT_SECONDS = 600.0
 MULTI_USER = r"real image [A-Z] reached multi-user"
 
 
-# Every real-guest test runs in one pytest-xdist worker, one after another, on the one guest booted
-# there. A TCG guest keeps a core busy: four at once on a 2-core machine starved each other (a boot
-# to multi-user took 360 s instead of 15-40 s, a rollback test timed out, the suite took 25-36 min).
-ONE_GUEST_AT_A_TIME = pytest.mark.xdist_group("real-guest")
+# Real-guest tests run in two pytest-xdist workers, each on the one guest it booted: the identity
+# story (four cloud-init first boots, by far the longest) alone, every other one after another on the
+# second. A TCG guest keeps a core busy: four at once on a 2-core machine starved each other (a boot
+# to multi-user took 360 s instead of 15-40 s, a rollback test timed out, the suite took 25-36 min),
+# and one at a time made the suite as long as their sum (38 min).
+SHARED_GUEST = pytest.mark.xdist_group("real-guest")
+IDENTITY_GUEST = pytest.mark.xdist_group("real-guest-identity")
 
 
 @dataclass(frozen=True)

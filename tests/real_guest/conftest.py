@@ -1,5 +1,5 @@
 """One real Debian guest, booted once for all the package's tests that one process runs (a TCG boot
-takes a minute or more; under pytest-xdist all of them run in one worker, see ``ONE_GUEST_AT_A_TIME``).
+takes a minute or more; under pytest-xdist they share two workers, see ``SHARED_GUEST``).
 
 The images come from ``devtools.real_guest`` (built from Debian's packages on first use, then cached on
 the machine). Each test starts from whatever image the guest runs and says which one it needs; a test

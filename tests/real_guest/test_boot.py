@@ -16,14 +16,14 @@ from devtools.testbed.e2e import Guest, WorkerProcess
 from devtools.testbed.real_guest import (
     BOOT_SECONDS,
     MULTI_USER,
-    ONE_GUEST_AT_A_TIME,
+    SHARED_GUEST,
     image_in_guest,
     rebuild,
     rebuild_verified_by_agent,
     wait_for_agent,
 )
 
-pytestmark = [pytest.mark.timeout(1800), ONE_GUEST_AT_A_TIME]
+pytestmark = [pytest.mark.timeout(1800), SHARED_GUEST]
 MARKER_B = RealGuestImages.marker("B")
 
 

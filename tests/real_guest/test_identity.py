@@ -27,7 +27,7 @@ from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import CliResult, Guest, WorkerProcess
 from devtools.testbed.real_guest import (
     BOOT_SECONDS,
-    ONE_GUEST_AT_A_TIME,
+    IDENTITY_GUEST,
     guest_exec,
     image_in_guest,
     read_in_guest,
@@ -36,7 +36,7 @@ from devtools.testbed.real_guest import (
 )
 from workflows.identity import GuestIdentity
 
-pytestmark = [pytest.mark.timeout(2400), ONE_GUEST_AT_A_TIME]
+pytestmark = [pytest.mark.timeout(2400), IDENTITY_GUEST]
 # Debian's cloud-init puts the keys with its default user, "debian".
 AUTHORIZED_KEYS = "/home/debian/.ssh/authorized_keys"
 SCRIPT_OUTPUT = "/var/lib/rebuild-user-data"

@@ -16,13 +16,13 @@ from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import DOMAIN_PREFIX, Guest, WorkerProcess
 from devtools.testbed.real_guest import (
     BOOT_SECONDS,
-    ONE_GUEST_AT_A_TIME,
+    SHARED_GUEST,
     image_in_guest,
     rebuild_verified_by_agent,
     wait_for_agent,
 )
 
-pytestmark = [pytest.mark.timeout(1800), ONE_GUEST_AT_A_TIME]
+pytestmark = [pytest.mark.timeout(1800), SHARED_GUEST]
 
 
 async def test_a_real_guest_on_a_pool_volume_is_rebuilt_onto_a_new_volume(

@@ -19,7 +19,7 @@ from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import Guest, WorkerProcess, rebuild_cli, wait_for_file
 from devtools.testbed.real_guest import (
     BOOT_SECONDS,
-    ONE_GUEST_AT_A_TIME,
+    SHARED_GUEST,
     image_in_guest,
     rebuild,
     wait_for_agent,
@@ -27,7 +27,7 @@ from devtools.testbed.real_guest import (
 from tests.test_faults import handle_for
 from tests.test_preflight import sandbox_files, sandboxes
 
-pytestmark = [pytest.mark.timeout(1800), ONE_GUEST_AT_A_TIME]
+pytestmark = [pytest.mark.timeout(1800), SHARED_GUEST]
 # A broken image never passes, so its pre-flight always lasts this long: long enough under a loaded TCG
 # for the kernel to have panicked, or systemd to have given up, and printed why.
 BROKEN_BOOT_SECONDS = "90"

@@ -14,9 +14,9 @@ import pytest
 
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import Guest, WorkerProcess, rebuild_cli, wait_for_file
-from devtools.testbed.real_guest import BOOT_SECONDS, ONE_GUEST_AT_A_TIME, agent, guest_exec, read_in_guest
+from devtools.testbed.real_guest import BOOT_SECONDS, SHARED_GUEST, agent, guest_exec, read_in_guest
 
-pytestmark = [pytest.mark.timeout(2400), ONE_GUEST_AT_A_TIME]
+pytestmark = [pytest.mark.timeout(2400), SHARED_GUEST]
 KEPT = "/root/kept-by-the-snapshot"
 
 
