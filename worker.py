@@ -5,7 +5,7 @@ queue of the instance's host, so disk work always runs where the disk is.
 
 With ``--build-id`` the worker joins a Worker Deployment (Temporal's Worker Versioning): every rebuild
 is pinned to the version of the worker that started it, so a fleet rolls out new workflow code while
-rebuilds already running finish on the old one (see the README's versioning policy).
+rebuilds already running finish on the old one (see docs/operations.md, Versioning).
 """
 
 from __future__ import annotations

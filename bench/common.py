@@ -28,7 +28,7 @@ def timed() -> Iterator[list[float]]:
 
 
 def table(title: str, rows: list[tuple[str, str, str, str]]) -> None:
-    """figure | value | reference | ratio / goal, as a markdown table for the README."""
+    """figure | value | reference | ratio / goal, as a markdown table for docs/benchmarks.md."""
     print(f"\n{title}{' (quick mode)' if QUICK else ''}\n")
     print("| figure | value | reference | ratio (goal) |")
     print("| --- | --- | --- | --- |")

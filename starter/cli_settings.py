@@ -21,7 +21,7 @@ PACKAGE = "durable-rebuild"
 CONNECTION_PANEL = "Temporal connection (as the temporal CLI's)"
 TLS_PANEL = "TLS details (as the temporal CLI's)"
 THIS_HOST = socket.gethostname()
-# Every command about one instance takes its hypervisor the same way (README: REBUILD_HOST).
+# Every command about one instance takes its hypervisor the same way (docs/cli.md: REBUILD_HOST).
 HostOption = Annotated[
     str,
     typer.Option(

@@ -25,7 +25,7 @@ from devtools.units import PLAIN, TEMPLATE, template_text
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deploy" / "systemd"
 INSTALLED_BIN = "/opt/durable-rebuild/.venv/bin/"
-# The exposure levels the README states; a change that loosens a unit fails here.
+# The exposure levels docs/operations.md states; a change that loosens a unit fails here.
 MAX_EXPOSURE = {"rebuild-worker.service": 2.2, "rebuild-worker@.service": 2.2, "rebuild-api.service": 1.1}
 BUILD_BIN = "/opt/durable-rebuild/builds/%i/.venv/bin/"
 

@@ -5,8 +5,8 @@ asked) -> await-approval (when asked) -> stage (the new disk, written beside the
 instance still runs and nothing on it has changed; then stop -> prepare (the swap) -> seed (when the
 guest gets an identity) -> start -> verify -> confirm-window (when asked) -> cleanup. Unlike Nova, the
 download and the new disk come before the stop: the instance is down only for the swap. Every step
-that changes the host pushes its undo before it acts (the undo table is in the README); a step that
-fails for good, an abort, a revert or a cancellation runs the undos in reverse.
+that changes the host pushes its undo before it acts (the undo table is in docs/how-it-works.md); a
+step that fails for good, an abort, a revert or a cancellation runs the undos in reverse.
 
 The machinery lives beside it: ``steps.py`` (each step's timeouts and retries, the step runner),
 ``saga.py`` (the undo stack and the three endings), ``rebuild_view.py`` (status, result, Web UI text),

@@ -2,7 +2,7 @@
 
 Each workflow and activity takes one model and returns one, so a field can be added later without
 breaking a workflow that is already running. Two rules keep mixed worker versions and replays working
-(see the README's versioning policy):
+(see docs/operations.md, Versioning):
 
 - what crosses Temporal ignores fields it does not know, so a newer client or worker never stops an
   older one's workflow task;
