@@ -126,7 +126,7 @@ def define_demo_vm(disk: Path, serial: Path) -> None:
     wait_for(serial, b"image A", 0)
     say(
         f"defined and started {VM}: a tiny boot-sector guest (no OS; it prints its image's name and "
-        "halts), for speed; the real Debian guest is in tests/test_real_guest.py and bench/real_guest.py"
+        "halts), for speed; the real Debian guest is in tests/real_guest/ and bench/real_guest.py"
     )
     say("its serial console says:")
     print("    " + serial.read_text().strip().replace("\n", "\n    "), flush=True)
