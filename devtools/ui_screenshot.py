@@ -43,7 +43,9 @@ FLAGS = [
     "--virtual-time-budget=20000",
 ]
 
-NOT_FOUND = re.compile(r"\b404\b|not found", re.IGNORECASE)
+# In the title "404" or "not found"; in the page only the words (a timestamp may end in .404).
+NOT_FOUND_TITLE = re.compile(r"\b404\b|not found", re.IGNORECASE)
+NOT_FOUND_TEXT = re.compile(r"not found", re.IGNORECASE)
 
 
 def workflow_missing(ui_port: int, namespace: str, workflow_id: str) -> bool:
@@ -71,9 +73,9 @@ def visible_text(dom: str) -> str:
 def looks_not_found(dom: str) -> bool:
     """The UI's not-found page: its title, or the start of what it shows, says 404 / not found."""
     title = re.search(r"<title[^>]*>(.*?)</title>", dom, flags=re.IGNORECASE | re.DOTALL)
-    if title and NOT_FOUND.search(title.group(1)):
+    if title and NOT_FOUND_TITLE.search(title.group(1)):
         return True
-    return bool(NOT_FOUND.search(visible_text(dom)[:2000]))
+    return bool(NOT_FOUND_TEXT.search(visible_text(dom)[:2000]))
 
 
 def main() -> None:

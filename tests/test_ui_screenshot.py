@@ -33,7 +33,7 @@ def test_a_not_found_page_is_recognised(dom: str) -> None:
 def test_a_workflow_page_is_not_taken_for_not_found() -> None:
     dom = (
         "<html><head><title>rebuild:kvm:demo-vm | Temporal</title><script>if (s === 404) {}</script></head>"
-        "<body><h1>rebuild:kvm:demo-vm</h1><p>Completed</p></body></html>"
+        "<body><h1>rebuild:kvm:demo-vm</h1><p>Completed</p><p>Start 11:29:08.404 AM</p></body></html>"
     )
     assert not ui_screenshot.looks_not_found(dom)
 
