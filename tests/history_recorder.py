@@ -16,7 +16,7 @@ from temporalio.client import WorkflowHandle
 
 HISTORIES = Path(__file__).parent / "histories"
 # The newest patch in workflows/rebuild.py: histories recorded by today's code carry it in their name.
-WORKFLOW_VERSION = "stage-root-disk-before-stop"
+WORKFLOW_VERSION = "swap-root-disk-in-one-step"
 
 
 def history_path(name: str) -> Path:

@@ -20,6 +20,7 @@ __all__ = [
     "PATCH_IMAGE_ID_AFTER_FETCH",
     "PATCH_REBUILD_ID",
     "PATCH_STAGE_BEFORE_STOP",
+    "PATCH_SWAP_IN_ONE_STEP",
     "PAUSE_UPDATE",
     "RESUME_UPDATE",
     "REVERT_SIGNAL",
@@ -67,6 +68,9 @@ PATCH_CLEANUP_NEVER_FAILS = "cleanup-never-fails-a-rebuild"
 PATCH_PREFETCH_REFUSES_CONTRADICTION = "prefetch-refuses-a-format-glance-contradicts"
 # The new root disk is written before the stop (stage), so the downtime keeps only the swap.
 PATCH_STAGE_BEFORE_STOP = "stage-root-disk-before-stop"
+# Stop, prepare and start run as one activity (swap_root_disk) where the host has it and no seed goes
+# between: no workflow round trip inside the downtime.
+PATCH_SWAP_IN_ONE_STEP = "swap-root-disk-in-one-step"
 # A fleet waits for its update handlers (an abort signalling children) before it ends.
 PATCH_FLEET_WAITS_FOR_HANDLERS = "fleet-waits-for-its-handlers"
 
