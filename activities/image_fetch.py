@@ -43,10 +43,12 @@ from activities.state import StateDir, fsync_dir, require_digest, write_atomical
 from workflows.models import CachedImage, FetchImageInput, FetchProgress
 
 CHUNK_BYTES = 1 << 20
-# Measured with bench/download.py's server: with writing and hashing off the loop, 256 KiB reads as
-# fast as 1 or 4 MiB. Small matters: on a dropped connection aiohttp raises before handing over what
-# it still buffers (up to twice this), and those bytes are fetched again.
-READ_BUFFER_BYTES = 256 << 10
+# aiohttp pauses the socket when its buffer holds twice this, and resumes it once read: at 256 KiB
+# that churn ran on the event loop's thread, which bounds the fetch; at 1 MiB, with chunks handed on
+# in 1 MiB batches, the fetch went from 0.76x to 0.86-1.03x curl -o (bench/download.py's nginx, runs
+# alternated, 2026-12-03). The price: on a dropped connection aiohttp raises before handing over what
+# it still buffers (up to twice this, 2 MiB), and those bytes are fetched again.
+READ_BUFFER_BYTES = 1 << 20
 HEARTBEAT_EVERY_SECONDS = 1.0
 T = TypeVar("T")
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
