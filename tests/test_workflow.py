@@ -17,7 +17,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
 
 from devtools.testbed.fake_host import SHA, FakeHost, request_for, running_workers
-from tests.history_recorder import record_history
+from tests.history_recorder import SWAP_IN_ONE_STEP, record_history
 from tests.workflow_support import BEFORE_STOP, DISCARD, MAIN_PATH, failure_of, rebuilding, start
 from workflows.models import (
     Outcome,
@@ -54,7 +54,7 @@ async def test_a_host_that_swaps_in_one_step_gets_no_round_trip_inside_the_downt
     fake.swaps_in_one_step = True
     async with rebuilding(client, unique_host, fake) as handle:
         result = await handle.result()
-        await record_history(handle, "rebuild-swapped-in-one-step")
+        await record_history(handle, "rebuild-swapped-in-one-step", SWAP_IN_ONE_STEP)
     one_step = ["stop_instance", "prepare_root_disk", "start_instance"]
     at = MAIN_PATH.index("stop_instance")
     assert fake.calls == [*MAIN_PATH[:at], "swap_root_disk", *MAIN_PATH[at + len(one_step) :]]
