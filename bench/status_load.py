@@ -103,6 +103,8 @@ async def main() -> None:
             worker = start([sys.executable, "-m", "bench.status_load", "--worker", server.address],
                            state / "worker.log", b"worker ready")  # fmt: skip
             (state / "tokens").write_text(f"bench {TOKEN}\n")
+            # The API refuses a tokens file others can read (issue 24, finding 12).
+            (state / "tokens").chmod(0o600)
             port = free_port()
             env = {**os.environ, "TEMPORAL_ADDRESS": server.address, "REBUILD_API_PORT": str(port),
                    "REBUILD_API_TOKENS_FILE": str(state / "tokens")}  # fmt: skip
