@@ -33,16 +33,6 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[ImageServer]:
-    directory = tmp_path / "served"
-    directory.mkdir()
-    server = ImageServer(directory)
-    await server.start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
 async def attack(client: Client, unique_host: str, tmp_path: Path) -> AsyncIterator[Any]:
     """A host worker capped at 2 MiB an image and 3 MiB of cache, and an attacker's workflow."""
     (tmp_path / "host").mkdir()
@@ -87,34 +77,34 @@ def _leftovers(state: StateDir) -> list[str]:
 
 
 async def test_an_image_over_the_workers_cap_is_refused_whatever_max_bytes_says(
-    attack: Any, served: ImageServer
+    attack: Any, images: ImageServer
 ) -> None:
-    url = _publish(served, "big.raw", 3 * MIB)
+    url = _publish(images, "big.raw", 3 * MIB)
     answer = await attack("fetch_image", {"url": url, "max_bytes": 1 << 60})
     assert answer.startswith(f"ImageTooLarge: image at {url} is {3 * MIB} bytes, over the limit of {2 * MIB}")
     assert "this worker's --max-image-gib" in answer
     assert _leftovers(attack.state) == [] and cache_usage(attack.state) == 0
 
 
-async def test_the_cache_quota_refuses_an_image_before_its_download(attack: Any, served: ImageServer) -> None:
-    first = _publish(served, "first.raw", 2 * MIB)
+async def test_the_cache_quota_refuses_an_image_before_its_download(attack: Any, images: ImageServer) -> None:
+    first = _publish(images, "first.raw", 2 * MIB)
     assert await attack("fetch_image", {"url": first, "max_bytes": 1 << 40}) == "accepted"
-    second = _publish(served, "second.raw", 2 * MIB)
+    second = _publish(images, "second.raw", 2 * MIB)
 
     answer = await attack("fetch_image", {"url": second, "max_bytes": 1 << 40})
 
     assert answer.startswith(f"CacheQuotaExceeded: the image at {second} needs {2 * MIB} more bytes"), answer
     assert f"its quota of {3 * MIB} bytes" in answer and "rebuild cache prune" in answer
-    assert served.bytes_sent("second.raw") == 0 or _leftovers(attack.state) == []
+    assert images.bytes_sent("second.raw") == 0 or _leftovers(attack.state) == []
     assert cache_usage(attack.state) == 2 * MIB
 
 
-async def test_a_server_that_hides_the_size_is_stopped_at_the_quota(attack: Any, served: ImageServer) -> None:
-    assert await attack("fetch_image", {"url": _publish(served, "a.raw", 2 * MIB), "max_bytes": 1 << 40}) == (
+async def test_a_server_that_hides_the_size_is_stopped_at_the_quota(attack: Any, images: ImageServer) -> None:
+    assert await attack("fetch_image", {"url": _publish(images, "a.raw", 2 * MIB), "max_bytes": 1 << 40}) == (
         "accepted"
     )
-    url = _publish(served, "hidden.raw", 2 * MIB - 1)
-    served.faults["hidden.raw"] = Fault(hide_length=True, times=10)
+    url = _publish(images, "hidden.raw", 2 * MIB - 1)
+    images.faults["hidden.raw"] = Fault(hide_length=True, times=10)
     answer = await attack("fetch_image", {"url": url, "max_bytes": 1 << 40})
     assert answer.startswith(f"CacheQuotaExceeded: the image at {url} needs"), answer
     assert _leftovers(attack.state) == []
@@ -122,15 +112,15 @@ async def test_a_server_that_hides_the_size_is_stopped_at_the_quota(attack: Any,
 
 
 async def test_a_full_cache_takes_nothing_more_not_even_a_connection(
-    attack: Any, served: ImageServer
+    attack: Any, images: ImageServer
 ) -> None:
     for name in ("one.raw", "two.raw"):
-        url = _publish(served, name, 3 * MIB // 2)
+        url = _publish(images, name, 3 * MIB // 2)
         assert await attack("fetch_image", {"url": url, "max_bytes": 1 << 40}) == "accepted"
-    url = _publish(served, "three.raw", 1)
+    url = _publish(images, "three.raw", 1)
     answer = await attack("fetch_image", {"url": url, "max_bytes": 1 << 40})
     assert answer.startswith("CacheQuotaExceeded: "), answer
-    assert [r.path for r in served.requests if r.path == "three.raw"] == []
+    assert [r.path for r in images.requests if r.path == "three.raw"] == []
 
 
 @pytest.mark.parametrize("option", [["--max-image-gib", "0"], ["--cache-quota-gib", "-1"]])
