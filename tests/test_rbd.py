@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import time
+import uuid
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -35,6 +36,11 @@ def live_image(guest: Shaped) -> str:
     return rbd_image_of(str(guest.domain.XMLDesc(0)))
 
 
+def clones_of(guest: Shaped, ceph: CephCluster) -> set[str]:
+    """The images a rebuild of this guest cloned (named from the instance and the rebuild)."""
+    return {n for n in ceph.images() if n.startswith(f"{guest.name}-root-")}
+
+
 def base_record(bed: Bed, cluster: CephCluster, sha: str) -> dict[str, object]:
     record = bed.worker.state_dir / "pool-images" / f"rbd-{cluster.pool}" / sha
     found: dict[str, object] = json.loads(record.read_text())
@@ -48,18 +54,19 @@ async def test_an_rbd_root_is_rebuilt_rolled_back_and_rebuilt_again_on_one_base(
     old = rbd_image_of(guest.definition())
     before = guest.definition()
 
-    bad_url, bad_sha = bed.serve("image C", "raw")
+    # Images of their own: the pool (one per session) may hold other tests' bases of "image B".
+    tag = uuid.uuid4().hex[:6]
+    bad_url, bad_sha = bed.serve(f"image C {tag}", "raw")
     rolled_back = await bed.rebuild(guest, bad_url, bad_sha)
     assert rolled_back.code == 1, rolled_back.stderr
     assert "rolled back" in rolled_back.stderr, rolled_back.stderr
     guest.wait_for_console("image A", after=guest.console().index("image C"))
     assert guest.definition() == before
     assert live_image(guest) == old
-    assert {f"{ceph.pool}/{n}" for n in ceph.images()} == {old, f"{ceph.pool}/{base_name(bad_sha)}"}, (
-        "the clone of image C went with the rollback, the old image stayed"
-    )
+    assert clones_of(guest, ceph) == set(), "the clone of image C went with the rollback"
+    assert {old.split("/")[1], base_name(bad_sha)} <= ceph.images()
 
-    url, sha = bed.serve("image B", "raw")
+    url, sha = bed.serve(f"image B {tag}", "raw")
     # Paused before cleanup: the old image is still there while the instance runs on the clone.
     pause = bed.worker.pause_dir
     assert pause is not None
@@ -127,6 +134,41 @@ async def test_a_worker_killed_at_each_kill_point_leaves_an_rbd_rebuild_that_fin
     assert new != old
     assert old.split("/")[1] not in ceph.images()
     assert new.split("/")[1] in ceph.images()
+
+
+async def test_a_worker_killed_while_it_puts_the_old_rbd_image_back_finishes_the_rollback(
+    bed: Bed, ceph: CephCluster
+) -> None:
+    """Aborted after the swap, the worker killed at restore's kill point: the next worker points the
+    disk back at the old image, the clone goes, and image A boots again."""
+    guest = rbd_guest(bed, ceph)
+    old, before = rbd_image_of(guest.definition()), guest.definition()
+    pause = bed.worker.pause_dir
+    assert pause is not None
+    for point in ("prepare.after-new-disk", "restore.before-swap"):
+        (pause / point).touch()
+    url, sha = bed.serve("image B", "raw")
+    rebuilding = asyncio.create_task(bed.rebuild(guest, url, sha))
+    await wait_for_file(pause / "prepare.after-new-disk.reached")
+    aborted = await rebuild_cli(
+        bed.server.address, "abort", guest.name, "--host", bed.worker.host, "--reason", "test"
+    )
+    assert aborted.code == 0, aborted.stderr
+    (pause / "prepare.after-new-disk").unlink()
+    await wait_for_file(pause / "restore.before-swap.reached")
+    assert rbd_image_of(guest.definition()) != old, "killed with the clone still swapped in"
+    bed.worker.kill()
+    (pause / "restore.before-swap").unlink()
+    bed.worker.start()
+
+    result = await rebuilding
+    assert result.code == 1, result.stderr
+    assert "rolled back" in result.stderr, result.stderr
+    guest.wait_for_console("image A", after=guest.console().index("image A") + 1)
+    assert guest.definition() == before
+    assert live_image(guest) == old
+    assert ceph.images() >= {old.split("/")[1]}
+    assert clones_of(guest, ceph) == set(), "the clone went with the rollback"
 
 
 async def test_an_rbd_root_whose_secret_is_gone_is_refused_before_the_stop(
