@@ -11,9 +11,11 @@ one or a clone depends on one.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +126,11 @@ def _pool_copies(state: StateDir, conn: ld.Libvirt) -> list[tuple[CacheEntry, st
     return found
 
 
+def _remove_pool_copy(state: StateDir, volume: st.Volume, sha256: str) -> None:
+    volume.delete()
+    (state.pool_images(volume.pool.name) / sha256).unlink(missing_ok=True)
+
+
 def _rbd_entry(base: rbd_cache.RbdBase) -> CacheEntry:
     return CacheEntry(base.sha256, base.size, base.record.stat().st_mtime, base.users, base.where)
 
@@ -140,26 +147,23 @@ def prune_cache(
     until the cache fits in ``max_total_bytes``. Stale partial downloads nobody holds go too."""
     now = time.time() if now is None else now
     report = PruneReport()
-    for entry, volume in _pool_copies(state, conn):
+    # Copies outside the host's cache (a storage pool's, a Ceph pool's base): by age alone.
+    copies: list[tuple[CacheEntry, Callable[[], None]]] = [
+        (entry, functools.partial(_remove_pool_copy, state, volume, entry.sha256))
+        for entry, volume in _pool_copies(state, conn)
+    ]
+    copies += [
+        (_rbd_entry(base), functools.partial(rbd_cache.remove_base, state, conn, base))
+        for base in rbd_cache.rbd_bases(state, conn)
+    ]
+    for entry, remove in copies:
         if now - entry.last_used <= max_age_seconds:
             continue
         if entry.users:
             report.kept_in_use.append(f"{entry.sha256} ({entry.where})")
             continue
         if not dry_run:
-            volume.delete()
-            (state.pool_images(volume.pool.name) / entry.sha256).unlink(missing_ok=True)
-        report.removed.append(f"{entry.sha256} ({entry.where})")
-        report.freed_bytes += entry.size
-    for base in rbd_cache.rbd_bases(state, conn):
-        entry = _rbd_entry(base)
-        if now - entry.last_used <= max_age_seconds:
-            continue
-        if entry.users:
-            report.kept_in_use.append(f"{entry.sha256} ({entry.where})")
-            continue
-        if not dry_run:
-            rbd_cache.remove_base(state, conn, base)
+            remove()
         report.removed.append(f"{entry.sha256} ({entry.where})")
         report.freed_bytes += entry.size
     entries = [e for e in list_cache(state, conn) if e.where == "host"]
