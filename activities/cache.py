@@ -3,23 +3,26 @@
 A cached image becomes the backing file of every root disk rebuilt from it, so "in use" is read from
 the disks themselves: each domain's disks (and rebuild backups beside them) are qcow2 files whose
 header names their backing file. An image in use is never removed, whatever its age or the size limit.
-Storage pools hold copies too (the volume back end's, one per image and pool): listed and pruned alike,
-by age, never while a volume is backed by one.
+Storage pools hold copies too (the volume back end's, one per image and pool), and Ceph pools the RBD
+back end's bases (``rbd_cache.py``): listed and pruned alike, by age, never while a volume is backed by
+one or a clone depends on one.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities import libvirt_storage as st
-from activities import qcow2
+from activities import qcow2, rbd_cache
 from activities.snapshot_store import SnapshotStore
 from activities.state import StateDir
 
@@ -32,7 +35,8 @@ class CacheEntry:
     size: int
     last_used: float
     users: tuple[str, ...]
-    # "host" for the worker's own cache, "pool NAME" for a storage pool's copy of the image.
+    # "host" for the worker's own cache, "pool NAME" for a storage pool's copy of the image, "rbd POOL"
+    # for a Ceph pool's base image.
     where: str = "host"
 
 
@@ -84,6 +88,7 @@ def list_cache(state: StateDir, conn: ld.Libvirt) -> list[CacheEntry]:
         stat = path.stat()
         entries.append(CacheEntry(path.name, stat.st_size, stat.st_mtime, tuple(sorted(users[path.name]))))
     entries.extend(entry for entry, _ in _pool_copies(state, conn))
+    entries.extend(_rbd_entry(base) for base in rbd_cache.rbd_bases(state, conn))
     return sorted(entries, key=lambda e: e.last_used, reverse=True)
 
 
@@ -121,6 +126,15 @@ def _pool_copies(state: StateDir, conn: ld.Libvirt) -> list[tuple[CacheEntry, st
     return found
 
 
+def _remove_pool_copy(state: StateDir, volume: st.Volume, sha256: str) -> None:
+    volume.delete()
+    (state.pool_images(volume.pool.name) / sha256).unlink(missing_ok=True)
+
+
+def _rbd_entry(base: rbd_cache.RbdBase) -> CacheEntry:
+    return CacheEntry(base.sha256, base.size, base.record.stat().st_mtime, base.users, base.where)
+
+
 def prune_cache(
     state: StateDir,
     conn: ld.Libvirt,
@@ -133,15 +147,23 @@ def prune_cache(
     until the cache fits in ``max_total_bytes``. Stale partial downloads nobody holds go too."""
     now = time.time() if now is None else now
     report = PruneReport()
-    for entry, volume in _pool_copies(state, conn):
+    # Copies outside the host's cache (a storage pool's, a Ceph pool's base): by age alone.
+    copies: list[tuple[CacheEntry, Callable[[], None]]] = [
+        (entry, functools.partial(_remove_pool_copy, state, volume, entry.sha256))
+        for entry, volume in _pool_copies(state, conn)
+    ]
+    copies += [
+        (_rbd_entry(base), functools.partial(rbd_cache.remove_base, state, conn, base))
+        for base in rbd_cache.rbd_bases(state, conn)
+    ]
+    for entry, remove in copies:
         if now - entry.last_used <= max_age_seconds:
             continue
         if entry.users:
             report.kept_in_use.append(f"{entry.sha256} ({entry.where})")
             continue
         if not dry_run:
-            volume.delete()
-            (state.pool_images(volume.pool.name) / entry.sha256).unlink(missing_ok=True)
+            remove()
         report.removed.append(f"{entry.sha256} ({entry.where})")
         report.freed_bytes += entry.size
     entries = [e for e in list_cache(state, conn) if e.where == "host"]

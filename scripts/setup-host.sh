@@ -14,7 +14,8 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 PACKAGES=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86
           qemu-utils pkg-config gcc python3-dev python3-pip util-linux ca-certificates curl
-          mmdebstrap extlinux e2fsprogs xfsprogs parted)
+          mmdebstrap extlinux e2fsprogs xfsprogs parted
+          ceph-mon ceph-mgr ceph-osd ceph-common qemu-block-extra)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

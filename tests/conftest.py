@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 from devtools import reachable
 from devtools.image_server import ImageServer
 from devtools.temporal_dev import DevServer, DevServerError, free_port
+from devtools.testbed.ceph import CephCluster, CephError, define_secret, start_cluster
 from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess, make_guest, remove_domains
 from devtools.testbed.fake_host import FakeHost
 from devtools.testbed.shapes import Bed
@@ -181,6 +182,21 @@ async def api(client: Client) -> AsyncIterator[TestClient[Any, Any]]:
     await test_client.start_server()
     yield test_client
     await test_client.close()
+
+
+@pytest.fixture(scope="session")
+def ceph(libvirt_conn: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """A throwaway single-node Ceph cluster (devtools/testbed/ceph.py) with its client key in a libvirt
+    secret, both gone after the session."""
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("ceph"))
+    except CephError as err:
+        pytest.fail(f"a test Ceph cluster could not be started: {err}", pytrace=False)
+    secret = define_secret(libvirt_conn, cluster)
+    print(f"\nceph: test cluster started in {cluster.started_in:.1f} s on port {cluster.port}")
+    yield cluster
+    secret.undefine()
+    cluster.stop()
 
 
 # Fixtures that put a test on libvirtd with QEMU guests, or on the real Debian guest.

@@ -42,7 +42,13 @@ from activities.domain_xml.disks import (
     with_format,
 )
 from activities.domain_xml.sandbox import description_of, sandbox_definition, sandbox_owner
-from activities.domain_xml.volumes import pointed_at, volume_backing, volume_definition, volume_format
+from activities.domain_xml.volumes import (
+    pointed_at,
+    rbd_pointed_at,
+    volume_backing,
+    volume_definition,
+    volume_format,
+)
 
 __all__ = [
     "DISK_FORMATS",
@@ -69,6 +75,7 @@ __all__ = [
     "image_record",
     "parse",
     "pointed_at",
+    "rbd_pointed_at",
     "rebuilt_disk",
     "root_disk",
     "root_disk_element",

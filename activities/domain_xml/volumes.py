@@ -1,5 +1,5 @@
 """Storage volumes' XML: a new volume's definition, what an existing one says, and a root disk's
-definition pointed at another volume."""
+definition pointed at another volume (or another RBD image)."""
 
 from __future__ import annotations
 
@@ -48,4 +48,18 @@ def pointed_at(disk: ET.Element, source: dict[str, str], fmt: str) -> ET.Element
         copy.remove(old)
     else:
         copy.insert(1, new)
+    return copy
+
+
+def rbd_pointed_at(disk: ET.Element, name: str) -> ET.Element:
+    """The RBD disk's definition with its source naming the image ``name`` (POOL/IMAGE): monitors,
+    auth, driver and the rest kept; a running domain's chain and block job target dropped."""
+    copy = ET.fromstring(ET.tostring(disk))
+    source = copy.find("source")
+    assert source is not None
+    source.set("name", name)
+    source.attrib.pop("index", None)
+    for tag in ("backingStore", "mirror"):
+        for element in copy.findall(tag):
+            copy.remove(element)
     return copy

@@ -12,6 +12,7 @@ from activities.checkpoints import Checkpoints
 from activities.errors import UnsupportedInstance
 from activities.root_disks.base import DISCARD, RootDiskAt, RootDiskBackend
 from activities.root_disks.file_overlay import FileOverlay
+from activities.root_disks.rbd import RbdImage
 from activities.root_disks.volume import PoolVolume
 from activities.state import StateDir
 
@@ -28,12 +29,14 @@ class RootDisks:
         return self._backends[_kind(root)]
 
 
+Backend = type[FileOverlay] | type[PoolVolume] | type[RbdImage]
 # The back end for each kind of root disk (the <disk type>): a block device is replaced as the pool
-# volume it is.
-BACKENDS: dict[str, type[FileOverlay] | type[PoolVolume]] = {
+# volume it is; a network disk is an RBD image (domain_xml refuses other protocols).
+BACKENDS: dict[str, Backend] = {
     "file": FileOverlay,
     "volume": PoolVolume,
     "block": PoolVolume,
+    "network": RbdImage,
 }
 
 
@@ -47,7 +50,7 @@ def _kind(root: RootDiskAt) -> str:
     return root.disk.kind
 
 
-def _backend_class(root: RootDiskAt) -> type[FileOverlay] | type[PoolVolume]:
+def _backend_class(root: RootDiskAt) -> Backend:
     return BACKENDS[_kind(root)]
 
 

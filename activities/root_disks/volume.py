@@ -18,12 +18,10 @@ import re
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 from activities import domain_xml as dx
 from activities import libvirt_storage as st
 from activities import qemu_img
-from activities.checkpoints import Checkpoints
 from activities.errors import (
     BootCheckFailed,
     DefinitionRefused,
@@ -33,7 +31,8 @@ from activities.errors import (
     UnsupportedInstance,
 )
 from activities.root_disks.base import RootDiskAt
-from activities.state import StateDir, write_atomically
+from activities.root_disks.records import RecordedSwap
+from activities.state import write_atomically
 from workflows import activity_models as io
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.+-]")
@@ -82,11 +81,7 @@ def _named_by(element: ET.Element, volume: st.Volume) -> bool:
     return source.get("dev") == volume.path()
 
 
-class PoolVolume:
-    def __init__(self, state: StateDir, checkpoints: Checkpoints) -> None:
-        self.state = state
-        self.checkpoints = checkpoints
-
+class PoolVolume(RecordedSwap):
     @staticmethod
     def refuse_unsupported(root: RootDiskAt, discard_snapshots: bool) -> None:
         volume = locate(root)
@@ -135,21 +130,6 @@ class PoolVolume:
                 "not on the volume this rebuild wrote"
             )
         return f"root disk {root.disk.target} runs on the new volume {new.pool.name}/{new.name}"
-
-    def began(self, root: RootDiskAt, rebuild_id: str) -> bool:
-        return self._record(rebuild_id, "disk.xml").exists()
-
-    def _record(self, rebuild_id: str, name: str) -> Path:
-        directory = self.state.rebuild_records(rebuild_id)
-        directory.mkdir(parents=True, exist_ok=True)
-        return directory / name
-
-    def _planned(self, rebuild_id: str) -> dict[str, Any] | None:
-        try:
-            planned: dict[str, Any] = json.loads(self._record(rebuild_id, "stage.json").read_text())
-        except FileNotFoundError:
-            return None
-        return planned
 
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """A new volume beside the old one, written; a retry finds a written one, or starts again."""
@@ -230,17 +210,12 @@ class PoolVolume:
         new = await asyncio.to_thread(pool.volume, str(planned["name"]))
         if new is None:
             raise DiskMissing(f"the staged volume {planned['pool']}/{planned['name']} is gone")
-        record = self._record(request.rebuild_id, "disk.xml")
-        if not record.exists():
-            old = await asyncio.to_thread(locate, root)
-            write_atomically(record, dx.to_string(root.element))
-            write_atomically(
-                self._record(request.rebuild_id, "old.json"), json.dumps([old.pool.name, old.name])
-            )
-            if request.discard_snapshots:
-                names = await asyncio.to_thread(root.domain.snapshot_names)
-                write_atomically(self._record(request.rebuild_id, "snapshots.json"), json.dumps(names))
-        original = dx.parse(record.read_text())
+
+        def old_name() -> list[str]:
+            old = locate(root)
+            return [old.pool.name, old.name]
+
+        original = await self._keep_old_disk(root, request, old_name)
         fmt = dx.volume_format(await asyncio.to_thread(new.definition))
         if root.disk.kind == "volume":
             source = {"pool": pool.name, "volume": new.name}
@@ -250,35 +225,20 @@ class PoolVolume:
         if not dx.same(root.element, disk):
             await asyncio.to_thread(root.domain.update_disk, root.xml, disk)
         await self.checkpoints.reach("prepare.after-new-disk")
-        old_pool, old_name = json.loads(self._record(request.rebuild_id, "old.json").read_text())
+        old_pool, old_volume = self._old_disk(request.rebuild_id)
         return io.PreparedRootDisk(
             disk_path=f"{pool.name}/{new.name}",
-            backup_path=f"{old_pool}/{old_name}",
+            backup_path=f"{old_pool}/{old_volume}",
             virtual_size=await asyncio.to_thread(new.capacity),
         )
-
-    async def restore(self, root: RootDiskAt, request: io.RestoreRootDiskInput) -> None:
-        """The old disk's element back; the new volume goes with stage's undo (discard_staged)."""
-        record = self._record(request.rebuild_id, "disk.xml")
-        if not record.exists():
-            return
-        await self.checkpoints.reach("restore.before-swap")
-        original = dx.parse(record.read_text())
-        if not dx.same(root.element, original):
-            await asyncio.to_thread(root.domain.update_disk, root.xml, original)
-        for name in ("disk.xml", "old.json", "snapshots.json"):
-            self._record(request.rebuild_id, name).unlink(missing_ok=True)
 
     async def remove_backup(self, root: RootDiskAt, request: io.RemoveBackupInput) -> None:
         """The old volume goes (after its snapshots' metadata, with --discard-snapshots), unless the
         disk names it again."""
-        snapshots = self._record(request.rebuild_id, "snapshots.json")
-        if snapshots.exists():
-            names = [str(n) for n in json.loads(snapshots.read_text())]
-            await asyncio.to_thread(root.domain.drop_snapshot_metadata, names)
-        old = self._record(request.rebuild_id, "old.json")
-        if old.exists():
-            pool_name, name = json.loads(old.read_text())
+        await self._forget_snapshots(root, request.rebuild_id)
+        old = self._old_disk(request.rebuild_id)
+        if old is not None:
+            pool_name, name = old
             found = await asyncio.to_thread(st.Pool(root.domain.libvirt, pool_name).volume, name)
             if found is not None and not await asyncio.to_thread(_named_by, root.element, found):
                 await asyncio.to_thread(found.delete)
