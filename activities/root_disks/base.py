@@ -45,6 +45,9 @@ class RootDiskBackend(Protocol):
     async def virtual_size(root: RootDiskAt) -> int:
         """The root disk's size as the guest sees it (the new disk is at least as large)."""
 
+    async def plan(self, root: RootDiskAt, request: io.PlanRootDiskInput) -> io.PlannedRootDisk:
+        """A dry run: how stage would make the new disk, refusing what stage would; writes nothing."""
+
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The instance still runs: write the new disk beside the old one, never in its place."""
 

@@ -151,6 +151,29 @@ class PoolVolume:
             return None
         return planned
 
+    async def plan(self, root: RootDiskAt, request: io.PlanRootDiskInput) -> io.PlannedRootDisk:
+        """Stage's choice without its writing: the kind of new volume, refused where the pool has no
+        room for it."""
+        old = await asyncio.to_thread(locate, root)
+        pool = await asyncio.to_thread(old.pool.info)
+        _refuse_no_room(root, pool, old)
+        capacity = await asyncio.to_thread(old.capacity)
+        if _overlays(pool, root.disk.format):
+            how = "qcow2 volume on the pool's copy of the image"
+        elif pool.kind in st.FILE_POOLS:
+            how = "raw volume, a reflink or a copy of the image"
+        else:
+            how = "raw volume written from the image"
+        return io.PlannedRootDisk(
+            target=root.disk.target,
+            path=root.disk.path,
+            kind=root.disk.kind,
+            format=root.disk.format,
+            virtual_size=capacity,
+            new_virtual_size=max(capacity, request.image_virtual_size, request.min_virtual_size),
+            mode=f"volume: {how} in pool {pool.name}",
+        )
+
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """A new volume beside the old one, written; a retry finds a written one, or starts again."""
         old = await asyncio.to_thread(locate, root)

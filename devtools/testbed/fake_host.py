@@ -27,6 +27,8 @@ from workflows.models import (
     FetchImageInput,
     InspectInstanceInput,
     InstanceInfo,
+    PlannedRootDisk,
+    PlanRootDiskInput,
     PreparedRootDisk,
     PrepareRootDiskInput,
     RebuildRequest,
@@ -142,6 +144,19 @@ class FakeHost:
             mode = request.disk_mode or self.disk_mode
             return StagedRootDisk(staged_at="/fake/disk.img.new", virtual_size=1, mode=mode)
 
+        @activity.defn(name="plan_root_disk")
+        async def plan_root_disk(request: PlanRootDiskInput) -> PlannedRootDisk:
+            await self._enter("plan_root_disk")
+            return PlannedRootDisk(
+                target="vda",
+                path="/fake/disk.img",
+                kind="file",
+                format="raw",
+                virtual_size=1,
+                new_virtual_size=1,
+                mode=request.disk_mode or self.disk_mode,
+            )
+
         @activity.defn(name="discard_staged_root_disk")
         async def discard_staged_root_disk(request: DiscardStagedRootDiskInput) -> None:
             await self._enter("discard_staged_root_disk")
@@ -183,6 +198,7 @@ class FakeHost:
             check_image,
             stop_instance,
             stage_root_disk,
+            plan_root_disk,
             discard_staged_root_disk,
             prepare_root_disk,
             start_instance,
