@@ -35,6 +35,7 @@ from starter.cli_context import (
 from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
 from starter.identity_options import identity_change
+from starter.plan_text import print_plan
 from starter.rebuilds import query_status, start_rebuild, wait_past_inspect
 from starter.snapshot_cli import snapshot_app
 from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
@@ -66,6 +67,7 @@ def start(
     ] = None,
     host: HostOption = THIS_HOST,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and show progress.")] = False,
+    dry_run: ro.DryRunOption = False,
     start_after: ro.StartAfterOption = None,
     stop_timeout: ro.StopTimeoutOption = 60.0,
     boot_marker: ro.BootMarkerOption = None,
@@ -129,6 +131,7 @@ def start(
             disk_mode=disk_mode,
             root_disk=root_disk,
             discard_snapshots=discard_snapshots,
+            dry_run=dry_run,
             identity=identity_change(
                 ssh_key_files=ssh_key,
                 no_ssh_keys=no_ssh_keys,
@@ -149,7 +152,7 @@ def start(
 async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | None) -> int:
     client = await connect(address)
     handle = await start_rebuild(client, request)
-    if wait:
+    if wait or request.dry_run:
         with cli.following(request.instance, request.host, handle.id):
             return await _wait(cli, handle)
     # Past inspect, or it failed there: a wrong name or an unsupported root disk is exit 2 now.
@@ -192,7 +195,11 @@ async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
             message = failure.cause.message if isinstance(failure.cause, ApplicationError) else failure.cause
             cli.error(code, str(message))
         return code
-    if cli.json:
+    if rebuilt.plan is not None and cli.json:
+        cli.print_json(rebuilt.plan)
+    elif rebuilt.plan is not None:
+        print_plan(cli, rebuilt)
+    elif cli.json:
         cli.print_json(rebuilt)
     else:
         _print_result(cli, rebuilt)

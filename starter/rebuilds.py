@@ -361,6 +361,8 @@ def _final_status(description: Any, result: RebuildResult | None) -> RebuildStat
     if result is not None:
         instance, host = result.instance, result.host
         fallback = Phase.DONE if result.outcome == Outcome.REBUILT else Phase.FAILED
+        if result.outcome == Outcome.PLANNED:
+            fallback = Phase.PLANNED
         if result.outcome == Outcome.ROLLED_BACK:
             fallback = Phase.ROLLED_BACK
     else:
@@ -383,6 +385,7 @@ def _final_status(description: Any, result: RebuildResult | None) -> RebuildStat
         stopped_by=result.stopped_by if result else None,
         verified_by=result.verified_by if result else None,
         disk_mode=result.disk_mode if result else None,
+        plan=result.plan if result else None,
     )
 
 

@@ -28,7 +28,8 @@ def rebuild_plan(
         host=request.host,
         instance_uuid=instance.uuid,
         running=instance.was_running,
-        root_disk=disk,
+        # As data: inside the workflow sandbox the activity's result may be another copy of its class.
+        root_disk=disk.model_dump(),
         image=PlannedImage(
             label=request.image_label,
             sha256=image.checked.sha256,
