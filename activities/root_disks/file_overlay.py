@@ -35,7 +35,7 @@ from activities.errors import (
     InvalidRequest,
     UnsupportedInstance,
 )
-from activities.root_disks.base import DISCARD, RootDiskAt
+from activities.root_disks.base import DISCARD, RootDiskAt, planned_disk
 from activities.state import (
     StateDir,
     backup_path,
@@ -194,15 +194,7 @@ class FileOverlay:
             else:
                 _refuse_no_room(base, Path(real_path(root)).parent)
                 mode = "copy (full)"
-        return io.PlannedRootDisk(
-            target=root.disk.target,
-            path=root.disk.path,
-            kind=root.disk.kind,
-            format=root.disk.format,
-            virtual_size=current,
-            new_virtual_size=size,
-            mode=mode,
-        )
+        return planned_disk(root, current, size, mode)
 
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The new disk, written beside the old one while the instance runs, as large as the old disk

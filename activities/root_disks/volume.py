@@ -32,7 +32,7 @@ from activities.errors import (
     HypervisorError,
     UnsupportedInstance,
 )
-from activities.root_disks.base import RootDiskAt
+from activities.root_disks.base import RootDiskAt, planned_disk
 from activities.state import StateDir, write_atomically
 from workflows import activity_models as io
 
@@ -164,15 +164,8 @@ class PoolVolume:
             how = "raw volume, a reflink or a copy of the image"
         else:
             how = "raw volume written from the image"
-        return io.PlannedRootDisk(
-            target=root.disk.target,
-            path=root.disk.path,
-            kind=root.disk.kind,
-            format=root.disk.format,
-            virtual_size=capacity,
-            new_virtual_size=max(capacity, request.image_virtual_size, request.min_virtual_size),
-            mode=f"volume: {how} in pool {pool.name}",
-        )
+        size = max(capacity, request.image_virtual_size, request.min_virtual_size)
+        return planned_disk(root, capacity, size, f"volume: {how} in pool {pool.name}")
 
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """A new volume beside the old one, written; a retry finds a written one, or starts again."""
