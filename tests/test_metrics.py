@@ -109,6 +109,30 @@ async def test_outcomes_are_counted_including_a_failed_rollback(
     assert metrics.value("rebuild_downtime_seconds_count", outcome="rolled-back") == 0
 
 
+async def test_a_dry_run_is_counted_as_no_rebuild(dev_server: DevServer, unique_host: str) -> None:
+    port = free_port()
+    runtime = prometheus_runtime(f"127.0.0.1:{port}", "workflow-worker")
+    client: Client = await connect(dev_server.address, runtime=runtime)
+    for fake, instance in ((FakeHost(), "vm-plan"), (FakeHost(fail_at="check_image"), "vm-refused"),
+                           (FakeHost(), "vm-ok")):  # fmt: skip
+        async with running_workers(client, unique_host, fake) as queue:
+            handle = await client.start_workflow(
+                RebuildInstance.run,
+                request_for(unique_host, instance=instance, dry_run=instance != "vm-ok"),
+                id=rebuild_workflow_id(unique_host, instance),
+                task_queue=queue,
+            )
+            with contextlib.suppress(WorkflowFailureError):
+                await handle.result()
+    metrics = await scrape(port)
+    # Only the real rebuild: the dry runs, planned or refused, and their steps are in no series.
+    assert metrics.value("rebuild_started_total", host=unique_host) == 1
+    assert metrics.value("rebuild_finished_total", host=unique_host) == 1
+    assert metrics.value("rebuild_finished_total", host=unique_host, outcome="rebuilt") == 1
+    assert metrics.value("rebuild_step_seconds_count", host=unique_host, step="inspect") == 1
+    assert metrics.value("rebuild_step_seconds_count", host=unique_host, step="plan") == 0
+
+
 async def test_a_real_worker_serves_conventional_metrics(
     tmp_path: Path, images: ImageServer, unique_host: str
 ) -> None:
