@@ -24,6 +24,7 @@ from tests.api_support import AUTH
 from tests.history_recorder import record_history
 from tests.test_cli_first_hour import DriverHost
 from tests.test_cli_first_hour import driver_host as driver_host  # the fixture, reused
+from tests.test_ui_details import ui_details
 from tests.workflow_support import failure_of, rebuilding
 from workflows.dry_run import identity_changes
 from workflows.identity import IdentityChange
@@ -43,6 +44,7 @@ async def test_a_dry_run_runs_the_steps_before_the_stop_and_ends_with_a_plan(
     ) as handle:
         result = await handle.result()
         status = await handle.query(RebuildInstance.status)
+        details = await ui_details(handle)
         await record_history(handle, "rebuild-dry-run")
     assert fake.calls == PLAN_PATH
     assert result.outcome == Outcome.PLANNED
@@ -54,6 +56,8 @@ async def test_a_dry_run_runs_the_steps_before_the_stop_and_ends_with_a_plan(
     assert result.plan.downtime.graceful_stop_bound_seconds == 60
     assert any("waits up to 3600 s for approve" in note for note in result.plan.notes)
     assert status.undo_stack == []
+    assert "phase **planned**" in details and "outcome: **planned (dry run), nothing changed**" in details
+    assert "plan: root disk vda (file, raw) by overlay" in details
 
 
 async def test_a_dry_run_that_fails_a_check_fails_as_the_rebuild_would_with_nothing_to_undo(
@@ -67,6 +71,28 @@ async def test_a_dry_run_that_fails_a_check_fails_as_the_rebuild_would_with_noth
     assert "nothing was changed" in error.message
     assert (result.outcome, result.error_type, result.plan) == (Outcome.UNCHANGED, "UnsafeImage", None)
     assert status.phase == Phase.FAILED
+
+
+async def test_a_dry_run_asked_for_pre_flight_boots_the_sandbox_and_reports_it(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()
+    async with rebuilding(client, unique_host, fake, dry_run=True, preflight=True, verify="agent") as handle:
+        result = await handle.result()
+    assert fake.calls == [*PLAN_PATH[:3], "preflight_image", PLAN_PATH[3]]
+    assert result.plan is not None
+    assert "pre-flight: booted in a sandbox, verified by agent: sandbox booted" in result.plan.checks
+
+
+async def test_a_dry_run_whose_pre_flight_fails_fails_before_the_plan_with_nothing_to_undo(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost(fail_at="preflight_image", error_type="PreflightFailed")
+    async with rebuilding(client, unique_host, fake, dry_run=True, preflight=True) as handle:
+        error, result = await failure_of(handle)
+    assert fake.calls == [*PLAN_PATH[:3], "preflight_image"]
+    assert "failed at preflight" in error.message and "nothing was changed" in error.message
+    assert (result.outcome, result.error_type) == (Outcome.UNCHANGED, "PreflightFailed")
 
 
 def test_identity_changes_name_what_changes_and_never_a_secret() -> None:
@@ -193,3 +219,6 @@ async def test_the_api_starts_a_dry_run_and_its_status_carries_the_plan(
     assert answer["result"]["plan"]["root_disk"]["mode"] == "overlay"
     assert answer["result"]["plan"]["image"]["sha256"] == sha
     assert _snapshot(driver_host, "vm-1") == before
+    schemas = (await (await api.get("/openapi.json")).json())["components"]["schemas"]
+    assert schemas["RebuildRequest"]["properties"]["dry_run"]["default"] is False
+    assert "RebuildPlan" in schemas

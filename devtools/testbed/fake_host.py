@@ -29,6 +29,8 @@ from workflows.models import (
     InstanceInfo,
     PlannedRootDisk,
     PlanRootDiskInput,
+    PreflightInput,
+    PreflightResult,
     PreparedRootDisk,
     PrepareRootDiskInput,
     RebuildRequest,
@@ -144,6 +146,11 @@ class FakeHost:
             mode = request.disk_mode or self.disk_mode
             return StagedRootDisk(staged_at="/fake/disk.img.new", virtual_size=1, mode=mode)
 
+        @activity.defn(name="preflight_image")
+        async def preflight_image(request: PreflightInput) -> PreflightResult:
+            await self._enter("preflight_image")
+            return PreflightResult(verified_by=request.verify or "running:5", detail="sandbox booted")
+
         @activity.defn(name="plan_root_disk")
         async def plan_root_disk(request: PlanRootDiskInput) -> PlannedRootDisk:
             await self._enter("plan_root_disk")
@@ -197,6 +204,7 @@ class FakeHost:
             fetch_image,
             check_image,
             stop_instance,
+            preflight_image,
             stage_root_disk,
             plan_root_disk,
             discard_staged_root_disk,
