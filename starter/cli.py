@@ -14,7 +14,7 @@ import asyncio
 from typing import Annotated, Any
 
 import typer
-from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, TimeoutError
 from temporalio.service import RPCError
 
@@ -36,7 +36,7 @@ from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
 from starter.identity_options import identity_change
 from starter.plan_text import print_plan
-from starter.rebuilds import query_status, start_rebuild, wait_past_inspect
+from starter.rebuilds import query_status, start_rebuild, wait_past_inspect, with_measured_downtime
 from starter.snapshot_cli import snapshot_app
 from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
 from workflows.results import failure_result
@@ -152,7 +152,10 @@ def start(
 async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | None) -> int:
     client = await connect(address)
     handle = await start_rebuild(client, request)
-    if wait or request.dry_run:
+    if request.dry_run:
+        with cli.following(request.instance, request.host, handle.id):
+            return await _planned(cli, client, handle)
+    if wait:
         with cli.following(request.instance, request.host, handle.id):
             return await _wait(cli, handle)
     # Past inspect, or it failed there: a wrong name or an unsupported root disk is exit 2 now.
@@ -181,6 +184,24 @@ async def _wait(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
         watcher.cancel()
 
 
+async def _planned(cli: Cli, client: Client, handle: WorkflowHandle[Any, RebuildResult]) -> int:
+    """A dry run: its phases, then its plan with this host's measured downtime; a refusal as a rebuild's."""
+    watcher = asyncio.create_task(_show_phases(cli, handle))
+    try:
+        planned = await handle.result()
+    except WorkflowFailureError:
+        return await _ended(cli, handle)
+    finally:
+        watcher.cancel()
+    assert planned.plan is not None
+    plan = await with_measured_downtime(client, planned.plan)
+    if cli.json:
+        cli.print_json(plan)
+    else:
+        print_plan(cli, planned.model_copy(update={"plan": plan}))
+    return ExitCode.OK
+
+
 async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
     """The rebuild's end as its result says it, and the exit code for it."""
     try:
@@ -195,11 +216,7 @@ async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
             message = failure.cause.message if isinstance(failure.cause, ApplicationError) else failure.cause
             cli.error(code, str(message))
         return code
-    if rebuilt.plan is not None and cli.json:
-        cli.print_json(rebuilt.plan)
-    elif rebuilt.plan is not None:
-        print_plan(cli, rebuilt)
-    elif cli.json:
+    if cli.json:
         cli.print_json(rebuilt)
     else:
         _print_result(cli, rebuilt)

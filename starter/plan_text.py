@@ -63,6 +63,11 @@ def _items(plan: RebuildPlan) -> list[str]:
     else:
         lines.append("identity: no seed is written (no identity given or kept)")
     lines.append(f"downtime: {plan.downtime.estimate}")
+    if plan.downtime.measured_median_seconds is not None:
+        lines.append(
+            f"  measured here: off to running in a median {plan.downtime.measured_median_seconds:.2f} s "
+            f"over the host's last {plan.downtime.measured_rebuilds} rebuild(s), the stop not counted"
+        )
     lines.append("checks passed:")
     lines += [f"  {check}" for check in plan.checks]
     lines += [f"note: {note}" for note in plan.notes]

@@ -222,3 +222,23 @@ async def test_the_api_starts_a_dry_run_and_its_status_carries_the_plan(
     schemas = (await (await api.get("/openapi.json")).json())["components"]["schemas"]
     assert schemas["RebuildRequest"]["properties"]["dry_run"]["default"] is False
     assert "RebuildPlan" in schemas
+
+
+async def test_the_plan_gives_the_measured_downtime_of_the_hosts_last_rebuilds(
+    driver_host: DriverHost, images: ImageServer, api: TestClient[Any, Any]
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    host = driver_host.name
+    image = ["--image", url, "--sha256", sha, "--stop-timeout", "0"]
+    code, out, err = await driver_host.cli("start", "vm-1", "--host", host, *image, "--wait", "--json")
+    assert code == ExitCode.OK, (out, err)
+    downtime = json.loads(out)["downtime_seconds"]
+    code, out, err = await driver_host.cli("start", "vm-1", "--host", host, *image, "--dry-run", "--json")
+    assert code == ExitCode.OK, (out, err)
+    measured = json.loads(out)["downtime"]
+    assert (measured["measured_median_seconds"], measured["measured_rebuilds"]) == (downtime, 1)
+    answer = await (await api.get(f"/v1/rebuilds/{host}/vm-1", headers=AUTH)).json()
+    assert answer["result"]["plan"]["downtime"]["measured_rebuilds"] == 1
+    code, out, err = await driver_host.cli("start", "vm-1", "--host", host, *image, "--dry-run")
+    assert code == ExitCode.OK, (out, err)
+    assert f"    measured here: off to running in a median {downtime:.2f} s over the host's" in out

@@ -36,6 +36,10 @@ class PlannedDowntime(Wire):
     starts_after: bool
     # In words: what the downtime is made of, and what is not known.
     estimate: str
+    # This host's last rebuilds, off to running (the swap and the start, not the stop): filled by the
+    # client that shows the plan (CLI, API), as the workflow cannot read other rebuilds. None: none.
+    measured_median_seconds: float | None = None
+    measured_rebuilds: int = 0
 
 
 class RebuildPlan(Wire):
