@@ -19,16 +19,16 @@ from temporalio.client import Client
 from common.exit_codes import ExitCode
 from devtools.image_server import ImageServer
 from devtools.testbed.e2e import serve
-from devtools.testbed.fake_host import SHA, FakeHost
+from devtools.testbed.fake_host import SHA, FakeHost, request_for
 from tests.api_support import AUTH
 from tests.history_recorder import record_history
 from tests.test_cli_first_hour import DriverHost
 from tests.test_cli_first_hour import driver_host as driver_host  # the fixture, reused
 from tests.test_ui_details import ui_details
 from tests.workflow_support import failure_of, rebuilding
-from workflows.dry_run import identity_changes
+from workflows.dry_run import downtime, identity_changes
 from workflows.identity import IdentityChange
-from workflows.models import Outcome, Phase
+from workflows.models import InstanceInfo, Outcome, Phase
 from workflows.rebuild import RebuildInstance
 
 PLAN_PATH = ["inspect_instance", "fetch_image", "check_image", "plan_root_disk"]
@@ -115,6 +115,23 @@ def test_identity_changes_name_what_changes_and_never_a_secret() -> None:
     assert identity_changes(None, has_identity=True) == [
         "seed renewed with the identity the instance has (no change)"
     ]
+
+
+def test_the_downtime_is_the_stops_bound_and_none_for_an_instance_that_is_off() -> None:
+    def info(running: bool) -> InstanceInfo:
+        return InstanceInfo(
+            name="vm-1", uuid="u", was_running=running, root_disk_path="/d", root_disk_format="raw",
+            root_disk_target="vda",
+        )  # fmt: skip
+
+    running = downtime(request_for("h", stop_timeout_seconds=30), info(True))
+    assert (running.graceful_stop_bound_seconds, running.starts_after) == (30, True)
+    assert "up to 30 s" in running.estimate and "unknown until measured" in running.estimate
+    kept_off = downtime(request_for("h", start_after=False), info(True))
+    assert (kept_off.starts_after, kept_off.estimate.endswith("and stays off")) == (False, True)
+    off = downtime(request_for("h"), info(False))
+    assert off.graceful_stop_bound_seconds is None
+    assert off.estimate == "none: the instance is off and stays off"
 
 
 def _snapshot(host: DriverHost, name: str) -> dict[str, Any]:
