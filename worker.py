@@ -139,6 +139,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         images.fetch_image,
         images.check_image,
         disks.stage_root_disk,
+        disks.plan_root_disk,
         disks.discard_staged_root_disk,
         disks.prepare_root_disk,
         disks.restore_root_disk,

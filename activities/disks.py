@@ -97,6 +97,21 @@ class DiskActivities:
             return staged
 
     @activity.defn
+    async def plan_root_disk(self, request: io.PlanRootDiskInput) -> io.PlannedRootDisk:
+        """A dry run's stage: every refusal stage and prepare would make, and how the back end would
+        make the new disk; nothing is written."""
+        _validate_sizes(request)
+        mode = _disk_mode(request.disk_mode or self.default_disk_mode)
+        request = request.model_copy(update={"disk_mode": mode})
+        root = await self._root(
+            request.instance,
+            request.root_disk_target,
+            stopped=False,
+            check_discarding=request.discard_snapshots,
+        )
+        return await self.backend(root).plan(root, request)
+
+    @activity.defn
     async def discard_staged_root_disk(self, request: io.DiscardStagedRootDiskInput) -> None:
         """Stage's undo; a disk already swapped in is prepare's, and restore's, to handle."""
         root = await self._root(request.instance, request.root_disk_target, stopped=False)

@@ -22,7 +22,8 @@ class ExitCode(IntEnum):
 
 MEANING = {
     ExitCode.OK: (
-        "done as asked: rebuilt, signal sent, abort accepted; status of a running or completed rebuild"
+        "done as asked: rebuilt, planned (a dry run), signal sent, abort accepted; status of a running or "
+        "completed rebuild"
     ),
     ExitCode.FAILED: "the rebuild failed (rolled back, or nothing changed), or an abort was refused",
     ExitCode.BAD_INPUT: (

@@ -62,7 +62,7 @@ def cache_list(
     for entry in entries:
         last_used = datetime.fromtimestamp(entry.last_used).strftime("%Y-%m-%d %H:%M")
         users = ", ".join(entry.users) or "-"
-        table.add_row(entry.sha256[:16], entry.where, _size(entry.size), last_used, users)
+        table.add_row(entry.sha256[:16], entry.where, size_text(entry.size), last_used, users)
     cli.out.print(table)
     leave(ExitCode.OK)
 
@@ -97,7 +97,7 @@ def cache_prune(
         cli.say(_which_state_dir(state.root, state_dir is None))
         verb = "would remove" if dry_run else "removed"
         cli.say(
-            f"{verb} {len(report.removed)} image(s), {_size(report.freed_bytes)}; "
+            f"{verb} {len(report.removed)} image(s), {size_text(report.freed_bytes)}; "
             f"kept {len(report.kept_in_use)} in use; {report.partials_removed} stale partial download(s)"
         )
     leave(ExitCode.OK)
@@ -126,7 +126,8 @@ def _open_libvirt(cli: Cli, uri: str) -> Libvirt:
     return conn
 
 
-def _size(size: float) -> str:
+def size_text(size: float) -> str:
+    """A byte count as people read it (``rebuild cache`` and a dry run's plan)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024:
             return f"{size:.0f} {unit}"

@@ -14,7 +14,7 @@ import asyncio
 from typing import Annotated, Any
 
 import typer
-from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, TimeoutError
 from temporalio.service import RPCError
 
@@ -35,7 +35,8 @@ from starter.cli_context import (
 from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
 from starter.identity_options import identity_change
-from starter.rebuilds import query_status, start_rebuild, wait_past_inspect
+from starter.plan_text import print_plan
+from starter.rebuilds import query_status, start_rebuild, wait_past_inspect, with_measured_downtime
 from starter.snapshot_cli import snapshot_app
 from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
 from workflows.results import failure_result
@@ -66,6 +67,7 @@ def start(
     ] = None,
     host: HostOption = THIS_HOST,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and show progress.")] = False,
+    dry_run: ro.DryRunOption = False,
     start_after: ro.StartAfterOption = None,
     stop_timeout: ro.StopTimeoutOption = 60.0,
     boot_marker: ro.BootMarkerOption = None,
@@ -129,6 +131,7 @@ def start(
             disk_mode=disk_mode,
             root_disk=root_disk,
             discard_snapshots=discard_snapshots,
+            dry_run=dry_run,
             identity=identity_change(
                 ssh_key_files=ssh_key,
                 no_ssh_keys=no_ssh_keys,
@@ -149,6 +152,9 @@ def start(
 async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | None) -> int:
     client = await connect(address)
     handle = await start_rebuild(client, request)
+    if request.dry_run:
+        with cli.following(request.instance, request.host, handle.id):
+            return await _planned(cli, client, handle)
     if wait:
         with cli.following(request.instance, request.host, handle.id):
             return await _wait(cli, handle)
@@ -176,6 +182,24 @@ async def _wait(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
         return await _ended(cli, handle)
     finally:
         watcher.cancel()
+
+
+async def _planned(cli: Cli, client: Client, handle: WorkflowHandle[Any, RebuildResult]) -> int:
+    """A dry run: its phases, then its plan with this host's measured downtime; a refusal as a rebuild's."""
+    watcher = asyncio.create_task(_show_phases(cli, handle))
+    try:
+        planned = await handle.result()
+    except WorkflowFailureError:
+        return await _ended(cli, handle)
+    finally:
+        watcher.cancel()
+    assert planned.plan is not None
+    plan = await with_measured_downtime(client, planned.plan)
+    if cli.json:
+        cli.print_json(plan)
+    else:
+        print_plan(cli, planned.model_copy(update={"plan": plan}))
+    return ExitCode.OK
 
 
 async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:

@@ -115,6 +115,14 @@ PreflightOption = Annotated[
         "instance never stopped (default: the host worker's setting).",
     ),
 ]
+DryRunOption = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Inspect, fetch, check (and pre-flight) only, then print what a rebuild would change: "
+        "the instance is not touched. Waits for the plan.",
+    ),
+]
 DiskModeOption = Annotated[
     str | None,
     typer.Option(

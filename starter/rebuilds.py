@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import statistics
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -66,6 +67,7 @@ from workflows.models import (
     legacy_rebuild_workflow_id,
     rebuild_workflow_id,
 )
+from workflows.plan_models import RebuildPlan
 from workflows.results import failure_result
 from workflows.snapshot_models import snapshot_workflow_id
 from workflows.ui_text import escape_markdown, shown_image
@@ -297,6 +299,8 @@ async def describe_rebuild(
         # Closed: answered from what Temporal holds (its result and search attributes). A query would
         # need a worker to replay the whole history, and seconds when none polls.
         result = await _final_result(client, handle.id, description.run_id)
+        if result is not None and result.plan is not None:
+            result = result.model_copy(update={"plan": await with_measured_downtime(client, result.plan)})
         status = _final_status(description, result)
         if status is not None and status.image_url is None:
             # Ended without a result that names it (terminated, or a result from before it did).
@@ -354,6 +358,24 @@ async def _requested_image(client: Client, workflow_id: str, run_id: str) -> str
     return None
 
 
+# How many of a host's latest rebuilds a dry run's plan measures its downtime by.
+MEASURED_REBUILDS = 10
+
+
+async def with_measured_downtime(client: Client, plan: RebuildPlan) -> RebuildPlan:
+    """The plan with the median downtime (off to running) of its host's latest rebuilds, where any
+    were rebuilt and this one would stop and start its instance too."""
+    if plan.downtime.graceful_stop_bound_seconds is None or not plan.downtime.starts_after:
+        return plan
+    rows = await list_rebuilds(client, list_query(Phase.DONE.value, plan.host, False), MEASURED_REBUILDS)
+    results = await asyncio.gather(*(_final_result(client, row.workflow_id, row.run_id) for row in rows))
+    downtimes = [r.downtime_seconds for r in results if r is not None and r.downtime_seconds is not None]
+    if not downtimes:
+        return plan
+    measured = {"measured_median_seconds": statistics.median(downtimes), "measured_rebuilds": len(downtimes)}
+    return plan.model_copy(update={"downtime": plan.downtime.model_copy(update=measured)})
+
+
 def _final_status(description: Any, result: RebuildResult | None) -> RebuildStatus | None:
     attributes = {pair.key.name: pair.value for pair in description.typed_search_attributes}
     instance, host = attributes.get(sa.INSTANCE_ID.name), attributes.get(sa.HYPERVISOR_HOST.name)
@@ -361,6 +383,8 @@ def _final_status(description: Any, result: RebuildResult | None) -> RebuildStat
     if result is not None:
         instance, host = result.instance, result.host
         fallback = Phase.DONE if result.outcome == Outcome.REBUILT else Phase.FAILED
+        if result.outcome == Outcome.PLANNED:
+            fallback = Phase.PLANNED
         if result.outcome == Outcome.ROLLED_BACK:
             fallback = Phase.ROLLED_BACK
     else:
@@ -383,6 +407,7 @@ def _final_status(description: Any, result: RebuildResult | None) -> RebuildStat
         stopped_by=result.stopped_by if result else None,
         verified_by=result.verified_by if result else None,
         disk_mode=result.disk_mode if result else None,
+        plan=result.plan if result else None,
     )
 
 

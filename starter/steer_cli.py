@@ -27,6 +27,7 @@ from common.connection import connect
 from common.exit_codes import ExitCode
 from starter.cli_context import AddressOption, Cli, JsonOption, command, exit_for_rebuild, exit_for_workflow
 from starter.cli_settings import THIS_HOST, HostOption
+from starter.plan_text import plan_lines
 from starter.rebuilds import (
     RebuildDescription,
     abort_rebuild,
@@ -110,6 +111,10 @@ async def _status(cli: Cli, instance: str, host: str, address: str | None) -> in
             cli.say(f"  disk mode: {state.disk_mode}")
         if state.stopped_by is not None:
             cli.say(f"  stopped by: {state.stopped_by}")
+        if state.plan is not None:
+            cli.say("  plan (dry run; a rebuild would):")
+            for line in plan_lines(state.plan, "    "):
+                cli.say(line)
         if state.last_error:
             cli.say(f"  last error: {state.last_error}")
         for ignored in state.ignored_signals:

@@ -75,6 +75,22 @@ class FailsRollbackToo(FakeHost):
             raise ApplicationError("backup is gone", type="BackupMissing", non_retryable=True)
 
 
+async def rebuild_each(
+    client: Client, host: str, runs: tuple[tuple[FakeHost, str], ...], dry_run: frozenset[str] = frozenset()
+) -> None:
+    """A rebuild of each instance on its fake host, one after the other, to its end (failed or not)."""
+    for fake, instance in runs:
+        async with running_workers(client, host, fake) as queue:
+            handle = await client.start_workflow(
+                RebuildInstance.run,
+                request_for(host, instance=instance, dry_run=instance in dry_run),
+                id=rebuild_workflow_id(host, instance),
+                task_queue=queue,
+            )
+            with contextlib.suppress(WorkflowFailureError):
+                await handle.result()
+
+
 async def test_outcomes_are_counted_including_a_failed_rollback(
     dev_server: DevServer, unique_host: str
 ) -> None:
@@ -83,17 +99,9 @@ async def test_outcomes_are_counted_including_a_failed_rollback(
     # the counts must still name the hypervisor (they named the workflow worker).
     runtime = prometheus_runtime(f"127.0.0.1:{port}", "workflow-worker")
     client: Client = await connect(dev_server.address, runtime=runtime)
-    for fake, instance in ((FakeHost(fail_at="verify_instance"), "vm-bad"), (FakeHost(), "vm-ok"),
-                           (FailsRollbackToo(fail_at="verify_instance"), "vm-worse")):  # fmt: skip
-        async with running_workers(client, unique_host, fake) as queue:
-            handle = await client.start_workflow(
-                RebuildInstance.run,
-                request_for(unique_host, instance=instance),
-                id=rebuild_workflow_id(unique_host, instance),
-                task_queue=queue,
-            )
-            with contextlib.suppress(WorkflowFailureError):
-                await handle.result()
+    runs = ((FakeHost(fail_at="verify_instance"), "vm-bad"), (FakeHost(), "vm-ok"),
+            (FailsRollbackToo(fail_at="verify_instance"), "vm-worse"))  # fmt: skip
+    await rebuild_each(client, unique_host, runs)
     metrics = await scrape(port)
     assert metrics.value("rebuild_started_total", host=unique_host) == 3
     assert metrics.value("rebuild_finished_total", host=unique_host, outcome="rebuilt") == 1
@@ -107,6 +115,21 @@ async def test_outcomes_are_counted_including_a_failed_rollback(
     assert metrics.value("rebuild_duration_seconds_count", outcome="rolled-back") == 1
     assert metrics.value("rebuild_downtime_seconds_count", host=unique_host, outcome="rebuilt") == 1
     assert metrics.value("rebuild_downtime_seconds_count", outcome="rolled-back") == 0
+
+
+async def test_a_dry_run_is_counted_as_no_rebuild(dev_server: DevServer, unique_host: str) -> None:
+    port = free_port()
+    runtime = prometheus_runtime(f"127.0.0.1:{port}", "workflow-worker")
+    client: Client = await connect(dev_server.address, runtime=runtime)
+    runs = ((FakeHost(), "vm-plan"), (FakeHost(fail_at="check_image"), "vm-refused"), (FakeHost(), "vm-ok"))
+    await rebuild_each(client, unique_host, runs, dry_run=frozenset({"vm-plan", "vm-refused"}))
+    metrics = await scrape(port)
+    # Only the real rebuild: the dry runs, planned or refused, and their steps are in no series.
+    assert metrics.value("rebuild_started_total", host=unique_host) == 1
+    assert metrics.value("rebuild_finished_total", host=unique_host) == 1
+    assert metrics.value("rebuild_finished_total", host=unique_host, outcome="rebuilt") == 1
+    assert metrics.value("rebuild_step_seconds_count", host=unique_host, step="inspect") == 1
+    assert metrics.value("rebuild_step_seconds_count", host=unique_host, step="plan") == 0
 
 
 async def test_a_real_worker_serves_conventional_metrics(

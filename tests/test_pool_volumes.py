@@ -89,6 +89,24 @@ async def test_a_pool_volume_root_is_rebuilt_and_rolled_back(
     await the_pool_copy_is_counted_and_kept_while_a_volume_needs_it(bed, guest, pool, sha, fmt)
 
 
+@pytest.mark.parametrize(("kind", "fmt"), [("dir", "qcow2"), ("disk", "raw")])
+async def test_a_dry_run_names_the_volume_back_end_and_leaves_pool_and_guest_as_they_were(
+    bed: Bed, pools: dict[str, Pool], kind: str, fmt: str
+) -> None:
+    pool, volume = root_volume(bed.conn, bed.directory, pools, kind, fmt)
+    guest = guest_on(bed, pool, volume, fmt)
+    before = (guest.definition(), pool.names(), digest(volume.path()), guest.domain.isActive())
+    assert before[3], "the guest runs"
+    url, sha = bed.serve("image B", "raw")
+    planned = await bed.rebuild(guest, url, sha, "--dry-run", "--json")
+    assert planned.code == 0, planned.stderr
+    disk = planned.json()["root_disk"]
+    assert disk["kind"] == ("block" if kind == "disk" else "volume")
+    how = "qcow2 volume on the pool's copy" if fmt == "qcow2" else "raw volume written from the image"
+    assert disk["mode"].startswith(f"volume: {how}") and disk["mode"].endswith(f"in pool {pool.name}")
+    assert (guest.definition(), pool.names(), digest(volume.path()), guest.domain.isActive()) == before
+
+
 async def the_pool_copy_is_counted_and_kept_while_a_volume_needs_it(
     bed: Bed, guest: Shaped, pool: Pool, sha: str, fmt: str
 ) -> None:

@@ -43,6 +43,7 @@ PATHS = (
     "rebuild-with-preflight",
     "rebuild-failed-in-preflight",
     "rebuild-from-snapshot",
+    "rebuild-dry-run",
 )
 # SnapshotInstance has no patches yet: its histories are named by their path alone.
 SNAPSHOT_PATHS = ("snapshot-taken-then-pruned", "snapshot-fails-undone", "snapshot-cancelled-undone")

@@ -32,6 +32,8 @@ __all__ = [
     "ListInstancesInput",
     "NewRootDisk",
     "OnRootDisk",
+    "PlanRootDiskInput",
+    "PlannedRootDisk",
     "PreflightInput",
     "PreflightResult",
     "PrepareRootDiskInput",
@@ -276,6 +278,28 @@ class StagedRootDisk(Wire):
     virtual_size: int
     # How the new disk was made: overlay (qcow2 on the cached image), copy, volume.
     mode: str = "overlay"
+
+
+class PlanRootDiskInput(NewRootDisk):
+    """What stage would be asked, asked of the back end without writing anything (a dry run)."""
+
+    disk_mode: str | None = None
+    discard_snapshots: bool = False
+
+
+class PlannedRootDisk(Wire):
+    """The root disk as it is, and how its back end would make the new one: nothing was written."""
+
+    target: str
+    # The definition's path (a file), or pool/volume, or the block device.
+    path: str
+    # The <disk type>: file, volume, block.
+    kind: str
+    format: str
+    virtual_size: int
+    new_virtual_size: int
+    # In stage's words: overlay, copy (...), volume: ... (see StagedRootDisk.mode).
+    mode: str
 
 
 class DiscardStagedRootDiskInput(OnRootDisk):

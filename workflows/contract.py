@@ -53,6 +53,7 @@ check_image = HostActivity("check_image", io.CheckImageInput, io.CheckedImage)
 preflight_image = HostActivity("preflight_image", io.PreflightInput, io.PreflightResult)
 # activities/disks.py
 stage_root_disk = HostActivity("stage_root_disk", io.StageRootDiskInput, io.StagedRootDisk)
+plan_root_disk = HostActivity("plan_root_disk", io.PlanRootDiskInput, io.PlannedRootDisk)
 discard_staged_root_disk = HostActivity("discard_staged_root_disk", io.DiscardStagedRootDiskInput, Nothing)
 prepare_root_disk = HostActivity("prepare_root_disk", io.PrepareRootDiskInput, io.PreparedRootDisk)
 restore_root_disk = HostActivity("restore_root_disk", io.RestoreRootDiskInput, Nothing)
@@ -77,7 +78,8 @@ publish_snapshot = HostActivity("publish_snapshot", sn.PublishSnapshotInput, sn.
 STUBS: tuple[HostActivity[Any, Any], ...] = (
     inspect_instance, stop_instance, start_instance, verify_instance, record_image,
     resolve_glance_image, fetch_image, check_image, preflight_image,
-    stage_root_disk, discard_staged_root_disk, prepare_root_disk, restore_root_disk, remove_backup,
+    stage_root_disk, plan_root_disk, discard_staged_root_disk, prepare_root_disk, restore_root_disk,
+    remove_backup,
     prepare_seed, restore_seed, remove_seed_backup,
     list_instances,
     take_snapshot, discard_snapshot, resolve_snapshot, prune_snapshots, snapshot_catalog, publish_snapshot,

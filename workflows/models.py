@@ -31,6 +31,7 @@ from workflows.checks import (
 )
 from workflows.identity import IdentityChange
 from workflows.names import *  # noqa: F403
+from workflows.plan_models import RebuildPlan
 from workflows.snapshot_models import SNAPSHOT_ID
 from workflows.wire import Wire
 
@@ -55,6 +56,9 @@ class Phase(StrEnum):
     CLEANUP = "cleanup"
     ROLLBACK = "rollback"
     DONE = "done"
+    # A dry run: the back end is asked how it would make the new disk; then it ends, nothing changed.
+    PLAN = "plan"
+    PLANNED = "planned"
     ROLLED_BACK = "rolled-back"
     FAILED = "failed"
 
@@ -64,6 +68,8 @@ class Outcome(StrEnum):
     ROLLED_BACK = "rolled-back"
     UNCHANGED = "unchanged"
     ROLLBACK_FAILED = "rollback-failed"
+    # A dry run's end: the plan is in the result, nothing was changed.
+    PLANNED = "planned"
 
 
 class RebuildRequest(Wire):
@@ -115,6 +121,8 @@ class RebuildRequest(Wire):
     discard_snapshots: bool = False
     # The image is a snapshot on the instance's host (``rebuild snapshot create``), by its ID.
     snapshot_id: str | None = None
+    # Inspect, fetch, check (and pre-flight when asked), then end with the plan: nothing is changed.
+    dry_run: bool = False
 
     @property
     def image_label(self) -> str:
@@ -301,6 +309,8 @@ class RebuildStatus(Wire):
     # Once it has ended: how, and how long the instance was down (None: it was not running).
     outcome: Outcome | None = None
     downtime_seconds: float | None = None
+    # A dry run's plan, once made.
+    plan: RebuildPlan | None = None
 
 
 class RebuildResult(Wire):
@@ -325,3 +335,5 @@ class RebuildResult(Wire):
     disk_mode: str | None = None
     # The image as people name it: its URL, glance:ID or snapshot:ID (status shows it after the end).
     image_url: str | None = None
+    # A dry run's plan (outcome planned): what the real run would change.
+    plan: RebuildPlan | None = None

@@ -25,7 +25,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, CancelledErro
 
 with workflow.unsafe.imports_passed_through():
     from workflows import activity_models as io
-    from workflows import contract, image_steps, metrics
+    from workflows import contract, dry_run, image_steps, metrics
     from workflows import search_attributes as sa
     from workflows.image_steps import In, NewImage, Out
     from workflows.models import (
@@ -61,6 +61,7 @@ with workflow.unsafe.imports_passed_through():
         CLEANUP,
         IMAGE_STEPS,
         INSPECT,
+        PLAN,
         PREPARE,
         SEED,
         STAGE,
@@ -147,12 +148,16 @@ class RebuildInstance:
     async def run(self, request: RebuildRequest) -> RebuildResult:
         """The rebuild's steps; any failure, abort or cancellation before cleanup runs the undos."""
         self._rebuild_id = self._state.rebuild_id = _rebuild_id()
-        metrics.rebuild_started(request.host)
+        # A dry run is no rebuild: it is counted nowhere (only requests that ask for one skip this).
+        if not request.dry_run:
+            metrics.rebuild_started(request.host)
         try:
             instance = await self._inspect(request)
             request = self._current_image(request, instance)
             image = await self._fetch_and_check(request)
-            await self._preflight(request, instance, image)
+            booted = await self._preflight(request, instance, image)
+            if request.dry_run:
+                return await self._plan(request, instance, image, booted)
             if request.require_approval:
                 await self._await_approval(request)
             await self._stage(instance, image)
@@ -227,7 +232,9 @@ class RebuildInstance:
         if workflow.patched(PATCH_IMAGE_ID_AFTER_FETCH):
             workflow.upsert_search_attributes([sa.IMAGE_ID.value_set(cached.sha256)])
 
-    async def _preflight(self, request: RebuildRequest, instance: io.InstanceInfo, image: NewImage) -> None:
+    async def _preflight(
+        self, request: RebuildRequest, instance: io.InstanceInfo, image: NewImage
+    ) -> io.PreflightResult | None:
         """Boot the new image in a sandbox while the instance still runs: a broken one costs no downtime.
 
         Only rebuilds that ask for it (or whose host worker does by default) have this step: histories
@@ -235,9 +242,9 @@ class RebuildInstance:
         """
         wanted = instance.preflight_by_default if request.preflight is None else request.preflight
         if not wanted:
-            return
+            return None
         assert self._rebuild_id is not None
-        await self._steps.run(
+        return await self._steps.run(
             Phase.PREFLIGHT,
             contract.preflight_image,
             io.PreflightInput(
@@ -255,6 +262,34 @@ class RebuildInstance:
             ),
             preflight_options(request.boot_timeout_seconds),
         )
+
+    async def _plan(
+        self,
+        request: RebuildRequest,
+        instance: io.InstanceInfo,
+        image: NewImage,
+        booted: io.PreflightResult | None,
+    ) -> RebuildResult:
+        """A dry run ends here, before anything changes: the back end says how it would make the new
+        disk (and refuses what stage would), and the plan says what the real run would change.
+
+        Only dry runs, which no history from before them holds, get here: no patch marker.
+        """
+        disk = await self._steps.run(
+            Phase.PLAN,
+            contract.plan_root_disk,
+            io.PlanRootDiskInput(
+                **self._new_disk(instance, image),
+                disk_mode=request.disk_mode,
+                discard_snapshots=request.discard_snapshots,
+            ),
+            PLAN,
+        )
+        plan = dry_run.rebuild_plan(request, instance, image, disk, booted)
+        self._state.plan, self._state.disk_mode = plan, disk.mode
+        self._state.outcome = Outcome.PLANNED
+        self._steps.enter(Phase.PLANNED)
+        return self._state.planned(image, plan)
 
     async def _stage(self, instance: io.InstanceInfo, image: NewImage) -> None:
         """The new disk, written beside the old one while the instance still runs; its undo drops it.

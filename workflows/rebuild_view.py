@@ -15,6 +15,7 @@ from temporalio.exceptions import ApplicationError, CancelledError, TimeoutError
 from workflows.activity_models import StopMethod
 from workflows.image_steps import NewImage
 from workflows.models import Outcome, Phase, RebuildRequest, RebuildResult, RebuildStatus
+from workflows.plan_models import RebuildPlan
 from workflows.ui_text import escape_markdown, shown_image
 
 OUTCOME_WORDS = {
@@ -22,6 +23,7 @@ OUTCOME_WORDS = {
     Outcome.ROLLED_BACK: "rolled back",
     Outcome.UNCHANGED: "failed, nothing changed",
     Outcome.ROLLBACK_FAILED: "rollback FAILED, manual attention needed",
+    Outcome.PLANNED: "planned (dry run), nothing changed",
 }
 # What the status says in words, where the phase alone could mislead an operator.
 SUMMARY = {
@@ -30,6 +32,7 @@ SUMMARY = {
     Phase.ROLLBACK: "rolling back to the old root disk",
     Phase.DONE: "rebuilt",
     Phase.ROLLED_BACK: "rolled back to the old root disk",
+    Phase.PLANNED: "dry run: planned, nothing changed; the plan says what a real run would change",
 }
 
 
@@ -59,6 +62,8 @@ class RebuildState:
         self.confirm_deadline: datetime | None = None
         self.outcome: Outcome | None = None
         self.downtime_seconds: float | None = None
+        # A dry run's plan, once made.
+        self.plan: RebuildPlan | None = None
 
     def add_seconds(self, key: str, seconds: float) -> None:
         self.step_seconds[key] = self.step_seconds.get(key, 0.0) + seconds
@@ -93,6 +98,7 @@ class RebuildState:
             confirm_deadline=self.confirm_deadline,
             outcome=self.outcome,
             downtime_seconds=self.downtime_seconds,
+            plan=self.plan,
         )
 
     def rebuilt(self, image: NewImage, downtime: float | None, forced_stop: bool) -> RebuildResult:
@@ -110,6 +116,20 @@ class RebuildState:
             verified_by=self.verified_by,
             disk_mode=self.disk_mode,
             image_url=self.request.image_label,
+        )
+
+    def planned(self, image: NewImage, plan: RebuildPlan) -> RebuildResult:
+        """A dry run's result: its plan, and nothing done."""
+        return RebuildResult(
+            instance=self.request.instance,
+            host=self.request.host,
+            outcome=Outcome.PLANNED,
+            image_sha256=image.checked.sha256,
+            image_format=image.checked.format,
+            step_seconds=dict(self.step_seconds),
+            disk_mode=self.disk_mode,
+            image_url=self.request.image_label,
+            plan=plan,
         )
 
     def not_rebuilt(self, outcome: Outcome, failed_step: Phase) -> RebuildResult:
@@ -149,6 +169,11 @@ class RebuildState:
             default = "revert" if request.revert_by_default else "confirm"
             lines.append(
                 f"waiting for confirm or revert until {_utc(self.confirm_deadline)}, then {default}s"
+            )
+        if self.plan is not None:
+            disk = self.plan.root_disk
+            lines.append(
+                escape_markdown(f"plan: root disk {disk.target} ({disk.kind}, {disk.format}) by {disk.mode}")
             )
         if self.step_seconds:
             timings = ", ".join(f"{k} {v:.2f}s" for k, v in self.step_seconds.items())

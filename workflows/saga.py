@@ -114,7 +114,8 @@ class Saga:
         self._state.outcome = outcome
         request = self._state.request
         seconds = (workflow.now() - workflow.info().start_time).total_seconds()
-        metrics.rebuild_finished(request.host, outcome, seconds, None)
+        if not request.dry_run:
+            metrics.rebuild_finished(request.host, outcome, seconds, None)
         self._steps.enter(phase)
         # "failed at X: error; ..." or, when the rollback failed too, "failed at X and its rollback ...".
         joint = " and " if outcome == Outcome.ROLLBACK_FAILED else ": "

@@ -54,6 +54,8 @@ CLEANUP = StepOptions(
     start_to_close=timedelta(minutes=1), heartbeat=timedelta(seconds=10), maximum_attempts=0
 )
 SEED = StepOptions(start_to_close=timedelta(minutes=1))
+# A dry run's question to the back end: reads the definition and the disk, writes nothing.
+PLAN = StepOptions(start_to_close=timedelta(minutes=1), maximum_attempts=5)
 # Compensation must finish whatever happens: it retries without a limit, visibly.
 UNDO = StepOptions(start_to_close=timedelta(minutes=2), heartbeat=timedelta(seconds=10), maximum_attempts=0)
 IMAGE_STEPS = {Phase.RESOLVE: RESOLVE, Phase.FETCH: FETCH, Phase.CHECK: CHECK}
@@ -87,6 +89,7 @@ APPROVABLE = frozenset(
         Phase.CHECK,
         Phase.PREFLIGHT,
         Phase.AWAIT_APPROVAL,
+        Phase.PLAN,
     }
 )
 # Where an abort still means "put everything back"; from cleanup on, the rebuild has happened.
@@ -197,4 +200,6 @@ class StepRunner:
         self._current = None
         elapsed = (workflow.now() - began).total_seconds()
         self._state.add_seconds(phase.value, elapsed)
-        metrics.step_finished(self._state.request.host, phase.value, elapsed)
+        # A dry run is no rebuild: its steps stay out of the rebuilds' step times.
+        if not self._state.request.dry_run:
+            metrics.step_finished(self._state.request.host, phase.value, elapsed)

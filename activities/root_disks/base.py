@@ -30,6 +30,20 @@ class RootDiskAt:
         return dx.disk_element(self.xml, self.disk.target)
 
 
+def planned_disk(root: RootDiskAt, virtual_size: int, new_virtual_size: int, mode: str) -> io.PlannedRootDisk:
+    """What a back end's ``plan`` answers: the root disk as it is, and the new disk it would make."""
+    disk = root.disk
+    return io.PlannedRootDisk(
+        target=disk.target,
+        path=disk.path,
+        kind=disk.kind,
+        format=disk.format,
+        virtual_size=virtual_size,
+        new_virtual_size=new_virtual_size,
+        mode=mode,
+    )
+
+
 DISCARD = "pass --discard-snapshots (they stay until the rebuild is kept, so a rollback brings them back)"
 
 
@@ -44,6 +58,9 @@ class RootDiskBackend(Protocol):
     @staticmethod
     async def virtual_size(root: RootDiskAt) -> int:
         """The root disk's size as the guest sees it (the new disk is at least as large)."""
+
+    async def plan(self, root: RootDiskAt, request: io.PlanRootDiskInput) -> io.PlannedRootDisk:
+        """A dry run: how stage would make the new disk, refusing what stage would; writes nothing."""
 
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The instance still runs: write the new disk beside the old one, never in its place."""

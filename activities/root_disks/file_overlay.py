@@ -35,7 +35,7 @@ from activities.errors import (
     InvalidRequest,
     UnsupportedInstance,
 )
-from activities.root_disks.base import DISCARD, RootDiskAt
+from activities.root_disks.base import DISCARD, RootDiskAt, planned_disk
 from activities.state import (
     StateDir,
     backup_path,
@@ -180,6 +180,21 @@ class FileOverlay:
         await self._define(root, disk)
         await self.checkpoints.reach("prepare.after-new-disk")
         return io.PreparedRootDisk(disk_path=root.disk.path, backup_path=str(backup), virtual_size=size)
+
+    async def plan(self, root: RootDiskAt, request: io.PlanRootDiskInput) -> io.PlannedRootDisk:
+        """Stage's choice without its writing: an overlay, or a copy (a reflink only where the file
+        system shares extents, which is known once it is tried; a full copy must fit)."""
+        current = await self.virtual_size(root)
+        size = max(current, request.image_virtual_size, request.min_virtual_size)
+        mode = "overlay"
+        if request.disk_mode == "copy":
+            base = self.state.image_path(request.image_sha256)
+            if request.image_format == root.disk.format:
+                mode = "copy (reflink where the file system shares extents, else full)"
+            else:
+                _refuse_no_room(base, Path(real_path(root)).parent)
+                mode = "copy (full)"
+        return planned_disk(root, current, size, mode)
 
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """The new disk, written beside the old one while the instance runs, as large as the old disk

@@ -32,7 +32,7 @@ from activities.errors import (
     UnsupportedInstance,
 )
 from activities.rbd_cache import SNAPSHOT, base_name, records_dir
-from activities.root_disks.base import RootDiskAt
+from activities.root_disks.base import RootDiskAt, planned_disk
 from activities.root_disks.records import RecordedSwap
 from activities.state import write_atomically
 from workflows import activity_models as io
@@ -95,6 +95,17 @@ class RbdImage(RecordedSwap):
             return int(info["size"])
 
         return await asyncio.to_thread(read)
+
+    async def plan(self, root: RootDiskAt, request: io.PlanRootDiskInput) -> io.PlannedRootDisk:
+        """Stage's choice without its writing: a clone of the image's base, imported first where the
+        pool has none yet."""
+        source = _source(root)
+        current = await self.virtual_size(root)
+        size = max(current, request.image_virtual_size, request.min_virtual_size)
+        with self._session(root) as rbd:
+            base = await asyncio.to_thread(rbd.info, base_name(request.image_sha256))
+        how = "a clone of its base" if base is not None else "an import of the image, then a clone of it"
+        return planned_disk(root, current, size, f"rbd: {how} in pool {source.pool}")
 
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """A clone of the image's base beside the old image; a retry finds it made, or makes it again."""

@@ -30,7 +30,7 @@ from activities.errors import (
     HypervisorError,
     UnsupportedInstance,
 )
-from activities.root_disks.base import RootDiskAt
+from activities.root_disks.base import RootDiskAt, planned_disk
 from activities.root_disks.records import RecordedSwap
 from activities.state import write_atomically
 from workflows import activity_models as io
@@ -130,6 +130,22 @@ class PoolVolume(RecordedSwap):
                 "not on the volume this rebuild wrote"
             )
         return f"root disk {root.disk.target} runs on the new volume {new.pool.name}/{new.name}"
+
+    async def plan(self, root: RootDiskAt, request: io.PlanRootDiskInput) -> io.PlannedRootDisk:
+        """Stage's choice without its writing: the kind of new volume, refused where the pool has no
+        room for it."""
+        old = await asyncio.to_thread(locate, root)
+        pool = await asyncio.to_thread(old.pool.info)
+        _refuse_no_room(root, pool, old)
+        capacity = await asyncio.to_thread(old.capacity)
+        if _overlays(pool, root.disk.format):
+            how = "qcow2 volume on the pool's copy of the image"
+        elif pool.kind in st.FILE_POOLS:
+            how = "raw volume, a reflink or a copy of the image"
+        else:
+            how = "raw volume written from the image"
+        size = max(capacity, request.image_virtual_size, request.min_virtual_size)
+        return planned_disk(root, capacity, size, f"volume: {how} in pool {pool.name}")
 
     async def stage(self, root: RootDiskAt, request: io.StageRootDiskInput) -> io.StagedRootDisk:
         """A new volume beside the old one, written; a retry finds a written one, or starts again."""

@@ -27,6 +27,10 @@ from workflows.models import (
     FetchImageInput,
     InspectInstanceInput,
     InstanceInfo,
+    PlannedRootDisk,
+    PlanRootDiskInput,
+    PreflightInput,
+    PreflightResult,
     PreparedRootDisk,
     PrepareRootDiskInput,
     RebuildRequest,
@@ -142,6 +146,24 @@ class FakeHost:
             mode = request.disk_mode or self.disk_mode
             return StagedRootDisk(staged_at="/fake/disk.img.new", virtual_size=1, mode=mode)
 
+        @activity.defn(name="preflight_image")
+        async def preflight_image(request: PreflightInput) -> PreflightResult:
+            await self._enter("preflight_image")
+            return PreflightResult(verified_by=request.verify or "running:5", detail="sandbox booted")
+
+        @activity.defn(name="plan_root_disk")
+        async def plan_root_disk(request: PlanRootDiskInput) -> PlannedRootDisk:
+            await self._enter("plan_root_disk")
+            return PlannedRootDisk(
+                target="vda",
+                path="/fake/disk.img",
+                kind="file",
+                format="raw",
+                virtual_size=1,
+                new_virtual_size=1,
+                mode=request.disk_mode or self.disk_mode,
+            )
+
         @activity.defn(name="discard_staged_root_disk")
         async def discard_staged_root_disk(request: DiscardStagedRootDiskInput) -> None:
             await self._enter("discard_staged_root_disk")
@@ -182,7 +204,9 @@ class FakeHost:
             fetch_image,
             check_image,
             stop_instance,
+            preflight_image,
             stage_root_disk,
+            plan_root_disk,
             discard_staged_root_disk,
             prepare_root_disk,
             start_instance,
