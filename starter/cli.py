@@ -11,12 +11,12 @@ hypervisor host, load libvirt and the cache code when they are used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Annotated, Any
 
 import typer
-from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, TimeoutError
-from temporalio.service import RPCError
 
 from common.connection import connect
 from common.exit_codes import ExitCode, leave
@@ -34,8 +34,9 @@ from starter.cli_context import (
 )
 from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
+from starter.follow import Follower, follow, show_last_phases, step_lines
 from starter.identity_options import identity_change
-from starter.rebuilds import query_status, start_rebuild, wait_past_inspect
+from starter.rebuilds import describe_rebuild, start_rebuild, wait_past_inspect
 from starter.snapshot_cli import snapshot_app
 from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
 from workflows.results import failure_result
@@ -151,7 +152,7 @@ async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | N
     handle = await start_rebuild(client, request)
     if wait:
         with cli.following(request.instance, request.host, handle.id):
-            return await _wait(cli, handle)
+            return await _wait(cli, client, handle, request)
     # Past inspect, or it failed there: a wrong name or an unsupported root disk is exit 2 now.
     phase = await wait_past_inspect(handle)
     if phase is None:
@@ -170,12 +171,23 @@ async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | N
 _ENDED_AS = ((TerminatedError, "TERMINATED"), (CancelledError, "CANCELED"), (TimeoutError, "TIMED_OUT"))
 
 
-async def _wait(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
-    watcher = asyncio.create_task(_show_phases(cli, handle))
-    try:
+async def _wait(
+    cli: Cli, client: Client, handle: WorkflowHandle[Any, RebuildResult], request: RebuildRequest
+) -> int:
+    """Each phase on stderr as it is entered, the download's and the stop's progress, then the result."""
+    if cli.json:
         return await _ended(cli, handle)
-    finally:
-        watcher.cancel()
+    follower = Follower(cli.err)
+    with follower.showing():
+        describe = lambda: describe_rebuild(client, request.instance, request.host)  # noqa: E731
+        watcher = asyncio.create_task(follow(follower, describe, ended=lambda _: False))
+        try:
+            with contextlib.suppress(WorkflowFailureError):
+                await handle.result()
+        finally:
+            watcher.cancel()
+        await show_last_phases(follower, handle)
+    return await _ended(cli, handle)
 
 
 async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
@@ -199,23 +211,10 @@ async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
     return ExitCode.OK
 
 
-async def _show_phases(cli: Cli, handle: WorkflowHandle[Any, Any]) -> None:
-    seen = None
-    while True:
-        try:
-            status = await query_status(handle)
-            if status.phase != seen and not cli.json:
-                cli.err.print(f"  phase: {status.phase.value}", markup=False)
-                seen = status.phase
-        except RPCError:
-            pass
-        await asyncio.sleep(0.3)
-
-
 def _print_result(cli: Cli, result: RebuildResult) -> None:
     cli.say(f"rebuilt {result.instance} on {result.host}: image sha256 {result.image_sha256}")
-    timings = ", ".join(f"{step} {seconds:.2f}s" for step, seconds in result.step_seconds.items())
-    cli.say(f"  steps: {timings}")
+    for line in step_lines(result.step_seconds, cli.out.width):
+        cli.say(line)
     if result.downtime_seconds is not None:
         forced = " (forced off after the graceful timeout)" if result.forced_stop else ""
         cli.say(f"  downtime: {result.downtime_seconds:.2f}s{forced}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from activities.state import DEFAULT_STATE_DIR
 from common.connection import worker_identity
 from common.exit_codes import ExitCode
 from devtools import demo
-from devtools.image_server import ImageServer
+from devtools.image_server import Fault, ImageServer
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import BIN, LOOPBACK_NETWORKS, rebuild_cli, serve
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
@@ -81,6 +82,7 @@ async def driver_host(
             client,
             task_queue=host_task_queue(unique_host),
             activities=worker.host_activities(config, instances[0].libvirt),
+            max_heartbeat_throttle_interval=worker.HEARTBEAT_THROTTLE,
             identity=identity,
         ),
     ):
@@ -376,3 +378,69 @@ async def test_the_api_answers_a_start_once_past_inspect_and_refuses_an_unknown_
     assert (await started.json())["phase"] not in (None, "pending", "inspect")
     code, _, err = await driver_host.cli("abort", "vm-1", "--host", driver_host.name, "--reason", "test over")
     assert code == ExitCode.OK, err
+
+
+# Point 5: following a rebuild shows every phase, the download's speed and ETA, the stop's window.
+EVERY_PHASE = ["inspect", "fetch", "check", "stage", "stop", "prepare", "start", "verify", "cleanup", "done"]
+DOWNLOAD_LINE = re.compile(r"^  fetch: [\d.]+/4\.2 MB \d+%, [\d.]+ [kM]B/s, 0:00:\d\d left$")
+
+
+def slowly_served(images: ImageServer) -> tuple[str, str]:
+    """A 4 MiB raw image at 64 KiB per 80 ms: a download of about 5 s, with heartbeats on the way."""
+    url, sha = serve(images, "image B", "raw")
+    images.faults[url.rsplit("/", 1)[1]] = Fault(seconds_per_chunk=0.08)
+    return url, sha
+
+
+def phases_shown(text: str) -> list[str]:
+    return [line.split()[1] for line in text.splitlines() if line.startswith("  phase: ")]
+
+
+def too_wide(text: str) -> list[str]:
+    return [line for line in text.splitlines() if len(line) > 80]
+
+
+async def test_wait_shows_every_phase_in_order_and_the_download_with_speed_and_eta(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    url, sha = slowly_served(images)
+    code, out, err = await driver_host.cli(
+        "start", "vm-1", "--host", driver_host.name, "--image", url, "--sha256", sha, "--wait"
+    )
+    assert code == ExitCode.OK, (out, err)
+    assert phases_shown(err) == EVERY_PHASE, err
+    downloads = [line for line in err.splitlines() if DOWNLOAD_LINE.match(line)]
+    assert downloads, err
+    lines = err.splitlines()
+    assert lines.index("  phase: fetch" + lines[1].partition("fetch")[2]) < lines.index(downloads[0])
+    assert too_wide(err) == []
+    assert out.startswith("rebuilt vm-1 on ")
+    code, out, err = await driver_host.cli(
+        "start", "vm-1", "--host", driver_host.name, "--stop-timeout", "0", "--wait", "--json"
+    )
+    assert code == ExitCode.OK, err
+    assert json.loads(out)["outcome"] == "rebuilt" and err == ""  # --json: machine output only
+
+
+async def test_watch_shows_no_download_before_the_fetch_and_its_speed_and_eta_during_it(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    url, sha = slowly_served(images)
+    host = driver_host.name
+    code, _, err = await driver_host.cli("start", "vm-1", "--host", host, "--image", url, "--sha256", sha)
+    assert code == ExitCode.OK, err
+    code, out, err = await driver_host.cli("watch", "vm-1", "--host", host)
+    assert code == ExitCode.OK, (out, err)
+    assert phases_shown(out) == EVERY_PHASE, out
+    lines = out.splitlines()
+    fetch_at = next(i for i, line in enumerate(lines) if line.startswith("  phase: fetch"))
+    check_at = next(i for i, line in enumerate(lines) if line.startswith("  phase: check"))
+    downloads = [i for i, line in enumerate(lines) if line.startswith("  fetch:")]
+    assert downloads and all(fetch_at < i < check_at for i in downloads), out
+    assert all(DOWNLOAD_LINE.match(lines[i]) for i in downloads), out
+    assert "0/?" not in out and "?" not in out.replace("speed ?", "")
+    steps = " ".join(line.strip() for line in lines if line.startswith(("  steps: ", "    ")))
+    for step in ("inspect", "fetch", "check", "stage", "stop", "prepare", "start", "verify", "cleanup"):
+        assert f"{step} " in steps, out
+    assert too_wide(out) == []
+    assert lines[-1].endswith(": COMPLETED")
