@@ -212,7 +212,9 @@ async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
 
 
 def _print_result(cli: Cli, result: RebuildResult) -> None:
-    cli.say(f"rebuilt {result.instance} on {result.host}: image sha256 {result.image_sha256}")
+    # The digest on a line of its own: with it, the first line would not fit 80 columns.
+    cli.say(f"rebuilt {result.instance} on {result.host}")
+    cli.say(f"  image sha256 {result.image_sha256}")
     for line in step_lines(result.step_seconds, cli.out.width):
         cli.say(line)
     if result.downtime_seconds is not None:
