@@ -6,7 +6,8 @@ image A on qemu:///system), serves a new 16 MiB image slowly (64 KiB every 50 ms
 --wait`` in the upper pane and ``rebuild watch`` in the lower one. ``tmux capture-pane -p`` takes the
 text of both panes during the download, during the stop and at the end; the page is written from them.
 
-Run: ``.venv/bin/python -m devtools.tmux_capture`` (after ``make setup``; it takes about a minute).
+Run: ``make cli-capture`` (or ``.venv/bin/python -m devtools.tmux_capture`` after ``make setup``); it
+takes about a minute, and replaces the demo's worker and ``demo-vm`` as ``make demo`` does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import hashlib
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -51,7 +53,8 @@ def tmux(*args: str) -> str:
 
 def capture(pane: int) -> str:
     """The pane's text as it shows now, runs of blank rows left out."""
-    text = tmux("capture-pane", "-p", "-t", f"{SESSION}:0.{pane}")
+    # From the start of its history: a pane that ends scrolls its first line off for tmux's notice.
+    text = tmux("capture-pane", "-p", "-S", "-", "-t", f"{SESSION}:0.{pane}")
     lines = [line.rstrip() for line in text.rstrip("\n").splitlines()]
     # The blank rows between the last output and tmux's "Pane is dead" line say nothing.
     return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1]))
@@ -82,7 +85,7 @@ async def take(address: str, host: str) -> dict[str, str]:
     start = [rebuild, "start", demo.VM, "--image", server.url(image.name), "--sha256", digest]
     start += ["--stop-timeout", STOP_TIMEOUT, "--boot-marker", "image B", "--wait"]
     env = ["-e", f"TEMPORAL_ADDRESS={address}", "-e", "TERM=xterm-256color"]
-    shots = {"start": " ".join(["rebuild", *start[1:]]), "watch": f"rebuild watch {demo.VM}"}
+    shots = {"start": shlex.join(["rebuild", *start[1:]]), "watch": f"rebuild watch {demo.VM}"}
     client = await Client.connect(address, data_converter=pydantic_data_converter)
     if await _described(client, host, lambda d: d.workflow_status == "RUNNING", within=0):
         raise SystemExit(f"tmux_capture: a rebuild of {demo.VM} is running already; wait for it or abort it")
@@ -154,10 +157,10 @@ off. `rebuild watch` shows the same from another terminal, and the step timings 
 terminal the download and the stop are one live line; in a pipe or a log they are plain lines every
 few seconds (`--json` prints only the result).
 
-Taken {taken} by `devtools/tmux_capture.py` (`.venv/bin/python -m devtools.tmux_capture`, after
-`make setup`): the demo's set-up (`make demo`: the dev server, a worker, `demo-vm`, a boot-sector guest
-on qemu:///system that ignores ACPI, so its stop waits out the window), a fresh 16 MiB image served at
-64 KiB every 50 ms, and tmux {width} columns wide: the upper pane runs
+Taken {taken} by `make cli-capture` (`devtools/tmux_capture.py`): the demo's set-up (`make demo`: the
+dev server, a worker, `demo-vm`, a boot-sector guest on qemu:///system that ignores ACPI, so its stop
+waits out the window), a fresh 16 MiB image served at 64 KiB every 50 ms, and tmux {width} columns
+wide. The upper pane runs
 
     {start}
 
