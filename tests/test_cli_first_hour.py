@@ -4,11 +4,15 @@ worker whose host activities are the real ones on libvirt's ``test:///`` driver.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
 import re
 import signal
+import struct
 import subprocess
+import termios
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -444,3 +448,54 @@ async def test_watch_shows_no_download_before_the_fetch_and_its_speed_and_eta_du
         assert f"{step} " in steps, out
     assert too_wide(out) == []
     assert lines[-1].endswith(": COMPLETED")
+
+
+def read_all(fd: int) -> bytes:
+    """Everything a pty's far side writes, until it closes (EIO on Linux)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def on_terminal(address: str, *args: str) -> tuple[int, str]:
+    """``rebuild ARGS`` on an 80-column terminal (a pty): its exit code and what the terminal got."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "rebuild"), *args, stdin=asyncio.subprocess.DEVNULL, stdout=follower, stderr=follower,
+        env=dict(os.environ, TEMPORAL_ADDRESS=address, TERM="xterm", **NARROW),
+    )  # fmt: skip
+    os.close(follower)
+    reading = asyncio.get_running_loop().run_in_executor(None, read_all, leader)
+    code = await asyncio.wait_for(process.wait(), 120)
+    shown = await asyncio.wait_for(reading, 30)
+    os.close(leader)
+    return code, shown.decode()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+async def test_watch_on_a_terminal_shows_a_live_download_line_that_fits_80_columns(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    url, sha = slowly_served(images)
+    host = driver_host.name
+    code, _, err = await driver_host.cli("start", "vm-1", "--host", host, "--image", url, "--sha256", sha)
+    assert code == ExitCode.OK, err
+    code, shown = await on_terminal(driver_host.address, "watch", "vm-1", "--host", host)
+    assert code == ExitCode.OK, shown
+    rows = [row for row in re.split(r"[\r\n]", ANSI.sub("", shown)) if row.strip()]
+    live = [row for row in rows if row.startswith("  fetch: ")]
+    assert live and all(re.search(r" [\d.]+/4\.2 MB \d+%, [\d.]+ [kM]B/s, 0:00:\d\d left$", r) for r in live)
+    first_fetch = next(i for i, row in enumerate(rows) if row.startswith("  phase: fetch"))
+    assert all(rows.index(row) > first_fetch for row in live)
+    assert "0/?" not in shown
+    assert [row for row in rows if len(row) > 80] == []
+    assert phases_shown("\n".join(rows)) == EVERY_PHASE
