@@ -452,7 +452,7 @@ async def test_watch_shows_no_download_before_the_fetch_and_its_speed_and_eta_du
 
 def read_all(fd: int) -> bytes:
     """Everything a pty's far side writes, until it closes (EIO on Linux)."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = os.read(fd, 4096)
