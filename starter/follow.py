@@ -102,6 +102,7 @@ class Follower:
         self.console = console
         self.live = console.is_terminal
         self._phases_shown = 0
+        self._phase_without_list: Phase | None = None
         self._notes_shown: set[str] = set()
         self._last_plain: tuple[Phase, float] | None = None
         self._last_line: str | None = None
@@ -123,7 +124,8 @@ class Follower:
 
     def show(self, described: RebuildDescription) -> None:
         status = described.status
-        if status is not None:
+        # An ended rebuild's status comes from Temporal's record, without the phase list.
+        if status is not None and (status.phases or described.workflow_status == "RUNNING"):
             self.phases(status)
         for note in notes(described):
             if note not in self._notes_shown:
@@ -138,10 +140,16 @@ class Follower:
     @property
     def followed(self) -> bool:
         """Whether it saw the rebuild run (a watch of one long over has nothing more to ask)."""
-        return self._phases_shown > 0
+        return self._phases_shown > 0 or self._phase_without_list is not None
 
     def phases(self, status: RebuildStatus) -> None:
         """The phases entered since the last call: each once, in order."""
+        if not status.phases:
+            # A worker from before the phase list: its current phase, when it changed.
+            if self._phases_shown == 0 and status.phase not in (Phase.PENDING, self._phase_without_list):
+                self._phase_without_list = status.phase
+                self._print(f"  phase: {status.phase.value}")
+            return
         for index in range(self._phases_shown, len(status.phases)):
             self._print(phase_line(status, index))
         self._phases_shown = max(self._phases_shown, len(status.phases))
