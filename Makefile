@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Both install what is missing first.
-.PHONY: setup demo test lint typecheck unit bench bench-quick ui-screenshot real-guest
+.PHONY: setup demo test lint typecheck unit bench bench-quick ui-screenshot cli-capture real-guest
 
 VENV := .venv/bin
 
@@ -48,3 +48,7 @@ bench-quick: setup
 ui-screenshot:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	$(VENV)/python -m devtools.ui_screenshot
+
+# docs/cli-progress.md: `rebuild start --wait` and `rebuild watch` in tmux during a real download.
+cli-capture: setup
+	$(VENV)/python -m devtools.tmux_capture

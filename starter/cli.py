@@ -11,12 +11,12 @@ hypervisor host, load libvirt and the cache code when they are used.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Annotated, Any
 
 import typer
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, TimeoutError
-from temporalio.service import RPCError
 
 from common.connection import connect
 from common.exit_codes import ExitCode, leave
@@ -34,9 +34,10 @@ from starter.cli_context import (
 )
 from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
+from starter.follow import Follower, follow, show_last_phases, step_lines
 from starter.identity_options import identity_change
 from starter.plan_text import print_plan
-from starter.rebuilds import query_status, start_rebuild, wait_past_inspect, with_measured_downtime
+from starter.rebuilds import describe_rebuild, start_rebuild, wait_past_inspect, with_measured_downtime
 from starter.snapshot_cli import snapshot_app
 from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
 from workflows.results import failure_result
@@ -154,10 +155,10 @@ async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | N
     handle = await start_rebuild(client, request)
     if request.dry_run:
         with cli.following(request.instance, request.host, handle.id):
-            return await _planned(cli, client, handle)
+            return await _planned(cli, client, handle, request)
     if wait:
         with cli.following(request.instance, request.host, handle.id):
-            return await _wait(cli, handle)
+            return await _wait(cli, client, handle, request)
     # Past inspect, or it failed there: a wrong name or an unsupported root disk is exit 2 now.
     phase = await wait_past_inspect(handle)
     if phase is None:
@@ -176,23 +177,42 @@ async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | N
 _ENDED_AS = ((TerminatedError, "TERMINATED"), (CancelledError, "CANCELED"), (TimeoutError, "TIMED_OUT"))
 
 
-async def _wait(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
-    watcher = asyncio.create_task(_show_phases(cli, handle))
-    try:
-        return await _ended(cli, handle)
-    finally:
-        watcher.cancel()
+async def _wait(
+    cli: Cli, client: Client, handle: WorkflowHandle[Any, RebuildResult], request: RebuildRequest
+) -> int:
+    """Each phase on stderr as it is entered, the download's and the stop's progress, then the result."""
+    if not cli.json:
+        await _follow_to_its_end(cli, client, handle, request)
+    return await _ended(cli, handle)
 
 
-async def _planned(cli: Cli, client: Client, handle: WorkflowHandle[Any, RebuildResult]) -> int:
+async def _follow_to_its_end(
+    cli: Cli, client: Client, handle: WorkflowHandle[Any, RebuildResult], request: RebuildRequest
+) -> None:
+    """Each phase on stderr as it is entered, and the download's and the stop's progress, until the
+    workflow has ended (how it ended is the caller's to say)."""
+    follower = Follower(cli.err)
+    with follower.showing():
+        describe = lambda: describe_rebuild(client, request.instance, request.host)  # noqa: E731
+        watcher = asyncio.create_task(follow(follower, describe, ended=lambda _: False))
+        try:
+            with contextlib.suppress(WorkflowFailureError):
+                await handle.result()
+        finally:
+            watcher.cancel()
+        await show_last_phases(follower, handle)
+
+
+async def _planned(
+    cli: Cli, client: Client, handle: WorkflowHandle[Any, RebuildResult], request: RebuildRequest
+) -> int:
     """A dry run: its phases, then its plan with this host's measured downtime; a refusal as a rebuild's."""
-    watcher = asyncio.create_task(_show_phases(cli, handle))
+    if not cli.json:
+        await _follow_to_its_end(cli, client, handle, request)
     try:
         planned = await handle.result()
     except WorkflowFailureError:
         return await _ended(cli, handle)
-    finally:
-        watcher.cancel()
     assert planned.plan is not None
     plan = await with_measured_downtime(client, planned.plan)
     if cli.json:
@@ -223,23 +243,12 @@ async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
     return ExitCode.OK
 
 
-async def _show_phases(cli: Cli, handle: WorkflowHandle[Any, Any]) -> None:
-    seen = None
-    while True:
-        try:
-            status = await query_status(handle)
-            if status.phase != seen and not cli.json:
-                cli.err.print(f"  phase: {status.phase.value}", markup=False)
-                seen = status.phase
-        except RPCError:
-            pass
-        await asyncio.sleep(0.3)
-
-
 def _print_result(cli: Cli, result: RebuildResult) -> None:
-    cli.say(f"rebuilt {result.instance} on {result.host}: image sha256 {result.image_sha256}")
-    timings = ", ".join(f"{step} {seconds:.2f}s" for step, seconds in result.step_seconds.items())
-    cli.say(f"  steps: {timings}")
+    # The digest on a line of its own: with it, the first line would not fit 80 columns.
+    cli.say(f"rebuilt {result.instance} on {result.host}")
+    cli.say(f"  image sha256 {result.image_sha256}")
+    for line in step_lines(result.step_seconds, cli.out.width):
+        cli.say(line)
     if result.downtime_seconds is not None:
         forced = " (forced off after the graceful timeout)" if result.forced_stop else ""
         cli.say(f"  downtime: {result.downtime_seconds:.2f}s{forced}")

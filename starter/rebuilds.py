@@ -90,6 +90,45 @@ class PendingActivity(BaseModel):
     # From the download's last heartbeat: bytes so far and the image's size, when known.
     progress_bytes: int | None = None
     total_bytes: int | None = None
+    # When the server last heard the step's heartbeat: the moment ``progress_bytes`` was true.
+    heartbeat_at: datetime | None = None
+
+
+class DownloadProgress(BaseModel):
+    """The image download so far: bytes, size, and the speed and ETA since the fetch began.
+
+    The speed is the average over the whole fetch (its phase's entry to the last heartbeat), so a
+    download resumed after a crash is not shown faster than it is, and one heartbeat is enough.
+    """
+
+    done_bytes: int
+    total_bytes: int | None = None
+    started_at: datetime
+    sampled_at: datetime
+    # What was done at ``started_at``: a follower that saw an earlier sample measures from it instead.
+    baseline_bytes: int = 0
+
+    @property
+    def bytes_per_second(self) -> float | None:
+        seconds = (self.sampled_at - self.started_at).total_seconds()
+        done = self.done_bytes - self.baseline_bytes
+        return done / seconds if seconds > 0 and done > 0 else None
+
+    def measured_since(self, earlier: DownloadProgress) -> DownloadProgress:
+        """The speed between an earlier sample and this one: both carry the heartbeat's same lag, which
+        cancels, and the time before the first byte (connection, cache lock) no longer counts."""
+        if earlier.done_bytes >= self.done_bytes or earlier.sampled_at >= self.sampled_at:
+            return self
+        return self.model_copy(
+            update={"started_at": earlier.sampled_at, "baseline_bytes": earlier.done_bytes}
+        )
+
+    @property
+    def seconds_left(self) -> float | None:
+        speed = self.bytes_per_second
+        if speed is None or self.total_bytes is None:
+            return None
+        return max(self.total_bytes - self.done_bytes, 0) / speed
 
 
 class RebuildDescription(BaseModel):
@@ -101,6 +140,8 @@ class RebuildDescription(BaseModel):
     waiting_for_worker: str | None = None
     # A finished rebuild's result (its failure's details, when it failed), as the workflow returned it.
     result: RebuildResult | None = None
+    # While the image downloads (from the fetch's heartbeats): what `watch` and `start --wait` show.
+    download: DownloadProgress | None = None
 
 
 class RebuildSummary(BaseModel):
@@ -322,6 +363,9 @@ async def describe_rebuild(
                 last_error=p.last_failure.message if p.HasField("last_failure") else None,
                 progress_bytes=progress.offset if progress else None,
                 total_bytes=progress.total if progress else None,
+                heartbeat_at=p.last_heartbeat_time.ToDatetime(UTC)
+                if p.HasField("last_heartbeat_time")
+                else None,
             )
         )
     return RebuildDescription(
@@ -331,6 +375,25 @@ async def describe_rebuild(
         pending_activities=pending,
         waiting_for_worker=waiting,
         result=result,
+        download=download_progress(status, pending),
+    )
+
+
+def download_progress(
+    status: RebuildStatus | None, pending: list[PendingActivity]
+) -> DownloadProgress | None:
+    """The download's figures while the rebuild fetches: its heartbeat's bytes, timed from its phase."""
+    if status is None or status.phase != Phase.FETCH:
+        return None
+    began = next((p.at for p in reversed(status.phases) if p.phase == Phase.FETCH), None)
+    fetch = next((p for p in pending if p.progress_bytes and p.heartbeat_at), None)
+    if began is None or fetch is None or fetch.progress_bytes is None or fetch.heartbeat_at is None:
+        return None
+    return DownloadProgress(
+        done_bytes=fetch.progress_bytes,
+        total_bytes=fetch.total_bytes,
+        started_at=began,
+        sampled_at=fetch.heartbeat_at,
     )
 
 

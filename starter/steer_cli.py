@@ -6,30 +6,21 @@ Output, JSON mode, errors and exit codes come from the command's :class:`~starte
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
 from common.connection import connect
 from common.exit_codes import ExitCode
 from starter.cli_context import AddressOption, Cli, JsonOption, command, exit_for_rebuild, exit_for_workflow
 from starter.cli_settings import THIS_HOST, HostOption
+from starter.follow import Follower, follow, show_last_phases, step_lines
 from starter.plan_text import plan_lines
 from starter.rebuilds import (
-    RebuildDescription,
     abort_rebuild,
     describe_rebuild,
     latest_rebuild,
@@ -128,7 +119,7 @@ async def _status(cli: Cli, instance: str, host: str, address: str | None) -> in
 
 
 async def _watch(cli: Cli, instance: str, host: str, address: str | None) -> int:
-    """Follow a rebuild live: phase, a progress bar with bytes and speed while it downloads, step timings.
+    """Follow a rebuild live: each phase as entered, the download's size, speed and ETA, the stop's window.
 
     Ends when the rebuild ends (with --json: prints its final status as JSON); exit code as for
     `rebuild start --wait`. Example: rebuild watch web-1
@@ -148,42 +139,19 @@ async def _follow(
         described = await describe_rebuild(client, instance, host)
         cli.print_json(described)
         return exit_for_rebuild(described.workflow_status, described.result)
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=cli.out, transient=False) as progress:
-        task = progress.add_task("inspect", total=None)
-        while True:
-            described = await describe_rebuild(client, instance, host)
-            fetch = next((p for p in described.pending_activities if p.progress_bytes is not None), None)
-            progress.update(
-                task,
-                description=_progress_line(described),
-                completed=fetch.progress_bytes if fetch else None,
-                total=fetch.total_bytes if fetch else None,
-            )
-            if described.workflow_status != "RUNNING":
-                break
-            await asyncio.sleep(0.5)
+    follower = Follower(cli.out)
+    with follower.showing():
+        running = lambda described: described.workflow_status != "RUNNING"  # noqa: E731
+        described = await follow(follower, lambda: describe_rebuild(client, instance, host), running)
+        if follower.followed:
+            await show_last_phases(follower, handle)
+    if described.status and described.status.step_seconds:
+        for line in step_lines(described.status.step_seconds, cli.out.width):
+            cli.say(line)
     cli.say(f"{described.workflow_id}: {described.workflow_status}")
     if described.status and described.status.last_error:
         cli.say(f"  {described.status.last_error}")
     return exit_for_rebuild(described.workflow_status, described.result)
-
-
-def _progress_line(described: RebuildDescription) -> str:
-    state = described.status
-    phase = state.phase.value if state else "?"
-    timings = ", ".join(f"{k} {v:.1f}s" for k, v in state.step_seconds.items()) if state else ""
-    retry = next((p for p in described.pending_activities if p.attempt > 1), None)
-    note = f" (attempt {retry.attempt}: {retry.last_error})" if retry else ""
-    if described.waiting_for_worker:
-        note = f" ({described.waiting_for_worker})"
-    return f"{phase}{note}  {timings}"
 
 
 def abort(

@@ -4,10 +4,15 @@ worker whose host activities are the real ones on libvirt's ``test:///`` driver.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
+import struct
 import subprocess
+import termios
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +30,7 @@ from activities.state import DEFAULT_STATE_DIR
 from common.connection import worker_identity
 from common.exit_codes import ExitCode
 from devtools import demo
-from devtools.image_server import ImageServer
+from devtools.image_server import Fault, ImageServer
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import BIN, LOOPBACK_NETWORKS, rebuild_cli, serve
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
@@ -81,6 +86,7 @@ async def driver_host(
             client,
             task_queue=host_task_queue(unique_host),
             activities=worker.host_activities(config, instances[0].libvirt),
+            max_heartbeat_throttle_interval=worker.HEARTBEAT_THROTTLE,
             identity=identity,
         ),
     ):
@@ -378,3 +384,120 @@ async def test_the_api_answers_a_start_once_past_inspect_and_refuses_an_unknown_
     assert (await started.json())["phase"] not in (None, "pending", "inspect")
     code, _, err = await driver_host.cli("abort", "vm-1", "--host", driver_host.name, "--reason", "test over")
     assert code == ExitCode.OK, err
+
+
+# Point 5: following a rebuild shows every phase, the download's speed and ETA, the stop's window.
+EVERY_PHASE = ["inspect", "fetch", "check", "stage", "stop", "prepare", "start", "verify", "cleanup", "done"]
+DOWNLOAD_LINE = re.compile(r"^  fetch: [\d.]+/4\.2 MB \d+%, [\d.]+ [kM]B/s, 0:00:\d\d left$")
+
+
+def slowly_served(images: ImageServer) -> tuple[str, str]:
+    """A 4 MiB raw image at 64 KiB per 80 ms: a download of about 5 s, with heartbeats on the way."""
+    url, sha = serve(images, "image B", "raw")
+    images.faults[url.rsplit("/", 1)[1]] = Fault(seconds_per_chunk=0.08)
+    return url, sha
+
+
+def phases_shown(text: str) -> list[str]:
+    return [line.split()[1] for line in text.splitlines() if line.startswith("  phase: ")]
+
+
+def too_wide(text: str) -> list[str]:
+    return [line for line in text.splitlines() if len(line) > 80]
+
+
+async def test_wait_shows_every_phase_in_order_and_the_download_with_speed_and_eta(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    url, sha = slowly_served(images)
+    code, out, err = await driver_host.cli(
+        "start", "vm-1", "--host", driver_host.name, "--image", url, "--sha256", sha, "--wait"
+    )
+    assert code == ExitCode.OK, (out, err)
+    assert phases_shown(err) == EVERY_PHASE, err
+    downloads = [line for line in err.splitlines() if DOWNLOAD_LINE.match(line)]
+    assert downloads, err
+    lines = err.splitlines()
+    assert lines.index("  phase: fetch" + lines[1].partition("fetch")[2]) < lines.index(downloads[0])
+    assert too_wide(err) == []
+    assert out.startswith("rebuilt vm-1 on ")
+    code, out, err = await driver_host.cli(
+        "start", "vm-1", "--host", driver_host.name, "--stop-timeout", "0", "--wait", "--json"
+    )
+    assert code == ExitCode.OK, err
+    assert json.loads(out)["outcome"] == "rebuilt" and err == ""  # --json: machine output only
+
+
+async def test_watch_shows_no_download_before_the_fetch_and_its_speed_and_eta_during_it(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    url, sha = slowly_served(images)
+    host = driver_host.name
+    code, _, err = await driver_host.cli("start", "vm-1", "--host", host, "--image", url, "--sha256", sha)
+    assert code == ExitCode.OK, err
+    code, out, err = await driver_host.cli("watch", "vm-1", "--host", host)
+    assert code == ExitCode.OK, (out, err)
+    assert phases_shown(out) == EVERY_PHASE, out
+    lines = out.splitlines()
+    fetch_at = next(i for i, line in enumerate(lines) if line.startswith("  phase: fetch"))
+    check_at = next(i for i, line in enumerate(lines) if line.startswith("  phase: check"))
+    downloads = [i for i, line in enumerate(lines) if line.startswith("  fetch:")]
+    assert downloads and all(fetch_at < i < check_at for i in downloads), out
+    assert all(DOWNLOAD_LINE.match(lines[i]) for i in downloads), out
+    assert "0/?" not in out and "?" not in out.replace("speed ?", "")
+    steps = " ".join(line.strip() for line in lines if line.startswith(("  steps: ", "    ")))
+    for step in ("inspect", "fetch", "check", "stage", "stop", "prepare", "start", "verify", "cleanup"):
+        assert f"{step} " in steps, out
+    assert too_wide(out) == []
+    assert lines[-1].endswith(": COMPLETED")
+
+
+def read_all(fd: int) -> bytes:
+    """Everything a pty's far side writes, until it closes (EIO on Linux)."""
+    chunks: list[bytes] = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def on_terminal(address: str, *args: str) -> tuple[int, str]:
+    """``rebuild ARGS`` on an 80-column terminal (a pty): its exit code and what the terminal got."""
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = await asyncio.create_subprocess_exec(
+        str(BIN / "rebuild"), *args, stdin=asyncio.subprocess.DEVNULL, stdout=follower, stderr=follower,
+        env=dict(os.environ, TEMPORAL_ADDRESS=address, TERM="xterm", **NARROW),
+    )  # fmt: skip
+    os.close(follower)
+    reading = asyncio.get_running_loop().run_in_executor(None, read_all, leader)
+    code = await asyncio.wait_for(process.wait(), 120)
+    shown = await asyncio.wait_for(reading, 30)
+    os.close(leader)
+    return code, shown.decode()
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+async def test_watch_on_a_terminal_shows_a_live_download_line_that_fits_80_columns(
+    driver_host: DriverHost, images: ImageServer
+) -> None:
+    url, sha = slowly_served(images)
+    host = driver_host.name
+    code, _, err = await driver_host.cli("start", "vm-1", "--host", host, "--image", url, "--sha256", sha)
+    assert code == ExitCode.OK, err
+    code, shown = await on_terminal(driver_host.address, "watch", "vm-1", "--host", host)
+    assert code == ExitCode.OK, shown
+    rows = [row for row in re.split(r"[\r\n]", ANSI.sub("", shown)) if row.strip()]
+    live = [row for row in rows if row.startswith("  fetch: ")]
+    assert live and all(re.search(r" [\d.]+/4\.2 MB \d+%, [\d.]+ [kM]B/s, 0:00:\d\d left$", r) for r in live)
+    first_fetch = next(i for i, row in enumerate(rows) if row.startswith("  phase: fetch"))
+    assert all(rows.index(row) > first_fetch for row in live)
+    assert "0/?" not in shown
+    assert [row for row in rows if len(row) > 80] == []
+    assert phases_shown("\n".join(rows)) == EVERY_PHASE

@@ -6,6 +6,7 @@ image the guest really booted.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,25 @@ async def test_unknown_instance_is_bad_input(
     assert result.code == 2
     assert "no-such-vm" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_wait_shows_the_stop_s_graceful_window_while_a_guest_ignores_it(
+    guest: Guest, worker: WorkerProcess, images: ImageServer, dev_server: DevServer
+) -> None:
+    url, sha = serve(images, "image B", "qcow2")
+    result = await rebuild_cli(
+        dev_server.address,
+        "start", guest.name, "--image", url, "--sha256", sha, "--host", worker.host,
+        "--stop-timeout", "8", "--boot-marker", "image B", "--wait",
+        env={"COLUMNS": "80"},
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    stop_at = next(i for i, line in enumerate(lines) if line.startswith("  phase: stop"))
+    prepare_at = next(i for i, line in enumerate(lines) if line.startswith("  phase: prepare"))
+    windows = [line for line in lines[stop_at:prepare_at] if line.startswith("  stop: ")]
+    left = [int(m.group(1)) for line in windows if (m := re.search(r"shut down, (\d+) s left before", line))]
+    # A line every 2 s or so while the window lasts: at least two, counting down.
+    assert len(left) >= 2 and left == sorted(left, reverse=True) and left[0] <= 8, result.stderr
+    assert all(len(line) <= 80 for line in lines)
+    assert "(forced off after the graceful timeout)" in result.stdout  # boot-sector guests ignore ACPI

@@ -274,3 +274,23 @@ async def test_a_glance_image_is_resolved_before_the_download(client: Client, un
         await record_history(handle, "rebuild-from-glance")
     assert fake.calls[:3] == ["inspect_instance", "resolve_glance_image", "fetch_image"]
     assert result.outcome == Outcome.REBUILT
+
+
+async def test_status_lists_every_phase_entered_in_order_and_the_stop_s_graceful_deadline(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()
+    async with rebuilding(client, unique_host, fake, held="stop_instance", stop_timeout_seconds=45) as handle:
+        stopping = await handle.query(RebuildInstance.status)
+        fake.release("stop_instance")
+        await handle.result()
+        ended = await handle.query(RebuildInstance.status)
+    stop = stopping.phases[-1]
+    assert (stopping.phase, stop.phase) == (Phase.STOP, Phase.STOP)
+    assert stopping.graceful_stop_deadline == stop.at + timedelta(seconds=45)
+    assert ended.graceful_stop_deadline is None
+    assert [p.phase.value for p in ended.phases] == [
+        "inspect", "fetch", "check", "stage", "stop", "prepare", "start", "verify", "cleanup", "done",
+    ]  # fmt: skip
+    times = [p.at for p in ended.phases]
+    assert times == sorted(times) and ended.started_at is not None and times[0] >= ended.started_at

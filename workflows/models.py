@@ -275,6 +275,13 @@ class AbortAnswer(Wire):
     message: str
 
 
+class PhaseEntered(Wire):
+    """One phase of a rebuild and when the workflow entered it."""
+
+    phase: Phase
+    at: datetime
+
+
 class RebuildStatus(Wire):
     instance: str
     host: str
@@ -311,6 +318,11 @@ class RebuildStatus(Wire):
     downtime_seconds: float | None = None
     # A dry run's plan, once made.
     plan: RebuildPlan | None = None
+    # Every phase entered so far, in order: a follower that polls now and then misses none, and the
+    # fetch's entry is when the download began (speed and ETA come from it and the fetch's heartbeats).
+    phases: list[PhaseEntered] = Field(default_factory=list)
+    # While it stops: when the graceful shutdown's window ends and the instance is forced off.
+    graceful_stop_deadline: datetime | None = None
 
 
 class RebuildResult(Wire):

@@ -317,6 +317,9 @@ class RebuildInstance:
     async def _stop(self, request: RebuildRequest, instance: io.InstanceInfo) -> io.StopResult:
         if instance.was_running:
             self._saga.push("start instance again", self._undo_stop)
+            # For followers only (the status query): the graceful shutdown's window as the worker keeps it.
+            seconds = request.stop_timeout_seconds
+            self._state.graceful_stop_deadline = workflow.now() + timedelta(seconds=seconds)
         stopped = await self._steps.run(
             Phase.STOP,
             contract.stop_instance,

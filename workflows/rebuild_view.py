@@ -14,7 +14,7 @@ from temporalio.exceptions import ApplicationError, CancelledError, TimeoutError
 
 from workflows.activity_models import StopMethod
 from workflows.image_steps import NewImage
-from workflows.models import Outcome, Phase, RebuildRequest, RebuildResult, RebuildStatus
+from workflows.models import Outcome, Phase, PhaseEntered, RebuildRequest, RebuildResult, RebuildStatus
 from workflows.plan_models import RebuildPlan
 from workflows.ui_text import escape_markdown, shown_image
 
@@ -42,6 +42,8 @@ class RebuildState:
     def __init__(self, request: RebuildRequest) -> None:
         self.request = request
         self.phase = Phase.PENDING
+        # Read only by the status query: keeping it adds no command to the history.
+        self.phases: list[PhaseEntered] = []
         self.step_seconds: dict[str, float] = {}
         # What the steps found out.
         self.rebuild_id: str | None = None
@@ -60,10 +62,17 @@ class RebuildState:
         # What the rebuild waits for, until when; and, once over, how it ended.
         self.approval_deadline: datetime | None = None
         self.confirm_deadline: datetime | None = None
+        self.graceful_stop_deadline: datetime | None = None
         self.outcome: Outcome | None = None
         self.downtime_seconds: float | None = None
         # A dry run's plan, once made.
         self.plan: RebuildPlan | None = None
+
+    def entered(self, phase: Phase, at: datetime) -> None:
+        """The phase is now ``phase``; a step run again in the same phase (cleanup's) is one entry."""
+        self.phase = phase
+        if not self.phases or self.phases[-1].phase != phase:
+            self.phases.append(PhaseEntered(phase=phase, at=at))
 
     def add_seconds(self, key: str, seconds: float) -> None:
         self.step_seconds[key] = self.step_seconds.get(key, 0.0) + seconds
@@ -99,6 +108,8 @@ class RebuildState:
             outcome=self.outcome,
             downtime_seconds=self.downtime_seconds,
             plan=self.plan,
+            phases=list(self.phases),
+            graceful_stop_deadline=self.graceful_stop_deadline if self.phase == Phase.STOP else None,
         )
 
     def rebuilt(self, image: NewImage, downtime: float | None, forced_stop: bool) -> RebuildResult:

@@ -118,7 +118,7 @@ class StepRunner:
 
     def enter(self, phase: Phase) -> None:
         state = self._state
-        state.phase = phase
+        state.entered(phase, workflow.now())
         request = state.request
         workflow.logger.info(
             "%s on %s: phase %s",
