@@ -35,8 +35,13 @@ def plan_lines(plan: RebuildPlan, indent: str) -> list[str]:
     lines = []
     for line in _items(plan):
         inner = indent + " " * (len(line) - len(line.lstrip()))
+        text = line.lstrip()
+        if any(len(word) > WIDTH - len(inner) - 2 for word in text.split()):
+            # A path, URL or digest wider than a wrapped line: kept whole, beside its label.
+            lines.append(inner + text)
+            continue
         lines += textwrap.wrap(
-            line.lstrip(),
+            text,
             WIDTH,
             initial_indent=inner,
             subsequent_indent=inner + "  ",

@@ -57,6 +57,11 @@ async def test_an_rbd_root_is_rebuilt_rolled_back_and_rebuilt_again_on_one_base(
     # Images of their own: the pool (one per session) may hold other tests' bases of "image B".
     tag = uuid.uuid4().hex[:6]
     bad_url, bad_sha = bed.serve(f"image C {tag}", "raw")
+    planned = await bed.rebuild(guest, bad_url, bad_sha, "--dry-run", "--json")
+    assert planned.code == 0, planned.stderr
+    assert "rbd: an import of the image, then a clone of it" in planned.stdout, planned.stdout
+    assert guest.definition() == before and clones_of(guest, ceph) == set()
+    assert base_name(bad_sha) not in ceph.images(), "a dry run imports nothing"
     rolled_back = await bed.rebuild(guest, bad_url, bad_sha)
     assert rolled_back.code == 1, rolled_back.stderr
     assert "rolled back" in rolled_back.stderr, rolled_back.stderr
