@@ -14,7 +14,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
@@ -25,8 +25,7 @@ from devtools.temporal_dev import DevServer, DevServerError, free_port
 from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess, make_guest, remove_domains
 from devtools.testbed.fake_host import FakeHost
 from devtools.testbed.shapes import Bed
-from starter.api import create_app
-from tests.api_support import CLIENTS
+from tests.api_support import CLIENTS, serve_api
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 from workflows.snapshot import SNAPSHOT_WORKFLOWS
@@ -177,10 +176,8 @@ async def fake_host(client: Client, unique_host: str) -> AsyncIterator[FakeHost]
 @pytest.fixture
 async def api(client: Client) -> AsyncIterator[TestClient[Any, Any]]:
     """The HTTP API in process, on the dev server; its clients are ``tests.api_support``'s."""
-    test_client = TestClient(TestServer(create_app(client, CLIENTS)))
-    await test_client.start_server()
-    yield test_client
-    await test_client.close()
+    async with serve_api(client, CLIENTS) as test_client:
+        yield test_client
 
 
 # Fixtures that put a test on libvirtd with QEMU guests, or on the real Debian guest.
