@@ -17,7 +17,7 @@ from temporalio import activity
 from activities import domain_xml as dx
 from activities import libvirt_domain as ld
 from activities import rebuildable
-from activities.errors import InstanceNotFound, UnsupportedInstance
+from activities.errors import InstanceNotFound, RebuildError, UnsupportedInstance
 from activities.root_disks import RootDiskAt
 from workflows.fleet_models import HostInventory, InventoryEntry, ListInstancesInput
 from workflows.models import INSTANCE_NAME
@@ -72,6 +72,8 @@ def _root_disk(domain: ld.Domain, xml: ET.Element) -> tuple[str | None, str | No
     try:
         root = RootDiskAt(domain, xml, dx.root_disk(xml, domain.name))
         rebuildable.refuse_unrebuildable(root, discard_snapshots=False)
-    except UnsupportedInstance as err:
-        return kind, err.message
+    except RebuildError as err:
+        if err.retryable or isinstance(err, InstanceNotFound):
+            raise  # libvirt away (the listing is retried) or the domain gone (not listed)
+        return kind, err.message  # unsupported, or its disk is missing: one instance, not the host
     return kind, None
