@@ -52,6 +52,7 @@ from common.logs import LogFormat, LogLevel, configure_logging
 from common.metrics import prometheus_runtime
 from common.systemd import notify
 from workflows.fleet import FleetRebuild
+from workflows.inventory import InstanceInventory
 from workflows.models import DISK_MODES, HOST_NAME, WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 from workflows.snapshot import SNAPSHOT_WORKFLOWS
@@ -184,7 +185,7 @@ def build_workers(client: Client, config: WorkerConfig) -> list[Worker]:
         Worker(
             client,
             task_queue=WORKFLOW_TASK_QUEUE,
-            workflows=[RebuildInstance, FleetRebuild, *SNAPSHOT_WORKFLOWS],
+            workflows=[RebuildInstance, FleetRebuild, InstanceInventory, *SNAPSHOT_WORKFLOWS],
             identity=identity,
             deployment_config=deployment,
         ),

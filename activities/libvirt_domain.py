@@ -29,6 +29,17 @@ from activities.errors import (
 from activities.libvirt_console import ConsoleStream, ensure_event_loop
 
 T = TypeVar("T")
+# virsh's words for libvirt's domain states.
+_STATE_WORDS = {
+    libvirt.VIR_DOMAIN_NOSTATE: "no state",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "idle",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "in shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
 PowerState = Literal["off", "running", "crashed"]
 
 _CONNECTION_LOST = {
@@ -233,6 +244,11 @@ class Domain:
     def state(self) -> tuple[int, int]:
         state, reason = self._call(lambda d: d.state())
         return int(state), int(reason)
+
+    def state_word(self) -> str:
+        """The domain's state in virsh's words (``virsh domstate``): running, paused, shut off, ..."""
+        state, _ = self.state()
+        return _STATE_WORDS.get(state, f"state {state}")
 
     def frozen(self) -> str | None:
         """Why the guest can neither run on nor shut down now: paused, or suspended by itself."""

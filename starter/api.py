@@ -46,6 +46,7 @@ from starter.http_kit import (
     middlewares,
     reply,
 )
+from starter.instances_api import add_instance_routes
 from starter.openapi import Op, document, route
 from starter.rebuild_api import STATUS_TTL_SECONDS, add_rebuild_routes
 from starter.snapshot_api import add_snapshot_routes
@@ -85,6 +86,7 @@ def create_app(
         "getOpenApi", "service", "This document", 200, {"type": "object"}, public=True))  # fmt: skip
     add_fleet_routes(app)
     add_snapshot_routes(app)
+    add_instance_routes(app)
     return app
 
 
@@ -108,6 +110,7 @@ TAGS = [
     {"name": "decisions", "description": "Steer a running rebuild: approve, confirm, revert, abort"},
     {"name": "fleets", "description": "Rolling rebuilds of many instances"},
     {"name": "snapshots", "description": "Snapshot instances while they run, to rebuild from later"},
+    {"name": "instances", "description": "Every host's instances, as each host's worker lists them"},
     {"name": "service", "description": "Health and this description"},
 ]
 

@@ -3,7 +3,8 @@
 Every command group shares one context (``starter/cli_context.py``: output, JSON mode, errors, exit
 codes from :mod:`common.exit_codes`, shown in ``--help``). The groups: ``rebuild start`` here;
 ``status``, ``watch``, ``abort``, ``approve``, ``confirm``, ``revert``, ``list`` in
-``starter/steer_cli.py``; ``rebuild cache`` in ``starter/cache_cli.py``; ``rebuild fleet`` in
+``starter/steer_cli.py``; ``rebuild instances`` in ``starter/instances_cli.py``; ``rebuild cache`` in
+``starter/cache_cli.py``; ``rebuild fleet`` in
 ``starter/fleet_cli.py``. This CLI talks to Temporal only; the ``cache`` commands, which run on a
 hypervisor host, load libvirt and the cache code when they are used.
 """
@@ -20,8 +21,8 @@ from temporalio.exceptions import ApplicationError, CancelledError, TerminatedEr
 
 from common.connection import connect
 from common.exit_codes import ExitCode, leave
+from starter import instances_cli, steer_cli
 from starter import rebuild_options as ro
-from starter import steer_cli
 from starter.cache_cli import cache_app
 from starter.cli_context import (
     EXIT_CODES_HELP,
@@ -32,10 +33,11 @@ from starter.cli_context import (
     command_group,
     exit_for_rebuild,
 )
-from starter.cli_settings import THIS_HOST, HostOption, connection_options
+from starter.cli_settings import HOST_TO_BE_FOUND, FoundHostOption, connection_options
 from starter.fleet_cli import fleet_app
 from starter.follow import Follower, follow, show_last_phases, step_lines
 from starter.identity_options import identity_change
+from starter.instances_cli import found_host
 from starter.plan_text import print_plan
 from starter.rebuilds import describe_rebuild, start_rebuild, wait_past_inspect, with_measured_downtime
 from starter.snapshot_cli import snapshot_app
@@ -66,7 +68,7 @@ def start(
             help="A snapshot on the instance's host (rebuild snapshot list).",
         ),
     ] = None,
-    host: HostOption = THIS_HOST,
+    host: FoundHostOption = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and show progress.")] = False,
     dry_run: ro.DryRunOption = False,
     start_after: ro.StartAfterOption = None,
@@ -110,7 +112,7 @@ def start(
         sha256, sha512 = ro.digests(checksum, sha256, sha512)
         request = StrictRebuildRequest(
             instance=instance,
-            host=host,
+            host=host or HOST_TO_BE_FOUND,
             image_url=image,
             sha256=sha256,
             sha512=sha512,
@@ -147,11 +149,13 @@ def start(
                 seed_format=ro.seed_format_of(seed_format),
             ),
         )
-    cli.run(_start(cli, request, wait, address))
+    cli.run(_start(cli, request, wait, address, find_host=host is None))
 
 
-async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | None) -> int:
+async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | None, find_host: bool) -> int:
     client = await connect(address)
+    if find_host:
+        request = request.model_copy(update={"host": await found_host(cli, client, request.instance)})
     handle = await start_rebuild(client, request)
     if request.dry_run:
         with cli.following(request.instance, request.host, handle.id):
@@ -261,6 +265,7 @@ def _print_result(cli: Cli, result: RebuildResult) -> None:
 
 
 steer_cli.register(app)
+instances_cli.register(app)
 app.add_typer(cache_app, name="cache")
 app.add_typer(fleet_app, name="fleet")
 app.add_typer(snapshot_app, name="snapshot")

@@ -28,6 +28,19 @@ HostOption = Annotated[
         envvar="REBUILD_HOST", help="Hypervisor host of the instance (its worker polls rebuild-host-HOST)."
     ),
 ]
+# Commands that find the host when none is given: the one host whose worker lists the instance
+# (``rebuild start``), or the host of its rebuilds (``status``, ``watch``, ``abort``, ...).
+FoundHostOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="REBUILD_HOST",
+        show_default=False,
+        help="Hypervisor host of the instance (its worker polls rebuild-host-HOST); default: the one "
+        "host that has it.",
+    ),
+]
+# What a request is checked with before its host is found (never sent).
+HOST_TO_BE_FOUND = "host-to-be-found"
 
 
 def package_version() -> str:

@@ -152,3 +152,52 @@ def validation_problems(exc: ValidationError, field: Callable[[str], str] | None
         return f"{field(loc[-1])}: {message}" if loc else message
 
     return "; ".join(problem(error) for error in exc.errors())
+
+
+class InstanceOnNoHost(BadRequest):
+    """No host asked lists the instance: a mistyped name, or its host's worker did not answer."""
+
+    def __init__(self, instance: str, asked: list[str], silent: list[str]) -> None:
+        self.instance, self.asked, self.silent = instance, asked, silent
+        hosts = ", ".join(asked) if asked else "none (no host has a worker)"
+        quiet = f"; no worker answered on {', '.join(silent)}" if silent else ""
+        super().__init__(f"no host has an instance named {instance!r}; hosts asked: {hosts}{quiet}")
+
+    def said_with(self, words: Words) -> str:
+        return f"{self}; name its host with {words.field('host')} if it is on another"
+
+
+class _OnManyHosts(BadRequest):
+    """Which of several hosts is meant cannot be guessed: the caller names one."""
+
+    says: ClassVar[str]
+
+    def __init__(self, instance: str, hosts: list[str]) -> None:
+        self.instance, self.hosts = instance, hosts
+        super().__init__(self.says.format(instance=instance, hosts=", ".join(hosts)))
+
+    def said_with(self, words: Words) -> str:
+        return f"{self}; name one with {words.field('host')}"
+
+
+class InstanceOnManyHosts(_OnManyHosts):
+    """The instance's name is defined on more than one host."""
+
+    says = "instance {instance!r} is on several hosts: {hosts}"
+
+
+class RebuildOnManyHosts(_OnManyHosts):
+    """Rebuilds of an instance of this name ran on more than one host, none of them running now."""
+
+    says = "rebuilds of {instance!r} are known on several hosts: {hosts}"
+
+
+class NoRebuildOfInstance(NotFound):
+    """No host has a rebuild of the instance in Temporal's visibility."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        super().__init__(f"no rebuild of {instance} is known on any host")
+
+    def said_with(self, words: Words) -> str:
+        return f"{self}; name its host with {words.field('host')} if it was just started"

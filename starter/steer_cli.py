@@ -17,8 +17,9 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from common.connection import connect
 from common.exit_codes import ExitCode
 from starter.cli_context import AddressOption, Cli, JsonOption, command, exit_for_rebuild, exit_for_workflow
-from starter.cli_settings import THIS_HOST, HostOption
+from starter.cli_settings import FoundHostOption
 from starter.follow import Follower, follow, show_last_phases, step_lines
+from starter.instances_cli import rebuild_host
 from starter.plan_text import plan_lines
 from starter.rebuilds import (
     abort_rebuild,
@@ -49,14 +50,14 @@ def register(app: typer.Typer) -> None:
 
 
 def _instance_command(
-    work: Callable[[Cli, str, str, str | None], Coroutine[Any, Any, int]],
+    work: Callable[[Cli, str, str | None, str | None], Coroutine[Any, Any, int]],
 ) -> Callable[..., None]:
     """status and watch: INSTANCE, --host, --address, --json, and the work's docstring as help."""
 
     def on_instance(
         ctx: typer.Context,
         instance: InstanceArgument,
-        host: HostOption = THIS_HOST,
+        host: FoundHostOption = None,
         address: AddressOption = None,
         as_json: JsonOption = False,
     ) -> None:
@@ -67,13 +68,14 @@ def _instance_command(
     return on_instance
 
 
-async def _status(cli: Cli, instance: str, host: str, address: str | None) -> int:
+async def _status(cli: Cli, instance: str, host: str | None, address: str | None) -> int:
     """Show the latest rebuild of INSTANCE: phase, step timings, attempts and last error.
 
     Exits 0 while it runs and once it completed, 1 when it failed, 4 when it was terminated, cancelled
     or timed out. Example: rebuild status web-1 --host kvm-07
     """
-    described = await describe_rebuild(await connect(address), instance, host)
+    client = await connect(address)
+    described = await describe_rebuild(client, instance, await rebuild_host(cli, client, instance, host))
     if cli.json:
         cli.print_json(described)
         return exit_for_workflow(described.workflow_status)
@@ -118,13 +120,14 @@ async def _status(cli: Cli, instance: str, host: str, address: str | None) -> in
     return exit_for_workflow(described.workflow_status)
 
 
-async def _watch(cli: Cli, instance: str, host: str, address: str | None) -> int:
+async def _watch(cli: Cli, instance: str, host: str | None, address: str | None) -> int:
     """Follow a rebuild live: each phase as entered, the download's size, speed and ETA, the stop's window.
 
     Ends when the rebuild ends (with --json: prints its final status as JSON); exit code as for
     `rebuild start --wait`. Example: rebuild watch web-1
     """
     client = await connect(address)
+    host = await rebuild_host(cli, client, instance, host)
     handle, _ = await latest_rebuild(client, instance, host)
     with cli.following(instance, host, handle.id):
         return await _follow(cli, client, handle, instance, host)
@@ -158,7 +161,7 @@ def abort(
     ctx: typer.Context,
     instance: InstanceArgument,
     reason: Annotated[str, typer.Option(help="Why: recorded in the workflow and shown in the Web UI.")],
-    host: HostOption = THIS_HOST,
+    host: FoundHostOption = None,
     requested_by: Annotated[str, typer.Option(help="Who asks.")] = os.environ.get("USER", "unknown"),
     address: AddressOption = None,
     as_json: JsonOption = False,
@@ -175,8 +178,12 @@ def abort(
     cli.run(_abort(cli, instance, host, request, address))
 
 
-async def _abort(cli: Cli, instance: str, host: str, request: AbortRequest, address: str | None) -> int:
-    answer = await abort_rebuild(await connect(address), instance, host, request)
+async def _abort(
+    cli: Cli, instance: str, host: str | None, request: AbortRequest, address: str | None
+) -> int:
+    client = await connect(address)
+    host = await rebuild_host(cli, client, instance, host)
+    answer = await abort_rebuild(client, instance, host, request)
     said = f"abort accepted in phase {answer.phase.value}; see: rebuild status {instance} --host {host}"
     return cli.answered(answer, answer.accepted, said, f"abort refused: {answer.message}")
 
@@ -188,7 +195,7 @@ def _decision_command(verdict: str, summary: str) -> Callable[..., None]:
         ctx: typer.Context,
         instance: InstanceArgument,
         reason: Annotated[str, typer.Option(help="Why, recorded in the workflow.")] = "",
-        host: HostOption = THIS_HOST,
+        host: FoundHostOption = None,
         requested_by: Annotated[str, typer.Option(help="Who decides.")] = os.environ.get("USER", "unknown"),
         address: AddressOption = None,
         as_json: JsonOption = False,
@@ -203,9 +210,11 @@ def _decision_command(verdict: str, summary: str) -> Callable[..., None]:
 
 
 async def _signal(
-    cli: Cli, instance: str, host: str, verdict: str, decision: Decision, address: str | None
+    cli: Cli, instance: str, host: str | None, verdict: str, decision: Decision, address: str | None
 ) -> int:
-    workflow_id = await send_decision(await connect(address), instance, host, verdict, decision)
+    client = await connect(address)
+    host = await rebuild_host(cli, client, instance, host)
+    workflow_id = await send_decision(client, instance, host, verdict, decision)
     if cli.json:
         cli.print_json({"workflow_id": workflow_id, "signal": verdict})
     else:

@@ -14,7 +14,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
@@ -26,8 +26,7 @@ from devtools.testbed.ceph import CephCluster, CephError, define_secret, start_c
 from devtools.testbed.e2e import LIBVIRT_URI, Guest, WorkerProcess, make_guest, remove_domains
 from devtools.testbed.fake_host import FakeHost
 from devtools.testbed.shapes import Bed
-from starter.api import create_app
-from tests.api_support import CLIENTS
+from tests.api_support import CLIENTS, serve_api
 from workflows.models import WORKFLOW_TASK_QUEUE, host_task_queue
 from workflows.rebuild import RebuildInstance
 from workflows.snapshot import SNAPSHOT_WORKFLOWS
@@ -178,10 +177,8 @@ async def fake_host(client: Client, unique_host: str) -> AsyncIterator[FakeHost]
 @pytest.fixture
 async def api(client: Client) -> AsyncIterator[TestClient[Any, Any]]:
     """The HTTP API in process, on the dev server; its clients are ``tests.api_support``'s."""
-    test_client = TestClient(TestServer(create_app(client, CLIENTS)))
-    await test_client.start_server()
-    yield test_client
-    await test_client.close()
+    async with serve_api(client, CLIENTS) as test_client:
+        yield test_client
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import struct
 import subprocess
 import termios
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,74 +22,32 @@ import typer
 from aiohttp.test_utils import TestClient
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.worker import Replayer, Worker
+from temporalio.worker import Replayer
 
 import worker
 from activities.state import DEFAULT_STATE_DIR
-from common.connection import worker_identity
 from common.exit_codes import ExitCode
 from devtools import demo
 from devtools.image_server import Fault, ImageServer
 from devtools.temporal_dev import DevServer
-from devtools.testbed.e2e import BIN, LOOPBACK_NETWORKS, rebuild_cli, serve
-from devtools.testbed.libvirt_test_driver import DriverInstance, make_instances
+from devtools.testbed.e2e import BIN, serve
 from starter.cli import app
 from tests.api_support import AUTH
+from tests.driver_hosts import NARROW, DriverHost, make_root_disk_a_bare_block_device
+from tests.driver_hosts import driver_host as serve_driver_host
 from tests.history_recorder import record_patched_history
-from workflows.fleet import FleetRebuild
-from workflows.models import WORKFLOW_TASK_QUEUE, RebuildRequest, host_task_queue, rebuild_workflow_id
+from workflows.models import RebuildRequest, rebuild_workflow_id
 from workflows.names import PATCH_CURRENT_IMAGE
 from workflows.rebuild import RebuildInstance
 
-NARROW = {"COLUMNS": "80"}
-
-
-@dataclass
-class DriverHost:
-    name: str
-    address: str
-    instances: list[DriverInstance]
-    state_dir: Path
-
-    async def cli(self, *args: str) -> tuple[int, str, str]:
-        done = await rebuild_cli(self.address, *args, env=NARROW)
-        return done.code, done.stdout, done.stderr
-
 
 @pytest.fixture
-async def driver_host(
-    dev_server: DevServer, client: Client, unique_host: str, tmp_path: Path
-) -> AsyncIterator[DriverHost]:
+async def driver_host(dev_server: DevServer, unique_host: str, tmp_path: Path) -> AsyncIterator[DriverHost]:
     """vm-1 (a raw file root disk) and vm-2 (a block device no pool manages: not supported)."""
-    instances = make_instances(tmp_path, ["vm-1", "vm-2"])
-    conn = instances[0].libvirt.connection()
-    xml = conn.lookupByName("vm-2").XMLDesc(0)
-    xml = xml.replace("<disk type='file' device='disk'>", "<disk type='block' device='disk'>", 1)
-    xml = xml.replace(f"<source file='{instances[1].disk}'", "<source dev='/dev/sdz'", 1)
-    conn.defineXML(xml)
-    config = worker.WorkerConfig(
-        host=unique_host,
-        libvirt_uri=instances[0].libvirt.uri,
-        state_dir=tmp_path / "state",
-        allowed_image_networks=LOOPBACK_NETWORKS,
-    )
-    identity = worker_identity(unique_host)
-    async with (
-        Worker(
-            client,
-            task_queue=WORKFLOW_TASK_QUEUE,
-            workflows=[RebuildInstance, FleetRebuild],
-            identity=identity,
-        ),
-        Worker(
-            client,
-            task_queue=host_task_queue(unique_host),
-            activities=worker.host_activities(config, instances[0].libvirt),
-            max_heartbeat_throttle_interval=worker.HEARTBEAT_THROTTLE,
-            identity=identity,
-        ),
-    ):
-        yield DriverHost(unique_host, dev_server.address, instances, config.state_dir)
+    names = ["vm-1", "vm-2"]
+    async with serve_driver_host(dev_server.address, unique_host, tmp_path, names) as host:
+        make_root_disk_a_bare_block_device(host, 1)
+        yield host
 
 
 async def test_start_of_an_unknown_instance_exits_2_at_once(driver_host: DriverHost) -> None:

@@ -21,8 +21,8 @@ from devtools.image_server import ImageServer
 from devtools.testbed.e2e import serve
 from devtools.testbed.fake_host import SHA, FakeHost, request_for
 from tests.api_support import AUTH
+from tests.driver_hosts import DriverHost
 from tests.history_recorder import record_history
-from tests.test_cli_first_hour import DriverHost
 from tests.test_cli_first_hour import driver_host as driver_host  # the fixture, reused
 from tests.test_ui_details import ui_details
 from tests.workflow_support import failure_of, rebuilding

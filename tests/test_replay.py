@@ -18,6 +18,7 @@ from temporalio.worker import Replayer
 
 from tests.history_recorder import WORKFLOW_VERSION, history_path
 from workflows.fleet import FleetRebuild
+from workflows.inventory import InstanceInventory
 from workflows.rebuild import RebuildInstance
 from workflows.snapshot import SNAPSHOT_WORKFLOWS
 
@@ -47,6 +48,8 @@ PATHS = (
 )
 # SnapshotInstance has no patches yet: its histories are named by their path alone.
 SNAPSHOT_PATHS = ("snapshot-taken-then-pruned", "snapshot-fails-undone", "snapshot-cancelled-undone")
+# InstanceInventory (`rebuild instances`): one host answered, one had no worker.
+INVENTORY_PATHS = ("instances-one-host-silent",)
 
 
 @pytest.mark.parametrize("name", PATHS)
@@ -62,11 +65,16 @@ def test_every_snapshot_path_has_a_history(name: str) -> None:
     assert (Path(__file__).parent / "histories" / f"{name}.json").exists()
 
 
+@pytest.mark.parametrize("name", INVENTORY_PATHS)
+def test_every_inventory_path_has_a_history(name: str) -> None:
+    assert (Path(__file__).parent / "histories" / f"{name}.json").exists()
+
+
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(
-        workflows=[RebuildInstance, FleetRebuild, *SNAPSHOT_WORKFLOWS],
+        workflows=[RebuildInstance, FleetRebuild, InstanceInventory, *SNAPSHOT_WORKFLOWS],
         data_converter=pydantic_data_converter,
     )
     await replayer.replay_workflow(history)

@@ -416,6 +416,13 @@ class InventoryEntry(Wire):
     running: bool
     # From the domain's <metadata>, written by the last successful rebuild.
     image_sha256: str | None = None
+    image_url: str | None = None
+    # virsh's word for the domain's state: running, paused, shut off, crashed, ...
+    state: str | None = None
+    # The root disk's <disk type> (file, volume, block, network, ...); None when no root disk is
+    # certain. ``refusal`` says why a rebuild would refuse the instance (None: it would not).
+    root_disk: str | None = None
+    refusal: str | None = None
 
 
 class HostInventory(Wire):
