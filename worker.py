@@ -41,6 +41,7 @@ from activities.preflight import PreflightActivities
 from activities.seed import SeedActivities
 from activities.snapshots import SnapshotActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
+from activities.swap import SwapActivities
 from common.codec import CodecKeyError
 from common.config_file import run_with_config
 from common.connection import TemporalUnavailable, connect, worker_identity
@@ -114,6 +115,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         preflight_by_default=config.preflight_by_default,
         boot_check=BootCheck(conn, disks.root_disks),
         state=state,
+        swaps_in_one_step=True,
     )
     images = ImageActivities(
         state,
@@ -141,6 +143,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         disks.stage_root_disk,
         disks.discard_staged_root_disk,
         disks.prepare_root_disk,
+        SwapActivities(hypervisor, disks).swap_root_disk,
         disks.restore_root_disk,
         disks.remove_backup,
         seed.prepare_seed,

@@ -27,6 +27,7 @@ from starter.cli_context import AddressOption, Cli, JsonOption, command, command
 from starter.fleets import (
     FleetDescription,
     abort_fleet,
+    budget_window_text,
     control_fleet,
     default_name,
     describe_fleet,
@@ -337,6 +338,8 @@ def _print_description(cli: Cli, described: FleetDescription) -> None:
         f"  limits: {limits.max_unavailable} at once, {limits.per_host or 'no limit'} per host, batch "
         f"{limits.batch_size}, {c.failures} of {limits.max_failures} failure(s) allowed"
     )
+    if described.budget_window is not None:
+        cli.say(f"  {budget_window_text(described.budget_window, status)}")
     for running in described.running:
         cli.say(f"  running: {running.instance} on {running.host} ({running.phase or '?'})")
     for problem in status.problems:

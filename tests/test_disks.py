@@ -13,7 +13,9 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.disks import DiskActivities
 from activities.errors import DiskMissing, InstanceNotStopped
+from activities.hypervisor import HypervisorActivities
 from activities.state import StateDir, backup_path
+from activities.swap import SwapActivities
 from devtools.guest import write_image
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance
 from workflows.models import (
@@ -22,6 +24,9 @@ from workflows.models import (
     RemoveBackupInput,
     RestoreRootDiskInput,
     StageRootDiskInput,
+    StartInstanceInput,
+    StopInstanceInput,
+    SwapRootDiskInput,
 )
 
 env = ActivityEnvironment()
@@ -265,3 +270,30 @@ async def test_a_staged_disk_is_discarded_and_the_old_one_kept(
     assert not Path(staged.staged_at).exists()
     assert vm.disk.read_bytes() == before
     assert list(vm.disk.parent.glob("*.rebuild-*")) == []
+
+
+async def test_swap_in_one_step_swaps_and_starts_and_a_retry_after_its_start_stops_nothing(
+    tmp_path: Path,
+) -> None:
+    vm = make_instance(tmp_path, running=True, disk_size=8 << 20)
+    state = StateDir(tmp_path / "state")
+    disks = DiskActivities(vm.libvirt, state)
+    swap = SwapActivities(HypervisorActivities(vm.libvirt, state=state), disks).swap_root_disk
+    old_bytes = vm.disk.read_bytes()
+    sha, size = cached_image(state)
+    request = SwapRootDiskInput(
+        stop=StopInstanceInput(instance="vm-1", timeout_seconds=0),
+        prepare=prepare_input(sha, size),
+        start=StartInstanceInput(instance="vm-1"),
+    )
+    first = await env.run(swap, request)
+    domain = vm.libvirt.domain("vm-1")
+    run_id = domain.run_id()
+    assert run_id is not None and first.stopped.forced and not first.started.already_running
+    assert root_format(vm) == "qcow2" and info(vm.disk)["format"] == "qcow2"
+    assert backup_path(str(vm.disk), REBUILD_ID).read_bytes() == old_bytes
+    # The worker died before it reported: the retry finds this rebuild's boot and leaves it running.
+    again = await env.run(swap, request)
+    assert again.started.already_running and again.stopped.forced
+    assert domain.run_id() == run_id
+    assert backup_path(str(vm.disk), REBUILD_ID).read_bytes() == old_bytes

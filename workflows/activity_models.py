@@ -52,6 +52,8 @@ __all__ = [
     "StopInstanceInput",
     "StopMethod",
     "StopResult",
+    "SwapRootDiskInput",
+    "SwapRootDiskResult",
     "VerifyInstanceInput",
     "VerifyResult",
     "VerifySpec",
@@ -163,6 +165,9 @@ class InstanceInfo(Wire):
     has_identity: bool = False
     # This host's worker boots new images in a sandbox first unless a request says otherwise.
     preflight_by_default: bool = False
+    # This host's worker has swap_root_disk (stop, prepare and start in one activity): a workflow asks
+    # for it only where the host says so, since a worker from before it would never pick it up.
+    swaps_in_one_step: bool = False
 
 
 class FetchImageInput(Wire):
@@ -324,6 +329,23 @@ class StartInstanceInput(Wire):
 class StartResult(Wire):
     started_at: datetime
     already_running: bool = False
+
+
+class SwapRootDiskInput(Wire):
+    """Stop, prepare and start as one activity: no workflow round trip inside the downtime."""
+
+    stop: StopInstanceInput
+    prepare: PrepareRootDiskInput
+    start: StartInstanceInput
+
+
+class SwapRootDiskResult(Wire):
+    stopped: StopResult
+    prepared: PreparedRootDisk
+    started: StartResult
+    # Each part's own seconds, for the rebuild's per-step timings.
+    prepare_seconds: float = 0.0
+    start_seconds: float = 0.0
 
 
 class VerifyInstanceInput(Wire):

@@ -21,6 +21,7 @@ __all__ = [
     "PATCH_IMAGE_ID_AFTER_FETCH",
     "PATCH_REBUILD_ID",
     "PATCH_STAGE_BEFORE_STOP",
+    "PATCH_SWAP_IN_ONE_STEP",
     "PAUSE_UPDATE",
     "RESUME_UPDATE",
     "REVERT_SIGNAL",
@@ -70,6 +71,9 @@ PATCH_PREFETCH_REFUSES_CONTRADICTION = "prefetch-refuses-a-format-glance-contrad
 PATCH_STAGE_BEFORE_STOP = "stage-root-disk-before-stop"
 # A request that names no image is rebuilt from the instance's recorded one, or refused after inspect.
 PATCH_CURRENT_IMAGE = "current-image-by-default"
+# Stop, prepare and start run as one activity (swap_root_disk) where the host has it and no seed goes
+# between: no workflow round trip inside the downtime.
+PATCH_SWAP_IN_ONE_STEP = "swap-root-disk-in-one-step"
 # A fleet waits for its update handlers (an abort signalling children) before it ends.
 PATCH_FLEET_WAITS_FOR_HANDLERS = "fleet-waits-for-its-handlers"
 

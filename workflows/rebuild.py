@@ -48,6 +48,7 @@ with workflow.unsafe.imports_passed_through():
         PATCH_IMAGE_ID_AFTER_FETCH,
         PATCH_REBUILD_ID,
         PATCH_STAGE_BEFORE_STOP,
+        PATCH_SWAP_IN_ONE_STEP,
         REVERT_SIGNAL,
         STATUS_QUERY,
         WORKFLOW_NAME,
@@ -69,6 +70,7 @@ with workflow.unsafe.imports_passed_through():
         StepRunner,
         preflight_options,
         stop_options,
+        swap_options,
         verify_options,
     )
 
@@ -84,6 +86,7 @@ class RebuildInstance:
         self._approved_by: str | None = None
         self._decision: tuple[str, str] | None = None
         self._rebuild_id: str | None = None
+        self._forced = False
 
     @workflow.query(name=STATUS_QUERY)
     def status(self) -> RebuildStatus:
@@ -156,10 +159,15 @@ class RebuildInstance:
             if request.require_approval:
                 await self._await_approval(request)
             await self._stage(instance, image)
-            stopped = await self._stop(request, instance)
-            await self._prepare(instance, image)
-            seeded = await self._seed(request, instance)
-            downtime = await self._start_and_verify(request, instance, stopped, image)
+            downtime: float | None
+            if self._swaps_in_one_step(request, instance):
+                seeded = False
+                downtime = await self._swap_in_one_step(request, instance, image)
+            else:
+                stopped = await self._stop(request, instance)
+                await self._prepare(instance, image)
+                seeded = await self._seed(request, instance)
+                downtime = await self._start_and_verify(request, instance, stopped, image)
             if request.confirm_within_seconds is not None:
                 await self._confirm_window(request.confirm_within_seconds, request.revert_by_default)
         except (
@@ -177,7 +185,7 @@ class RebuildInstance:
         self._state.outcome, self._state.downtime_seconds = Outcome.REBUILT, downtime
         self._steps.enter(Phase.DONE)
         metrics.rebuild_finished(request.host, Outcome.REBUILT, _seconds_since_start(), downtime)
-        return self._state.rebuilt(image, downtime, stopped.forced)
+        return self._state.rebuilt(image, downtime, self._forced)
 
     async def _inspect(self, request: RebuildRequest) -> io.InstanceInfo:
         return await self._steps.run(
@@ -289,7 +297,66 @@ class RebuildInstance:
             stop_options(request.stop_timeout_seconds),
         )
         self._state.stopped_by = stopped.stopped_by
+        self._forced = stopped.forced
         return stopped
+
+    def _swaps_in_one_step(self, request: RebuildRequest, instance: io.InstanceInfo) -> bool:
+        """Stop, prepare and start as one activity: where the host's worker has it, the instance was
+        running and starts again, and no seed goes between prepare and start. Histories from before
+        (their inspect said nothing of it) keep their three steps."""
+        should_start = instance.was_running if request.start_after is None else request.start_after
+        seeds = request.identity is not None or instance.has_identity
+        if not (instance.swaps_in_one_step and instance.was_running and should_start and not seeds):
+            return False
+        return workflow.patched(PATCH_SWAP_IN_ONE_STEP)
+
+    async def _swap_in_one_step(
+        self, request: RebuildRequest, instance: io.InstanceInfo, image: NewImage
+    ) -> float:
+        """The downtime as one step (``swap_root_disk``): every undo of the three is pushed first, in
+        their order, so a failure anywhere in it rolls back as the three steps would."""
+        assert self._rebuild_id is not None
+        restore = io.RestoreRootDiskInput(
+            instance=request.instance,
+            rebuild_id=self._rebuild_id,
+            original_format=instance.root_disk_format,
+            image_sha256=image.checked.sha256,
+            root_disk_target=instance.root_disk_target,
+        )
+        self._saga.push("start instance again", self._undo_stop)
+        self._saga.push("restore old root disk", lambda: self._undo_prepare(restore))
+        self._saga.push("stop instance on new disk", self._undo_start)
+        swap = io.SwapRootDiskInput(
+            stop=io.StopInstanceInput(
+                instance=request.instance, timeout_seconds=request.stop_timeout_seconds
+            ),
+            prepare=io.PrepareRootDiskInput(
+                **self._new_disk(instance, image),
+                original_format=instance.root_disk_format,
+                discard_snapshots=request.discard_snapshots,
+            ),
+            start=io.StartInstanceInput(instance=request.instance, rebuild_id=self._rebuild_id),
+        )
+        try:
+            swapped = await self._steps.run(
+                Phase.STOP, contract.swap_root_disk, swap, swap_options(request.stop_timeout_seconds)
+            )
+        except ActivityError as err:
+            # The rebuild says which of the three failed.
+            step = _failed_step(err)
+            if step is not None:
+                self._state.phase = step
+            raise
+        state = self._state
+        state.stopped_by = swapped.stopped.stopped_by
+        self._forced = swapped.stopped.forced
+        # The one step's time, told as the three steps' it holds.
+        parts = swapped.prepare_seconds + swapped.start_seconds
+        state.add_seconds(Phase.STOP.value, -min(parts, state.step_seconds.get(Phase.STOP.value, 0.0)))
+        state.add_seconds(Phase.PREPARE.value, swapped.prepare_seconds)
+        state.add_seconds(Phase.START.value, swapped.start_seconds)
+        await self._verify(request, instance, swapped.stopped, image)
+        return (swapped.started.started_at - swapped.stopped.stopped_at).total_seconds()
 
     async def _prepare(self, instance: io.InstanceInfo, image: NewImage) -> None:
         """The old disk becomes the backup, named by the rebuild ID: the undo finds it even after a reset."""
@@ -368,6 +435,14 @@ class RebuildInstance:
             io.StartInstanceInput(instance=request.instance, rebuild_id=self._rebuild_id),
             START,
         )
+        await self._verify(request, instance, stopped, image)
+        if not instance.was_running:
+            return None
+        return (started.started_at - stopped.stopped_at).total_seconds()
+
+    async def _verify(
+        self, request: RebuildRequest, instance: io.InstanceInfo, stopped: io.StopResult, image: NewImage
+    ) -> None:
         verified = await self._steps.run(
             Phase.VERIFY,
             contract.verify_instance,
@@ -385,9 +460,6 @@ class RebuildInstance:
         )
         # None in histories from before verify reported how it verified.
         self._state.verified_by = verified.verified_by if verified is not None else None
-        if not instance.was_running:
-            return None
-        return (started.started_at - stopped.stopped_at).total_seconds()
 
     async def _clean_up(self, instance_info: io.InstanceInfo, image: NewImage, seeded: bool) -> None:
         """Drop the backup and record the new image. Retried without a limit; an error no retry can
@@ -470,6 +542,16 @@ class RebuildInstance:
 
 def _seconds_since_start() -> float:
     return (workflow.now() - workflow.info().start_time).total_seconds()
+
+
+def _failed_step(err: ActivityError) -> Phase | None:
+    """Which part of ``swap_root_disk`` failed, from its error's details."""
+    cause = err.cause
+    if not isinstance(cause, ApplicationError) or not cause.details:
+        return None
+    named = cause.details[0]
+    step = named.get("step") if isinstance(named, dict) else None
+    return Phase(step) if step in (Phase.STOP, Phase.PREPARE, Phase.START) else None
 
 
 def _rebuild_id() -> str:
