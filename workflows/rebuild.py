@@ -355,6 +355,9 @@ class RebuildInstance:
         state.add_seconds(Phase.STOP.value, -min(parts, state.step_seconds.get(Phase.STOP.value, 0.0)))
         state.add_seconds(Phase.PREPARE.value, swapped.prepare_seconds)
         state.add_seconds(Phase.START.value, swapped.start_seconds)
+        # The step histogram's stop holds the whole activity; prepare and start as the host timed them.
+        metrics.step_finished(request.host, Phase.PREPARE.value, swapped.prepare_seconds)
+        metrics.step_finished(request.host, Phase.START.value, swapped.start_seconds)
         await self._verify(request, instance, swapped.stopped, image)
         return (swapped.started.started_at - swapped.stopped.stopped_at).total_seconds()
 
