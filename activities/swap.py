@@ -10,6 +10,10 @@ their kill points included), run one after the other; the activity is as idempot
 - a retry after the start finds this rebuild's start record, and the instance running that boot: it
   neither stops it again nor touches its disk, and returns how the first attempt's stop went.
 
+A cancel (an abort) interrupts the stop's graceful wait, but never prepare or start midway: their
+undos must not race them, so a part under way runs to its end and the cancel is raised after it, and
+start does not begin once the cancel is known.
+
 A failure names the part it came from (its details: ``{"step": "stop" | "prepare" | "start"}``), so the
 rebuild says where it failed.
 """
@@ -60,9 +64,11 @@ class SwapActivities:
         stopped = await _part("stop", hypervisor.stop, request.stop, False)
         async with keep_alive():
             began = time.perf_counter()
-            prepared = await _part("prepare", self.disks.prepare_root_disk, request.prepare)
+            prepared = await _to_its_end(_part("prepare", self.disks.prepare_root_disk, request.prepare))
             between = time.perf_counter()
-            started = await _part("start", hypervisor.start, start, stopped)
+            if activity.is_cancelled():
+                raise asyncio.CancelledError()
+            started = await _to_its_end(_part("start", hypervisor.start, start, stopped))
             ended = time.perf_counter()
         return io.SwapRootDiskResult(
             stopped=stopped,
@@ -71,6 +77,18 @@ class SwapActivities:
             prepare_seconds=between - began,
             start_seconds=ended - between,
         )
+
+
+async def _to_its_end(part: Awaitable[T]) -> T:
+    """``part``, finished even when a cancel comes meanwhile; the cancel is raised once it is over."""
+    task = asyncio.ensure_future(part)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # the cancel is what this activity reports; its error is not lost unread
+        raise
 
 
 async def _part(step: str, call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:

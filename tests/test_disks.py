@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from temporalio.testing import ActivityEnvironment
 
+from activities.checkpoints import Checkpoints
 from activities.disks import DiskActivities
 from activities.errors import DiskMissing, InstanceNotStopped
 from activities.hypervisor import HypervisorActivities
@@ -297,3 +299,36 @@ async def test_swap_in_one_step_swaps_and_starts_and_a_retry_after_its_start_sto
     assert again.started.already_running and again.stopped.forced
     assert domain.run_id() == run_id
     assert backup_path(str(vm.disk), REBUILD_ID).read_bytes() == old_bytes
+
+
+async def test_a_cancel_during_the_swap_lets_prepare_finish_and_starts_nothing(tmp_path: Path) -> None:
+    """An abort cancels ``swap_root_disk``; the rollback that follows must not race a prepare or a
+    start still under way, so prepare ends first and start never begins."""
+    vm = make_instance(tmp_path, running=True, disk_size=8 << 20)
+    state = StateDir(tmp_path / "state")
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    checkpoints = Checkpoints(pauses)
+    disks = DiskActivities(vm.libvirt, state, checkpoints)
+    hypervisor = HypervisorActivities(vm.libvirt, checkpoints, state=state)
+    swap = SwapActivities(hypervisor, disks).swap_root_disk
+    sha, size = cached_image(state)
+    request = SwapRootDiskInput(
+        stop=StopInstanceInput(instance="vm-1", timeout_seconds=0),
+        prepare=prepare_input(sha, size),
+        start=StartInstanceInput(instance="vm-1"),
+    )
+    gate = pauses / "prepare.after-backup"
+    gate.touch()
+    cancelled = ActivityEnvironment()
+    running = asyncio.ensure_future(cancelled.run(swap, request))
+    while not (pauses / "prepare.after-backup.reached").exists():
+        await asyncio.sleep(0.05)
+    cancelled.cancel()
+    await asyncio.sleep(0.3)
+    assert not running.done(), "the swap gave up in the middle of prepare"
+    gate.unlink()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert root_format(vm) == "qcow2", "prepare did not finish its swap"
+    assert not vm.libvirt.domain("vm-1").is_active(), "start began after the cancel"
