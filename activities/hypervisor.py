@@ -58,10 +58,13 @@ class HypervisorActivities:
         boot_check: BootCheck | None = None,
         state: StateDir | None = None,
         swaps_in_one_step: bool = False,
+        cleans_up_in_one_step: bool = False,
     ) -> None:
         self.libvirt = libvirt_conn
-        # The worker registers swap_root_disk (activities/swap.py): inspect says so to the workflow.
+        # The worker registers swap_root_disk (activities/swap.py) and clean_up_rebuild
+        # (activities/cleanup.py): inspect says so to the workflow.
         self.swaps_in_one_step = swaps_in_one_step
+        self.cleans_up_in_one_step = cleans_up_in_one_step
         self.checkpoints = checkpoints or Checkpoints()
         self.preflight_by_default = preflight_by_default
         self.boot_check = boot_check or BootCheck(libvirt_conn)
@@ -95,6 +98,7 @@ class HypervisorActivities:
                 has_identity=dx.current_identity(xml) is not None,
                 preflight_by_default=self.preflight_by_default,
                 swaps_in_one_step=self.swaps_in_one_step,
+                cleans_up_in_one_step=self.cleans_up_in_one_step,
             )
 
         return await asyncio.to_thread(read)

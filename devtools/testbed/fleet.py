@@ -41,6 +41,7 @@ from workflows.fleet_models import (
     fleet_workflow_id,
 )
 from workflows.models import (
+    CleanUpInput,
     InspectInstanceInput,
     InstanceInfo,
     PreparedRootDisk,
@@ -158,6 +159,7 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
     stop, start = _named(real, "stop_instance"), _named(real, "start_instance")
     verify, prepare = _named(real, "verify_instance"), _named(real, "prepare_root_disk")
     inspect, record = _named(real, "inspect_instance"), _named(real, "record_image")
+    clean_up = _named(real, "clean_up_rebuild")
 
     @activity.defn(name="inspect_instance")
     async def inspect_instance(request: InspectInstanceInput) -> InstanceInfo:
@@ -170,6 +172,11 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
     async def record_image(request: RecordImageInput) -> None:
         await record(request)
         fleet.tracker.ended(host, request.instance)
+
+    @activity.defn(name="clean_up_rebuild")
+    async def clean_up_rebuild(request: CleanUpInput) -> None:
+        await clean_up(request)
+        fleet.tracker.ended(host, request.record.instance)
 
     @activity.defn(name="stop_instance")
     async def stop_instance(request: StopInstanceInput) -> StopResult:
@@ -212,6 +219,7 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
         verify_instance,
         prepare_root_disk,
         record_image,
+        clean_up_rebuild,
     ]
     replaced = {activity._Definition.must_from_callable(a).name for a in mine}
     keep = [a for a in real if activity._Definition.must_from_callable(a).name not in replaced]
