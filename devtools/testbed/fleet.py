@@ -301,7 +301,8 @@ async def simulated_fleet(
 
 
 async def down_interval(client: Client, workflow_id: str) -> tuple[datetime, datetime] | None:
-    """From the child's history: its first stop scheduled to its last start (or undo start) done."""
+    """From the child's history: its first stop scheduled to its last start (or undo start) done;
+    ``swap_root_disk`` (stop, prepare and start in one) counts as both, its whole span as down."""
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     names: dict[int, str] = {}
     first_stop: datetime | None = None
@@ -310,11 +311,11 @@ async def down_interval(client: Client, workflow_id: str) -> tuple[datetime, dat
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             name = event.activity_task_scheduled_event_attributes.activity_type.name
             names[event.event_id] = name
-            if name == "stop_instance" and first_stop is None:
+            if name in ("stop_instance", "swap_root_disk") and first_stop is None:
                 first_stop = event.event_time.ToDatetime()
         elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
             scheduled = event.activity_task_completed_event_attributes.scheduled_event_id
-            if names.get(scheduled) == "start_instance":
+            if names.get(scheduled) in ("start_instance", "swap_root_disk"):
                 last_start = event.event_time.ToDatetime()
     if first_stop is None:
         return None
