@@ -105,7 +105,9 @@ def cli_words() -> Words:
 
 
 def _console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    # No emoji codes: an operator's text (":a:" in a name) is printed as it is, and rich's emoji table
+    # (80 ms to import on a loaded machine) stays unloaded.
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, emoji=False)
 
 
 @dataclass
