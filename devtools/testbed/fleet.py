@@ -51,6 +51,8 @@ from workflows.models import (
     StartResult,
     StopInstanceInput,
     StopResult,
+    SwapRootDiskInput,
+    SwapRootDiskResult,
     VerifyInstanceInput,
     host_task_queue,
 )
@@ -159,7 +161,7 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
     stop, start = _named(real, "stop_instance"), _named(real, "start_instance")
     verify, prepare = _named(real, "verify_instance"), _named(real, "prepare_root_disk")
     inspect, record = _named(real, "inspect_instance"), _named(real, "record_image")
-    clean_up = _named(real, "clean_up_rebuild")
+    clean_up, swap = _named(real, "clean_up_rebuild"), _named(real, "swap_root_disk")
 
     @activity.defn(name="inspect_instance")
     async def inspect_instance(request: InspectInstanceInput) -> InstanceInfo:
@@ -172,6 +174,14 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
     async def record_image(request: RecordImageInput) -> None:
         await record(request)
         fleet.tracker.ended(host, request.instance)
+
+    @activity.defn(name="swap_root_disk")
+    async def swap_root_disk(request: SwapRootDiskInput) -> SwapRootDiskResult:
+        # Stop, prepare and start in one: counted down for the whole activity (never less than it was).
+        fleet.tracker.stopped(host, request.stop.instance)
+        result: SwapRootDiskResult = await swap(request)
+        fleet.tracker.started(host, request.start.instance)
+        return result
 
     @activity.defn(name="clean_up_rebuild")
     async def clean_up_rebuild(request: CleanUpInput) -> None:
@@ -220,6 +230,7 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
         prepare_root_disk,
         record_image,
         clean_up_rebuild,
+        swap_root_disk,
     ]
     replaced = {activity._Definition.must_from_callable(a).name for a in mine}
     keep = [a for a in real if activity._Definition.must_from_callable(a).name not in replaced]
