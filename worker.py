@@ -28,6 +28,7 @@ from temporalio.worker import Worker, WorkerDeploymentConfig
 
 from activities.boot_check import BootCheck
 from activities.checkpoints import Checkpoints
+from activities.cleanup import CleanupActivities
 from activities.disks import DiskActivities
 from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoint
 from activities.glance_publish import SnapshotPublisher
@@ -116,6 +117,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         boot_check=BootCheck(conn, disks.root_disks),
         state=state,
         swaps_in_one_step=True,
+        cleans_up_in_one_step=True,
     )
     images = ImageActivities(
         state,
@@ -144,6 +146,7 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         disks.discard_staged_root_disk,
         disks.prepare_root_disk,
         SwapActivities(hypervisor, disks).swap_root_disk,
+        CleanupActivities(hypervisor, disks).clean_up_rebuild,
         disks.restore_root_disk,
         disks.remove_backup,
         seed.prepare_seed,

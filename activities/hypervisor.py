@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import time
+import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,10 +59,13 @@ class HypervisorActivities:
         boot_check: BootCheck | None = None,
         state: StateDir | None = None,
         swaps_in_one_step: bool = False,
+        cleans_up_in_one_step: bool = False,
     ) -> None:
         self.libvirt = libvirt_conn
-        # The worker registers swap_root_disk (activities/swap.py): inspect says so to the workflow.
+        # The worker registers swap_root_disk (activities/swap.py) and clean_up_rebuild
+        # (activities/cleanup.py): inspect says so to the workflow.
         self.swaps_in_one_step = swaps_in_one_step
+        self.cleans_up_in_one_step = cleans_up_in_one_step
         self.checkpoints = checkpoints or Checkpoints()
         self.preflight_by_default = preflight_by_default
         self.boot_check = boot_check or BootCheck(libvirt_conn)
@@ -95,6 +99,7 @@ class HypervisorActivities:
                 has_identity=dx.current_identity(xml) is not None,
                 preflight_by_default=self.preflight_by_default,
                 swaps_in_one_step=self.swaps_in_one_step,
+                cleans_up_in_one_step=self.cleans_up_in_one_step,
             )
 
         return await asyncio.to_thread(read)
@@ -167,13 +172,19 @@ class HypervisorActivities:
         async with keep_alive():
             return await self.start(request)
 
-    async def start(self, request: StartInstanceInput, stopped: StopResult | None = None) -> StartResult:
+    async def start(
+        self,
+        request: StartInstanceInput,
+        stopped: StopResult | None = None,
+        definition: ET.Element | None = None,
+    ) -> StartResult:
         """``start_instance``'s work; ``stopped`` (how the stop went) is kept in the start record, for
-        a retry of ``swap_root_disk`` that finds the instance started already."""
+        a retry of ``swap_root_disk`` that finds the instance started already. ``definition``, read
+        before the stop, names the serial log without a read of it inside the downtime."""
         record = None if request.rebuild_id is None else self._start_record_path(request.rebuild_id)
         domain = self.libvirt.domain(request.instance)
         if record is not None:
-            await asyncio.to_thread(self._record_before_start, record, domain, stopped)
+            await asyncio.to_thread(self._record_before_start, record, domain, stopped, definition)
         await self.checkpoints.reach("start.before-create")
         already_running = await asyncio.to_thread(domain.start)
         started_at = datetime.now(UTC)
@@ -187,13 +198,21 @@ class HypervisorActivities:
             raise InvalidRequest("this worker has no state directory to record starts in")
         return self.state.start_record(rebuild_id)
 
-    def _record_before_start(self, path: Path, domain: ld.Domain, stopped: StopResult | None = None) -> None:
+    def _record_before_start(
+        self,
+        path: Path,
+        domain: ld.Domain,
+        stopped: StopResult | None = None,
+        definition: ET.Element | None = None,
+    ) -> None:
         """Before a start: this rebuild is about to boot this domain, its console now ends here."""
         if domain.is_active():
             return  # not started by this call: recorded (or not) by the attempt that started it
         if stopped is None:  # swap_root_disk made the directory and pruned it before the stop
             self.prepare_start_records(path)
-        log = dx.serial_log(domain.definition())
+        # The serial console is not among what prepare's define changes: a definition from before
+        # the stop names the same log.
+        log = dx.serial_log(definition if definition is not None else domain.definition())
         record: dict[str, object] = {
             "instance": domain.name,
             "uuid": domain.uuid(),

@@ -60,6 +60,8 @@ class SwapActivities:
             started = io.StartResult(started_at=datetime.now(UTC), already_running=True)
             prepared = io.PreparedRootDisk(disk_path="", backup_path="", virtual_size=0)
             return io.SwapRootDiskResult(stopped=done, prepared=prepared, started=started)
+        # Before the stop too: the definition that names the serial log the start record reads.
+        definition = await _part("start", asyncio.to_thread, hypervisor.libvirt.domain(instance).definition)
         # The stop heartbeats while it waits for the guest; prepare and start under keep_alive.
         stopped = await _part("stop", hypervisor.stop, request.stop, False)
         async with keep_alive():
@@ -68,7 +70,7 @@ class SwapActivities:
             between = time.perf_counter()
             if activity.is_cancelled():
                 raise asyncio.CancelledError()
-            started = await _to_its_end(_part("start", hypervisor.start, start, stopped))
+            started = await _to_its_end(_part("start", hypervisor.start, start, stopped, definition))
             ended = time.perf_counter()
         return io.SwapRootDiskResult(
             stopped=stopped,

@@ -170,6 +170,7 @@ class Downtimes:
         self.three_steps: list[float] = []
         self.floor: list[float] = []
         self.prepare: list[float] = []
+        self.verify: list[float] = []
 
 
 def against_the_floor(guest: Any, url: str, sha: str, workdir: Path) -> Downtimes:
@@ -192,6 +193,7 @@ def against_the_floor(guest: Any, url: str, sha: str, workdir: Path) -> Downtime
         into.append(window.seconds())
         if into is found.one_step:
             found.prepare.append(result.step_seconds["prepare"])
+            found.verify.append(result.step_seconds["verify"])
 
     def floor() -> None:
         window = DownWindow(events, guest.name)
@@ -269,6 +271,8 @@ def main() -> None:
              ms(found.floor)),
             ("the workflow's prepare (the swap and its define) inside that window, median",
              f"{median(found.prepare) * 1000:.0f} ms", "", ""),
+            ("its verify (boot marker on the file console, from the start's return), median",
+             f"{median(found.verify) * 1000:.0f} ms", ms(found.verify), ""),
         ],
     )  # fmt: skip
     print(f"\nload average while measured: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")

@@ -10,15 +10,10 @@ hypervisor host, load libvirt and the cache code when they are used.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from temporalio.client import WorkflowFailureError, WorkflowHandle
-from temporalio.exceptions import ApplicationError, CancelledError, TerminatedError, TimeoutError
-from temporalio.service import RPCError
 
-from common.connection import connect
 from common.exit_codes import ExitCode, leave
 from starter import rebuild_options as ro
 from starter import steer_cli
@@ -34,11 +29,12 @@ from starter.cli_context import (
 )
 from starter.cli_settings import THIS_HOST, HostOption, connection_options
 from starter.fleet_cli import fleet_app
-from starter.identity_options import identity_change
-from starter.rebuilds import query_status, start_rebuild, wait_past_inspect
 from starter.snapshot_cli import snapshot_app
-from workflows.models import RebuildRequest, RebuildResult, StrictRebuildRequest
-from workflows.results import failure_result
+
+if TYPE_CHECKING:  # temporalio and the models load when a command runs, not for every --help
+    from temporalio.client import WorkflowHandle
+
+    from workflows.models import RebuildRequest, RebuildResult
 
 app = command_group(
     "Rebuild KVM/libvirt instances durably: a fresh root disk from a new image, or the old one back."
@@ -102,6 +98,9 @@ def start(
 
     Example: rebuild start web-1 --image https://images.example/noble.qcow2 --sha256 HEX --wait
     """
+    from starter.identity_options import identity_change
+    from workflows.models import StrictRebuildRequest
+
     cli = Cli.of(ctx)
     with cli.refusing("request"):
         sha256, sha512 = ro.digests(checksum, sha256, sha512)
@@ -147,6 +146,9 @@ def start(
 
 
 async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | None) -> int:
+    from common.connection import connect
+    from starter.rebuilds import start_rebuild, wait_past_inspect
+
     client = await connect(address)
     handle = await start_rebuild(client, request)
     if wait:
@@ -166,11 +168,17 @@ async def _start(cli: Cli, request: RebuildRequest, wait: bool, address: str | N
     return ExitCode.OK
 
 
-# How a failure's cause names the way the workflow ended, in the words of its status.
-_ENDED_AS = ((TerminatedError, "TERMINATED"), (CancelledError, "CANCELED"), (TimeoutError, "TIMED_OUT"))
+def _ended_as(cause: BaseException) -> str:
+    """How a failure's cause names the way the workflow ended, in the words of its status."""
+    from temporalio.exceptions import CancelledError, TerminatedError, TimeoutError
+
+    ended_as = ((TerminatedError, "TERMINATED"), (CancelledError, "CANCELED"), (TimeoutError, "TIMED_OUT"))
+    return next((name for kind, name in ended_as if isinstance(cause, kind)), "FAILED")
 
 
 async def _wait(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
+    import asyncio
+
     watcher = asyncio.create_task(_show_phases(cli, handle))
     try:
         return await _ended(cli, handle)
@@ -180,11 +188,16 @@ async def _wait(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
 
 async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
     """The rebuild's end as its result says it, and the exit code for it."""
+    from temporalio.client import WorkflowFailureError
+    from temporalio.exceptions import ApplicationError
+
+    from workflows.results import failure_result
+
     try:
         rebuilt = await handle.result()
     except WorkflowFailureError as failure:
         outcome = failure_result(failure.cause)
-        ended = next((name for kind, name in _ENDED_AS if isinstance(failure.cause, kind)), "FAILED")
+        ended = _ended_as(failure.cause)
         code = exit_for_rebuild(ended, outcome)
         if cli.json and outcome is not None:
             cli.print_json(outcome)
@@ -200,6 +213,12 @@ async def _ended(cli: Cli, handle: WorkflowHandle[Any, RebuildResult]) -> int:
 
 
 async def _show_phases(cli: Cli, handle: WorkflowHandle[Any, Any]) -> None:
+    import asyncio
+
+    from temporalio.service import RPCError
+
+    from starter.rebuilds import query_status
+
     seen = None
     while True:
         try:

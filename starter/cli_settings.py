@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
@@ -31,6 +30,8 @@ HostOption = Annotated[
 
 
 def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # email, zipfile, csv: only for --version
+
     try:
         return version(PACKAGE)
     except PackageNotFoundError:

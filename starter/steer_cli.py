@@ -6,37 +6,22 @@ Output, JSON mode, errors and exit codes come from the command's :class:`~starte
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from common.connection import connect
 from common.exit_codes import ExitCode
 from starter.cli_context import AddressOption, Cli, JsonOption, command, exit_for_rebuild, exit_for_workflow
 from starter.cli_settings import THIS_HOST, HostOption
-from starter.rebuilds import (
-    RebuildDescription,
-    abort_rebuild,
-    describe_rebuild,
-    latest_rebuild,
-    list_query,
-    list_rebuilds,
-    send_decision,
-)
-from workflows.models import AbortRequest, Decision, Phase, StrictAbortRequest, StrictDecision
+
+if TYPE_CHECKING:  # temporalio and the models load when a command runs, not for every --help
+    from temporalio.client import Client, WorkflowHandle
+
+    from starter.rebuilds import RebuildDescription
+    from workflows.models import AbortRequest, Decision
 
 InstanceArgument = Annotated[str, typer.Argument(help="libvirt domain name of the instance.")]
 DECISIONS = {
@@ -81,6 +66,10 @@ async def _status(cli: Cli, instance: str, host: str, address: str | None) -> in
     Exits 0 while it runs and once it completed, 1 when it failed, 4 when it was terminated, cancelled
     or timed out. Example: rebuild status web-1 --host kvm-07
     """
+    from common.connection import connect
+    from starter.rebuilds import describe_rebuild
+    from workflows.models import Phase
+
     described = await describe_rebuild(await connect(address), instance, host)
     if cli.json:
         cli.print_json(described)
@@ -128,6 +117,9 @@ async def _watch(cli: Cli, instance: str, host: str, address: str | None) -> int
     Ends when the rebuild ends (with --json: prints its final status as JSON); exit code as for
     `rebuild start --wait`. Example: rebuild watch web-1
     """
+    from common.connection import connect
+    from starter.rebuilds import latest_rebuild
+
     client = await connect(address)
     handle, _ = await latest_rebuild(client, instance, host)
     with cli.following(instance, host, handle.id):
@@ -137,6 +129,20 @@ async def _watch(cli: Cli, instance: str, host: str, address: str | None) -> int
 async def _follow(
     cli: Cli, client: Client, handle: WorkflowHandle[Any, Any], instance: str, host: str
 ) -> int:
+    import asyncio
+
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from temporalio.client import WorkflowFailureError
+
+    from starter.rebuilds import describe_rebuild
+
     if cli.json:
         with contextlib.suppress(WorkflowFailureError):
             await handle.result()
@@ -196,6 +202,8 @@ def abort(
 
     Example: rebuild abort web-1 --host kvm-07 --reason "wrong image"
     """
+    from workflows.models import StrictAbortRequest
+
     cli = Cli.of(ctx)
     with cli.refusing("abort"):
         request = StrictAbortRequest(reason=reason, requested_by=requested_by)
@@ -203,6 +211,9 @@ def abort(
 
 
 async def _abort(cli: Cli, instance: str, host: str, request: AbortRequest, address: str | None) -> int:
+    from common.connection import connect
+    from starter.rebuilds import abort_rebuild
+
     answer = await abort_rebuild(await connect(address), instance, host, request)
     said = f"abort accepted in phase {answer.phase.value}; see: rebuild status {instance} --host {host}"
     return cli.answered(answer, answer.accepted, said, f"abort refused: {answer.message}")
@@ -220,6 +231,8 @@ def _decision_command(verdict: str, summary: str) -> Callable[..., None]:
         address: AddressOption = None,
         as_json: JsonOption = False,
     ) -> None:
+        from workflows.models import StrictDecision
+
         cli = Cli.of(ctx)
         with cli.refusing(verdict):
             decision = StrictDecision(reason=reason, requested_by=requested_by)
@@ -232,6 +245,9 @@ def _decision_command(verdict: str, summary: str) -> Callable[..., None]:
 async def _signal(
     cli: Cli, instance: str, host: str, verdict: str, decision: Decision, address: str | None
 ) -> int:
+    from common.connection import connect
+    from starter.rebuilds import send_decision
+
     workflow_id = await send_decision(await connect(address), instance, host, verdict, decision)
     if cli.json:
         cli.print_json({"workflow_id": workflow_id, "signal": verdict})
@@ -255,6 +271,8 @@ def list_command(
 
     Example: rebuild list --phase await-approval --running
     """
+    from starter.rebuilds import list_query
+
     cli = Cli.of(ctx)
     with cli.refusing("filter"):
         query = list_query(phase, host, running)
@@ -262,5 +280,8 @@ def list_command(
 
 
 async def _list(cli: Cli, query: str, limit: int, address: str | None) -> int:
+    from common.connection import connect
+    from starter.rebuilds import list_rebuilds
+
     rows = await list_rebuilds(await connect(address), query, limit)
     return cli.listing(rows, ("instance", "host", "phase", "status", "started"))

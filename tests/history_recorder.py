@@ -19,6 +19,7 @@ HISTORIES = Path(__file__).parent / "histories"
 WORKFLOW_VERSION = "stage-root-disk-before-stop"
 # Paths only a newer patch takes are named by that patch (every other path's history is unchanged by it).
 SWAP_IN_ONE_STEP = "swap-root-disk-in-one-step"
+CLEAN_UP_IN_ONE_STEP = "clean-up-in-one-step"
 
 
 def history_path(name: str, version: str = WORKFLOW_VERSION) -> Path:

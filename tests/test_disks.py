@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from temporalio.testing import ActivityEnvironment
 
 from activities.checkpoints import Checkpoints
+from activities.cleanup import CleanupActivities
 from activities.disks import DiskActivities
 from activities.errors import DiskMissing, InstanceNotStopped
 from activities.hypervisor import HypervisorActivities
@@ -21,8 +23,10 @@ from activities.swap import SwapActivities
 from devtools.guest import write_image
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance
 from workflows.models import (
+    CleanUpInput,
     DiscardStagedRootDiskInput,
     PrepareRootDiskInput,
+    RecordImageInput,
     RemoveBackupInput,
     RestoreRootDiskInput,
     StageRootDiskInput,
@@ -33,6 +37,7 @@ from workflows.models import (
 
 env = ActivityEnvironment()
 REBUILD_ID = "0b9f2f0e-run"
+T0 = datetime(2026, 12, 3, tzinfo=UTC)
 
 
 def cached_image(state: StateDir, marker: str = "new image", size: int = 1 << 20) -> tuple[str, int]:
@@ -170,6 +175,26 @@ async def test_remove_backup_keeps_the_new_disk(
     assert not Path(prepared.backup_path).exists()
     assert info(vm.disk)["format"] == "qcow2"
     assert list(vm.disk.parent.glob("*.rebuild-*")) == []
+
+
+async def test_clean_up_in_one_step_removes_the_backup_and_records_the_image_and_can_run_again(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    sha, size = cached_image(state)
+    hypervisor = HypervisorActivities(vm.libvirt, state=state)
+    clean_up = CleanupActivities(hypervisor, disks).clean_up_rebuild
+    prepared = await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    request = CleanUpInput(
+        remove=RemoveBackupInput(instance="vm-1", rebuild_id=REBUILD_ID),
+        record=RecordImageInput(instance="vm-1", image_sha256=sha, image_url="http://x/y", rebuilt_at=T0),
+    )
+    await env.run(clean_up, request)
+    await env.run(clean_up, request)  # a retry after a worker died once it was done
+    assert not Path(prepared.backup_path).exists()
+    assert info(vm.disk)["format"] == "qcow2"
+    record = vm.libvirt.domain("vm-1").image_record()
+    assert record is not None and record.get("sha256") == sha
 
 
 async def test_restore_refuses_a_new_disk_whose_backup_is_not_there(

@@ -19,6 +19,7 @@ __all__ = [
     "CachedImage",
     "CheckImageInput",
     "CheckedImage",
+    "CleanUpInput",
     "ConsoleRegex",
     "DiscardStagedRootDiskInput",
     "DiskFormat",
@@ -168,6 +169,8 @@ class InstanceInfo(Wire):
     # This host's worker has swap_root_disk (stop, prepare and start in one activity): a workflow asks
     # for it only where the host says so, since a worker from before it would never pick it up.
     swaps_in_one_step: bool = False
+    # The same for clean_up_rebuild (remove_backup and record_image in one activity).
+    cleans_up_in_one_step: bool = False
 
 
 class FetchImageInput(Wire):
@@ -402,6 +405,13 @@ class RecordImageInput(Wire):
     image_sha256: str
     image_url: str
     rebuilt_at: datetime
+
+
+class CleanUpInput(Wire):
+    """The backup's removal and the image's record in one activity: one round trip, not two."""
+
+    remove: RemoveBackupInput
+    record: RecordImageInput
 
 
 class ListInstancesInput(Wire):

@@ -17,6 +17,7 @@ __all__ = [
     "FLEET_STATUS_QUERY",
     "FLEET_WORKFLOW",
     "PATCH_CLEANUP_NEVER_FAILS",
+    "PATCH_CLEAN_UP_IN_ONE_STEP",
     "PATCH_CURRENT_IMAGE",
     "PATCH_IMAGE_ID_AFTER_FETCH",
     "PATCH_REBUILD_ID",
@@ -74,6 +75,9 @@ PATCH_CURRENT_IMAGE = "current-image-by-default"
 # Stop, prepare and start run as one activity (swap_root_disk) where the host has it and no seed goes
 # between: no workflow round trip inside the downtime.
 PATCH_SWAP_IN_ONE_STEP = "swap-root-disk-in-one-step"
+# Cleanup's two host steps (remove_backup, record_image) run as one activity (clean_up_rebuild) where the
+# host has it and no seed backup goes between them.
+PATCH_CLEAN_UP_IN_ONE_STEP = "clean-up-in-one-step"
 # A fleet waits for its update handlers (an abort signalling children) before it ends.
 PATCH_FLEET_WAITS_FOR_HANDLERS = "fleet-waits-for-its-handlers"
 

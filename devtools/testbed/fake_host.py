@@ -23,6 +23,7 @@ from workflows.models import (
     CachedImage,
     CheckedImage,
     CheckImageInput,
+    CleanUpInput,
     DiscardStagedRootDiskInput,
     FetchImageInput,
     InspectInstanceInput,
@@ -80,6 +81,8 @@ class FakeHost:
         # fail_at="swap_root_disk" names as the one that failed.
         self.swaps_in_one_step = False
         self.swap_fails_in = "start"
+        # Whether inspect says this host has clean_up_rebuild (remove_backup and record_image in one).
+        self.cleans_up_in_one_step = False
 
     def hold(self, name: str) -> None:
         """Make activity ``name`` wait until :meth:`release` (the first time it runs)."""
@@ -116,6 +119,7 @@ class FakeHost:
                 root_disk_format="raw",
                 root_disk_target="vda",
                 swaps_in_one_step=self.swaps_in_one_step,
+                cleans_up_in_one_step=self.cleans_up_in_one_step,
             )
 
         @activity.defn(name="resolve_glance_image")
@@ -201,6 +205,10 @@ class FakeHost:
         async def record_image(request: RecordImageInput) -> None:
             await self._enter("record_image")
 
+        @activity.defn(name="clean_up_rebuild")
+        async def clean_up_rebuild(request: CleanUpInput) -> None:
+            await self._enter("clean_up_rebuild")
+
         return [
             *self._snapshot_activities(),
             inspect_instance,
@@ -217,6 +225,7 @@ class FakeHost:
             restore_root_disk,
             remove_backup,
             record_image,
+            clean_up_rebuild,
         ]
 
     def _snapshot_activities(self) -> list[Callable[..., Any]]:

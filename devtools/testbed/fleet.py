@@ -41,6 +41,7 @@ from workflows.fleet_models import (
     fleet_workflow_id,
 )
 from workflows.models import (
+    CleanUpInput,
     InspectInstanceInput,
     InstanceInfo,
     PreparedRootDisk,
@@ -50,6 +51,8 @@ from workflows.models import (
     StartResult,
     StopInstanceInput,
     StopResult,
+    SwapRootDiskInput,
+    SwapRootDiskResult,
     VerifyInstanceInput,
     host_task_queue,
 )
@@ -158,20 +161,34 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
     stop, start = _named(real, "stop_instance"), _named(real, "start_instance")
     verify, prepare = _named(real, "verify_instance"), _named(real, "prepare_root_disk")
     inspect, record = _named(real, "inspect_instance"), _named(real, "record_image")
+    clean_up, swap = _named(real, "clean_up_rebuild"), _named(real, "swap_root_disk")
 
     @activity.defn(name="inspect_instance")
     async def inspect_instance(request: InspectInstanceInput) -> InstanceInfo:
         fleet.inspected.append(request.instance)
         fleet.tracker.began(host, request.instance)
         info: InstanceInfo = await inspect(request)
-        # Three steps, each seen by the tracker; the one-step swap is the real worker's (test_disks,
-        # test_faults, test_fleet_end_to_end).
+        # Three steps, each seen by the tracker and the gate on prepare; the one-step swap is the real
+        # worker's (test_disks, test_faults, test_fleet_end_to_end).
         return info.model_copy(update={"swaps_in_one_step": False})
 
     @activity.defn(name="record_image")
     async def record_image(request: RecordImageInput) -> None:
         await record(request)
         fleet.tracker.ended(host, request.instance)
+
+    @activity.defn(name="swap_root_disk")
+    async def swap_root_disk(request: SwapRootDiskInput) -> SwapRootDiskResult:
+        # Stop, prepare and start in one: counted down for the whole activity (never less than it was).
+        fleet.tracker.stopped(host, request.stop.instance)
+        result: SwapRootDiskResult = await swap(request)
+        fleet.tracker.started(host, request.start.instance)
+        return result
+
+    @activity.defn(name="clean_up_rebuild")
+    async def clean_up_rebuild(request: CleanUpInput) -> None:
+        await clean_up(request)
+        fleet.tracker.ended(host, request.record.instance)
 
     @activity.defn(name="stop_instance")
     async def stop_instance(request: StopInstanceInput) -> StopResult:
@@ -214,6 +231,8 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
         verify_instance,
         prepare_root_disk,
         record_image,
+        clean_up_rebuild,
+        swap_root_disk,
     ]
     replaced = {activity._Definition.must_from_callable(a).name for a in mine}
     keep = [a for a in real if activity._Definition.must_from_callable(a).name not in replaced]
@@ -296,7 +315,7 @@ async def simulated_fleet(
 
 async def down_interval(client: Client, workflow_id: str) -> tuple[datetime, datetime] | None:
     """From the child's history: its first stop scheduled to its last start (or undo start) done;
-    ``swap_root_disk`` (stop, prepare and start in one) counts as both."""
+    ``swap_root_disk`` (stop, prepare and start in one) counts as both, its whole span as down."""
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     names: dict[int, str] = {}
     first_stop: datetime | None = None
