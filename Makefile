@@ -36,7 +36,7 @@ real-guest:
 # Benchmarks: every figure as a ratio against a reference run in the same script.
 # `make bench` is the full run behind docs/benchmarks.md's table; `make bench-quick` is a smaller one.
 BENCHES := bench.download bench.prepare bench.downtime bench.orchestration bench.scale bench.preflight \
-	bench.status_load bench.fleet bench.real_guest bench.pools bench.copy_mode bench.snapshot
+	bench.status_load bench.fleet bench.real_guest bench.pools bench.copy_mode bench.snapshot bench.startup
 
 bench: setup
 	@for b in $(BENCHES); do $(VENV)/python -m $$b || exit 1; done

@@ -29,6 +29,7 @@ from temporalio.worker import Worker, WorkerDeploymentConfig
 
 from activities.boot_check import BootCheck
 from activities.checkpoints import Checkpoints
+from activities.cleanup import CleanupActivities
 from activities.disks import DiskActivities
 from activities.glance import GlanceActivities, GlanceConfigError, GlanceEndpoint
 from activities.glance_publish import SnapshotPublisher
@@ -42,6 +43,7 @@ from activities.preflight import PreflightActivities
 from activities.seed import SeedActivities
 from activities.snapshots import SnapshotActivities
 from activities.state import DEFAULT_STATE_DIR, StateDir
+from activities.swap import SwapActivities
 from common.codec import CodecKeyError
 from common.config_file import run_with_config
 from common.connection import TemporalUnavailable, connect, worker_identity
@@ -116,6 +118,8 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         preflight_by_default=config.preflight_by_default,
         boot_check=BootCheck(conn, disks.root_disks),
         state=state,
+        swaps_in_one_step=True,
+        cleans_up_in_one_step=True,
     )
     images = ImageActivities(
         state,
@@ -144,6 +148,8 @@ def host_activities(config: WorkerConfig, conn: Libvirt | None = None) -> list[C
         disks.plan_root_disk,
         disks.discard_staged_root_disk,
         disks.prepare_root_disk,
+        SwapActivities(hypervisor, disks).swap_root_disk,
+        CleanupActivities(hypervisor, disks).clean_up_rebuild,
         disks.restore_root_disk,
         disks.remove_backup,
         seed.prepare_seed,

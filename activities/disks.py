@@ -123,14 +123,11 @@ class DiskActivities:
         _validate_sizes(request)
         async with keep_alive():
             # The first attempt asks again what inspect asked: snapshots or a saved state may have
-            # appeared while the instance stopped. A retry finds its own backup and finishes.
-            found = await self._root(request.instance, request.root_disk_target, stopped=False)
-            first = not self.backend(found).began(found, request.rebuild_id)
-            root = await self._root(
-                request.instance,
-                request.root_disk_target,
-                check_discarding=request.discard_snapshots if first else None,
-            )
+            # appeared while the instance stopped. A retry finds its own backup and finishes. One
+            # read of the definition for both: this runs inside the downtime.
+            root = await self._root(request.instance, request.root_disk_target)
+            if not self.backend(root).began(root, request.rebuild_id):
+                await asyncio.to_thread(rebuildable.refuse_unrebuildable, root, request.discard_snapshots)
             return await self.backend(root).prepare(root, request)
 
     @activity.defn

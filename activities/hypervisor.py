@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import time
+import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -57,8 +58,14 @@ class HypervisorActivities:
         preflight_by_default: bool = False,
         boot_check: BootCheck | None = None,
         state: StateDir | None = None,
+        swaps_in_one_step: bool = False,
+        cleans_up_in_one_step: bool = False,
     ) -> None:
         self.libvirt = libvirt_conn
+        # The worker registers swap_root_disk (activities/swap.py) and clean_up_rebuild
+        # (activities/cleanup.py): inspect says so to the workflow.
+        self.swaps_in_one_step = swaps_in_one_step
+        self.cleans_up_in_one_step = cleans_up_in_one_step
         self.checkpoints = checkpoints or Checkpoints()
         self.preflight_by_default = preflight_by_default
         self.boot_check = boot_check or BootCheck(libvirt_conn)
@@ -91,6 +98,8 @@ class HypervisorActivities:
                 current_image_url=record.get("url") if record is not None else None,
                 has_identity=dx.current_identity(xml) is not None,
                 preflight_by_default=self.preflight_by_default,
+                swaps_in_one_step=self.swaps_in_one_step,
+                cleans_up_in_one_step=self.cleans_up_in_one_step,
             )
 
         return await asyncio.to_thread(read)
@@ -102,6 +111,11 @@ class HypervisorActivities:
         An instance already off is a success. A paused or suspended one, or a transient domain, is
         refused before anything (a paused guest ignores ACPI, a transient domain vanishes at the stop).
         """
+        return await self.stop(request)
+
+    async def stop(self, request: StopInstanceInput, console: bool = True) -> StopResult:
+        """``stop_instance``'s work; without ``console``, the console's offset is not read (0): a
+        rebuild's start record keeps the offset its verify reads."""
         domain = self.libvirt.domain(request.instance)
         await asyncio.to_thread(rebuildable.refuse_domain_state, domain)
         state = await asyncio.to_thread(domain.power_state)
@@ -112,12 +126,14 @@ class HypervisorActivities:
             timeout = 0 if state == "crashed" else request.timeout_seconds
             stopped_by = await self._shut_down(domain, timeout)
         await self.checkpoints.reach("stop.after-off")
-        log = dx.serial_log(await asyncio.to_thread(domain.definition))
+        offset = 0
+        if console:
+            offset = console_size(dx.serial_log(await asyncio.to_thread(domain.definition)))
         return StopResult(
             was_running=was_running,
             forced=stopped_by == "forced",
             stopped_at=datetime.now(UTC),
-            console_offset=console_size(log),
+            console_offset=offset,
             stopped_by=stopped_by,
         )
 
@@ -154,38 +170,78 @@ class HypervisorActivities:
         record, unless this rebuild's earlier attempt started it.
         """
         async with keep_alive():
-            record = None if request.rebuild_id is None else self._start_record_path(request.rebuild_id)
-            domain = self.libvirt.domain(request.instance)
-            if record is not None:
-                await asyncio.to_thread(self._record_before_start, record, domain)
-            await self.checkpoints.reach("start.before-create")
-            already_running = await asyncio.to_thread(domain.start)
-            started_at = datetime.now(UTC)
-            if record is not None:
-                await asyncio.to_thread(self._record_after_start, record, domain)
-            await self.checkpoints.reach("start.after-create")
-            return StartResult(started_at=started_at, already_running=already_running)
+            return await self.start(request)
+
+    async def start(
+        self,
+        request: StartInstanceInput,
+        stopped: StopResult | None = None,
+        definition: ET.Element | None = None,
+    ) -> StartResult:
+        """``start_instance``'s work; ``stopped`` (how the stop went) is kept in the start record, for
+        a retry of ``swap_root_disk`` that finds the instance started already. ``definition``, read
+        before the stop, names the serial log without a read of it inside the downtime."""
+        record = None if request.rebuild_id is None else self._start_record_path(request.rebuild_id)
+        domain = self.libvirt.domain(request.instance)
+        if record is not None:
+            await asyncio.to_thread(self._record_before_start, record, domain, stopped, definition)
+        await self.checkpoints.reach("start.before-create")
+        already_running = await asyncio.to_thread(domain.start)
+        started_at = datetime.now(UTC)
+        if record is not None:
+            await asyncio.to_thread(self._record_after_start, record, domain)
+        await self.checkpoints.reach("start.after-create")
+        return StartResult(started_at=started_at, already_running=already_running)
 
     def _start_record_path(self, rebuild_id: str) -> Path:
         if self.state is None:
             raise InvalidRequest("this worker has no state directory to record starts in")
         return self.state.start_record(rebuild_id)
 
-    def _record_before_start(self, path: Path, domain: ld.Domain) -> None:
+    def _record_before_start(
+        self,
+        path: Path,
+        domain: ld.Domain,
+        stopped: StopResult | None = None,
+        definition: ET.Element | None = None,
+    ) -> None:
         """Before a start: this rebuild is about to boot this domain, its console now ends here."""
         if domain.is_active():
             return  # not started by this call: recorded (or not) by the attempt that started it
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(path.parent, 0o700)
-        self._prune_start_records(path.parent)
-        log = dx.serial_log(domain.definition())
-        record = {
+        if stopped is None:  # swap_root_disk made the directory and pruned it before the stop
+            self.prepare_start_records(path)
+        # The serial console is not among what prepare's define changes: a definition from before
+        # the stop names the same log.
+        log = dx.serial_log(definition if definition is not None else domain.definition())
+        record: dict[str, object] = {
             "instance": domain.name,
             "uuid": domain.uuid(),
             "console_offset": console_size(log),
             "run_id": None,
         }
+        if stopped is not None:
+            record["stopped"] = stopped.model_dump(mode="json")
         write_atomically(path, json.dumps(record), mode=0o600)
+
+    def prepare_start_records(self, path: Path) -> None:
+        """The start records' directory, made private, with the records older than any rebuild gone."""
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        self._prune_start_records(path.parent)
+
+    def started_by(self, rebuild_id: str, instance: str) -> StopResult | None:
+        """How the stop went, where this rebuild's own start of ``instance`` has happened already (a
+        ``swap_root_disk`` that died after its start); None where it has not."""
+        record = _read_record(self._start_record_path(rebuild_id))
+        domain = self.libvirt.domain(instance)
+        if record is None or record.get("instance") != instance or "stopped" not in record:
+            return None
+        if record.get("uuid") != domain.uuid() or not domain.is_active():
+            return None
+        run_id = record.get("run_id")
+        if run_id is not None and run_id != domain.run_id():
+            return None
+        return StopResult.model_validate(record["stopped"])
 
     def _record_after_start(self, path: Path, domain: ld.Domain) -> None:
         """After it: which run of the domain is this rebuild's (libvirt's ID changes at every start)."""

@@ -52,10 +52,11 @@ async def history_size(client: Client, workflow_id: str) -> tuple[int, int, int]
     return events, size, runs
 
 
-async def child_seconds(client: Client, workflow_id: str) -> float:
-    """A child's own duration: its first event to its last."""
+async def child_span(client: Client, workflow_id: str) -> tuple[float, int]:
+    """A child's own duration (its first event to its last) and the length of its history."""
     events = (await client.get_workflow_handle(workflow_id).fetch_history()).events
-    return (events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()).total_seconds()
+    seconds = (events[-1].event_time.ToDatetime() - events[0].event_time.ToDatetime()).total_seconds()
+    return seconds, len(events)
 
 
 async def run_fleet(client: Client, root: Path, name: str, per_host: int, rate: float) -> dict[str, Any]:
@@ -89,9 +90,12 @@ async def run_fleet(client: Client, root: Path, name: str, per_host: int, rate: 
     ]
     events, size, runs = await history_size(client, handle.id)
     ids = [rebuild_workflow_id(i.host, i.instance) for i in ran]
-    spans = await asyncio.gather(*(child_seconds(client, workflow_id) for workflow_id in ids))
+    found = await asyncio.gather(*(child_span(client, workflow_id) for workflow_id in ids))
+    spans = [seconds for seconds, _ in found]
+    rebuilt = {rebuild_workflow_id(i.host, i.instance) for i in ran if i.state == InstanceState.REBUILT}
     return {
         "child_p50": statistics.median(spans),
+        "child_events": statistics.median(n for (_, n), i in zip(found, ids, strict=True) if i in rebuilt),
         "in_flight": sum(spans) / wall[0],
         "report": report,
         "wall": wall[0],
@@ -115,7 +119,8 @@ async def run_floor(client: Client, children: int) -> dict[str, float]:
                 FloorParent.run, [children, MAX_UNAVAILABLE], id="bench-floor", task_queue=queue
             )
     events, size, _ = await history_size(client, "bench-floor")
-    return {"wall": wall[0], "events": events, "bytes": size}
+    _, child_events = await child_span(client, "bench-floor-0")
+    return {"wall": wall[0], "events": events, "bytes": size, "child_events": child_events}
 
 
 async def run(root: Path, address: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
@@ -171,6 +176,9 @@ def main() -> None:
             ("one rebuild (child workflow), p50", f"{fleet['child_p50']:.1f} s", "—",
              f"{fleet['in_flight']:.1f} rebuilds in flight on average (K = {MAX_UNAVAILABLE}, and never "
              "more than the failures left in the budget)"),
+            ("one rebuilt child's history, median", f"{fleet['child_events']:.0f} events",
+             f"floor: a no-op child's {floor['child_events']} events",
+             f"{fleet['child_events'] / floor['child_events']:.1f}x the floor's"),
             ("parent's history",
              f"{fleet['events']} events, {fleet['bytes'] / 1024:.0f} KiB in {fleet['runs']} run(s)",
              f"floor: {floor['events']} events, {floor['bytes'] / 1024:.0f} KiB",

@@ -14,7 +14,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
@@ -58,6 +57,9 @@ class EncryptionCodec(PayloadCodec):
     """
 
     def __init__(self, key: bytes) -> None:
+        # Loaded here: a client without a key (most `rebuild` commands) never pays for cryptography.
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
         self.key_id = hashlib.sha256(key).hexdigest()[:16].encode()
         self.cipher = AESGCM(key)
 

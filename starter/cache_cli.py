@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from common.exit_codes import ExitCode, leave
 from starter.cli_context import Cli, JsonOption, command, command_group
@@ -45,6 +44,8 @@ def cache_list(
 
     Example: rebuild cache list --state-dir /var/lib/durable-rebuild
     """
+    from rich.table import Table
+
     from activities.cache import list_cache
     from activities.state import DEFAULT_STATE_DIR, StateDir
 

@@ -10,27 +10,25 @@ stderr, and its exit code comes from the one table (:mod:`common.exit_codes`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
-from pydantic import BaseModel, ValidationError
 from rich.console import Console
-from rich.table import Table
-from temporalio.service import RPCError, RPCStatusCode
 
-from common.connection import TemporalUnavailable
 from common.exit_codes import ExitCode, leave
 from common.exit_codes import table as exit_code_table
 from common.help import HelpCommand, HelpGroup
-from starter.errors import ServiceError, Words, validation_problems
-from starter.rebuilds import BAD_INPUT_TYPES
-from workflows.fleet_models import FleetReport
-from workflows.models import RebuildResult
+
+if TYPE_CHECKING:  # the models, pydantic and temporalio load when a command's work needs them
+    from pydantic import BaseModel
+
+    from starter.errors import Words
+    from workflows.fleet_models import FleetReport
+    from workflows.models import RebuildResult
 
 EXIT_CODES_HELP = "Exit codes (every command):\n\n" + exit_code_table()
 # What a command exits with for each way a workflow can be; anything else ended without a result.
@@ -52,6 +50,8 @@ def exit_for_workflow(workflow_status: str) -> ExitCode:
 
 def exit_for_rebuild(workflow_status: str, result: RebuildResult | None) -> ExitCode:
     """``start --wait`` and ``watch``: as :func:`exit_for_workflow`, and 2 when the request was wrong."""
+    from starter.rebuilds import BAD_INPUT_TYPES
+
     code = exit_for_workflow(workflow_status)
     if code == ExitCode.FAILED and result is not None and result.error_type in BAD_INPUT_TYPES:
         return ExitCode.BAD_INPUT
@@ -93,16 +93,21 @@ def option_for(field: str) -> str:
     return OPTION_FOR_FIELD.get(field, f"--{field.replace('_', '-')}")
 
 
-# A refusal as the operator reads it: where to look is a command, an input is an option.
-CLI_WORDS = Words(
-    field=option_for,
-    rebuild=lambda host, instance: f"rebuild status {instance} --host {host}",
-    fleet=lambda name: f"rebuild fleet status {name}",
-)
+def cli_words() -> Words:
+    """A refusal as the operator reads it: where to look is a command, an input is an option."""
+    from starter.errors import Words
+
+    return Words(
+        field=option_for,
+        rebuild=lambda host, instance: f"rebuild status {instance} --host {host}",
+        fleet=lambda name: f"rebuild fleet status {name}",
+    )
 
 
 def _console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    # No emoji codes: an operator's text (":a:" in a name) is printed as it is, and rich's emoji table
+    # (80 ms to import on a loaded machine) stays unloaded.
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, emoji=False)
 
 
 @dataclass
@@ -127,7 +132,7 @@ class Cli:
         self.err.print(f"{self.who}: {text}", markup=False)
 
     def print_json(self, document: BaseModel | list[Any] | dict[str, Any]) -> None:
-        text = document.model_dump_json() if isinstance(document, BaseModel) else json.dumps(document)
+        text = json.dumps(document) if isinstance(document, list | dict) else document.model_dump_json()
         print(text, flush=True)
 
     def error(self, code: int, message: str) -> None:
@@ -155,6 +160,8 @@ class Cli:
         if self.json:
             self.print_json([row.model_dump(mode="json") for row in rows])
             return ExitCode.OK
+        from rich.table import Table
+
         table = Table(*columns, box=None)
         for row in rows:
             table.add_row(*(str(getattr(row, column)) for column in columns))
@@ -165,6 +172,8 @@ class Cli:
     def following(self, instance: str, host: str, workflow_id: str) -> Iterator[None]:
         """Following a rebuild (``start --wait``, ``watch``): Ctrl-C stops the following, never the
         rebuild, and says so, with how to follow it again and how to abort it (then exit 130)."""
+        import asyncio
+
         try:
             yield
         except (asyncio.CancelledError, KeyboardInterrupt):
@@ -181,32 +190,57 @@ class Cli:
         """Options turned into a request: one that cannot be used exits 2, before anything starts."""
         try:
             yield
-        except ValidationError as exc:
-            self.fail(ExitCode.BAD_INPUT, f"invalid {what}: {validation_problems(exc, option_for)}")
-        except ServiceError as exc:  # an unreadable instances file, a duration
-            self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
-        except ValueError as exc:  # an identity option, a requester's name
-            self.fail(ExitCode.BAD_INPUT, str(exc))
+        except Exception as exc:  # pydantic's, an unreadable instances file, a duration, an identity option
+            refused = _refusal(exc, f"invalid {what}: ")
+            if refused is None:
+                raise
+            self.fail(*refused)
 
     def run(self, work: Coroutine[Any, Any, int]) -> NoReturn:
         """Run a command's work and leave with its code, or with the code of what stopped it."""
+        import asyncio
+
         try:
             code = asyncio.run(work)
         except KeyboardInterrupt:
             leave(ExitCode.INTERRUPTED)
-        except ServiceError as exc:
-            self.fail(ExitCode.BAD_INPUT, exc.said_with(CLI_WORDS))
-        except ValidationError as exc:
-            self.fail(ExitCode.BAD_INPUT, validation_problems(exc, option_for))
-        except ValueError as exc:
-            self.fail(ExitCode.BAD_INPUT, str(exc))
-        except TemporalUnavailable as exc:
-            self.fail(ExitCode.UNAVAILABLE, str(exc))
-        except RPCError as exc:
-            # Temporal refused the call (an unknown namespace, a denied API key): its message, no traceback.
-            down = exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
-            self.fail(ExitCode.UNAVAILABLE if down else ExitCode.FAILED, f"Temporal: {exc.message}")
+        except Exception as exc:
+            ending = _refusal(exc) or _temporal_ending(exc)
+            if ending is None:
+                raise
+            self.fail(*ending)
         leave(code)
+
+
+def _refusal(exc: Exception, validation_prefix: str = "") -> tuple[int, str] | None:
+    """Exit 2 and the words for a request that cannot be used (pydantic's refusal, the service's, a
+    ValueError), None for anything else. Imported here: the work that raised it loaded them already."""
+    from pydantic import ValidationError
+
+    from starter.errors import ServiceError, validation_problems
+
+    if isinstance(exc, ServiceError):
+        return ExitCode.BAD_INPUT, exc.said_with(cli_words())
+    if isinstance(exc, ValidationError):
+        return ExitCode.BAD_INPUT, validation_prefix + validation_problems(exc, option_for)
+    if isinstance(exc, ValueError):
+        return ExitCode.BAD_INPUT, str(exc)
+    return None
+
+
+def _temporal_ending(exc: Exception) -> tuple[int, str] | None:
+    """Temporal unreachable (3) or refusing the call (an unknown namespace, a denied API key: 1), in
+    its own words and without a traceback; None for anything else."""
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from common.connection import TemporalUnavailable
+
+    if isinstance(exc, TemporalUnavailable):
+        return ExitCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, RPCError):
+        down = exc.status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED)
+        return ExitCode.UNAVAILABLE if down else ExitCode.FAILED, f"Temporal: {exc.message}"
+    return None
 
 
 def _json_mode(ctx: typer.Context, value: bool) -> bool:

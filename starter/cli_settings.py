@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
@@ -44,6 +43,8 @@ HOST_TO_BE_FOUND = "host-to-be-found"
 
 
 def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # email, zipfile, csv: only for --version
+
     try:
         return version(PACKAGE)
     except PackageNotFoundError:

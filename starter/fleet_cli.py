@@ -8,47 +8,24 @@ was refused, 2 bad input (a fleet of that name already running, unknown fleet, m
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from temporalio.client import Client
 
-from common.connection import connect
 from common.exit_codes import ExitCode
 from common.exit_codes import table as exit_code_table
 from starter import rebuild_options as ro
 from starter.cli_context import AddressOption, Cli, JsonOption, command, command_group, exit_for_fleet
-from starter.fleets import (
-    FleetDescription,
-    abort_fleet,
-    control_fleet,
-    default_name,
-    describe_fleet,
-    fleet_instances,
-    list_fleets,
-    parse_duration,
-    read_instances_file,
-    resize_fleet,
-    start_fleet,
-)
-from starter.identity_options import identity_change
-from workflows.fleet_models import (
-    ControlAnswer,
-    FleetRequest,
-    InstanceState,
-    StrictBatchSize,
-    StrictFleetAbort,
-    StrictFleetLimits,
-    StrictFleetRequest,
-    StrictRebuildOptions,
-    StrictSelection,
-)
+from workflows.fleet_states import InstanceState
+
+if TYPE_CHECKING:  # temporalio and the fleet's models load when a command runs, not for every --help
+    from temporalio.client import Client
+
+    from starter.fleets import FleetDescription
+    from workflows.fleet_models import ControlAnswer, FleetRequest
 
 EXIT_CODES_HELP = (
     "Exit codes for fleets: 0 every selected instance rebuilt or skipped (or the command done), 1 the "
@@ -188,6 +165,15 @@ def start(
     Example: rebuild fleet start --image https://images.example/noble.qcow2 --sha256 HEX
     --select 'web-*' --host kvm-01 --host kvm-02 --batch 20 --max-unavailable 5 --per-host 2 --max-failures 3
     """
+    from starter.fleets import default_name, parse_duration, read_instances_file
+    from starter.identity_options import identity_change
+    from workflows.fleet_models import (
+        StrictFleetLimits,
+        StrictFleetRequest,
+        StrictRebuildOptions,
+        StrictSelection,
+    )
+
     cli = Cli.of(ctx)
     with cli.refusing("fleet"):
         sha256, sha512 = ro.digests(checksum, sha256, sha512)
@@ -257,6 +243,9 @@ def start(
 
 
 async def _start(cli: Cli, request: FleetRequest, wait: bool, address: str | None) -> int:
+    from common.connection import connect
+    from starter.fleets import start_fleet
+
     handle = await start_fleet(await connect(address), request)
     if not wait:
         if cli.json:
@@ -290,6 +279,11 @@ def status(
 async def _status(
     cli: Cli, name: str, all_instances: bool, state: InstanceState | None, address: str | None
 ) -> int:
+    from rich.table import Table
+
+    from common.connection import connect
+    from starter.fleets import describe_fleet, fleet_instances
+
     client = await connect(address)
     described = await describe_fleet(client, name)
     items = []
@@ -317,6 +311,8 @@ async def _status(
 
 
 def _print_description(cli: Cli, described: FleetDescription) -> None:
+    from starter.fleets import budget_window_text
+
     cli.say(f"{described.workflow_id}: {described.workflow_status}")
     status = described.status
     if status is None:
@@ -337,6 +333,8 @@ def _print_description(cli: Cli, described: FleetDescription) -> None:
         f"  limits: {limits.max_unavailable} at once, {limits.per_host or 'no limit'} per host, batch "
         f"{limits.batch_size}, {c.failures} of {limits.max_failures} failure(s) allowed"
     )
+    if described.budget_window is not None:
+        cli.say(f"  {budget_window_text(described.budget_window, status)}")
     for running in described.running:
         cli.say(f"  running: {running.instance} on {running.host} ({running.phase or '?'})")
     for problem in status.problems:
@@ -360,6 +358,13 @@ def watch(
 
 
 async def _watch(cli: Cli, name: str, address: str | None) -> int:
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common.connection import connect
+    from starter.fleets import describe_fleet
+
     client = await connect(address)
     if cli.json:
         described = await describe_fleet(client, name, child_phases=False)
@@ -398,6 +403,8 @@ def _steer(cli: Cli, address: str | None, update: Callable[[Client], Awaitable[C
     """pause, resume, batch-size, abort: one update each, whose answer says whether it was accepted."""
 
     async def steer() -> int:
+        from common.connection import connect
+
         answer = await update(await connect(address))
         return cli.answered(answer, answer.accepted, answer.message, f"refused: {answer.message}")
 
@@ -409,6 +416,8 @@ def pause(
     ctx: typer.Context, name: NameArgument, address: AddressOption = None, as_json: JsonOption = False
 ) -> None:
     """Start no new rebuilds; running ones finish. Example: rebuild fleet pause fleet-3fa9c2d1e0"""
+    from starter.fleets import control_fleet
+
     _steer(Cli.of(ctx), address, lambda client: control_fleet(client, name, "pause"))
 
 
@@ -417,6 +426,8 @@ def resume(
     ctx: typer.Context, name: NameArgument, address: AddressOption = None, as_json: JsonOption = False
 ) -> None:
     """Go on after a pause. Example: rebuild fleet resume fleet-3fa9c2d1e0"""
+    from starter.fleets import control_fleet
+
     _steer(Cli.of(ctx), address, lambda client: control_fleet(client, name, "resume"))
 
 
@@ -429,6 +440,9 @@ def batch_size(
     as_json: JsonOption = False,
 ) -> None:
     """Change the batch size from the next batch on. Example: rebuild fleet batch-size fleet-3fa9c2d1e0 50"""
+    from starter.fleets import resize_fleet
+    from workflows.fleet_models import StrictBatchSize
+
     cli = Cli.of(ctx)
     with cli.refusing("batch size"):
         change = StrictBatchSize(batch_size=size)
@@ -448,6 +462,9 @@ def abort(
 
     Example: rebuild fleet abort fleet-3fa9c2d1e0 --reason "wrong image"
     """
+    from starter.fleets import abort_fleet
+    from workflows.fleet_models import StrictFleetAbort
+
     cli = Cli.of(ctx)
     with cli.refusing("abort"):
         request = StrictFleetAbort(reason=reason, requested_by=requested_by)
@@ -468,5 +485,8 @@ def list_command(
 
 
 async def _list(cli: Cli, running: bool, limit: int, address: str | None) -> int:
+    from common.connection import connect
+    from starter.fleets import list_fleets
+
     rows = await list_fleets(await connect(address), running, limit)
     return cli.listing(rows, ("name", "status", "started"))

@@ -134,6 +134,28 @@ class FleetDescription(BaseModel):
     running: list[RunningInstance] = []
     report: FleetReport | None = None
     error: str | None = None
+    # How many rebuilds run at a time where the exact failure budget, not the limits, bounds it.
+    budget_window: int | None = None
+
+
+def budget_window(status: FleetStatus) -> int | None:
+    """The window the exact failure budget leaves, where it is narrower than the one the limits ask
+    for (at most max_unavailable, at most a batch): a fleet never runs more rebuilds than failures it
+    can still absorb, so an operator who set 20 at once sees why 3 run. None where it is not narrower."""
+    limits = status.limits
+    if not limits.exact_budget:
+        return None
+    left = max(limits.max_failures - status.counts.failures, 0)
+    return left if left < min(limits.max_unavailable, limits.batch_size) else None
+
+
+def budget_window_text(window: int, status: FleetStatus) -> str:
+    limits = status.limits
+    return (
+        f"running {window} at a time: the failure budget leaves {window} "
+        f"({status.counts.failures} of {limits.max_failures} failure(s) used; --max-unavailable "
+        f"{limits.max_unavailable} applies once the budget allows it, or with --allow-overshoot)"
+    )
 
 
 async def fleet_handle(
@@ -162,6 +184,8 @@ async def describe_fleet(client: Client, name: str, child_phases: bool = True) -
     except (RPCError, TimeoutError):
         status = None
     described = FleetDescription(workflow_id=handle.id, workflow_status=workflow_status, status=status)
+    if status is not None and description.status == WorkflowExecutionStatus.RUNNING:
+        described.budget_window = budget_window(status)
     if status is not None:
         phases = await asyncio.gather(
             *(_child_phase(client, r.workflow_id) if child_phases else _none() for r in status.running)

@@ -5,18 +5,20 @@ Registered on the ``rebuild`` group by :func:`register`. The listing itself is `
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 import typer
 from rich.table import Table
-from temporalio.client import Client
 
-from common.connection import connect
 from common.exit_codes import ExitCode
 from starter.cli_context import AddressOption, Cli, JsonOption, command
-from starter.instances import InstanceRow, LastRebuild, host_of_instance, host_of_rebuild, list_instances
-from workflows.inventory_models import DEFAULT_ANSWER_WITHIN_SECONDS
+from workflows.names import DEFAULT_ANSWER_WITHIN_SECONDS
+
+if TYPE_CHECKING:  # temporalio and the models load when a command runs, not for every --help
+    from temporalio.client import Client
+
+    from starter.instances import InstanceRow, LastRebuild
 
 # The phases a closed rebuild ends in: its outcome, in the words of `rebuild status`.
 _FINAL_PHASES = frozenset({"done", "rolled-back", "failed"})
@@ -56,6 +58,9 @@ def instances(
 
 
 async def _instances(cli: Cli, hosts: list[str] | None, answer_within: float, address: str | None) -> int:
+    from common.connection import connect
+    from starter.instances import list_instances
+
     report = await list_instances(await connect(address), hosts, answer_within=answer_within)
     code = ExitCode.BAD_INPUT if report.silent_hosts else ExitCode.OK
     if cli.json:
@@ -79,6 +84,8 @@ async def _instances(cli: Cli, hosts: list[str] | None, answer_within: float, ad
 
 async def found_host(cli: Cli, client: Client, instance: str) -> str:
     """``rebuild start`` without ``--host``: the one host whose worker lists the instance, said on stderr."""
+    from starter.instances import host_of_instance
+
     found = await host_of_instance(client, instance)
     silent = f" (no worker answered on {', '.join(found.silent)})" if found.silent else ""
     cli.err.print(f"{instance} is on host {found.host}{silent}", markup=False)
@@ -87,6 +94,8 @@ async def found_host(cli: Cli, client: Client, instance: str) -> str:
 
 async def rebuild_host(cli: Cli, client: Client, instance: str, host: str | None) -> str:
     """``status``, ``watch``, ``abort``, ...: the host given, else the host of the instance's rebuilds."""
+    from starter.instances import host_of_rebuild
+
     if host is not None:
         return host
     found = await host_of_rebuild(client, instance)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from workflows.identity import SeedFormat
+if TYPE_CHECKING:
+    from workflows.identity import SeedFormat
 
 # The panels of `rebuild start --help` (and of `rebuild fleet start --help`), in the order shown.
 IMAGE_PANEL = "Image"

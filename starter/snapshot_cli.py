@@ -7,27 +7,21 @@ A snapshot lives on the instance's host, in its worker's image cache; ``rebuild 
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from common.connection import connect
 from common.exit_codes import ExitCode
 from starter.cli_context import AddressOption, Cli, JsonOption, command, command_group
 from starter.cli_settings import THIS_HOST, HostOption
-from starter.snapshots import (
-    SnapshotMissing,
-    publish_snapshot,
-    snapshot_catalog,
-    snapshot_result,
-    start_snapshot,
-)
-from workflows.snapshot_models import (
-    SnapshotCatalogRequest,
-    SnapshotRecord,
-    StrictPublishRequest,
-    StrictSnapshotRequest,
-)
+
+if TYPE_CHECKING:  # temporalio and the models load when a command runs, not for every --help
+    from workflows.snapshot_models import (
+        SnapshotCatalogRequest,
+        SnapshotRecord,
+        StrictPublishRequest,
+        StrictSnapshotRequest,
+    )
 
 snapshot_app = command_group(
     "Snapshots: an instance's root disk copied while it runs, to rebuild from later."
@@ -62,6 +56,8 @@ def create(
 
     Example: rebuild snapshot create web-1 --host kvm-07 --label "before the upgrade" --keep 5
     """
+    from workflows.snapshot_models import StrictSnapshotRequest
+
     cli = Cli.of(ctx)
     with cli.refusing("snapshot request"):
         request = StrictSnapshotRequest(
@@ -76,6 +72,9 @@ def create(
 
 
 async def _create(cli: Cli, request: StrictSnapshotRequest, address: str | None) -> int:
+    from common.connection import connect
+    from starter.snapshots import snapshot_result, start_snapshot
+
     handle = await start_snapshot(await connect(address), request)
     if not cli.json:
         cli.err.print(
@@ -98,11 +97,16 @@ def list_command(
     as_json: JsonOption = False,
 ) -> None:
     """The snapshots on a host, oldest first. Example: rebuild snapshot list --host kvm-07"""
+    from workflows.snapshot_models import SnapshotCatalogRequest
+
     cli = Cli.of(ctx)
     cli.run(_list(cli, SnapshotCatalogRequest(host=host, action="list", instance=instance), address))
 
 
 async def _list(cli: Cli, request: SnapshotCatalogRequest, address: str | None) -> int:
+    from common.connection import connect
+    from starter.snapshots import snapshot_catalog
+
     found = await snapshot_catalog(await connect(address), request)
     return cli.listing(
         found.snapshots, ("snapshot_id", "instance", "taken_at", "consistency", "size", "label")
@@ -123,6 +127,10 @@ def show(
 
 
 async def _show_one(cli: Cli, snapshot_id: str, host: str, address: str | None) -> int:
+    from common.connection import connect
+    from starter.snapshots import SnapshotMissing, snapshot_catalog
+    from workflows.snapshot_models import SnapshotCatalogRequest
+
     found = await snapshot_catalog(await connect(address), SnapshotCatalogRequest(host=host, action="list"))
     record = next((r for r in found.snapshots if r.snapshot_id == snapshot_id), None)
     if record is None:
@@ -146,12 +154,17 @@ def delete(
 
     Example: rebuild snapshot delete 3f2a... --host kvm-07
     """
+    from workflows.snapshot_models import SnapshotCatalogRequest
+
     cli = Cli.of(ctx)
     request = SnapshotCatalogRequest(host=host, action="delete", snapshot_ids=tuple(snapshot_ids))
     cli.run(_delete(cli, request, address))
 
 
 async def _delete(cli: Cli, request: SnapshotCatalogRequest, address: str | None) -> int:
+    from common.connection import connect
+    from starter.snapshots import snapshot_catalog
+
     result = await snapshot_catalog(await connect(address), request)
     if cli.json:
         cli.print_json(result)
@@ -174,6 +187,8 @@ def publish(
     Example: rebuild snapshot publish 3f2a... --host kvm-07, then on another host:
     rebuild start web-2 --glance https://glance:9292 --glance-image ID
     """
+    from workflows.snapshot_models import StrictPublishRequest
+
     cli = Cli.of(ctx)
     with cli.refusing("publish request"):
         request = StrictPublishRequest(host=host, snapshot_id=snapshot_id, name=name)
@@ -181,6 +196,9 @@ def publish(
 
 
 async def _publish(cli: Cli, request: StrictPublishRequest, address: str | None) -> int:
+    from common.connection import connect
+    from starter.snapshots import publish_snapshot
+
     published = await publish_snapshot(await connect(address), request)
     if cli.json:
         cli.print_json(published)

@@ -9,27 +9,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 
-from common.connection import connect
 from common.exit_codes import ExitCode
 from starter.cli_context import AddressOption, Cli, JsonOption, command, exit_for_rebuild, exit_for_workflow
 from starter.cli_settings import FoundHostOption
-from starter.follow import Follower, follow, show_last_phases, step_lines
-from starter.instances_cli import rebuild_host
-from starter.plan_text import plan_lines
-from starter.rebuilds import (
-    abort_rebuild,
-    describe_rebuild,
-    latest_rebuild,
-    list_query,
-    list_rebuilds,
-    send_decision,
-)
-from workflows.models import AbortRequest, Decision, Phase, StrictAbortRequest, StrictDecision
+
+if TYPE_CHECKING:  # temporalio and the models load when a command runs, not for every --help
+    from temporalio.client import Client, WorkflowHandle
+
+    from workflows.models import AbortRequest, Decision
 
 InstanceArgument = Annotated[str, typer.Argument(help="libvirt domain name of the instance.")]
 DECISIONS = {
@@ -74,6 +65,12 @@ async def _status(cli: Cli, instance: str, host: str | None, address: str | None
     Exits 0 while it runs and once it completed, 1 when it failed, 4 when it was terminated, cancelled
     or timed out. Example: rebuild status web-1 --host kvm-07
     """
+    from common.connection import connect
+    from starter.instances_cli import rebuild_host
+    from starter.plan_text import plan_lines
+    from starter.rebuilds import describe_rebuild
+    from workflows.models import Phase
+
     client = await connect(address)
     described = await describe_rebuild(client, instance, await rebuild_host(cli, client, instance, host))
     if cli.json:
@@ -126,6 +123,10 @@ async def _watch(cli: Cli, instance: str, host: str | None, address: str | None)
     Ends when the rebuild ends (with --json: prints its final status as JSON); exit code as for
     `rebuild start --wait`. Example: rebuild watch web-1
     """
+    from common.connection import connect
+    from starter.instances_cli import rebuild_host
+    from starter.rebuilds import latest_rebuild
+
     client = await connect(address)
     host = await rebuild_host(cli, client, instance, host)
     handle, _ = await latest_rebuild(client, instance, host)
@@ -136,6 +137,11 @@ async def _watch(cli: Cli, instance: str, host: str | None, address: str | None)
 async def _follow(
     cli: Cli, client: Client, handle: WorkflowHandle[Any, Any], instance: str, host: str
 ) -> int:
+    from temporalio.client import WorkflowFailureError
+
+    from starter.follow import Follower, follow, show_last_phases, step_lines
+    from starter.rebuilds import describe_rebuild
+
     if cli.json:
         with contextlib.suppress(WorkflowFailureError):
             await handle.result()
@@ -172,6 +178,8 @@ def abort(
 
     Example: rebuild abort web-1 --host kvm-07 --reason "wrong image"
     """
+    from workflows.models import StrictAbortRequest
+
     cli = Cli.of(ctx)
     with cli.refusing("abort"):
         request = StrictAbortRequest(reason=reason, requested_by=requested_by)
@@ -181,6 +189,10 @@ def abort(
 async def _abort(
     cli: Cli, instance: str, host: str | None, request: AbortRequest, address: str | None
 ) -> int:
+    from common.connection import connect
+    from starter.instances_cli import rebuild_host
+    from starter.rebuilds import abort_rebuild
+
     client = await connect(address)
     host = await rebuild_host(cli, client, instance, host)
     answer = await abort_rebuild(client, instance, host, request)
@@ -200,6 +212,8 @@ def _decision_command(verdict: str, summary: str) -> Callable[..., None]:
         address: AddressOption = None,
         as_json: JsonOption = False,
     ) -> None:
+        from workflows.models import StrictDecision
+
         cli = Cli.of(ctx)
         with cli.refusing(verdict):
             decision = StrictDecision(reason=reason, requested_by=requested_by)
@@ -212,6 +226,10 @@ def _decision_command(verdict: str, summary: str) -> Callable[..., None]:
 async def _signal(
     cli: Cli, instance: str, host: str | None, verdict: str, decision: Decision, address: str | None
 ) -> int:
+    from common.connection import connect
+    from starter.instances_cli import rebuild_host
+    from starter.rebuilds import send_decision
+
     client = await connect(address)
     host = await rebuild_host(cli, client, instance, host)
     workflow_id = await send_decision(client, instance, host, verdict, decision)
@@ -237,6 +255,8 @@ def list_command(
 
     Example: rebuild list --phase await-approval --running
     """
+    from starter.rebuilds import list_query
+
     cli = Cli.of(ctx)
     with cli.refusing("filter"):
         query = list_query(phase, host, running)
@@ -244,5 +264,8 @@ def list_command(
 
 
 async def _list(cli: Cli, query: str, limit: int, address: str | None) -> int:
+    from common.connection import connect
+    from starter.rebuilds import list_rebuilds
+
     rows = await list_rebuilds(await connect(address), query, limit)
     return cli.listing(rows, ("instance", "host", "phase", "status", "started"))

@@ -17,15 +17,20 @@ from temporalio.client import WorkflowHandle
 HISTORIES = Path(__file__).parent / "histories"
 # The newest patch in workflows/rebuild.py: histories recorded by today's code carry it in their name.
 WORKFLOW_VERSION = "stage-root-disk-before-stop"
+# Paths only a newer patch takes are named by that patch (every other path's history is unchanged by it).
+SWAP_IN_ONE_STEP = "swap-root-disk-in-one-step"
+CLEAN_UP_IN_ONE_STEP = "clean-up-in-one-step"
 
 
-def history_path(name: str) -> Path:
-    return HISTORIES / f"{name}--{WORKFLOW_VERSION}.json"
+def history_path(name: str, version: str = WORKFLOW_VERSION) -> Path:
+    return HISTORIES / f"{name}--{version}.json"
 
 
-async def record_history(handle: WorkflowHandle[Any, Any], name: str) -> Path | None:
+async def record_history(
+    handle: WorkflowHandle[Any, Any], name: str, version: str = WORKFLOW_VERSION
+) -> Path | None:
     """Save the history when asked to; returns where, or None (not asked, or already saved)."""
-    return await _record(handle, history_path(name))
+    return await _record(handle, history_path(name, version))
 
 
 async def record_patched_history(handle: WorkflowHandle[Any, Any], name: str, patch: str) -> Path | None:

@@ -2,30 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from temporalio.testing import ActivityEnvironment
 
+from activities.checkpoints import Checkpoints
+from activities.cleanup import CleanupActivities
 from activities.disks import DiskActivities
 from activities.errors import DiskMissing, InstanceNotStopped
+from activities.hypervisor import HypervisorActivities
 from activities.state import StateDir, backup_path
+from activities.swap import SwapActivities
 from devtools.guest import write_image
 from devtools.testbed.libvirt_test_driver import DriverInstance, make_instance
 from workflows.models import (
+    CleanUpInput,
     DiscardStagedRootDiskInput,
     PrepareRootDiskInput,
+    RecordImageInput,
     RemoveBackupInput,
     RestoreRootDiskInput,
     StageRootDiskInput,
+    StartInstanceInput,
+    StopInstanceInput,
+    SwapRootDiskInput,
 )
 
 env = ActivityEnvironment()
 REBUILD_ID = "0b9f2f0e-run"
+T0 = datetime(2026, 12, 3, tzinfo=UTC)
 
 
 def cached_image(state: StateDir, marker: str = "new image", size: int = 1 << 20) -> tuple[str, int]:
@@ -165,6 +177,26 @@ async def test_remove_backup_keeps_the_new_disk(
     assert list(vm.disk.parent.glob("*.rebuild-*")) == []
 
 
+async def test_clean_up_in_one_step_removes_the_backup_and_records_the_image_and_can_run_again(
+    setup: tuple[DriverInstance, StateDir, DiskActivities],
+) -> None:
+    vm, state, disks = setup
+    sha, size = cached_image(state)
+    hypervisor = HypervisorActivities(vm.libvirt, state=state)
+    clean_up = CleanupActivities(hypervisor, disks).clean_up_rebuild
+    prepared = await env.run(disks.prepare_root_disk, prepare_input(sha, size))
+    request = CleanUpInput(
+        remove=RemoveBackupInput(instance="vm-1", rebuild_id=REBUILD_ID),
+        record=RecordImageInput(instance="vm-1", image_sha256=sha, image_url="http://x/y", rebuilt_at=T0),
+    )
+    await env.run(clean_up, request)
+    await env.run(clean_up, request)  # a retry after a worker died once it was done
+    assert not Path(prepared.backup_path).exists()
+    assert info(vm.disk)["format"] == "qcow2"
+    record = vm.libvirt.domain("vm-1").image_record()
+    assert record is not None and record.get("sha256") == sha
+
+
 async def test_restore_refuses_a_new_disk_whose_backup_is_not_there(
     setup: tuple[DriverInstance, StateDir, DiskActivities],
 ) -> None:
@@ -265,3 +297,63 @@ async def test_a_staged_disk_is_discarded_and_the_old_one_kept(
     assert not Path(staged.staged_at).exists()
     assert vm.disk.read_bytes() == before
     assert list(vm.disk.parent.glob("*.rebuild-*")) == []
+
+
+async def test_swap_in_one_step_swaps_and_starts_and_a_retry_after_its_start_stops_nothing(
+    tmp_path: Path,
+) -> None:
+    vm = make_instance(tmp_path, running=True, disk_size=8 << 20)
+    state = StateDir(tmp_path / "state")
+    disks = DiskActivities(vm.libvirt, state)
+    swap = SwapActivities(HypervisorActivities(vm.libvirt, state=state), disks).swap_root_disk
+    old_bytes = vm.disk.read_bytes()
+    sha, size = cached_image(state)
+    request = SwapRootDiskInput(
+        stop=StopInstanceInput(instance="vm-1", timeout_seconds=0),
+        prepare=prepare_input(sha, size),
+        start=StartInstanceInput(instance="vm-1"),
+    )
+    first = await env.run(swap, request)
+    domain = vm.libvirt.domain("vm-1")
+    run_id = domain.run_id()
+    assert run_id is not None and first.stopped.forced and not first.started.already_running
+    assert root_format(vm) == "qcow2" and info(vm.disk)["format"] == "qcow2"
+    assert backup_path(str(vm.disk), REBUILD_ID).read_bytes() == old_bytes
+    # The worker died before it reported: the retry finds this rebuild's boot and leaves it running.
+    again = await env.run(swap, request)
+    assert again.started.already_running and again.stopped.forced
+    assert domain.run_id() == run_id
+    assert backup_path(str(vm.disk), REBUILD_ID).read_bytes() == old_bytes
+
+
+async def test_a_cancel_during_the_swap_lets_prepare_finish_and_starts_nothing(tmp_path: Path) -> None:
+    """An abort cancels ``swap_root_disk``; the rollback that follows must not race a prepare or a
+    start still under way, so prepare ends first and start never begins."""
+    vm = make_instance(tmp_path, running=True, disk_size=8 << 20)
+    state = StateDir(tmp_path / "state")
+    pauses = tmp_path / "pauses"
+    pauses.mkdir()
+    checkpoints = Checkpoints(pauses)
+    disks = DiskActivities(vm.libvirt, state, checkpoints)
+    hypervisor = HypervisorActivities(vm.libvirt, checkpoints, state=state)
+    swap = SwapActivities(hypervisor, disks).swap_root_disk
+    sha, size = cached_image(state)
+    request = SwapRootDiskInput(
+        stop=StopInstanceInput(instance="vm-1", timeout_seconds=0),
+        prepare=prepare_input(sha, size),
+        start=StartInstanceInput(instance="vm-1"),
+    )
+    gate = pauses / "prepare.after-backup"
+    gate.touch()
+    cancelled = ActivityEnvironment()
+    running = asyncio.ensure_future(cancelled.run(swap, request))
+    while not (pauses / "prepare.after-backup.reached").exists():
+        await asyncio.sleep(0.05)
+    cancelled.cancel()
+    await asyncio.sleep(0.3)
+    assert not running.done(), "the swap gave up in the middle of prepare"
+    gate.unlink()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert root_format(vm) == "qcow2", "prepare did not finish its swap"
+    assert not vm.libvirt.domain("vm-1").is_active(), "start began after the cancel"

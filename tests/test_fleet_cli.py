@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from temporalio.client import Client
@@ -11,6 +13,10 @@ from temporalio.client import Client
 from devtools.temporal_dev import DevServer
 from devtools.testbed.e2e import rebuild_cli
 from devtools.testbed.fleet import IMAGE_URL, simulated_fleet
+from starter.cli_context import Cli
+from starter.fleet_cli import _print_description
+from starter.fleets import FleetDescription, budget_window
+from workflows.fleet_models import FleetCounts, FleetLimits, FleetPhase, FleetStatus
 from workflows.models import WORKFLOW_TASK_QUEUE
 
 
@@ -76,3 +82,36 @@ async def test_fleet_cli_exits_1_when_the_failure_budget_stops_it(
     assert "stopped: failure budget spent: 1 of 1 failed" in result.stdout
     assert "rolled-back: vm-0-0000" in result.stdout
     assert fleet.half_done() == []
+
+
+def _status(max_unavailable: int, batch_size: int, max_failures: int, failures: int) -> FleetStatus:
+    return FleetStatus(
+        name="f",
+        phase=FleetPhase.ROLLING,
+        paused=False,
+        image="http://images.invalid/new.qcow2",
+        limits=FleetLimits(batch_size=batch_size, max_unavailable=max_unavailable, max_failures=max_failures),
+        counts=FleetCounts(total=100, waiting=90, running=3, failed=failures),
+        batch_number=0,
+        batches=1,
+        running=[],
+        problems=[],
+    )
+
+
+def test_fleet_status_says_when_the_failure_budget_narrows_the_window() -> None:
+    said: list[str] = []
+    cli = cast(Cli, SimpleNamespace(say=said.append))
+    narrowed = _status(max_unavailable=20, batch_size=50, max_failures=5, failures=2)
+    assert budget_window(narrowed) == 3
+    described = FleetDescription(workflow_id="fleet:f", workflow_status="RUNNING", status=narrowed)
+    described.budget_window = 3
+    _print_description(cli, described)
+    assert "  running 3 at a time: the failure budget leaves 3 (2 of 5 failure(s) used; " in "\n".join(said)
+    # Not narrower than the limits: nothing to explain; nor where the budget may be overshot.
+    assert budget_window(_status(max_unavailable=3, batch_size=50, max_failures=10, failures=0)) is None
+    assert budget_window(_status(max_unavailable=20, batch_size=2, max_failures=5, failures=2)) is None
+    overshoot = _status(max_unavailable=20, batch_size=50, max_failures=5, failures=2)
+    lifted = overshoot.limits.model_copy(update={"exact_budget": False})
+    overshoot = overshoot.model_copy(update={"limits": lifted})
+    assert budget_window(overshoot) is None

@@ -30,6 +30,13 @@ def test_the_cli_and_the_api_load_neither_libvirt_nor_the_workflow_nor_activitie
     assert [m for m in loaded if m == "activities" or m.startswith("activities.")] == []
 
 
+def test_building_the_cli_loads_neither_temporalio_nor_pydantic_nor_the_models() -> None:
+    # `rebuild --help` pays for Typer and rich only; a command loads what its work needs when it runs.
+    loaded = modules_loaded_by("starter.cli")
+    heavy = ("temporalio", "pydantic", "aiohttp", "libvirt", "passlib", "asyncio", "workflows.models")
+    assert [m for m in loaded if m.split(".")[0] in heavy or m in heavy] == []
+
+
 def test_the_worker_does_not_import_from_the_starter() -> None:
     loaded = modules_loaded_by("worker")
     assert [m for m in loaded if m == "starter" or m.startswith("starter.")] == []

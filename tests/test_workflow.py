@@ -17,7 +17,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError, WorkflowAlreadyStartedError
 
 from devtools.testbed.fake_host import SHA, FakeHost, request_for, running_workers
-from tests.history_recorder import record_history
+from tests.history_recorder import CLEAN_UP_IN_ONE_STEP, SWAP_IN_ONE_STEP, record_history
 from tests.workflow_support import BEFORE_STOP, DISCARD, MAIN_PATH, failure_of, rebuilding, start
 from workflows.models import (
     Outcome,
@@ -45,6 +45,57 @@ async def test_happy_path_runs_steps_in_order_and_reports_downtime(client: Clien
     assert set(result.step_seconds) >= {"inspect", "fetch", "check", "stop", "prepare", "start", "verify"}
     assert status.phase == Phase.DONE
     assert status.undo_stack == []
+
+
+async def test_a_host_that_swaps_in_one_step_gets_no_round_trip_inside_the_downtime(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()
+    fake.swaps_in_one_step = True
+    async with rebuilding(client, unique_host, fake) as handle:
+        result = await handle.result()
+        await record_history(handle, "rebuild-swapped-in-one-step", SWAP_IN_ONE_STEP)
+    one_step = ["stop_instance", "prepare_root_disk", "start_instance"]
+    at = MAIN_PATH.index("stop_instance")
+    assert fake.calls == [*MAIN_PATH[:at], "swap_root_disk", *MAIN_PATH[at + len(one_step) :]]
+    assert result.outcome == Outcome.REBUILT
+    assert result.downtime_seconds == pytest.approx(0.25)
+    assert result.stopped_by == "forced"
+    assert set(result.step_seconds) >= {"stop", "prepare", "start", "verify"}
+
+
+async def test_a_host_that_cleans_up_in_one_step_removes_the_backup_and_records_the_image_at_once(
+    client: Client, unique_host: str
+) -> None:
+    fake = FakeHost()
+    fake.swaps_in_one_step = fake.cleans_up_in_one_step = True
+    async with rebuilding(client, unique_host, fake) as handle:
+        result = await handle.result()
+        history = await handle.fetch_history()
+        await record_history(handle, "rebuild-cleaned-up-in-one-step", CLEAN_UP_IN_ONE_STEP)
+    assert fake.calls[-1] == "clean_up_rebuild"
+    assert "remove_backup" not in fake.calls and "record_image" not in fake.calls
+    assert result.outcome == Outcome.REBUILT
+    assert "cleanup" in result.step_seconds
+    scheduled = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+    assert [e.activity_task_scheduled_event_attributes.activity_type.name for e in scheduled][-1] == (
+        "clean_up_rebuild"
+    )
+
+
+@pytest.mark.parametrize("part", ["stop", "prepare", "start"])
+async def test_one_step_swap_failing_rolls_back_like_the_three_steps_and_names_its_part(
+    client: Client, unique_host: str, part: str
+) -> None:
+    fake = FakeHost(fail_at="swap_root_disk")
+    fake.swaps_in_one_step, fake.swap_fails_in = True, part
+    async with rebuilding(client, unique_host, fake) as handle:
+        error, result = await failure_of(handle)
+    done = fake.calls.index("swap_root_disk") + 1
+    assert fake.calls[done:] == ["stop_instance", "restore_root_disk", "start_instance", DISCARD]
+    assert error.type == "RebuildRolledBack"
+    assert f"failed at {part}:" in error.message
+    assert result.outcome == Outcome.ROLLED_BACK
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ __all__ = [
     "CachedImage",
     "CheckImageInput",
     "CheckedImage",
+    "CleanUpInput",
     "ConsoleRegex",
     "DiscardStagedRootDiskInput",
     "DiskFormat",
@@ -54,6 +55,8 @@ __all__ = [
     "StopInstanceInput",
     "StopMethod",
     "StopResult",
+    "SwapRootDiskInput",
+    "SwapRootDiskResult",
     "VerifyInstanceInput",
     "VerifyResult",
     "VerifySpec",
@@ -165,6 +168,11 @@ class InstanceInfo(Wire):
     has_identity: bool = False
     # This host's worker boots new images in a sandbox first unless a request says otherwise.
     preflight_by_default: bool = False
+    # This host's worker has swap_root_disk (stop, prepare and start in one activity): a workflow asks
+    # for it only where the host says so, since a worker from before it would never pick it up.
+    swaps_in_one_step: bool = False
+    # The same for clean_up_rebuild (remove_backup and record_image in one activity).
+    cleans_up_in_one_step: bool = False
 
 
 class FetchImageInput(Wire):
@@ -350,6 +358,23 @@ class StartResult(Wire):
     already_running: bool = False
 
 
+class SwapRootDiskInput(Wire):
+    """Stop, prepare and start as one activity: no workflow round trip inside the downtime."""
+
+    stop: StopInstanceInput
+    prepare: PrepareRootDiskInput
+    start: StartInstanceInput
+
+
+class SwapRootDiskResult(Wire):
+    stopped: StopResult
+    prepared: PreparedRootDisk
+    started: StartResult
+    # Each part's own seconds, for the rebuild's per-step timings.
+    prepare_seconds: float = 0.0
+    start_seconds: float = 0.0
+
+
 class VerifyInstanceInput(Wire):
     instance: str
     boot_marker: str | None = None
@@ -404,6 +429,13 @@ class RecordImageInput(Wire):
     image_sha256: str
     image_url: str
     rebuilt_at: datetime
+
+
+class CleanUpInput(Wire):
+    """The backup's removal and the image's record in one activity: one round trip, not two."""
+
+    remove: RemoveBackupInput
+    record: RecordImageInput
 
 
 class ListInstancesInput(Wire):

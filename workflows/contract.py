@@ -58,6 +58,10 @@ discard_staged_root_disk = HostActivity("discard_staged_root_disk", io.DiscardSt
 prepare_root_disk = HostActivity("prepare_root_disk", io.PrepareRootDiskInput, io.PreparedRootDisk)
 restore_root_disk = HostActivity("restore_root_disk", io.RestoreRootDiskInput, Nothing)
 remove_backup = HostActivity("remove_backup", io.RemoveBackupInput, Nothing)
+# activities/swap.py
+swap_root_disk = HostActivity("swap_root_disk", io.SwapRootDiskInput, io.SwapRootDiskResult)
+# activities/cleanup.py
+clean_up_rebuild = HostActivity("clean_up_rebuild", io.CleanUpInput, Nothing)
 # activities/seed.py
 prepare_seed = HostActivity("prepare_seed", io.PrepareSeedInput, io.SeedResult)
 restore_seed = HostActivity("restore_seed", io.RestoreSeedInput, Nothing)
@@ -79,7 +83,7 @@ STUBS: tuple[HostActivity[Any, Any], ...] = (
     inspect_instance, stop_instance, start_instance, verify_instance, record_image,
     resolve_glance_image, fetch_image, check_image, preflight_image,
     stage_root_disk, plan_root_disk, discard_staged_root_disk, prepare_root_disk, restore_root_disk,
-    remove_backup,
+    remove_backup, swap_root_disk, clean_up_rebuild,
     prepare_seed, restore_seed, remove_seed_backup,
     list_instances,
     take_snapshot, discard_snapshot, resolve_snapshot, prune_snapshots, snapshot_catalog, publish_snapshot,

@@ -18,30 +18,26 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from workflows.activity_models import HostInventory, InventoryEntry, ListInstancesInput
 from workflows.checks import HostName, InstanceName, RequestedBy, check_host_name, check_instance_name
+from workflows.fleet_states import InstanceState
 from workflows.identity import IdentityChange, identity_problems
 from workflows.models import DiskFormat, RebuildRequest, StrictRebuildRequest
 from workflows.names import FLEET_WORKFLOW, fleet_workflow_id
 from workflows.wire import Wire
 
-__all__ = ["FLEET_WORKFLOW", "HostInventory", "InventoryEntry", "ListInstancesInput", "fleet_workflow_id"]
+__all__ = [
+    "FLEET_WORKFLOW",
+    "HostInventory",
+    "InstanceState",
+    "InventoryEntry",
+    "ListInstancesInput",
+    "fleet_workflow_id",
+]
 
 FLEET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 # Errors kept per instance are cut to this: the carried state must stay small.
 MAX_NOTE = 300
 # A run continues as new after this many events at the latest (Temporal refuses a history of 51,200).
 DEFAULT_HISTORY_EVENT_LIMIT = 10_000
-
-
-class InstanceState(StrEnum):
-    """An instance's state in a fleet; one name everywhere (query, CLI, API)."""
-
-    WAITING = "waiting"
-    RUNNING = "running"
-    REBUILT = "rebuilt"
-    ROLLED_BACK = "rolled-back"
-    FAILED = "failed"
-    SKIPPED = "skipped"
-    ABORTED = "aborted"
 
 
 # What the failure budget counts: a rebuild that was rolled back, or failed (with nothing changed, or

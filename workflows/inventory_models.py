@@ -8,11 +8,13 @@ from __future__ import annotations
 from pydantic import Field
 
 from workflows.activity_models import InventoryEntry
+from workflows.names import DEFAULT_ANSWER_WITHIN_SECONDS
 from workflows.wire import Wire
+
+__all__ = ["DEFAULT_ANSWER_WITHIN_SECONDS"]
 
 INVENTORY_WORKFLOW = "InstanceInventory"
 # A live worker takes a listing within milliseconds; one not taken in this time has no worker.
-DEFAULT_ANSWER_WITHIN_SECONDS = 4.0
 
 
 class InventoryRequest(Wire):

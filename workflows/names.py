@@ -17,10 +17,12 @@ __all__ = [
     "FLEET_STATUS_QUERY",
     "FLEET_WORKFLOW",
     "PATCH_CLEANUP_NEVER_FAILS",
+    "PATCH_CLEAN_UP_IN_ONE_STEP",
     "PATCH_CURRENT_IMAGE",
     "PATCH_IMAGE_ID_AFTER_FETCH",
     "PATCH_REBUILD_ID",
     "PATCH_STAGE_BEFORE_STOP",
+    "PATCH_SWAP_IN_ONE_STEP",
     "PAUSE_UPDATE",
     "RESUME_UPDATE",
     "REVERT_SIGNAL",
@@ -70,6 +72,12 @@ PATCH_PREFETCH_REFUSES_CONTRADICTION = "prefetch-refuses-a-format-glance-contrad
 PATCH_STAGE_BEFORE_STOP = "stage-root-disk-before-stop"
 # A request that names no image is rebuilt from the instance's recorded one, or refused after inspect.
 PATCH_CURRENT_IMAGE = "current-image-by-default"
+# Stop, prepare and start run as one activity (swap_root_disk) where the host has it and no seed goes
+# between: no workflow round trip inside the downtime.
+PATCH_SWAP_IN_ONE_STEP = "swap-root-disk-in-one-step"
+# Cleanup's two host steps (remove_backup, record_image) run as one activity (clean_up_rebuild) where the
+# host has it and no seed backup goes between them.
+PATCH_CLEAN_UP_IN_ONE_STEP = "clean-up-in-one-step"
 # A fleet waits for its update handlers (an abort signalling children) before it ends.
 PATCH_FLEET_WAITS_FOR_HANDLERS = "fleet-waits-for-its-handlers"
 
@@ -104,3 +112,8 @@ def legacy_rebuild_workflow_id(host: str, instance: str) -> str:
 
 def fleet_workflow_id(name: str) -> str:
     return f"fleet:{name}"
+
+
+# How long `rebuild instances` waits for a host's worker to take its listing before it reports the host
+# as not answering (no retry helps a queue nobody polls).
+DEFAULT_ANSWER_WITHIN_SECONDS = 4.0

@@ -43,11 +43,13 @@ with workflow.unsafe.imports_passed_through():
         ABORT_UPDATE,
         APPROVE_SIGNAL,
         CONFIRM_SIGNAL,
+        PATCH_CLEAN_UP_IN_ONE_STEP,
         PATCH_CLEANUP_NEVER_FAILS,
         PATCH_CURRENT_IMAGE,
         PATCH_IMAGE_ID_AFTER_FETCH,
         PATCH_REBUILD_ID,
         PATCH_STAGE_BEFORE_STOP,
+        PATCH_SWAP_IN_ONE_STEP,
         REVERT_SIGNAL,
         STATUS_QUERY,
         WORKFLOW_NAME,
@@ -70,6 +72,7 @@ with workflow.unsafe.imports_passed_through():
         StepRunner,
         preflight_options,
         stop_options,
+        swap_options,
         verify_options,
     )
 
@@ -85,6 +88,7 @@ class RebuildInstance:
         self._approved_by: str | None = None
         self._decision: tuple[str, str] | None = None
         self._rebuild_id: str | None = None
+        self._forced = False
 
     @workflow.query(name=STATUS_QUERY)
     def status(self) -> RebuildStatus:
@@ -161,10 +165,15 @@ class RebuildInstance:
             if request.require_approval:
                 await self._await_approval(request)
             await self._stage(instance, image)
-            stopped = await self._stop(request, instance)
-            await self._prepare(instance, image)
-            seeded = await self._seed(request, instance)
-            downtime = await self._start_and_verify(request, instance, stopped, image)
+            downtime: float | None
+            if self._swaps_in_one_step(request, instance):
+                seeded = False
+                downtime = await self._swap_in_one_step(request, instance, image)
+            else:
+                stopped = await self._stop(request, instance)
+                await self._prepare(instance, image)
+                seeded = await self._seed(request, instance)
+                downtime = await self._start_and_verify(request, instance, stopped, image)
             if request.confirm_within_seconds is not None:
                 await self._confirm_window(request.confirm_within_seconds, request.revert_by_default)
         except (
@@ -182,7 +191,7 @@ class RebuildInstance:
         self._state.outcome, self._state.downtime_seconds = Outcome.REBUILT, downtime
         self._steps.enter(Phase.DONE)
         metrics.rebuild_finished(request.host, Outcome.REBUILT, _seconds_since_start(), downtime)
-        return self._state.rebuilt(image, downtime, stopped.forced)
+        return self._state.rebuilt(image, downtime, self._forced)
 
     async def _inspect(self, request: RebuildRequest) -> io.InstanceInfo:
         return await self._steps.run(
@@ -327,7 +336,72 @@ class RebuildInstance:
             stop_options(request.stop_timeout_seconds),
         )
         self._state.stopped_by = stopped.stopped_by
+        self._forced = stopped.forced
         return stopped
+
+    def _swaps_in_one_step(self, request: RebuildRequest, instance: io.InstanceInfo) -> bool:
+        """Stop, prepare and start as one activity: where the host's worker has it, the instance was
+        running and starts again, and no seed goes between prepare and start. Histories from before
+        (their inspect said nothing of it) keep their three steps."""
+        should_start = instance.was_running if request.start_after is None else request.start_after
+        seeds = request.identity is not None or instance.has_identity
+        if not (instance.swaps_in_one_step and instance.was_running and should_start and not seeds):
+            return False
+        return workflow.patched(PATCH_SWAP_IN_ONE_STEP)
+
+    async def _swap_in_one_step(
+        self, request: RebuildRequest, instance: io.InstanceInfo, image: NewImage
+    ) -> float:
+        """The downtime as one step (``swap_root_disk``): every undo of the three is pushed first, in
+        their order, so a failure anywhere in it rolls back as the three steps would."""
+        assert self._rebuild_id is not None
+        restore = io.RestoreRootDiskInput(
+            instance=request.instance,
+            rebuild_id=self._rebuild_id,
+            original_format=instance.root_disk_format,
+            image_sha256=image.checked.sha256,
+            root_disk_target=instance.root_disk_target,
+        )
+        self._saga.push("start instance again", self._undo_stop)
+        self._saga.push("restore old root disk", lambda: self._undo_prepare(restore))
+        self._saga.push("stop instance on new disk", self._undo_start)
+        swap = io.SwapRootDiskInput(
+            stop=io.StopInstanceInput(
+                instance=request.instance, timeout_seconds=request.stop_timeout_seconds
+            ),
+            prepare=io.PrepareRootDiskInput(
+                **self._new_disk(instance, image),
+                original_format=instance.root_disk_format,
+                discard_snapshots=request.discard_snapshots,
+            ),
+            start=io.StartInstanceInput(instance=request.instance, rebuild_id=self._rebuild_id),
+        )
+        # For followers only (the status query), as in the three-step stop.
+        seconds = request.stop_timeout_seconds
+        self._state.graceful_stop_deadline = workflow.now() + timedelta(seconds=seconds)
+        try:
+            swapped = await self._steps.run(
+                Phase.STOP, contract.swap_root_disk, swap, swap_options(request.stop_timeout_seconds)
+            )
+        except ActivityError as err:
+            # The rebuild says which of the three failed.
+            step = _failed_step(err)
+            if step is not None:
+                self._state.phase = step
+            raise
+        state = self._state
+        state.stopped_by = swapped.stopped.stopped_by
+        self._forced = swapped.stopped.forced
+        # The one step's time, told as the three steps' it holds.
+        parts = swapped.prepare_seconds + swapped.start_seconds
+        state.add_seconds(Phase.STOP.value, -min(parts, state.step_seconds.get(Phase.STOP.value, 0.0)))
+        state.add_seconds(Phase.PREPARE.value, swapped.prepare_seconds)
+        state.add_seconds(Phase.START.value, swapped.start_seconds)
+        # The step histogram's stop holds the whole activity; prepare and start as the host timed them.
+        metrics.step_finished(request.host, Phase.PREPARE.value, swapped.prepare_seconds)
+        metrics.step_finished(request.host, Phase.START.value, swapped.start_seconds)
+        await self._verify(request, instance, swapped.stopped, image)
+        return (swapped.started.started_at - swapped.stopped.stopped_at).total_seconds()
 
     async def _prepare(self, instance: io.InstanceInfo, image: NewImage) -> None:
         """The old disk becomes the backup, named by the rebuild ID: the undo finds it even after a reset."""
@@ -406,6 +480,14 @@ class RebuildInstance:
             io.StartInstanceInput(instance=request.instance, rebuild_id=self._rebuild_id),
             START,
         )
+        await self._verify(request, instance, stopped, image)
+        if not instance.was_running:
+            return None
+        return (started.started_at - stopped.stopped_at).total_seconds()
+
+    async def _verify(
+        self, request: RebuildRequest, instance: io.InstanceInfo, stopped: io.StopResult, image: NewImage
+    ) -> None:
         verified = await self._steps.run(
             Phase.VERIFY,
             contract.verify_instance,
@@ -423,27 +505,37 @@ class RebuildInstance:
         )
         # None in histories from before verify reported how it verified.
         self._state.verified_by = verified.verified_by if verified is not None else None
-        if not instance.was_running:
-            return None
-        return (started.started_at - stopped.stopped_at).total_seconds()
 
     async def _clean_up(self, instance_info: io.InstanceInfo, image: NewImage, seeded: bool) -> None:
         """Drop the backup and record the new image. Retried without a limit; an error no retry can
         fix (the instance was undefined meanwhile) is reported with the result, not as a failure."""
         assert self._rebuild_id is not None
         instance = self._request.instance
-        try:
-            await self._steps.run(
-                Phase.CLEANUP,
-                contract.remove_backup,
-                io.RemoveBackupInput(
-                    instance=instance,
-                    rebuild_id=self._rebuild_id,
-                    root_disk_target=instance_info.root_disk_target,
-                    discard_snapshots=self._request.discard_snapshots,
-                ),
-                CLEANUP,
+        remove = io.RemoveBackupInput(
+            instance=instance,
+            rebuild_id=self._rebuild_id,
+            root_disk_target=instance_info.root_disk_target,
+            discard_snapshots=self._request.discard_snapshots,
+        )
+
+        def record() -> io.RecordImageInput:  # rebuilt_at: when the record is asked for
+            return io.RecordImageInput(
+                instance=instance,
+                image_sha256=image.checked.sha256,
+                image_url=image.source.url,
+                rebuilt_at=workflow.now(),
             )
+
+        try:
+            if self._cleans_up_in_one_step(instance_info, seeded):
+                await self._steps.run(
+                    Phase.CLEANUP,
+                    contract.clean_up_rebuild,
+                    io.CleanUpInput(remove=remove, record=record()),
+                    CLEANUP,
+                )
+                return
+            await self._steps.run(Phase.CLEANUP, contract.remove_backup, remove, CLEANUP)
             if seeded:
                 await self._steps.run(
                     Phase.CLEANUP,
@@ -455,21 +547,17 @@ class RebuildInstance:
                     ),
                     CLEANUP,
                 )
-            await self._steps.run(
-                Phase.CLEANUP,
-                contract.record_image,
-                io.RecordImageInput(
-                    instance=instance,
-                    image_sha256=image.checked.sha256,
-                    image_url=image.source.url,
-                    rebuilt_at=workflow.now(),
-                ),
-                CLEANUP,
-            )
+            await self._steps.run(Phase.CLEANUP, contract.record_image, record(), CLEANUP)
         except ActivityError as err:
             if not workflow.patched(PATCH_CLEANUP_NEVER_FAILS):
                 raise
             self._state.cleanup_error, _ = describe(err)
+
+    @staticmethod
+    def _cleans_up_in_one_step(instance: io.InstanceInfo, seeded: bool) -> bool:
+        """remove_backup and record_image as one activity where the host's worker has it and no seed
+        backup goes between them. Histories from before (their inspect said nothing of it) keep two."""
+        return instance.cleans_up_in_one_step and not seeded and workflow.patched(PATCH_CLEAN_UP_IN_ONE_STEP)
 
     async def _await_approval(self, request: RebuildRequest) -> None:
         """Nothing has changed yet; without an approval in time, nothing will."""
@@ -508,6 +596,16 @@ class RebuildInstance:
 
 def _seconds_since_start() -> float:
     return (workflow.now() - workflow.info().start_time).total_seconds()
+
+
+def _failed_step(err: ActivityError) -> Phase | None:
+    """Which part of ``swap_root_disk`` failed, from its error's details."""
+    cause = err.cause
+    if not isinstance(cause, ApplicationError) or not cause.details:
+        return None
+    named = cause.details[0]
+    step = named.get("step") if isinstance(named, dict) else None
+    return Phase(step) if step in (Phase.STOP, Phase.PREPARE, Phase.START) else None
 
 
 def _rebuild_id() -> str:

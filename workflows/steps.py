@@ -66,6 +66,14 @@ def stop_options(stop_timeout_seconds: float) -> StepOptions:
     return StepOptions(timedelta(seconds=stop_timeout_seconds + 60), heartbeat=timedelta(seconds=10))
 
 
+def swap_options(stop_timeout_seconds: float) -> StepOptions:
+    """Stop, prepare and start in one activity: the stop's time, and prepare's and start's on top."""
+    return StepOptions(
+        timedelta(seconds=stop_timeout_seconds + 60) + PREPARE.start_to_close + START.start_to_close,
+        heartbeat=timedelta(seconds=10),
+    )
+
+
 def verify_options(boot_timeout_seconds: float) -> StepOptions:
     return StepOptions(
         timedelta(seconds=boot_timeout_seconds + 30), timedelta(seconds=10), maximum_attempts=3

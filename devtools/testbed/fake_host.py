@@ -23,6 +23,7 @@ from workflows.models import (
     CachedImage,
     CheckedImage,
     CheckImageInput,
+    CleanUpInput,
     DiscardStagedRootDiskInput,
     FetchImageInput,
     InspectInstanceInput,
@@ -45,6 +46,8 @@ from workflows.models import (
     StartResult,
     StopInstanceInput,
     StopResult,
+    SwapRootDiskInput,
+    SwapRootDiskResult,
     VerifyInstanceInput,
     VerifyResult,
     host_task_queue,
@@ -78,6 +81,12 @@ class FakeHost:
         self.disk_mode = "overlay"
         self.staged_modes: list[str | None] = []
         self.snapshots: dict[str, sn.SnapshotRecord] = {}
+        # Whether inspect says this host has swap_root_disk (the real worker does); which part of it a
+        # fail_at="swap_root_disk" names as the one that failed.
+        self.swaps_in_one_step = False
+        self.swap_fails_in = "start"
+        # Whether inspect says this host has clean_up_rebuild (remove_backup and record_image in one).
+        self.cleans_up_in_one_step = False
 
     def hold(self, name: str) -> None:
         """Make activity ``name`` wait until :meth:`release` (the first time it runs)."""
@@ -113,6 +122,8 @@ class FakeHost:
                 root_disk_path="/fake/disk.img",
                 root_disk_format="raw",
                 root_disk_target="vda",
+                swaps_in_one_step=self.swaps_in_one_step,
+                cleans_up_in_one_step=self.cleans_up_in_one_step,
             )
 
         @activity.defn(name="resolve_glance_image")
@@ -180,6 +191,25 @@ class FakeHost:
             await self._enter("start_instance")
             return StartResult(started_at=T0 + timedelta(seconds=0.5))
 
+        @activity.defn(name="swap_root_disk")
+        async def swap_root_disk(request: SwapRootDiskInput) -> SwapRootDiskResult:
+            try:
+                await self._enter("swap_root_disk")
+            except ApplicationError as err:
+                step = {"step": self.swap_fails_in}
+                raise ApplicationError(
+                    err.message, step, type=err.type, non_retryable=err.non_retryable
+                ) from None
+            return SwapRootDiskResult(
+                stopped=StopResult(was_running=True, forced=True, stopped_at=T0, stopped_by="forced"),
+                prepared=PreparedRootDisk(
+                    disk_path="/fake/disk.img", backup_path="/fake/disk.img.backup", virtual_size=1
+                ),
+                started=StartResult(started_at=T0 + timedelta(seconds=0.25)),
+                prepare_seconds=0.0,
+                start_seconds=0.0,
+            )
+
         @activity.defn(name="verify_instance")
         async def verify_instance(request: VerifyInstanceInput) -> VerifyResult:
             await self._enter("verify_instance")
@@ -197,6 +227,10 @@ class FakeHost:
         async def record_image(request: RecordImageInput) -> None:
             await self._enter("record_image")
 
+        @activity.defn(name="clean_up_rebuild")
+        async def clean_up_rebuild(request: CleanUpInput) -> None:
+            await self._enter("clean_up_rebuild")
+
         return [
             *self._snapshot_activities(),
             inspect_instance,
@@ -210,10 +244,12 @@ class FakeHost:
             discard_staged_root_disk,
             prepare_root_disk,
             start_instance,
+            swap_root_disk,
             verify_instance,
             restore_root_disk,
             remove_backup,
             record_image,
+            clean_up_rebuild,
         ]
 
     def _snapshot_activities(self) -> list[Callable[..., Any]]:

@@ -41,6 +41,7 @@ from workflows.fleet_models import (
     fleet_workflow_id,
 )
 from workflows.models import (
+    CleanUpInput,
     InspectInstanceInput,
     InstanceInfo,
     PreparedRootDisk,
@@ -50,6 +51,8 @@ from workflows.models import (
     StartResult,
     StopInstanceInput,
     StopResult,
+    SwapRootDiskInput,
+    SwapRootDiskResult,
     VerifyInstanceInput,
     host_task_queue,
 )
@@ -158,18 +161,34 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
     stop, start = _named(real, "stop_instance"), _named(real, "start_instance")
     verify, prepare = _named(real, "verify_instance"), _named(real, "prepare_root_disk")
     inspect, record = _named(real, "inspect_instance"), _named(real, "record_image")
+    clean_up, swap = _named(real, "clean_up_rebuild"), _named(real, "swap_root_disk")
 
     @activity.defn(name="inspect_instance")
     async def inspect_instance(request: InspectInstanceInput) -> InstanceInfo:
         fleet.inspected.append(request.instance)
         fleet.tracker.began(host, request.instance)
         info: InstanceInfo = await inspect(request)
-        return info
+        # Three steps, each seen by the tracker and the gate on prepare; the one-step swap is the real
+        # worker's (test_disks, test_faults, test_fleet_end_to_end).
+        return info.model_copy(update={"swaps_in_one_step": False})
 
     @activity.defn(name="record_image")
     async def record_image(request: RecordImageInput) -> None:
         await record(request)
         fleet.tracker.ended(host, request.instance)
+
+    @activity.defn(name="swap_root_disk")
+    async def swap_root_disk(request: SwapRootDiskInput) -> SwapRootDiskResult:
+        # Stop, prepare and start in one: counted down for the whole activity (never less than it was).
+        fleet.tracker.stopped(host, request.stop.instance)
+        result: SwapRootDiskResult = await swap(request)
+        fleet.tracker.started(host, request.start.instance)
+        return result
+
+    @activity.defn(name="clean_up_rebuild")
+    async def clean_up_rebuild(request: CleanUpInput) -> None:
+        await clean_up(request)
+        fleet.tracker.ended(host, request.record.instance)
 
     @activity.defn(name="stop_instance")
     async def stop_instance(request: StopInstanceInput) -> StopResult:
@@ -212,6 +231,8 @@ def _wrapped(host: str, real: list[Callable[..., Any]], fleet: SimulatedFleet) -
         verify_instance,
         prepare_root_disk,
         record_image,
+        clean_up_rebuild,
+        swap_root_disk,
     ]
     replaced = {activity._Definition.must_from_callable(a).name for a in mine}
     keep = [a for a in real if activity._Definition.must_from_callable(a).name not in replaced]
@@ -293,7 +314,8 @@ async def simulated_fleet(
 
 
 async def down_interval(client: Client, workflow_id: str) -> tuple[datetime, datetime] | None:
-    """From the child's history: its first stop scheduled to its last start (or undo start) done."""
+    """From the child's history: its first stop scheduled to its last start (or undo start) done;
+    ``swap_root_disk`` (stop, prepare and start in one) counts as both, its whole span as down."""
     history = await client.get_workflow_handle(workflow_id).fetch_history()
     names: dict[int, str] = {}
     first_stop: datetime | None = None
@@ -302,11 +324,11 @@ async def down_interval(client: Client, workflow_id: str) -> tuple[datetime, dat
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
             name = event.activity_task_scheduled_event_attributes.activity_type.name
             names[event.event_id] = name
-            if name == "stop_instance" and first_stop is None:
+            if name in ("stop_instance", "swap_root_disk") and first_stop is None:
                 first_stop = event.event_time.ToDatetime()
         elif event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
             scheduled = event.activity_task_completed_event_attributes.scheduled_event_id
-            if names.get(scheduled) == "start_instance":
+            if names.get(scheduled) in ("start_instance", "swap_root_disk"):
                 last_start = event.event_time.ToDatetime()
     if first_stop is None:
         return None
