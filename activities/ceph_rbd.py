@@ -8,7 +8,6 @@ keyring in a private directory, with a ``ceph.conf`` naming the disk's monitors,
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -25,6 +24,7 @@ from typing import Any
 from activities import libvirt_domain as ld
 from activities.errors import DiskToolFailed, UnsupportedInstance
 from activities.libvirt_secret import SecretUnreadable, ceph_secret_value
+from activities.qemu_img import run_killable
 
 # An unreachable monitor fails a call within this, not after librados's default of five minutes.
 CONNECT_SECONDS = 10
@@ -149,20 +149,9 @@ class Rbd:
 
     async def import_file(self, path: Path, name: str) -> None:
         """A raw file into a new image (sparse: zeroes are not written); killed if the caller is cancelled."""
-        process = await asyncio.create_subprocess_exec(
-            *self._args("import", "--no-progress", "--image-format", "2", str(path), self.image(name)),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            _, err = await asyncio.wait_for(process.communicate(), IMPORT_SECONDS)
-        except BaseException:
-            if process.returncode is None:
-                process.kill()
-            await asyncio.shield(process.wait())
-            raise
-        if process.returncode != 0:
+        command = self._args("import", "--no-progress", "--image-format", "2", str(path), self.image(name))
+        code, _, err = await run_killable(command, IMPORT_SECONDS, "rbd import")
+        if code != 0:
             raise DiskToolFailed(f"rbd import failed: {_last_words(err.decode(errors='replace'))}")
 
 

@@ -29,6 +29,17 @@ async def run_qemu_img(
         "qemu-img",
         *args,
     ]
+    code, out, err = await run_killable(command, wall_seconds, f"qemu-img {args[0]}")
+    if code != 0:
+        detail = err.decode(errors="replace").strip() or f"exit code {code}"
+        raise DiskToolFailed(f"qemu-img {args[0]} failed: {detail}")
+    return out.decode()
+
+
+async def run_killable(command: list[str], wall_seconds: float, what: str) -> tuple[int | None, bytes, bytes]:
+    """``command`` (an argument list, no shell) to its end: its exit code, stdout and stderr. Killed, and
+    reaped, when it outlasts ``wall_seconds`` (``DiskToolFailed``) or the caller is cancelled: a disk
+    tool never outlives the activity that ran it."""
     process = await asyncio.create_subprocess_exec(
         *command,
         stdin=asyncio.subprocess.DEVNULL,
@@ -39,14 +50,11 @@ async def run_qemu_img(
         out, err = await asyncio.wait_for(process.communicate(), wall_seconds)
     except TimeoutError:
         await _kill(process)
-        raise DiskToolFailed(f"qemu-img {args[0]} took longer than {wall_seconds:g} s") from None
+        raise DiskToolFailed(f"{what} took longer than {wall_seconds:g} s") from None
     except BaseException:
         await _kill(process)
         raise
-    if process.returncode != 0:
-        detail = err.decode(errors="replace").strip() or f"exit code {process.returncode}"
-        raise DiskToolFailed(f"qemu-img {args[0]} failed: {detail}")
-    return out.decode()
+    return process.returncode, out, err
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
