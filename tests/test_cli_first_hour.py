@@ -357,6 +357,15 @@ def slowly_served(images: ImageServer) -> tuple[str, str]:
     return url, sha
 
 
+async def start_slowly_served_rebuild(driver_host: DriverHost, images: ImageServer) -> str:
+    """``rebuild start vm-1`` (no --wait) from a slowly served image, for a follower to watch; the host."""
+    url, sha = slowly_served(images)
+    host = driver_host.name
+    code, _, err = await driver_host.cli("start", "vm-1", "--host", host, "--image", url, "--sha256", sha)
+    assert code == ExitCode.OK, err
+    return host
+
+
 def phases_shown(text: str) -> list[str]:
     return [line.split()[1] for line in text.splitlines() if line.startswith("  phase: ")]
 
@@ -390,10 +399,7 @@ async def test_wait_shows_every_phase_in_order_and_the_download_with_speed_and_e
 async def test_watch_shows_no_download_before_the_fetch_and_its_speed_and_eta_during_it(
     driver_host: DriverHost, images: ImageServer
 ) -> None:
-    url, sha = slowly_served(images)
-    host = driver_host.name
-    code, _, err = await driver_host.cli("start", "vm-1", "--host", host, "--image", url, "--sha256", sha)
-    assert code == ExitCode.OK, err
+    host = await start_slowly_served_rebuild(driver_host, images)
     code, out, err = await driver_host.cli("watch", "vm-1", "--host", host)
     assert code == ExitCode.OK, (out, err)
     assert phases_shown(out) == EVERY_PHASE, out
@@ -446,10 +452,7 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 async def test_watch_on_a_terminal_shows_a_live_download_line_that_fits_80_columns(
     driver_host: DriverHost, images: ImageServer
 ) -> None:
-    url, sha = slowly_served(images)
-    host = driver_host.name
-    code, _, err = await driver_host.cli("start", "vm-1", "--host", host, "--image", url, "--sha256", sha)
-    assert code == ExitCode.OK, err
+    host = await start_slowly_served_rebuild(driver_host, images)
     code, shown = await on_terminal(driver_host.address, "watch", "vm-1", "--host", host)
     assert code == ExitCode.OK, shown
     rows = [row for row in re.split(r"[\r\n]", ANSI.sub("", shown)) if row.strip()]
