@@ -230,49 +230,6 @@ async def translate_errors(request: web.Request, handler: Handler) -> web.Stream
         return error(400, str(exc), kind=type(exc).__name__)
 
 
-# What each error status means, as the OpenAPI document says it.
-ERROR_MEANINGS = {
-    400: "bad input: the message names the field and why",
-    401: "no or wrong bearer token; nothing changed",
-    403: "the token's scopes do not cover this host, instance or verb; nothing changed",
-    404: "no rebuild of that instance is known",
-    409: "a rebuild is already running, none is running, or the abort was refused",
-    503: "Temporal is unavailable",
-}
-
-
-def json_content(name: str) -> dict[str, Any]:
-    """An OpenAPI body of one of the document's schemas."""
-    return {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}
-
-
-def answers(ok: int, name: str, *errors: int, schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An operation's OpenAPI answers: its success, and the errors it can give (401, 403, 503 always)."""
-    body = {"content": {"application/json": {"schema": schema}}} if schema else json_content(name)
-    result: dict[str, Any] = {str(ok): {"description": name, **body}}
-    for status in sorted({401, 403, 503, *errors}):
-        result[str(status)] = {"description": ERROR_MEANINGS[status], **json_content("ErrorBody")}
-    return result
-
-
-def operation(
-    operation_id: str,
-    tag: str,
-    summary: str,
-    responses: dict[str, Any],
-    parameters: list[dict[str, Any]] | None = None,
-    body: str | None = None,
-    body_required: bool = True,
-) -> dict[str, Any]:
-    """One OpenAPI operation; ``body`` names the schema of its request body."""
-    described: dict[str, Any] = {"operationId": operation_id, "tags": [tag], "summary": summary}
-    if parameters is not None:
-        described["parameters"] = parameters
-    if body is not None:
-        described["requestBody"] = {"required": body_required, **json_content(body)}
-    return {**described, "responses": responses}
-
-
 def middlewares(clients: ApiClients) -> list[Middleware]:
     """In this order: JSON for every error, then the token, then the refusals' words."""
     return [json_errors, bearer_auth(clients), translate_errors]
